@@ -1,0 +1,363 @@
+"""Convert an ImageNet folder into shuffled tar shards: the engine behind `tools.make_shards`.
+
+Shard boundaries are planned up front from the source file sizes, so they depend only on the
+inputs and options. Each worker process then writes whole shards on its own (read, decode, tar,
+checksum, index): image bytes never travel between processes, and a killed run resumes by
+skipping the shards recorded as complete in a small progress file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from multiprocessing import Pool
+from pathlib import Path
+
+from tqdm import tqdm
+
+from shards.classes import ClassInfo, build_class_list, read_class_file
+from shards.image_check import check_image
+from shards.inputs import ScanRejection, SourceImage, fingerprint, list_class_folders, scan_flat, scan_foldered
+from shards.manifest import MANIFEST_NAME, FileNote, Manifest, SplitInfo, read_manifest, write_manifest
+from shards.tar_writer import (
+    TAR_BLOCK_BYTES,
+    ShardInfo,
+    ShardWriter,
+    commit_shard,
+    encode_sample,
+    write_atomically,
+)
+
+DEFAULT_SHARD_SIZE_MB = 128  # ~1,100 train shards for ImageNet: enough to split over many ranks
+DEFAULT_QUALITY = 90
+PROGRESS_NAME = ".make_shards-progress.json"
+MAX_CLASSES = 10_000  # labels are stored as 4 ASCII digits
+BYTES_PER_MB = 1_000_000
+SAMPLE_OVERHEAD_BYTES = 4 * TAR_BLOCK_BYTES  # three headers, label, metadata and padding, roughly
+
+
+class OutputMismatchError(RuntimeError):
+    """The output directory holds a conversion made with other arguments."""
+
+
+@dataclass
+class ConvertOptions:
+    out: str
+    train: str | None = None
+    val: str | None = None
+    val_labels: str | None = None
+    classes: str | None = None
+    seed: int = 0
+    shard_size_mb: float = DEFAULT_SHARD_SIZE_MB
+    max_short_side: int | None = None
+    quality: int = DEFAULT_QUALITY
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    overwrite: bool = False
+    progress_bar: bool = True
+
+    def defining_options(self) -> dict:
+        """The options that decide the output bytes (not workers or display)."""
+
+        def absolute(p):
+            return str(Path(p).resolve()) if p else None
+
+        return {
+            "train": absolute(self.train),
+            "val": absolute(self.val),
+            "val_labels": absolute(self.val_labels),
+            "classes": absolute(self.classes),
+            "seed": self.seed,
+            "shard_size_mb": self.shard_size_mb,
+            "max_short_side": self.max_short_side,
+            "quality": self.quality,
+        }
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    split: str
+    number: int
+    images: list[SourceImage]
+    max_short_side: int | None
+    quality: int
+
+    @property
+    def stem(self) -> str:
+        return f"{self.split}-{self.number:06d}"
+
+
+@dataclass
+class ShardResult:
+    """What one planned shard produced; `shard` is None when every input of it was rejected."""
+
+    split: str
+    number: int
+    inputs: int
+    shard: ShardInfo | None
+    rejected: list[FileNote]
+    converted: list[FileNote]
+    resized: int
+
+
+@dataclass
+class ConvertResult:
+    manifest: Manifest
+    seconds: float
+    resumed: bool
+    already_complete: bool
+
+
+def resolve_classes(opts: ConvertOptions) -> list[ClassInfo]:
+    if opts.classes:
+        entries = read_class_file(opts.classes)
+        classes = build_class_list([w for w, _ in entries], dict(entries))
+    elif opts.train:
+        classes = build_class_list(list_class_folders(opts.train))
+    elif opts.val and not opts.val_labels:
+        classes = build_class_list(list_class_folders(opts.val))
+    else:
+        raise ValueError("--classes is required when only a flat --val folder is given")
+    if len(classes) > MAX_CLASSES:
+        raise ValueError(f"{len(classes)} classes: labels are 4 digits, at most {MAX_CLASSES} classes")
+    return classes
+
+
+def plan_splits(
+    opts: ConvertOptions, classes: list[ClassInfo]
+) -> dict[str, tuple[list[SourceImage], list[ScanRejection]]]:
+    """List every split's inputs in write order; raises on any label problem before writing."""
+    if not opts.train and not opts.val:
+        raise ValueError("nothing to convert: give --train and/or --val")
+    if opts.val_labels and not opts.val:
+        raise ValueError("--val-labels needs --val")
+    class_index = {c.wnid: c.index for c in classes}
+    plans = {}
+    if opts.train:
+        images, rejected = scan_foldered(opts.train, class_index)
+        # DALI's reader shuffles only inside a small buffer, so the global mix happens here.
+        random.Random(opts.seed).shuffle(images)
+        plans["train"] = (images, rejected)
+    if opts.val:
+        if opts.val_labels:
+            plans["val"] = scan_flat(opts.val, opts.val_labels, class_index)
+        else:
+            plans["val"] = scan_foldered(opts.val, class_index)
+    return plans
+
+
+def plan_shards(images: list[SourceImage], shard_size_mb: float) -> list[list[SourceImage]]:
+    """Cut the ordered inputs into shards of about `shard_size_mb`, counted in source bytes.
+
+    Sizes are known before decoding, so the plan is fixed by the inputs alone. With
+    --max-short-side the stored images shrink and the shards come out smaller than planned.
+    """
+    target_bytes = shard_size_mb * BYTES_PER_MB
+    shards: list[list[SourceImage]] = []
+    current: list[SourceImage] = []
+    current_bytes = 0
+    for image in images:
+        current.append(image)
+        current_bytes += image.size + SAMPLE_OVERHEAD_BYTES
+        if current_bytes >= target_bytes:
+            shards.append(current)
+            current, current_bytes = [], 0
+    if current:
+        shards.append(current)
+    return shards
+
+
+def write_shard(directory: str, task: ShardTask) -> ShardResult:
+    """Worker-side: check every image of one planned shard and write it under temporary names.
+
+    The caller makes it durable and visible with `commit_shard`.
+    """
+    writer = ShardWriter(directory, task.stem)
+    rejected, converted, resized = [], [], 0
+    try:
+        for image in task.images:
+            checked = check_image(image.path, task.max_short_side, task.quality)
+            if checked.rejected:
+                rejected.append(FileNote(task.split, image.relpath, checked.rejected))
+                continue
+            if checked.converted:
+                converted.append(FileNote(task.split, image.relpath, checked.converted))
+            resized += checked.resized
+            meta = {"path": image.relpath, "wnid": image.wnid, "width": checked.width, "height": checked.height}
+            components = [
+                ("cls", f"{image.label:04d}".encode()),
+                ("jpg", checked.jpeg),
+                ("json", json.dumps(meta, sort_keys=True, ensure_ascii=True).encode()),
+            ]
+            writer.add(encode_sample(image.key, components))
+        info = writer.finish() if writer.samples else None
+    finally:
+        writer.abort()  # no-op after close(); removes the temporary file otherwise
+    return ShardResult(task.split, task.number, len(task.images), info, rejected, converted, resized)
+
+
+def convert(opts: ConvertOptions) -> ConvertResult:
+    """Run (or resume) a conversion; returns the manifest it wrote."""
+    started = time.monotonic()
+    classes = resolve_classes(opts)
+    plans = plan_splits(opts, classes)
+    options = opts.defining_options()
+    options["inputs"] = {split: fingerprint(images) for split, (images, _) in plans.items()}
+
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if opts.overwrite:
+        _remove_owned_files(out)
+    existing = _existing_manifest(out)
+    if existing is not None:
+        if existing.options != options:
+            raise OutputMismatchError(
+                f"{out / MANIFEST_NAME} was written with other arguments or inputs; use --overwrite to replace it"
+            )
+        return ConvertResult(existing, time.monotonic() - started, resumed=False, already_complete=True)
+
+    done = _load_progress(out, options)
+    for tmp in out.glob("*.tmp"):
+        tmp.unlink()
+    tasks = [
+        ShardTask(split, number, shard_images, opts.max_short_side, opts.quality)
+        for split, (images, _) in plans.items()
+        for number, shard_images in enumerate(plan_shards(images, opts.shard_size_mb))
+    ]
+    todo = [t for t in tasks if (t.split, t.number) not in done]
+    total_inputs = sum(len(t.images) for t in tasks)
+    with tqdm(
+        total=total_inputs,
+        initial=total_inputs - sum(len(t.images) for t in todo),
+        unit="img",
+        desc="make_shards",
+        disable=not opts.progress_bar,
+        dynamic_ncols=True,
+    ) as bar:
+        if todo:
+
+            def commit(result: ShardResult) -> None:
+                if result.shard is not None:
+                    commit_shard(out, result.shard)
+                done[(result.split, result.number)] = result
+                _save_progress(out, options, done)
+
+            # One thread makes finished shards durable, so no worker sits in fsync.
+            with Pool(min(max(1, opts.workers), len(todo))) as pool, ThreadPoolExecutor(1) as committer:
+                commits = []
+                for result in pool.imap_unordered(_write_shard_in_worker, [(str(out), t) for t in todo]):
+                    commits.append(committer.submit(commit, result))
+                    bar.update(result.inputs)
+                for c in commits:
+                    c.result()
+
+    manifest = _build_manifest(classes, plans, tasks, done, options)
+    write_manifest(out, manifest)
+    (out / PROGRESS_NAME).unlink(missing_ok=True)
+    resumed = len(todo) < len(tasks)
+    return ConvertResult(manifest, time.monotonic() - started, resumed=resumed, already_complete=False)
+
+
+def _write_shard_in_worker(args: tuple[str, ShardTask]) -> ShardResult:
+    return write_shard(*args)
+
+
+def _build_manifest(
+    classes: list[ClassInfo],
+    plans: dict[str, tuple[list[SourceImage], list[ScanRejection]]],
+    tasks: list[ShardTask],
+    done: dict[tuple[str, int], ShardResult],
+    options: dict,
+) -> Manifest:
+    splits, rejected, converted = {}, [], []
+    for split, (_, scan_rejections) in plans.items():
+        results = [done[(t.split, t.number)] for t in tasks if t.split == split]
+        shards = [r.shard for r in results if r.shard is not None]
+        splits[split] = SplitInfo(
+            samples=sum(s.samples for s in shards), shards=shards, resized=sum(r.resized for r in results)
+        )
+        rejected += [FileNote(split, r.path, r.reason) for r in scan_rejections]
+        rejected += [note for r in results for note in r.rejected]
+        converted += [note for r in results for note in r.converted]
+    return Manifest(classes=classes, splits=splits, rejected=rejected, converted=converted, options=options)
+
+
+def _owned_files(out: Path) -> list[Path]:
+    patterns = ("train-*.tar", "train-*.idx", "val-*.tar", "val-*.idx", "*.tmp", MANIFEST_NAME, PROGRESS_NAME)
+    return [p for pattern in patterns for p in out.glob(pattern)]
+
+
+def _remove_owned_files(out: Path) -> None:
+    for path in _owned_files(out):
+        path.unlink(missing_ok=True)
+
+
+def _existing_manifest(out: Path) -> Manifest | None:
+    if not (out / MANIFEST_NAME).exists():
+        return None
+    try:
+        return read_manifest(out)
+    except ValueError as err:
+        raise OutputMismatchError(f"{err}; use --overwrite to replace it") from err
+
+
+def _load_progress(out: Path, options: dict) -> dict[tuple[str, int], ShardResult]:
+    """Shards a killed run finished, checked to still be on disk; {} for a fresh output."""
+    path = out / PROGRESS_NAME
+    if not path.exists():
+        leftovers = [p.name for p in _owned_files(out) if not p.name.endswith(".tmp")]
+        if leftovers:
+            raise OutputMismatchError(
+                f"{out} already holds shards ({leftovers[0]}, ...) from an unknown conversion; use --overwrite"
+            )
+        return {}
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if data.get("options") != options:
+        raise OutputMismatchError(
+            f"{out} holds an unfinished conversion with other arguments or inputs; use --overwrite to restart"
+        )
+    done = {}
+    for r in data["shards"]:
+        result = ShardResult(
+            split=r["split"],
+            number=r["number"],
+            inputs=r["inputs"],
+            shard=ShardInfo(**r["shard"]) if r["shard"] else None,
+            rejected=[FileNote(**n) for n in r["rejected"]],
+            converted=[FileNote(**n) for n in r["converted"]],
+            resized=r["resized"],
+        )
+        shard = result.shard
+        if shard is not None:
+            tar = out / shard.file
+            if not tar.is_file() or tar.stat().st_size != shard.bytes or not (out / shard.index_file).is_file():
+                continue  # vanished or changed since: write it again
+        done[(result.split, result.number)] = result
+    return done
+
+
+def _save_progress(out: Path, options: dict, done: dict[tuple[str, int], ShardResult]) -> None:
+    data = {"options": options, "shards": [asdict(r) for _, r in sorted(done.items())]}
+    write_atomically(out / PROGRESS_NAME, json.dumps(data, sort_keys=True).encode())
+
+
+def summary(result: ConvertResult) -> str:
+    """The closing lines the converter prints."""
+    m = result.manifest
+    lines = []
+    state = "already complete" if result.already_complete else ("resumed and finished" if result.resumed else "done")
+    lines.append(f"make_shards: {state} in {result.seconds:.1f} s, {len(m.classes)} classes")
+    for split, info in m.splits.items():
+        total_bytes = sum(s.bytes for s in info.shards)
+        rejected = sum(1 for r in m.rejected if r.split == split)
+        converted = sum(1 for c in m.converted if c.split == split)
+        lines.append(
+            f"  {split:5s}: {info.samples} samples in {len(info.shards)} shards, {total_bytes / BYTES_PER_MB:.1f} MB;"
+            f" {rejected} rejected, {converted} re-encoded, {info.resized} resized"
+        )
+    for note in m.rejected:
+        lines.append(f"  rejected {note.split}/{note.path}: {note.reason}")
+    return "\n".join(lines)

@@ -1,0 +1,169 @@
+"""Find the images of a split and their labels, before anything is written.
+
+Every label problem (an unknown wnid, a flat val image with no label) is raised here, so a bad
+labels file fails in seconds instead of after hours of conversion.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+MAX_KEY_CHARS = 64  # keeps "<key>.json" well inside USTAR's 100-byte name field
+_UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    path: str  # absolute path on disk
+    relpath: str  # relative to the split's root, '/'-separated; recorded in the sample's .json
+    wnid: str
+    label: int
+    key: str  # the sample's key inside the tar: no dots, no spaces, unique in the split
+    size: int  # source bytes, used to plan shard boundaries before anything is decoded
+
+
+@dataclass(frozen=True)
+class ScanRejection:
+    path: str
+    reason: str
+
+
+def list_class_folders(root: str | os.PathLike) -> list[str]:
+    """Sorted names of the class folders under `root` (ImageFolder's class order)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"input folder not found: {root}")
+    wnids = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
+    if not wnids:
+        raise ValueError(f"{root}: no class folders found (expected {root}/<wnid>/*.JPEG)")
+    return wnids
+
+
+def scan_foldered(
+    root: str | os.PathLike, class_index: dict[str, int]
+) -> tuple[list[SourceImage], list[ScanRejection]]:
+    """Every file under `root/<wnid>/` (recursively), labelled by its folder.
+
+    Files are taken whatever their extension (content is checked later, by bytes). A folder whose
+    name is not a known class is an error; a file directly under `root` is rejected, not dropped.
+    """
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"input folder not found: {root}")
+    found: list[tuple[str, str]] = []
+    rejected: list[ScanRejection] = []
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        if entry.is_dir():
+            if entry.name.startswith("."):
+                continue
+            if entry.name not in class_index:
+                raise ValueError(
+                    f"{entry.path}: folder {entry.name!r} is not one of the {len(class_index)} known classes"
+                )
+            for dirpath, dirnames, filenames in os.walk(entry.path):
+                dirnames.sort()
+                for name in sorted(filenames):
+                    rel = Path(dirpath, name).relative_to(root).as_posix()
+                    found.append((rel, entry.name))
+        else:
+            rejected.append(ScanRejection(entry.name, "file outside any class folder"))
+    return _with_keys(root, found, class_index), rejected
+
+
+def read_val_labels(path: str | os.PathLike) -> dict[str, str]:
+    """Map image stem -> wnid from Kaggle's LOC_val_solution.csv or plain 'filename wnid' lines."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    labels: dict[str, str] = {}
+    first_line = text.splitlines()[0] if text else ""
+    if first_line.replace(" ", "").lower().startswith("imageid,predictionstring"):
+        for row_no, row in enumerate(csv.reader(text.splitlines()[1:]), 2):
+            if not row:
+                continue
+            if len(row) < 2 or not row[1].split():
+                raise ValueError(f"{path}:{row_no}: expected 'ImageId,PredictionString', got {row!r}")
+            labels[_stem(row[0].strip())] = row[1].split()[0]
+        return labels
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise ValueError(f"{path}:{line_no}: expected '<filename> <wnid>', got {line!r}")
+        labels[_stem(parts[0])] = parts[1]
+    if not labels:
+        raise ValueError(f"{path}: no labels found")
+    return labels
+
+
+def scan_flat(
+    root: str | os.PathLike, labels_file: str | os.PathLike, class_index: dict[str, int]
+) -> tuple[list[SourceImage], list[ScanRejection]]:
+    """Files directly in `root`, labelled by `labels_file`; an unlabelled file or unknown wnid is an error."""
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"input folder not found: {root}")
+    labels = read_val_labels(labels_file)
+    unknown = sorted({w for w in labels.values() if w not in class_index})
+    if unknown:
+        raise ValueError(f"{labels_file}: {len(unknown)} label(s) name unknown classes, e.g. {unknown[:5]}")
+    found: list[tuple[str, str]] = []
+    unlabelled: list[str] = []
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        if not entry.is_file():
+            continue
+        wnid = labels.get(_stem(entry.name))
+        if wnid is None:
+            unlabelled.append(entry.name)
+        else:
+            found.append((entry.name, wnid))
+    if unlabelled:
+        raise ValueError(f"{root}: {len(unlabelled)} image(s) have no label in {labels_file}, e.g. {unlabelled[:5]}")
+    return _with_keys(root, found, class_index), []
+
+
+def fingerprint(images: list[SourceImage]) -> str:
+    """A digest of which files go in, in what order, with what label and size: resume must see the same."""
+    digest = hashlib.sha256()
+    for image in images:
+        digest.update(f"{image.relpath}\t{image.label}\t{image.key}\t{image.size}\n".encode())
+    return digest.hexdigest()
+
+
+def _stem(filename: str) -> str:
+    name = filename.rsplit("/", 1)[-1]
+    for ext in (".JPEG", ".jpeg", ".jpg", ".JPG", ".png", ".PNG"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def make_key(filename: str) -> str:
+    """A tar key from a file name: extension dropped, anything but [A-Za-z0-9_-] turned into '_'.
+
+    Readers split a member name at its first dot (key.ext) and DALI's index is space-separated, so
+    dots and spaces cannot stay.
+    """
+    stem = Path(filename).stem or "image"
+    return _UNSAFE_KEY_CHARS.sub("_", stem)[:MAX_KEY_CHARS]
+
+
+def _with_keys(root: Path, found: list[tuple[str, str]], class_index: dict[str, int]) -> list[SourceImage]:
+    """Attach unique keys, deciding collisions in sorted-path order so they are reproducible."""
+    images = []
+    used: set[str] = set()
+    for rel, wnid in sorted(found):
+        base = make_key(rel.rsplit("/", 1)[-1])
+        key, n = base, 1
+        while key in used:
+            n += 1
+            key = f"{base}-{n}"
+        used.add(key)
+        path = root / rel
+        images.append(SourceImage(str(path), rel, wnid, class_index[wnid], key, path.stat().st_size))
+    return images

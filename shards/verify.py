@@ -1,0 +1,134 @@
+"""Check a shard directory against its manifest: files, checksums, index files, samples, labels."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterator
+from functools import partial
+from multiprocessing import Pool
+from pathlib import Path
+
+from PIL import Image
+
+from shards.manifest import Manifest, read_manifest
+from shards.tar_writer import ShardInfo, dali_index_for_tar
+
+SAMPLE_EXTENSIONS = ("cls", "jpg", "json")
+READ_CHUNK_BYTES = 1 << 20
+
+
+def verify_directory(directory: str | os.PathLike, decode: bool = False, workers: int = 1) -> list[str]:
+    """Every problem found, one line each naming the shard (and sample); empty when all holds."""
+    directory = Path(directory)
+    try:
+        manifest = read_manifest(directory)
+    except (FileNotFoundError, ValueError) as err:
+        return [str(err)]
+    problems = _manifest_problems(directory, manifest)
+    shards = [shard for info in manifest.splits.values() for shard in info.shards]
+    check = partial(check_shard, directory, num_classes=len(manifest.classes), decode=decode)
+    if workers > 1 and len(shards) > 1:
+        with Pool(workers) as pool:
+            per_shard = pool.map(check, shards, chunksize=1)
+    else:
+        per_shard = [check(shard) for shard in shards]
+    for lines in per_shard:
+        problems += lines
+    return problems
+
+
+def _manifest_problems(directory: Path, manifest: Manifest) -> list[str]:
+    problems = []
+    listed = set()
+    for split, info in manifest.splits.items():
+        counted = sum(s.samples for s in info.shards)
+        if counted != info.samples:
+            problems.append(f"manifest.json: {split} says {info.samples} samples, its shards add up to {counted}")
+        listed |= {s.file for s in info.shards} | {s.index_file for s in info.shards}
+    for path in sorted(directory.glob("*-*.tar")) + sorted(directory.glob("*-*.idx")):
+        if path.name not in listed:
+            problems.append(f"{path.name}: in the directory but not listed in manifest.json")
+    return problems
+
+
+def check_shard(directory: str | os.PathLike, shard: ShardInfo, num_classes: int, decode: bool = False) -> list[str]:
+    """Problems of one shard: size, checksum, tar structure, index, labels and (optionally) images."""
+    tar_path = Path(directory) / shard.file
+    name = shard.file
+    if not tar_path.is_file():
+        return [f"{name}: missing"]
+    problems = []
+    size = tar_path.stat().st_size
+    if size != shard.bytes:
+        problems.append(f"{name}: {size} bytes, manifest says {shard.bytes}")
+    if _sha256(tar_path) != shard.sha256:
+        problems.append(f"{name}: sha256 differs from the manifest (file changed or corrupt)")
+    try:
+        samples = 0
+        for key, parts in _samples(tar_path):
+            samples += 1
+            problems += [f"{name}: sample {key}: {p}" for p in _sample_problems(parts, num_classes, decode)]
+        if samples != shard.samples:
+            problems.append(f"{name}: {samples} samples, manifest says {shard.samples}")
+    except (tarfile.TarError, EOFError, OSError) as err:
+        problems.append(f"{name}: unreadable tar: {err}")
+        return problems
+    index_path = Path(directory) / shard.index_file
+    if not index_path.is_file():
+        problems.append(f"{shard.index_file}: missing")
+    elif index_path.read_text(encoding="utf-8", errors="replace") != dali_index_for_tar(tar_path):
+        problems.append(f"{shard.index_file}: does not match {name} (offsets, sizes or names differ)")
+    return problems
+
+
+def _samples(tar_path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Group consecutive tar members by key, as webdataset and DALI do."""
+    key, parts = None, {}
+    with tarfile.open(tar_path, mode="r:") as tar:
+        for member in tar:
+            member_key, _, ext = member.name.partition(".")
+            if member_key != key:
+                if key is not None:
+                    yield key, parts
+                key, parts = member_key, {}
+            data = tar.extractfile(member)
+            parts[ext] = data.read() if data is not None else b""
+    if key is not None:
+        yield key, parts
+
+
+def _sample_problems(parts: dict[str, bytes], num_classes: int, decode: bool) -> list[str]:
+    problems = []
+    if sorted(parts) != sorted(SAMPLE_EXTENSIONS):
+        problems.append(f"has components {sorted(parts)}, expected {list(SAMPLE_EXTENSIONS)}")
+    label_text = parts.get("cls", b"")
+    if not (len(label_text) == 4 and label_text.isdigit()):
+        problems.append(f"label {label_text!r} is not 4 ASCII digits")
+    elif int(label_text) >= num_classes:
+        problems.append(f"label {int(label_text)} out of range 0..{num_classes - 1}")
+    if "json" in parts:
+        try:
+            json.loads(parts["json"])
+        except ValueError:
+            problems.append("metadata .json does not parse")
+    if decode and "jpg" in parts:
+        try:
+            with Image.open(io.BytesIO(parts["jpg"])) as image:
+                if image.format not in ("JPEG", "MPO"):
+                    problems.append(f"image is {image.format}, not JPEG")
+                image.load()
+        except Exception as err:  # PIL raises many types for bad data
+            problems.append(f"image does not decode: {err}")
+    return problems
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(READ_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,406 @@
+"""The converter end to end: real photographs and bad files in, shards read back by webdataset and DALI."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from shards.manifest import read_manifest
+from tests.conftest import REPO_ROOT, run_tool
+
+WDS2IDX = Path(sys.executable).with_name("wds2idx")
+
+
+def make_real_tree(root: Path, real_photos: dict[str, Path], demo_imagenet: Path, num_classes: int = 40) -> Path:
+    """train/<wnid>/<original file> with real photographs (or the generated demo set without them),
+    and a flat val/ with a Kaggle-style LOC_val_solution.csv."""
+    train, val = root / "train", root / "val"
+    if real_photos:
+        chosen = sorted(real_photos.items())[:: max(1, len(real_photos) // num_classes)][:num_classes]
+        for wnid, photo in chosen:
+            (train / wnid).mkdir(parents=True)
+            shutil.copy(photo, train / wnid / photo.name)
+        val_sources = [(wnid, photo) for wnid, photo in chosen[:10]]
+    else:
+        shutil.copytree(demo_imagenet / "train", train)
+        val_sources = [(d.name, next(d.iterdir())) for d in sorted(train.iterdir())]
+    val.mkdir()
+    rows = ["ImageId,PredictionString"]
+    for n, (wnid, photo) in enumerate(val_sources, 1):
+        name = f"ILSVRC2012_val_{n:08d}"
+        shutil.copy(photo, val / f"{name}.JPEG")
+        rows.append(f"{name},{wnid} 1 2 30 40 {wnid} 5 6 70 80")
+    (root / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def convert(src: Path, out: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run_tool(
+        "tools.make_shards",
+        "--train",
+        str(src / "train"),
+        "--val",
+        str(src / "val"),
+        "--val-labels",
+        str(src / "LOC_val_solution.csv"),
+        "--out",
+        str(out),
+        "--workers",
+        "2",
+        "--no-progress",
+        *extra,
+        check=check,
+    )
+
+
+def read_with_dali(out: Path, split: str) -> list[tuple[np.ndarray, bytes, dict]]:
+    """Decode every sample of a split with DALI's webdataset reader on the CPU, using our index files."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    manifest = read_manifest(out)
+    shards = manifest.splits[split].shards
+    batch_size = 4
+
+    @pipeline_def(batch_size=batch_size, num_threads=2, device_id=None)
+    def pipe():
+        jpg, cls, meta = fn.readers.webdataset(
+            paths=[str(out / s.file) for s in shards],
+            index_paths=[str(out / s.index_file) for s in shards],
+            ext=["jpg", "cls", "json"],
+            missing_component_behavior="error",
+            name="reader",
+        )
+        return fn.decoders.image(jpg, device="cpu", output_type=types.RGB), cls, meta
+
+    p = pipe()
+    p.build()
+    total = manifest.splits[split].samples
+    samples = []
+    while len(samples) < total:
+        images, labels, metas = p.run()
+        for i in range(batch_size):
+            samples.append((np.array(images.at(i)), np.array(labels.at(i)).tobytes(), json.loads(bytes(metas.at(i)))))
+    return samples[:total]
+
+
+@pytest.fixture(scope="module")
+def real_shards(tmp_path_factory, real_photos, demo_imagenet):
+    root = tmp_path_factory.mktemp("real")
+    src = make_real_tree(root / "src", real_photos, demo_imagenet)
+    out = root / "shards"
+    result = convert(src, out, "--shard-size-mb", "0.5")
+    return src, out, result
+
+
+def test_manifest_lists_classes_splits_and_shards(real_shards):
+    src, out, result = real_shards
+    manifest = read_manifest(out)
+    wnids = sorted(d.name for d in (src / "train").iterdir())
+    assert [c.wnid for c in manifest.classes] == wnids
+    assert [c.index for c in manifest.classes] == list(range(len(wnids)))
+    names = {c.wnid: c.name for c in manifest.classes}
+    if "n01440764" in names:
+        assert names["n01440764"] == "tench"
+    assert all(c.name for c in manifest.classes), "every ImageNet wnid gets its readable name"
+    train_files = sum(1 for _ in (src / "train").rglob("*.JPEG"))
+    assert manifest.splits["train"].samples == train_files
+    assert manifest.splits["val"].samples == len(list((src / "val").iterdir()))
+    assert len(manifest.splits["train"].shards) > 1, "0.5 MB shards: the train split spans several"
+    for info in manifest.splits.values():
+        for shard in info.shards:
+            assert (out / shard.file).stat().st_size == shard.bytes
+            assert (out / shard.index_file).is_file()
+    assert manifest.rejected == []
+    assert manifest.options["shard_size_mb"] == 0.5
+    assert "train" in result.stdout and "samples" in result.stdout, "closing summary is printed"
+
+
+def test_shards_are_ustar_with_fixed_headers_and_4_digit_labels(real_shards):
+    _, out, _ = real_shards
+    manifest = read_manifest(out)
+    with tarfile.open(out / manifest.splits["train"].shards[0].file) as tar:
+        members = tar.getmembers()
+    assert {m.name.split(".", 1)[1] for m in members} == {"cls", "jpg", "json"}
+    assert all(m.mtime == 0 and m.uid == 0 and m.uname == "" for m in members)
+    assert all(m.name.count(".") == 1 for m in members), "keys contain no dots"
+
+
+def test_index_files_equal_what_dali_wds2idx_writes(real_shards, tmp_path):
+    _, out, _ = real_shards
+    manifest = read_manifest(out)
+    for shard in manifest.splits["train"].shards[:3] + manifest.splits["val"].shards:
+        reference = tmp_path / (shard.file + ".ref.idx")
+        subprocess.run([str(WDS2IDX), str(out / shard.file), str(reference)], check=True, capture_output=True)
+        assert (out / shard.index_file).read_bytes() == reference.read_bytes(), shard.file
+
+
+def test_webdataset_library_reads_every_sample_with_its_label(real_shards):
+    src, out, _ = real_shards
+    manifest = read_manifest(out)
+    index_of = {c.wnid: c.index for c in manifest.classes}
+    urls = [str(out / s.file) for s in manifest.splits["train"].shards]
+    keys = []
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        meta = json.loads(sample["json"])
+        assert int(sample["cls"].decode()) == index_of[meta["wnid"]]
+        assert meta["path"].split("/")[0] == meta["wnid"], "train label is the class folder"
+        original = (src / "train" / meta["path"]).read_bytes()
+        assert sample["jpg"] == original, "RGB/grayscale JPEGs are stored byte for byte"
+        keys.append(sample["__key__"])
+    assert len(keys) == len(set(keys)) == manifest.splits["train"].samples
+
+
+def test_train_is_shuffled_and_val_keeps_sorted_order(real_shards):
+    _, out, _ = real_shards
+    manifest = read_manifest(out)
+
+    def paths(split):
+        urls = [str(out / s.file) for s in manifest.splits[split].shards]
+        return [json.loads(s["json"])["path"] for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)]
+
+    train = paths("train")
+    assert train != sorted(train)
+    val = paths("val")
+    assert val == sorted(val)
+
+
+def test_dali_reads_and_decodes_with_the_written_index(real_shards):
+    _, out, _ = real_shards
+    manifest = read_manifest(out)
+    index_of = {c.wnid: c.index for c in manifest.classes}
+    for split in ("train", "val"):
+        samples = read_with_dali(out, split)
+        assert len(samples) == manifest.splits[split].samples
+        for image, label, meta in samples:
+            assert image.shape == (meta["height"], meta["width"], 3)
+            assert int(label.decode()) == index_of[meta["wnid"]]
+
+
+def test_val_labels_come_from_the_kaggle_csv(real_shards):
+    src, out, _ = real_shards
+    wanted = {}
+    for line in (src / "LOC_val_solution.csv").read_text().splitlines()[1:]:
+        image_id, prediction = line.split(",")
+        wanted[image_id + ".JPEG"] = prediction.split()[0]
+    manifest = read_manifest(out)
+    urls = [str(out / s.file) for s in manifest.splits["val"].shards]
+    got = {
+        json.loads(s["json"])["path"]: json.loads(s["json"])["wnid"] for s in wds.WebDataset(urls, shardshuffle=False)
+    }
+    assert got == wanted
+
+
+def test_same_inputs_give_byte_identical_output(real_shards, tmp_path):
+    src, out, _ = real_shards
+    again = tmp_path / "again"
+    convert(src, again, "--shard-size-mb", "0.5")
+    first = sorted(p.name for p in out.iterdir())
+    assert first == sorted(p.name for p in again.iterdir())
+    for name in first:
+        assert (out / name).read_bytes() == (again / name).read_bytes(), name
+
+
+def test_verify_passes_then_catches_a_flipped_byte_and_a_missing_shard(real_shards, tmp_path):
+    _, out, _ = real_shards
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    ok = run_tool("tools.verify_shards", str(copy), "--decode")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    manifest = read_manifest(copy)
+    flipped = copy / manifest.splits["train"].shards[0].file
+    data = bytearray(flipped.read_bytes())
+    data[3000] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    missing = manifest.splits["train"].shards[1].file
+    (copy / missing).unlink()
+    bad = run_tool("tools.verify_shards", str(copy))
+    assert bad.returncode == 1
+    lines = bad.stdout.splitlines()
+    assert any(line.startswith(flipped.name) and "sha256" in line for line in lines), bad.stdout
+    assert f"{missing}: missing" in lines
+
+
+def test_verify_names_the_sample_with_a_bad_label(tmp_path, demo_imagenet):
+    out = tmp_path / "out"
+    run_tool(
+        "tools.make_shards", "--train", str(demo_imagenet / "train"), "--out", str(out), "--no-progress", check=True
+    )
+    manifest = read_manifest(out)
+    shard = out / manifest.splits["train"].shards[0].file
+    data = shard.read_bytes()
+    with tarfile.open(shard) as tar:
+        first_cls = next(m for m in tar.getmembers() if m.name.endswith(".cls"))
+    patched = bytearray(data)
+    patched[first_cls.offset_data : first_cls.offset_data + 4] = b"9999"
+    shard.write_bytes(bytes(patched))
+    bad = run_tool("tools.verify_shards", str(out))
+    key = first_cls.name.split(".")[0]
+    assert bad.returncode == 1
+    assert f"{shard.name}: sample {key}: label 9999 out of range 0..9" in bad.stdout
+
+
+def write_bad_inputs(train: Path, real_jpeg: bytes) -> dict[str, str]:
+    """One class folder of awkward files; returns file name -> expected outcome."""
+    folder = train / "n01440764"
+    folder.mkdir(parents=True)
+    expected = {}
+
+    def save(name, image, outcome, **kw):
+        image.save(folder / name, **kw)
+        expected[name] = outcome
+
+    rgb = Image.open(io.BytesIO(real_jpeg)).convert("RGB")
+    save("cmyk.JPEG", Image.new("CMYK", (64, 48), (0, 200, 30, 10)), "converted", format="JPEG")
+    save("png_inside.JPEG", rgb.resize((80, 60)), "converted", format="PNG")
+    save("progressive.JPEG", rgb, "kept", format="JPEG", progressive=True)
+    save("gray.JPEG", rgb.convert("L"), "kept", format="JPEG")
+    save("tiny.JPEG", Image.new("RGB", (1, 1), (255, 0, 0)), "kept", format="JPEG")
+    gradient = np.linspace(0, 255, 4000, dtype=np.uint8)[None, :, None].repeat(3000, 0).repeat(3, 2)
+    save("large.JPEG", Image.fromarray(gradient), "kept", format="JPEG", quality=80)
+    for name in ["with space.JPEG", 'quote\'s "double".JPEG', "extra.dots.in.name.JPEG", "ñandú_Ünïcode.JPEG"]:
+        save(name, rgb.resize((90, 70)), "kept", format="JPEG")
+    save("a b.JPEG", rgb.resize((50, 50)), "kept", format="JPEG")  # same key as the next one
+    save("a_b.JPEG", rgb.resize((51, 51)), "kept", format="JPEG")
+    (folder / "truncated.JPEG").write_bytes(real_jpeg[: len(real_jpeg) // 2])
+    expected["truncated.JPEG"] = "rejected"
+    (folder / "empty.JPEG").write_bytes(b"")
+    expected["empty.JPEG"] = "rejected"
+    (folder / "notes.JPEG").write_text("this is a text file, not a photograph\n")
+    expected["notes.JPEG"] = "rejected"
+    return expected
+
+
+def test_bad_inputs_are_reencoded_or_rejected_and_listed(tmp_path, real_photos, demo_imagenet):
+    source = next(iter(real_photos.values()), None) or next((demo_imagenet / "train").rglob("*.JPEG"))
+    expected = write_bad_inputs(tmp_path / "train", source.read_bytes())
+    out = tmp_path / "out"
+    result = run_tool(
+        "tools.make_shards", "--train", str(tmp_path / "train"), "--out", str(out), "--no-progress", check=True
+    )
+    manifest = read_manifest(out)
+    rejected = {Path(r.path).name: r.reason for r in manifest.rejected}
+    converted = {Path(c.path).name: c.reason for c in manifest.converted}
+    assert set(rejected) == {n for n, o in expected.items() if o == "rejected"}
+    assert rejected["empty.JPEG"].startswith("empty file")
+    assert rejected["notes.JPEG"].startswith("not an image")
+    assert "truncated" in rejected["truncated.JPEG"]
+    assert converted == {
+        "cmyk.JPEG": "CMYK JPEG re-encoded as RGB",
+        "png_inside.JPEG": "PNG content re-encoded as JPEG",
+    }
+    assert "3 rejected" in result.stdout and "truncated.JPEG" in result.stdout
+
+    stored = {}
+    urls = [str(out / s.file) for s in manifest.splits["train"].shards]
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        meta = json.loads(sample["json"])
+        stored[Path(meta["path"]).name] = (sample["__key__"], Image.open(io.BytesIO(sample["jpg"])))
+    assert set(stored) == {n for n, o in expected.items() if o != "rejected"}
+    assert stored["cmyk.JPEG"][1].mode == "RGB" and stored["cmyk.JPEG"][1].format == "JPEG"
+    assert stored["png_inside.JPEG"][1].format == "JPEG"
+    assert stored["gray.JPEG"][1].mode == "L"
+    assert stored["large.JPEG"][1].size == (4000, 3000)
+    keys = [key for key, _ in stored.values()]
+    assert len(set(keys)) == len(keys)
+    assert all(k.replace("_", "").replace("-", "").isalnum() and k.isascii() for k in keys), keys
+    assert stored["a b.JPEG"][0] == "a_b" and stored["a_b.JPEG"][0] == "a_b-2"
+    decoded = read_with_dali(out, "train")
+    assert len(decoded) == len(stored)
+    assert all(image.shape[2] == 3 for image, _, _ in decoded)
+
+
+def test_strict_exits_nonzero_after_finishing(tmp_path, demo_imagenet):
+    train = tmp_path / "train"
+    shutil.copytree(demo_imagenet / "train", train)
+    broken = next(train.iterdir()) / "broken.JPEG"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 definitely not a whole jpeg")
+    result = run_tool("tools.make_shards", "--train", str(train), "--out", str(tmp_path / "o"), "--strict")
+    assert result.returncode == 1
+    assert "--strict" in result.stderr
+    assert (tmp_path / "o" / "manifest.json").is_file(), "the run completes before --strict fails it"
+
+
+def test_label_errors_stop_before_any_shard_is_written(tmp_path, demo_imagenet):
+    labels = (demo_imagenet / "val_labels.txt").read_text().splitlines()
+    bad_wnid = tmp_path / "bad_wnid.txt"
+    bad_wnid.write_text("\n".join(labels[:-1] + [labels[-1].split()[0] + " n99999999"]) + "\n")
+    out = tmp_path / "out"
+    args = ["--train", str(demo_imagenet / "train"), "--val", str(demo_imagenet / "val"), "--out", str(out)]
+    result = run_tool("tools.make_shards", *args, "--val-labels", str(bad_wnid))
+    assert result.returncode == 2
+    assert "n99999999" in result.stderr and "bad_wnid.txt" in result.stderr
+    missing = tmp_path / "missing.txt"
+    missing.write_text("\n".join(labels[:-1]) + "\n")
+    result = run_tool("tools.make_shards", *args, "--val-labels", str(missing))
+    assert result.returncode == 2
+    assert "no label" in result.stderr and labels[-1].split()[0] in result.stderr
+    assert not list(out.glob("*.tar"))
+
+
+def test_other_arguments_on_existing_output_need_overwrite(tmp_path, demo_imagenet):
+    out = tmp_path / "out"
+    base = ["--train", str(demo_imagenet / "train"), "--out", str(out), "--no-progress"]
+    run_tool("tools.make_shards", *base, check=True)
+    again = run_tool("tools.make_shards", *base, check=True)
+    assert "already complete" in again.stdout
+    other = run_tool("tools.make_shards", *base, "--seed", "7")
+    assert other.returncode == 2 and "--overwrite" in other.stderr
+    run_tool("tools.make_shards", *base, "--seed", "7", "--overwrite", check=True)
+    assert read_manifest(out).options["seed"] == 7
+
+
+def test_max_short_side_reencodes_large_images(tmp_path, demo_imagenet):
+    out = tmp_path / "out"
+    run_tool(
+        "tools.make_shards", "--train", str(demo_imagenet / "train"), "--out", str(out), "--max-short-side", "64",
+        "--quality", "80", "--no-progress", check=True,
+    )  # fmt: skip
+    manifest = read_manifest(out)
+    assert manifest.splits["train"].resized == manifest.splits["train"].samples
+    urls = [str(out / s.file) for s in manifest.splits["train"].shards]
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        image = Image.open(io.BytesIO(sample["jpg"]))
+        meta = json.loads(sample["json"])
+        assert min(image.size) == 64 and list(image.size) == [meta["width"], meta["height"]]
+
+
+def test_resume_after_kill_gives_the_uninterrupted_result(tmp_path, demo_imagenet):
+    reference = tmp_path / "reference"
+    base = ["--train", str(demo_imagenet / "train"), "--shard-size-mb", "0.05", "--workers", "1", "--no-progress"]
+    run_tool("tools.make_shards", *base, "--out", str(reference), check=True)
+    assert len(read_manifest(reference).splits["train"].shards) >= 4
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tools.make_shards", *base, "--out", str(killed)],
+        cwd=REPO_ROOT,
+        env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while not (killed / "train-000001.tar").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (killed / "manifest.json").exists(), "killed before the end"
+    finished = run_tool("tools.make_shards", *base, "--out", str(killed), check=True)
+    assert "resumed" in finished.stdout
+    names = sorted(p.name for p in reference.iterdir())
+    assert names == sorted(p.name for p in killed.iterdir())
+    for name in names:
+        assert (reference / name).read_bytes() == (killed / name).read_bytes(), name

@@ -1,0 +1,97 @@
+"""Convert an ImageNet folder into globally shuffled webdataset tar shards with DALI index files.
+
+    python -m tools.make_shards --train /data/imagenet/train --val /data/imagenet/val \
+        --val-labels LOC_val_solution.csv --out /data/imagenet-shards
+
+Rerun the same command after a kill to resume. Exit status: 0 on success, 1 when --strict and
+some input was rejected, 2 on bad arguments or an output made with other arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from shards.convert import DEFAULT_QUALITY, DEFAULT_SHARD_SIZE_MB, ConvertOptions, OutputMismatchError, convert, summary
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m tools.make_shards", description=__doc__.split("\n\n")[0])
+    p.add_argument("--train", metavar="DIR", help="training images, DIR/<wnid>/*.JPEG")
+    p.add_argument("--val", metavar="DIR", help="validation images: DIR/<wnid>/*.JPEG, or flat with --val-labels")
+    p.add_argument(
+        "--val-labels",
+        metavar="FILE",
+        help="labels of a flat --val: Kaggle LOC_val_solution.csv or 'filename wnid' lines",
+    )
+    p.add_argument(
+        "--classes",
+        metavar="FILE",
+        help="class order, one wnid per line (optional name after a tab); default: sorted folders",
+    )
+    p.add_argument("--out", metavar="DIR", required=True, help="output directory for shards and manifest.json")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes (default: all cores)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the global train shuffle (default: 0)")
+    p.add_argument(
+        "--shard-size-mb",
+        type=float,
+        default=DEFAULT_SHARD_SIZE_MB,
+        help=f"close a shard once it reaches this size (default: {DEFAULT_SHARD_SIZE_MB})",
+    )
+    p.add_argument(
+        "--max-short-side", type=int, metavar="S", help="re-encode images whose shorter side exceeds S pixels"
+    )
+    p.add_argument(
+        "--quality",
+        type=int,
+        default=DEFAULT_QUALITY,
+        help=f"JPEG quality of re-encoded images (default: {DEFAULT_QUALITY})",
+    )
+    p.add_argument("--strict", action="store_true", help="exit non-zero after the run if any input was rejected")
+    p.add_argument("--overwrite", action="store_true", help="replace an output made with other arguments")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if args.workers < 1:
+        p.error("--workers must be at least 1")
+    if args.shard_size_mb <= 0:
+        p.error("--shard-size-mb must be positive")
+    if not 1 <= args.quality <= 100:
+        p.error("--quality must be between 1 and 100")
+    if args.max_short_side is not None and args.max_short_side < 1:
+        p.error("--max-short-side must be at least 1")
+    if not args.train and not args.val:
+        p.error("give --train and/or --val")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    opts = ConvertOptions(
+        out=args.out,
+        train=args.train,
+        val=args.val,
+        val_labels=args.val_labels,
+        classes=args.classes,
+        seed=args.seed,
+        shard_size_mb=args.shard_size_mb,
+        max_short_side=args.max_short_side,
+        quality=args.quality,
+        workers=args.workers,
+        overwrite=args.overwrite,
+        progress_bar=not args.no_progress,
+    )
+    try:
+        result = convert(opts)
+    except (OutputMismatchError, ValueError, FileNotFoundError) as err:
+        print(f"make_shards: error: {err}", file=sys.stderr)
+        return 2
+    print(summary(result))
+    if args.strict and result.manifest.rejected:
+        print(f"make_shards: --strict: {len(result.manifest.rejected)} input(s) rejected", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -40,3 +40,31 @@ def real_photos() -> dict[str, Path]:
 def demo_imagenet(tmp_path_factory) -> Path:
     """A small ImageNet layout (10 classes; train foldered, val flat + labels), built once per session."""
     return build_demo_imagenet(tmp_path_factory.mktemp("demo-imagenet"), num_classes=10, train_per_class=8)
+
+
+def make_photo_tree(root: Path, photos: dict[str, Path], demo_imagenet: Path, num_classes: int) -> Path:
+    """train/<wnid>/ and val/<wnid>/ of real photographs (one per class), or of the demo images without them."""
+    if photos:
+        for wnid, photo in sorted(photos.items())[:: max(1, len(photos) // num_classes)][:num_classes]:
+            for split in ("train", "val"):
+                (root / split / wnid).mkdir(parents=True)
+                (root / split / wnid / photo.name).symlink_to(photo)
+    else:
+        import shutil
+
+        shutil.copytree(demo_imagenet / "train", root / "train")
+        shutil.copytree(demo_imagenet / "train", root / "val")
+    return root
+
+
+@pytest.fixture(scope="session")
+def photo_shards(tmp_path_factory, real_photos, demo_imagenet) -> Path:
+    """Shards (train and val, several shards each) of 100 real photographs, or of the demo set."""
+    root = tmp_path_factory.mktemp("photo-shards")
+    tree = make_photo_tree(root / "src", real_photos, demo_imagenet, num_classes=100)
+    out = root / "shards"
+    run_tool(
+        "tools.make_shards", "--train", str(tree / "train"), "--val", str(tree / "val"), "--out", str(out),
+        "--shard-size-mb", "2", "--workers", "2", "--no-progress", check=True,
+    )  # fmt: skip
+    return out

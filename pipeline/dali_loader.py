@@ -1,0 +1,156 @@
+"""DALI loaders: shards (`dali-gpu`, `dali-cpu`) and image folders (`folder`)."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+from nvidia.dali.plugin.pytorch import DALIGenericIterator
+from PIL import Image
+
+from pipeline.dali_pipeline import file_reader, imagenet_pipeline, shard_reader
+from pipeline.errors import SampleDecodeError
+from pipeline.loader import PartLoader, ascii_labels_to_int
+from pipeline.shard_set import ShardSet
+
+
+class DaliLoader(PartLoader):
+    """Builds a DALI pipeline per epoch over this rank's part of the data.
+
+    A new pipeline each epoch is how the per-epoch split (new index files) reaches DALI's reader;
+    it costs a pipeline start (well under a second) once per epoch.
+    """
+
+    def __init__(self, sizes, split, cfg, rank, world_size, device):
+        super().__init__(sizes, split, cfg, rank, world_size, device)
+        self.decode_on_gpu = device.type == "cuda" and cfg.backend != "dali-cpu"
+
+    def _reader(self, epoch_dir: Path) -> Callable:
+        raise NotImplementedError
+
+    def _labels(self, raw: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _find_undecodable(self, first: int, last: int) -> str | None:
+        """Name of the first sample in positions [first, last) of the part that PIL cannot decode."""
+        raise NotImplementedError
+
+    def build_pipeline(self):
+        epoch_dir = Path(self._tmpdir) / f"epoch-{self.epoch}"
+        shutil.rmtree(epoch_dir, ignore_errors=True)
+        epoch_dir.mkdir(parents=True)
+        pipe = imagenet_pipeline(
+            read=self._reader(epoch_dir),
+            train=self.train,
+            image_size=self.image_size,
+            val_resize=self.val_resize,
+            decode_on_gpu=self.decode_on_gpu,
+            hw_decoder_load=self.cfg.hw_decoder_load,
+            output_float16=self.dtype == torch.float16,
+            batch_size=self.batch_size,
+            num_threads=self.cfg.workers,
+            device_id=(self.device.index or 0) if self.decode_on_gpu else None,
+            prefetch_queue_depth=self.cfg.prefetch,
+            seed=_seed(self.cfg.seed, self.epoch, self.rank),
+        )
+        pipe.build()
+        return pipe
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        pipe = self.build_pipeline()
+        step = 0
+        try:
+            # The iterator runs the pipeline as soon as it is made: decode errors can surface here.
+            batches = DALIGenericIterator(
+                [pipe], ["images", "labels"], reader_name="Reader", last_batch_policy=LastBatchPolicy.DROP
+            )
+            for step in range(self.steps_per_epoch):
+                out = next(batches)[0]
+                # DALI gives NHWC; the permuted view is NCHW in channels_last memory format, no copy.
+                images = out["images"].permute(0, 3, 1, 2)
+                images = images.to(self.device, dtype=self.dtype, non_blocking=True)
+                labels = self._labels(out["labels"].to(self.device, non_blocking=True))
+                yield images, self.padding_labels(labels, step)
+        except RuntimeError as err:
+            named = self._name_undecodable(err, step)
+            if named is None:
+                raise
+            raise named from err
+        finally:
+            del pipe
+
+    def _name_undecodable(self, err: RuntimeError, step: int) -> SampleDecodeError | None:
+        """DALI's decode errors do not say which sample; find it with PIL near the failing step."""
+        if "decoder" not in str(err):
+            return None
+        window = self.cfg.shuffle_buffer + (self.cfg.prefetch + 2) * self.batch_size
+        start = max(0, step * self.batch_size - self.batch_size)
+        name = self._find_undecodable(start, start + window) or self._find_undecodable(0, self.part.samples)
+        if name is None:
+            return None
+        return SampleDecodeError(f"{name}: cannot be decoded ({self.cfg.backend}, {self.split} step {step})")
+
+
+class DaliShardLoader(DaliLoader):
+    def __init__(self, shard_set: ShardSet, split, cfg, rank, world_size, device):
+        self.shard_set = shard_set
+        super().__init__(shard_set.sizes, split, cfg, rank, world_size, device)
+        self.num_classes = shard_set.num_classes
+
+    def _reader(self, epoch_dir: Path) -> Callable:
+        tars, indexes = self.shard_set.write_rank_indexes(self.part, epoch_dir)
+        return shard_reader(tars, indexes, shuffle=self.train, shuffle_buffer=self.cfg.shuffle_buffer)
+
+    def _labels(self, raw: torch.Tensor) -> torch.Tensor:
+        return ascii_labels_to_int(raw)
+
+    def _find_undecodable(self, first: int, last: int) -> str | None:
+        for ref in self.shard_set.sample_refs(self.part)[first:last]:
+            with open(ref.tar_path, "rb") as f:
+                f.seek(ref.jpg_offset)
+                data = f.read(ref.jpg_size)
+            if _pil_error(data):
+                return f"{ref.tar_path}: sample {ref.key}"
+        return None
+
+
+class DaliFolderLoader(DaliLoader):
+    def __init__(self, files: list[str], labels: list[int], split, cfg, rank, world_size, device):
+        self.files, self.labels = files, labels
+        super().__init__([1] * len(files), split, cfg, rank, world_size, device)
+        self.num_classes = max(labels) + 1
+
+    def _part_files(self) -> tuple[list[str], list[int]]:
+        indices = [p.shard for p in self.part.pieces for _ in range(len(p))]
+        return [self.files[i] for i in indices], [self.labels[i] for i in indices]
+
+    def _reader(self, epoch_dir: Path) -> Callable:
+        files, labels = self._part_files()
+        return file_reader(files, labels, shuffle=self.train, shuffle_buffer=self.cfg.shuffle_buffer)
+
+    def _labels(self, raw: torch.Tensor) -> torch.Tensor:
+        return raw.view(-1).to(torch.int64)
+
+    def _find_undecodable(self, first: int, last: int) -> str | None:
+        for path in self._part_files()[0][first:last]:
+            if _pil_error(Path(path).read_bytes()):
+                return path
+        return None
+
+
+def _pil_error(data: bytes) -> bool:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+        return False
+    except Exception:  # PIL raises many types for bad data
+        return True
+
+
+def _seed(seed: int, epoch: int, rank: int) -> int:
+    """A distinct, reproducible DALI seed per (seed, epoch, rank), within DALI's int range."""
+    return (seed * 1_000_003 + epoch * 10_007 + rank) % (2**31 - 1)

@@ -1,0 +1,133 @@
+"""DALI graphs: read (shards or files), decode, crop/resize, flip, normalize.
+
+One definition serves GPU decoding (`mixed`: nvJPEG and the hardware JPEG decoder) and CPU decoding
+(no GPU at all), as in DALI's ResNet-50 example.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import math as dmath
+
+from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, RRC_AREA, RRC_ASPECT_RATIO
+
+DALI_MEAN = [m * 255 for m in IMAGENET_MEAN]
+DALI_STD = [s * 255 for s in IMAGENET_STD]
+RRC_ATTEMPTS = 100  # random crops tried before falling back to the whole image, as torchvision does
+
+
+def shard_reader(tars: list[str], indexes: list[str], shuffle: bool, shuffle_buffer: int) -> Callable:
+    """Reader node over (tar, index) pairs: yields (jpeg bytes, label as 4 ASCII digits)."""
+
+    def read():
+        return fn.readers.webdataset(
+            paths=tars,
+            index_paths=indexes,
+            ext=["jpg", "cls"],
+            missing_component_behavior="error",
+            random_shuffle=shuffle,
+            initial_fill=shuffle_buffer,
+            name="Reader",
+        )
+
+    return read
+
+
+def file_reader(files: list[str], labels: list[int], shuffle: bool, shuffle_buffer: int) -> Callable:
+    """Reader node over image files with integer labels (the `folder` backend)."""
+
+    def read():
+        return fn.readers.file(
+            files=files,
+            labels=labels,
+            random_shuffle=shuffle,
+            initial_fill=shuffle_buffer,
+            name="Reader",
+        )
+
+    return read
+
+
+def torchvision_resize_size(images, shorter: int):
+    """Output (height, width) of torchvision's Resize(shorter): the long side is floored, not rounded.
+
+    DALI's own `resize_shorter` rounds the long side, which shifts the center crop by a pixel and
+    makes the `torch` and DALI backends disagree on val images.
+    """
+    shape = images.shape(dtype=types.FLOAT)
+    height, width = shape[0], shape[1]
+    short = dmath.min(height, width)
+    # +1e-3 guards the floor against float32 error when the exact result is a whole number.
+    return dmath.floor(height * shorter / short + 1e-3), dmath.floor(width * shorter / short + 1e-3)
+
+
+def torchvision_center(length, crop: int):
+    """Relative crop position that reproduces torchvision's CenterCrop anchor, round((length - crop) / 2).
+
+    Python rounds halves to even (58.5 -> 58, 59.5 -> 60); DALI's crop_pos=0.5 rounds them up, a
+    one-pixel shift on every image with an odd margin.
+    """
+    margin = length - crop
+    half = margin / 2
+    floor_half = dmath.floor(half)
+    is_half = (half - floor_half) * 2  # 1.0 when the margin is odd
+    floor_is_odd = floor_half - 2 * dmath.floor(floor_half / 2)
+    anchor = floor_half + is_half * floor_is_odd
+    return anchor / dmath.max(margin, 1.0)
+
+
+@pipeline_def(enable_conditionals=False)
+def imagenet_pipeline(
+    read: Callable,
+    train: bool,
+    image_size: int,
+    val_resize: int,
+    decode_on_gpu: bool,
+    hw_decoder_load: float,
+    output_float16: bool,
+):
+    """Returns (images HWC normalized, labels); labels are moved to the GPU with the images.
+
+    Random choices (shuffle, crops, flips) derive from the pipeline's `seed`.
+    """
+    jpegs, labels = read()
+    decoder_device = "mixed" if decode_on_gpu else "cpu"
+    gpu_only = {"hw_decoder_load": hw_decoder_load} if decode_on_gpu else {}
+    dtype = types.FLOAT16 if output_float16 else types.FLOAT
+    if train:
+        # The crop is fused into decoding: only the crop's region of the JPEG is decoded.
+        images = fn.decoders.image_random_crop(
+            jpegs,
+            device=decoder_device,
+            output_type=types.RGB,
+            random_area=list(RRC_AREA),
+            random_aspect_ratio=list(RRC_ASPECT_RATIO),
+            num_attempts=RRC_ATTEMPTS,
+            **gpu_only,
+        )
+        images = fn.resize(images, resize_x=image_size, resize_y=image_size, interp_type=types.INTERP_LINEAR)
+        mirror = fn.random.coin_flip(probability=0.5)
+        images = fn.crop_mirror_normalize(
+            images, dtype=dtype, output_layout="HWC", mean=DALI_MEAN, std=DALI_STD, mirror=mirror
+        )
+    else:
+        images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB, **gpu_only)
+        resize_y, resize_x = torchvision_resize_size(images, val_resize)
+        images = fn.resize(
+            images, resize_x=resize_x, resize_y=resize_y, interp_type=types.INTERP_LINEAR, antialias=True
+        )
+        images = fn.crop_mirror_normalize(
+            images,
+            dtype=dtype,
+            output_layout="HWC",
+            crop=(image_size, image_size),
+            crop_pos_x=torchvision_center(resize_x, image_size),
+            crop_pos_y=torchvision_center(resize_y, image_size),
+            mean=DALI_MEAN,
+            std=DALI_STD,
+        )
+    if decode_on_gpu:
+        labels = labels.gpu()
+    return images, labels

@@ -1,0 +1,176 @@
+"""One way to get the loaders of a rank: `create_loader(...)`.
+
+Every backend yields the same batch contract: `(images, labels)` on the training device, images
+N x 3 x H x W normalized with the ImageNet mean/std in channels_last memory format and the
+configured dtype, labels int64 of shape N. In validation, padding samples (added so that every
+rank takes the same number of steps) carry the label `PAD_LABEL` (-1): metrics skip them.
+
+    loader = create_loader("/data/imagenet-shards", "train", LoaderConfig(backend="dali-gpu"), rank, world, device)
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        for images, labels in loader:
+            ...
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.split import RankPart, split_train, split_val
+from pipeline.transforms import DEFAULT_CROP_PCT, DTYPES, val_resize_size
+
+BACKENDS = ("dali-gpu", "dali-cpu", "torch", "synthetic", "folder")
+SPLITS = ("train", "val")
+PAD_LABEL = -1
+LABEL_DIGIT_WEIGHTS = (1000, 100, 10, 1)  # labels are stored as 4 ASCII digits
+ASCII_ZERO = 48
+
+
+@dataclass
+class LoaderConfig:
+    backend: str = "dali-gpu"  # one of BACKENDS
+    batch_size: int = 256  # per rank
+    image_size: int = 224  # train crop; can change between epochs (set_image_size)
+    val_image_size: int = 224
+    crop_pct: float = DEFAULT_CROP_PCT  # val: resize shorter side to size / crop_pct, center crop
+    workers: int = 8  # DALI threads, or DataLoader worker processes for `torch`
+    dtype: str = "float16"  # one of DTYPES
+    hw_decoder_load: float = 0.65  # share of images for the hardware JPEG decoder (dali-gpu)
+    shuffle_buffer: int = 4096  # samples DALI mixes within (shards are already globally shuffled)
+    prefetch: int = 2  # batches prepared ahead of the training step
+    seed: int = 0
+    synthetic_steps: int = 100  # steps per epoch of the synthetic backend without shards
+
+    def check(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"data.backend: {self.backend!r} is not one of {list(BACKENDS)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"data.dtype: {self.dtype!r} is not one of {list(DTYPES)}")
+        for name in ("batch_size", "image_size", "val_image_size", "workers", "prefetch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be at least 1, got {getattr(self, name)}")
+        if not 0.0 <= self.hw_decoder_load <= 1.0:
+            raise ValueError(f"data.hw_decoder_load must be in [0, 1], got {self.hw_decoder_load}")
+        if not 0.0 < self.crop_pct <= 1.0:
+            raise ValueError(f"data.crop_pct must be in (0, 1], got {self.crop_pct}")
+
+
+class Loader(ABC):
+    """Batches of one split for one rank; call `set_epoch` before iterating each epoch."""
+
+    def __init__(self, split: str, cfg: LoaderConfig, rank: int, world_size: int, device: torch.device):
+        self.split, self.cfg, self.rank, self.world_size, self.device = split, cfg, rank, world_size, device
+        self.train = split == "train"
+        self.batch_size = cfg.batch_size
+        self.epoch = 0
+        self.image_size = cfg.image_size if self.train else cfg.val_image_size
+        self.dtype = DTYPES[cfg.dtype]
+
+    @property
+    @abstractmethod
+    def steps_per_epoch(self) -> int: ...
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch: it decides the shuffle order and which train samples are dropped."""
+        self.epoch = epoch
+
+    def set_image_size(self, size: int) -> None:
+        """Change the output size from the next epoch on (progressive resizing)."""
+        self.image_size = size
+
+    @abstractmethod
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def close(self) -> None:  # noqa: B027 - most loaders hold nothing to release
+        """Release pipelines, worker processes and temporary files."""
+
+    @property
+    def val_resize(self) -> int:
+        return val_resize_size(self.image_size, self.cfg.crop_pct)
+
+
+class PartLoader(Loader):
+    """A loader over a sample list split by `pipeline.split` (shards or folder files)."""
+
+    def __init__(self, sizes: list[int], split, cfg, rank, world_size, device):
+        super().__init__(split, cfg, rank, world_size, device)
+        self.sizes = sizes
+        self.part = self._part(0)  # raises now if the split cannot feed every rank
+        self._tmpdir = tempfile.mkdtemp(prefix=f"loader-{split}-rank{rank}-")
+
+    def _part(self, epoch: int) -> RankPart:
+        if self.train:
+            return split_train(self.sizes, self.rank, self.world_size, self.batch_size, epoch, self.cfg.seed)
+        return split_val(self.sizes, self.rank, self.world_size, self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.part = self._part(epoch)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.part.samples // self.batch_size
+
+    def padding_labels(self, labels: torch.Tensor, step: int) -> torch.Tensor:
+        """Mark the samples of this batch that lie past the rank's real samples (val padding)."""
+        first = step * self.batch_size
+        if first + len(labels) <= self.part.real_samples:
+            return labels
+        position = torch.arange(first, first + len(labels), device=labels.device)
+        return torch.where(position < self.part.real_samples, labels, torch.full_like(labels, PAD_LABEL))
+
+    def close(self) -> None:
+        shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+
+def ascii_labels_to_int(labels: torch.Tensor) -> torch.Tensor:
+    """(N, 4) uint8 ASCII digits -> (N,) int64, on whatever device the labels are."""
+    weights = torch.tensor(LABEL_DIGIT_WEIGHTS, device=labels.device, dtype=torch.int64)
+    return ((labels.to(torch.int64) - ASCII_ZERO) * weights).sum(dim=1)
+
+
+def create_loader(
+    data: str | None,
+    split: str,
+    cfg: LoaderConfig,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | str = "cpu",
+) -> Loader:
+    """The loader of `split` for `rank`: `data` is a shard directory (a folder for `folder`)."""
+    cfg.check()
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+    device = torch.device(device)
+    if cfg.backend == "dali-gpu" and device.type != "cuda":
+        raise ValueError("data.backend 'dali-gpu' needs a CUDA device; use 'dali-cpu' or 'torch' without a GPU")
+    if cfg.backend == "synthetic":
+        from pipeline.synthetic import SyntheticLoader
+
+        return SyntheticLoader(data, split, cfg, rank, world_size, device)
+    if data is None:
+        raise ValueError(f"data.backend {cfg.backend!r} needs data.shards (a directory)")
+    if cfg.backend == "torch":
+        from pipeline.shard_set import open_shard_set
+        from pipeline.torch_loader import TorchShardLoader
+
+        return TorchShardLoader(open_shard_set(data, split), split, cfg, rank, world_size, device)
+    if cfg.backend == "folder":
+        from pipeline.dali_loader import DaliFolderLoader
+        from pipeline.folder import list_image_folder
+
+        files, labels = list_image_folder(data)
+        return DaliFolderLoader(files, labels, split, cfg, rank, world_size, device)
+    from pipeline.dali_loader import DaliShardLoader
+    from pipeline.shard_set import open_shard_set
+
+    return DaliShardLoader(open_shard_set(data, split), split, cfg, rank, world_size, device)

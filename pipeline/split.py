@@ -1,0 +1,119 @@
+"""Which samples each rank reads in an epoch: the replacement for DistributedSampler.
+
+Pure functions of (shard sizes, rank, world size, batch size, epoch, seed), so every rank computes
+its own part without talking to the others, and tests can check coverage for any world size in
+one process. A rank's part is a list of `Piece`s: contiguous sample ranges inside shards, which
+the readers turn into index files (DALI) or offset lists (PyTorch), so a rank reads only its part.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Piece:
+    shard: int  # position of the shard in the manifest's list for the split
+    start: int  # first sample inside that shard
+    stop: int  # one past the last sample
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class RankPart:
+    pieces: list[Piece]  # read in this order
+    real_samples: int  # the first `real_samples` are real; the rest are padding (val only)
+
+    @property
+    def samples(self) -> int:
+        return sum(len(p) for p in self.pieces)
+
+
+def split_train(shard_sizes: list[int], rank: int, world_size: int, batch_size: int, epoch: int, seed: int) -> RankPart:
+    """This rank's training samples for `epoch`.
+
+    The shards are put in a seeded random order for the epoch and the concatenated sequence is
+    rotated by a seeded offset; each rank then takes an equal contiguous block, a whole number of
+    batches long. Fewer than world_size * batch_size samples are dropped, and which ones changes
+    with the epoch. Every rank gets the same number of samples, so the same number of steps.
+    """
+    _check_rank(rank, world_size, batch_size)
+    total = sum(shard_sizes)
+    per_rank = total // (world_size * batch_size) * batch_size
+    if per_rank == 0:
+        raise ValueError(
+            f"{total} training samples cannot fill one batch of {batch_size} on each of {world_size} ranks"
+        )
+    rng = random.Random(f"{seed}-{epoch}")
+    order = list(range(len(shard_sizes)))
+    rng.shuffle(order)
+    offset = rng.randrange(total)
+    sequence = [(s, 0, shard_sizes[s]) for s in order if shard_sizes[s] > 0]
+    pieces = _take(sequence, total, offset + rank * per_rank, per_rank)
+    rng_rank = random.Random(f"{seed}-{epoch}-{rank}")
+    rng_rank.shuffle(pieces)  # read this rank's pieces in a different order every epoch
+    return RankPart(pieces, per_rank)
+
+
+def split_val(shard_sizes: list[int], rank: int, world_size: int, batch_size: int) -> RankPart:
+    """This rank's evaluation samples: every sample exactly once across ranks, in order.
+
+    Ranks get contiguous blocks of ceil(N / world_size) samples (the last ones fewer), padded with
+    repeats of real samples up to a common multiple of the batch size; the padding is reported in
+    `real_samples` so metrics can leave it out. Works with more ranks than shards or samples.
+    """
+    _check_rank(rank, world_size, batch_size)
+    total = sum(shard_sizes)
+    if total == 0:
+        raise ValueError("the validation split has no samples")
+    block = -(-total // world_size)
+    slots = -(-block // batch_size) * batch_size
+    start = min(rank * block, total)
+    real = min(block, total - start)
+    sequence = [(s, 0, n) for s, n in enumerate(shard_sizes) if n > 0]
+    pieces = _take(sequence, total, start, real) if real else []
+    pieces += _take(sequence, total, start + real, slots - real)  # padding: the samples that follow, wrapping
+    return RankPart(pieces, real)
+
+
+def _take(sequence: list[tuple[int, int, int]], total: int, start: int, count: int) -> list[Piece]:
+    """`count` samples of the concatenated `sequence`, from position `start`, wrapping around."""
+    pieces: list[Piece] = []
+    position = start % total
+    while count > 0:
+        consumed = 0
+        for shard, first, stop in sequence:
+            length = stop - first
+            if position >= consumed + length:
+                consumed += length
+                continue
+            begin = first + max(0, position - consumed)
+            end = min(stop, begin + count)
+            pieces.append(Piece(shard, begin, end))
+            count -= end - begin
+            position = consumed + (end - first)
+            consumed += length
+            if count == 0:
+                break
+        position = 0  # wrapped
+    return _merge(pieces)
+
+
+def _merge(pieces: list[Piece]) -> list[Piece]:
+    merged: list[Piece] = []
+    for piece in pieces:
+        if merged and merged[-1].shard == piece.shard and merged[-1].stop == piece.start:
+            merged[-1] = Piece(piece.shard, merged[-1].start, piece.stop)
+        else:
+            merged.append(piece)
+    return merged
+
+
+def _check_rank(rank: int, world_size: int, batch_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")

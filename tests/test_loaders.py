@@ -1,0 +1,212 @@
+"""Every backend on real shards: the batch contract, labels, backend agreement, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import webdataset as wds
+
+from pipeline.errors import SampleDecodeError
+from pipeline.loader import PAD_LABEL, LoaderConfig, create_loader
+from pipeline.shard_set import ShardError, open_shard_set
+from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD
+from shards.manifest import read_manifest
+from shards.tar_writer import ShardWriter, encode_sample
+
+CPU_BACKENDS = ["dali-cpu", "torch"]
+# Normalized values lie in [(0 - mean) / std, (1 - mean) / std] per channel.
+LOWEST = min((0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True))
+HIGHEST = max((1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True))
+# DALI (CPU) and torchvision agree on val images to within about one grey level out of 255: they
+# decode identically (libjpeg-turbo); the residue is rounding in the resize. 0.05 is ~3 grey levels.
+VAL_AGREEMENT_MAX_ABS = 0.05
+VAL_AGREEMENT_MEAN_ABS = 0.01
+
+
+def config(backend: str, **overrides) -> LoaderConfig:
+    settings = dict(backend=backend, batch_size=8, workers=2, image_size=64, val_image_size=64, dtype="float32")
+    settings.update(overrides)
+    return LoaderConfig(**settings)
+
+
+def collect(loader, epoch: int = 0):
+    loader.set_epoch(epoch)
+    batches = list(loader)
+    loader.close()
+    return batches
+
+
+def manifest_labels_in_order(shards: Path, split: str) -> list[int]:
+    manifest = read_manifest(shards)
+    urls = [str(shards / s.file) for s in manifest.splits[split].shards]
+    return [int(s["cls"]) for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["synthetic"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_batch_contract(photo_shards, backend, dtype):
+    loader = create_loader(str(photo_shards), "train", config(backend, dtype=dtype))
+    batches = collect(loader)
+    assert len(batches) == loader.steps_per_epoch > 0
+    for images, labels in batches:
+        assert images.shape == (8, 3, 64, 64)
+        assert images.dtype == getattr(torch, dtype)
+        assert images.is_contiguous(memory_format=torch.channels_last)
+        assert labels.dtype == torch.int64 and labels.shape == (8,)
+        assert 0 <= labels.min() and labels.max() < len(read_manifest(photo_shards).classes)
+        if backend != "synthetic":
+            assert LOWEST - 0.01 <= images.float().min() and images.float().max() <= HIGHEST + 0.01
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_train_labels_are_the_manifests(photo_shards, backend):
+    """Over one epoch on one rank, the labels read are the stored labels less fewer than a batch."""
+    stored = sorted(manifest_labels_in_order(photo_shards, "train"))
+    read = sorted(
+        label
+        for _, labels in collect(create_loader(str(photo_shards), "train", config(backend)))
+        for label in labels.tolist()
+    )
+    assert len(stored) - 8 < len(read) <= len(stored)
+    assert not Counter(read) - Counter(stored)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_val_labels_in_order_with_padding_marked(photo_shards, backend, world_size):
+    stored = manifest_labels_in_order(photo_shards, "val")
+    seen = []
+    for rank in range(world_size):
+        loader = create_loader(str(photo_shards), "val", config(backend), rank, world_size)
+        labels = torch.cat([labels for _, labels in collect(loader)]).tolist()
+        real = [label for label in labels if label != PAD_LABEL]
+        assert labels[: len(real)] == real, "padding only at the end"
+        seen += real
+    assert seen == stored, "every val sample exactly once, in order"
+
+
+def test_dali_cpu_and_torch_agree_on_val_images(photo_shards):
+    outputs = {}
+    for backend in CPU_BACKENDS:
+        loader = create_loader(str(photo_shards), "val", config(backend, val_image_size=224))
+        outputs[backend] = collect(loader)
+    for (dali_images, dali_labels), (torch_images, torch_labels) in zip(*outputs.values(), strict=True):
+        assert torch.equal(dali_labels, torch_labels)
+        difference = (dali_images - torch_images).abs()
+        assert difference.max() <= VAL_AGREEMENT_MAX_ABS
+        assert difference.mean() <= VAL_AGREEMENT_MEAN_ABS
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_image_size_changes_between_epochs(photo_shards, backend):
+    loader = create_loader(str(photo_shards), "train", config(backend))
+    loader.set_epoch(0)
+    assert next(iter(loader))[0].shape[-1] == 64
+    loader.set_image_size(32)
+    loader.set_epoch(1)
+    assert next(iter(loader))[0].shape[-1] == 32
+    loader.close()
+
+
+def test_train_order_differs_between_epochs(photo_shards):
+    loader = create_loader(str(photo_shards), "train", config("dali-cpu"))
+    first = torch.cat([labels for _, labels in collect(loader, 0)])
+    second = torch.cat([labels for _, labels in collect(loader, 1)])
+    assert not torch.equal(first, second)
+
+
+def test_folder_backend_and_seed_dataset(tmp_path, real_photos, demo_imagenet):
+    from pipeline.folder import ImageNetDataset
+    from tests.conftest import make_photo_tree
+
+    tree = make_photo_tree(tmp_path, real_photos, demo_imagenet, num_classes=24)
+    loader = create_loader(str(tree / "val"), "val", config("folder"))
+    labels = torch.cat([labels for _, labels in collect(loader)]).tolist()
+    dataset = ImageNetDataset(tree / "val", is_training=False, image_size=64)
+    assert [label for label in labels if label != PAD_LABEL] == [label for _, label in dataset.samples]
+    image, label = dataset[0]
+    assert image.shape == (3, 64, 64) and label == 0
+
+
+def copy_shards(photo_shards: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "shards"
+    shutil.copytree(photo_shards, copy)
+    return copy
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_missing_or_truncated_shard_is_named_before_the_first_step(photo_shards, tmp_path, backend):
+    shards = copy_shards(photo_shards, tmp_path)
+    first, second = read_manifest(shards).splits["train"].shards[:2]
+    (shards / first.file).unlink()
+    with pytest.raises(ShardError, match=f"{first.file}: listed in manifest.json but missing"):
+        create_loader(str(shards), "train", config(backend))
+    shutil.copy(photo_shards / first.file, shards / first.file)
+    with open(shards / second.file, "r+b") as f:
+        f.truncate(second.bytes // 2)
+    with pytest.raises(ShardError, match=f"{second.file}: .* bytes but manifest.json says"):
+        create_loader(str(shards), "train", config(backend))
+
+
+def test_index_that_does_not_match_its_tar_is_named(photo_shards, tmp_path):
+    shards = copy_shards(photo_shards, tmp_path)
+    shard = read_manifest(shards).splits["val"].shards[0]
+    lines = (shards / shard.index_file).read_text().splitlines()
+    (shards / shard.index_file).write_text("\n".join(lines[:-1]) + "\n")
+    with pytest.raises(ShardError, match=shard.index_file):
+        create_loader(str(shards), "val", config("dali-cpu"))
+
+
+def test_manifest_problems_are_named(photo_shards, tmp_path):
+    shards = copy_shards(photo_shards, tmp_path)
+    with pytest.raises(ShardError, match="no 'test' split"):
+        open_shard_set(shards, "test")
+    (shards / "manifest.json").unlink()
+    with pytest.raises(ShardError, match="manifest.json: no manifest"):
+        create_loader(str(shards), "val", config("torch"))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_undecodable_sample_is_named_with_its_shard(tmp_path, photo_shards, backend):
+    """A shard not made by the converter, with one broken JPEG among good ones."""
+    shards = copy_shards(photo_shards, tmp_path)
+    manifest = read_manifest(shards)
+    target = manifest.splits["val"].shards[0]
+    samples = list(wds.WebDataset(str(shards / target.file), shardshuffle=False, empty_check=False))
+    bad_key = samples[3]["__key__"]
+    writer = ShardWriter(tmp_path, "rewritten")
+    for sample in samples:
+        jpg = sample["jpg"][:200] + b"\x00garbage" * 50 if sample["__key__"] == bad_key else sample["jpg"]
+        writer.add(encode_sample(sample["__key__"], [("cls", sample["cls"]), ("jpg", jpg), ("json", sample["json"])]))
+    info = writer.close()
+    shutil.move(tmp_path / info.file, shards / target.file)
+    shutil.move(tmp_path / info.index_file, shards / target.index_file)
+    data = json.loads((shards / "manifest.json").read_text())
+    data["splits"]["val"]["shards"][0].update(bytes=info.bytes, sha256=info.sha256)
+    (shards / "manifest.json").write_text(json.dumps(data))
+    loader = create_loader(str(shards), "val", config(backend))
+    loader.set_epoch(0)
+    with pytest.raises(SampleDecodeError, match=f"{target.file}: sample {bad_key}"):
+        for _ in loader:
+            pass
+    loader.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_dali_gpu_matches_dali_cpu_on_val(photo_shards):
+    """nvJPEG and libjpeg-turbo may differ in IDCT rounding: allow a few grey levels on average."""
+    outputs = {}
+    for backend in ("dali-gpu", "dali-cpu"):
+        loader = create_loader(str(photo_shards), "val", config(backend, val_image_size=224), device="cuda")
+        outputs[backend] = collect(loader)
+    for (gpu_images, gpu_labels), (cpu_images, cpu_labels) in zip(*outputs.values(), strict=True):
+        assert torch.equal(gpu_labels, cpu_labels)
+        assert gpu_images.is_cuda
+        difference = (gpu_images.float() - cpu_images.float()).abs()
+        assert difference.mean() <= 0.03

@@ -1,0 +1,72 @@
+"""The per-rank split: a pure function, so whole clusters are simulated in one process."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from pipeline.split import split_train, split_val
+
+SHARD_SIZES = [37, 41, 0, 12, 40, 39, 5]  # uneven, with an empty shard and a tiny one
+WORLD_SIZES = [1, 2, 3, 4, 7]
+
+
+def samples_of(part) -> list[tuple[int, int]]:
+    return [(p.shard, i) for p in part.pieces for i in range(p.start, p.stop)]
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("batch_size", [1, 4, 8])
+def test_train_epoch_reads_each_sample_at_most_once_with_equal_steps(world_size, batch_size):
+    total = sum(SHARD_SIZES)
+    dropped_sets = []
+    for epoch in range(3):
+        parts = [split_train(SHARD_SIZES, r, world_size, batch_size, epoch, seed=5) for r in range(world_size)]
+        assert len({part.samples for part in parts}) == 1, "every rank takes the same number of steps"
+        assert parts[0].samples % batch_size == 0
+        read = Counter(s for part in parts for s in samples_of(part))
+        assert max(read.values()) == 1
+        assert all(0 <= i < SHARD_SIZES[shard] for shard, i in read)
+        dropped = total - len(read)
+        assert 0 <= dropped < world_size * batch_size
+        all_samples = {(s, i) for s, n in enumerate(SHARD_SIZES) for i in range(n)}
+        dropped_sets.append(frozenset(all_samples - set(read)))
+    if world_size * batch_size > 1 and total % (world_size * batch_size):
+        assert len(set(dropped_sets)) > 1, "the dropped samples change from epoch to epoch"
+
+
+def test_train_order_changes_per_epoch_and_is_reproducible():
+    first = split_train(SHARD_SIZES, 1, 3, 4, epoch=0, seed=1)
+    assert first == split_train(SHARD_SIZES, 1, 3, 4, epoch=0, seed=1)
+    assert samples_of(first) != samples_of(split_train(SHARD_SIZES, 1, 3, 4, epoch=1, seed=1))
+    assert samples_of(first) != samples_of(split_train(SHARD_SIZES, 1, 3, 4, epoch=0, seed=2))
+
+
+def test_train_too_small_for_one_batch_per_rank_is_an_error():
+    with pytest.raises(ValueError, match="cannot fill one batch"):
+        split_train([3, 2], 0, 4, 2, 0, 0)
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES + [11, 200])
+@pytest.mark.parametrize("batch_size", [1, 4, 16])
+def test_val_covers_every_sample_exactly_once(world_size, batch_size):
+    parts = [split_val(SHARD_SIZES, r, world_size, batch_size) for r in range(world_size)]
+    assert len({part.samples for part in parts}) == 1
+    assert parts[0].samples % batch_size == 0
+    real = Counter()
+    for part in parts:
+        real.update(samples_of(part)[: part.real_samples])
+    assert sorted(real) == sorted((s, i) for s, n in enumerate(SHARD_SIZES) for i in range(n))
+    assert set(real.values()) == {1}
+
+
+def test_val_keeps_sorted_order_within_a_rank():
+    part = split_val(SHARD_SIZES, 0, 1, 7)
+    real = samples_of(part)[: part.real_samples]
+    assert real == sorted(real)
+
+
+def test_bad_rank_is_an_error():
+    with pytest.raises(ValueError, match="rank 3"):
+        split_val(SHARD_SIZES, 3, 3, 1)

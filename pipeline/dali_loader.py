@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import shutil
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,38 +18,56 @@ from pipeline.dali_pipeline import file_reader, imagenet_pipeline, shard_reader
 from pipeline.errors import SampleDecodeError
 from pipeline.loader import PartLoader, ascii_labels_to_int
 from pipeline.shard_set import ShardSet
+from pipeline.split import RankPart
+
+
+@dataclass
+class _EpochRun:
+    """A built pipeline for one epoch's part at one image size, its first batches already in flight."""
+
+    epoch: int
+    image_size: int
+    part: RankPart
+    pipe: object
+    batches: DALIGenericIterator
+    finished: bool = False  # read to the end of the reader's epoch (only then can it be rewound)
 
 
 class DaliLoader(PartLoader):
-    """Builds a DALI pipeline per epoch over this rank's part of the data.
+    """One DALI pipeline per train epoch, built in the background while the previous epoch runs.
 
-    A new pipeline each epoch is how the per-epoch split (new index files) reaches DALI's reader;
-    it costs a pipeline start (well under a second) once per epoch.
+    The per-epoch split reaches DALI's reader as new index files, which needs a new pipeline; the
+    build (and its first batches) overlaps the previous epoch, so the switch costs no step time.
+    The val part never changes, so its pipeline is kept and rewound.
     """
 
     def __init__(self, sizes, split, cfg, rank, world_size, device):
         super().__init__(sizes, split, cfg, rank, world_size, device)
         self.decode_on_gpu = device.type == "cuda" and cfg.backend != "dali-cpu"
+        self._builder = ThreadPoolExecutor(1, thread_name_prefix="dali-build")
+        self._next: Future | None = None  # the next train epoch's run, being built
+        self._kept: _EpochRun | None = None  # the val run, reused
 
-    def _reader(self, epoch_dir: Path) -> Callable:
+    def _reader(self, part: RankPart, epoch_dir: Path) -> Callable:
         raise NotImplementedError
 
     def _labels(self, raw: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _find_undecodable(self, first: int, last: int) -> str | None:
+    def _find_undecodable(self, part: RankPart, first: int, last: int) -> str | None:
         """Name of the first sample in positions [first, last) of the part that PIL cannot decode."""
         raise NotImplementedError
 
-    def build_pipeline(self):
-        epoch_dir = Path(self._tmpdir) / f"epoch-{self.epoch}"
+    def _build(self, epoch: int, image_size: int) -> _EpochRun:
+        part = self._part(epoch)
+        epoch_dir = Path(self._tmpdir) / f"epoch-{epoch}"
         shutil.rmtree(epoch_dir, ignore_errors=True)
         epoch_dir.mkdir(parents=True)
         pipe = imagenet_pipeline(
-            read=self._reader(epoch_dir),
+            read=self._reader(part, epoch_dir),
             train=self.train,
-            image_size=self.image_size,
-            val_resize=self.val_resize,
+            image_size=image_size,
+            val_resize=self.val_resize_for(image_size),
             decode_on_gpu=self.decode_on_gpu,
             hw_decoder_load=self.cfg.hw_decoder_load,
             output_float16=self.dtype == torch.float16,
@@ -55,44 +75,81 @@ class DaliLoader(PartLoader):
             num_threads=self.cfg.workers,
             device_id=(self.device.index or 0) if self.decode_on_gpu else None,
             prefetch_queue_depth=self.cfg.prefetch,
-            seed=_seed(self.cfg.seed, self.epoch, self.rank),
+            seed=_seed(self.cfg.seed, epoch, self.rank),
         )
         pipe.build()
-        return pipe
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        pipe = self.build_pipeline()
-        step = 0
         try:
-            # The iterator runs the pipeline as soon as it is made: decode errors can surface here.
+            # Making the iterator runs the pipeline: decode errors can surface here.
             batches = DALIGenericIterator(
                 [pipe], ["images", "labels"], reader_name="Reader", last_batch_policy=LastBatchPolicy.DROP
             )
+        except RuntimeError as err:
+            named = self._name_undecodable(err, part, 0)
+            if named is None:
+                raise
+            raise named from err
+        return _EpochRun(epoch, image_size, part, pipe, batches)
+
+    def _take_run(self) -> _EpochRun:
+        kept, self._kept = self._kept, None
+        if kept is not None and kept.finished and kept.image_size == self.image_size:
+            kept.batches.reset()
+            kept.finished = False
+            return kept
+        if self._next is not None:
+            run = self._next.result()
+            self._next = None
+            if (run.epoch, run.image_size) == (self.epoch, self.image_size):
+                return run
+        return self._build(self.epoch, self.image_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        run = self._take_run()
+        if self.train:
+            self._next = self._builder.submit(self._build, self.epoch + 1, self.image_size)
+        else:
+            self._kept = run
+        step = 0
+        try:
             for step in range(self.steps_per_epoch):
-                out = next(batches)[0]
+                out = next(run.batches)[0]
                 # DALI gives NHWC; the permuted view is NCHW in channels_last memory format, no copy.
                 images = out["images"].permute(0, 3, 1, 2)
                 images = images.to(self.device, dtype=self.dtype, non_blocking=True)
                 labels = self._labels(out["labels"].to(self.device, non_blocking=True))
                 yield images, self.padding_labels(labels, step)
+            # The reader's epoch ends exactly here; reaching its end lets the val run rewind.
+            # (Not `for ... in run.batches`: iter() on a DALI iterator resets it.)
+            try:
+                next(run.batches)
+                raise RuntimeError(f"DALI produced more than {self.steps_per_epoch} batches for one epoch")
+            except StopIteration:
+                run.finished = True
         except RuntimeError as err:
-            named = self._name_undecodable(err, step)
+            named = self._name_undecodable(err, run.part, step)
             if named is None:
                 raise
             raise named from err
-        finally:
-            del pipe
 
-    def _name_undecodable(self, err: RuntimeError, step: int) -> SampleDecodeError | None:
+    def _name_undecodable(self, err: RuntimeError, part: RankPart, step: int) -> SampleDecodeError | None:
         """DALI's decode errors do not say which sample; find it with PIL near the failing step."""
         if "decoder" not in str(err):
             return None
         window = self.cfg.shuffle_buffer + (self.cfg.prefetch + 2) * self.batch_size
         start = max(0, step * self.batch_size - self.batch_size)
-        name = self._find_undecodable(start, start + window) or self._find_undecodable(0, self.part.samples)
+        name = self._find_undecodable(part, start, start + window) or self._find_undecodable(part, 0, part.samples)
         if name is None:
             return None
         return SampleDecodeError(f"{name}: cannot be decoded ({self.cfg.backend}, {self.split} step {step})")
+
+    def close(self) -> None:
+        if self._next is not None:
+            self._next.cancel() or self._next.exception()  # wait for a build in flight
+            self._next = None
+        self._kept = None
+        self._builder.shutdown(wait=True)
+        self._builder = ThreadPoolExecutor(1, thread_name_prefix="dali-build")
+        super().close()
 
 
 class DaliShardLoader(DaliLoader):
@@ -101,15 +158,15 @@ class DaliShardLoader(DaliLoader):
         super().__init__(shard_set.sizes, split, cfg, rank, world_size, device)
         self.num_classes = shard_set.num_classes
 
-    def _reader(self, epoch_dir: Path) -> Callable:
-        tars, indexes = self.shard_set.write_rank_indexes(self.part, epoch_dir)
+    def _reader(self, part: RankPart, epoch_dir: Path) -> Callable:
+        tars, indexes = self.shard_set.write_rank_indexes(part, epoch_dir)
         return shard_reader(tars, indexes, shuffle=self.train, shuffle_buffer=self.cfg.shuffle_buffer)
 
     def _labels(self, raw: torch.Tensor) -> torch.Tensor:
         return ascii_labels_to_int(raw)
 
-    def _find_undecodable(self, first: int, last: int) -> str | None:
-        for ref in self.shard_set.sample_refs(self.part)[first:last]:
+    def _find_undecodable(self, part: RankPart, first: int, last: int) -> str | None:
+        for ref in self.shard_set.sample_refs(part)[first:last]:
             with open(ref.tar_path, "rb") as f:
                 f.seek(ref.jpg_offset)
                 data = f.read(ref.jpg_size)
@@ -124,19 +181,19 @@ class DaliFolderLoader(DaliLoader):
         super().__init__([1] * len(files), split, cfg, rank, world_size, device)
         self.num_classes = max(labels) + 1
 
-    def _part_files(self) -> tuple[list[str], list[int]]:
-        indices = [p.shard for p in self.part.pieces for _ in range(len(p))]
+    def _part_files(self, part: RankPart) -> tuple[list[str], list[int]]:
+        indices = [p.shard for p in part.pieces for _ in range(len(p))]
         return [self.files[i] for i in indices], [self.labels[i] for i in indices]
 
-    def _reader(self, epoch_dir: Path) -> Callable:
-        files, labels = self._part_files()
+    def _reader(self, part: RankPart, epoch_dir: Path) -> Callable:
+        files, labels = self._part_files(part)
         return file_reader(files, labels, shuffle=self.train, shuffle_buffer=self.cfg.shuffle_buffer)
 
     def _labels(self, raw: torch.Tensor) -> torch.Tensor:
         return raw.view(-1).to(torch.int64)
 
-    def _find_undecodable(self, first: int, last: int) -> str | None:
-        for path in self._part_files()[0][first:last]:
+    def _find_undecodable(self, part: RankPart, first: int, last: int) -> str | None:
+        for path in self._part_files(part)[0][first:last]:
             if _pil_error(Path(path).read_bytes()):
                 return path
         return None

@@ -19,6 +19,7 @@ import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -93,9 +94,8 @@ class Loader(ABC):
     def close(self) -> None:  # noqa: B027 - most loaders hold nothing to release
         """Release pipelines, worker processes and temporary files."""
 
-    @property
-    def val_resize(self) -> int:
-        return val_resize_size(self.image_size, self.cfg.crop_pct)
+    def val_resize_for(self, image_size: int) -> int:
+        return val_resize_size(image_size, self.cfg.crop_pct)
 
 
 class PartLoader(Loader):
@@ -146,7 +146,11 @@ def create_loader(
     world_size: int = 1,
     device: torch.device | str = "cpu",
 ) -> Loader:
-    """The loader of `split` for `rank`: `data` is a shard directory (a folder for `folder`)."""
+    """The loader of `split` for `rank`.
+
+    `data` is a shard directory, or for `folder` an ImageNet root holding `train/<class>/` and
+    `val/<class>/`; the `synthetic` backend needs none.
+    """
     cfg.check()
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
@@ -168,7 +172,7 @@ def create_loader(
         from pipeline.dali_loader import DaliFolderLoader
         from pipeline.folder import list_image_folder
 
-        files, labels = list_image_folder(data)
+        files, labels = list_image_folder(Path(data) / split)
         return DaliFolderLoader(files, labels, split, cfg, rank, world_size, device)
     from pipeline.dali_loader import DaliShardLoader
     from pipeline.shard_set import open_shard_set

@@ -125,7 +125,7 @@ def test_folder_backend_and_seed_dataset(tmp_path, real_photos, demo_imagenet):
     from tests.conftest import make_photo_tree
 
     tree = make_photo_tree(tmp_path, real_photos, demo_imagenet, num_classes=24)
-    loader = create_loader(str(tree / "val"), "val", config("folder"))
+    loader = create_loader(str(tree), "val", config("folder"))
     labels = torch.cat([labels for _, labels in collect(loader)]).tolist()
     dataset = ImageNetDataset(tree / "val", is_training=False, image_size=64)
     assert [label for label in labels if label != PAD_LABEL] == [label for _, label in dataset.samples]
@@ -210,3 +210,13 @@ def test_dali_gpu_matches_dali_cpu_on_val(photo_shards):
         assert gpu_images.is_cuda
         difference = (gpu_images.float() - cpu_images.float()).abs()
         assert difference.mean() <= 0.03
+
+
+def test_val_loader_can_be_read_again_after_a_partial_pass(photo_shards):
+    loader = create_loader(str(photo_shards), "val", config("dali-cpu"))
+    loader.set_epoch(0)
+    next(iter(loader))  # abandoned after one batch
+    full = torch.cat([labels for _, labels in loader])
+    again = torch.cat([labels for _, labels in loader])
+    loader.close()
+    assert torch.equal(full, again) and len(full) == loader.steps_per_epoch * 8

@@ -21,7 +21,7 @@ from pathlib import Path
 from PIL import Image
 
 from shards.convert import ConvertOptions, convert
-from tools.make_demo_data import build_demo_imagenet, real_sample_images
+from tools.make_demo_data import build_demo_imagenet, link_sample_tree
 
 
 def _decode(path: str) -> int:
@@ -52,15 +52,10 @@ def _train_tree(root: Path, src: Path | None, copies: int) -> Path:
     """A train/<wnid>/ tree of links to the source photographs, each linked `copies` times."""
     if src is not None:
         return src
-    photos = real_sample_images()
-    if not photos:
+    linked = link_sample_tree(root, copies)
+    if linked is None:
         return build_demo_imagenet(root / "generated", num_classes=100, train_per_class=10 * copies) / "train"
-    train = root / "train"
-    for wnid, photo in photos.items():
-        (train / wnid).mkdir(parents=True)
-        for copy in range(copies):
-            (train / wnid / f"{copy}_{photo.name}").symlink_to(photo)
-    return train
+    return linked
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,23 @@ def real_sample_images(sample_dir: Path = SHARED_SAMPLE_DIR) -> dict[str, Path]:
     return {p.name.split("_", 1)[0]: p for p in sorted(sample_dir.glob("n*.JPEG"))}
 
 
+def link_sample_tree(root: str | Path, copies: int = 1, sample_dir: Path = SHARED_SAMPLE_DIR) -> Path | None:
+    """`root/train/<wnid>/` with links to the real photographs, each linked `copies` times.
+
+    For benchmarks: the same real files, more of them, without copying 107 MB each time.
+    Returns None where the sample folder is absent.
+    """
+    photos = real_sample_images(sample_dir)
+    if not photos:
+        return None
+    train = Path(root) / "train"
+    for wnid, photo in photos.items():
+        (train / wnid).mkdir(parents=True)
+        for copy in range(copies):
+            (train / wnid / f"{copy}_{photo.name}").symlink_to(photo)
+    return train
+
+
 def _generated_image(class_number: int, rng: random.Random) -> Image.Image:
     hue = (class_number * 0.61803) % 1.0
     base = np.array(Image.new("HSV", (1, 1), (int(hue * 255), 200, 220)).convert("RGB"))[0, 0]

@@ -1,0 +1,71 @@
+"""Shared by the benchmarks: the bench shards, the device, library versions, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import torch
+
+from shards.convert import ConvertOptions, convert
+from tools.make_demo_data import build_demo_imagenet, link_sample_tree
+
+
+def bench_shards(workdir: str | Path, copies: int, workers: int) -> Path:
+    """Shards of the shared real photographs, each `copies` times (generated images without them).
+
+    The split keeps every rank's epoch a whole number of batches, so a benchmark needs many
+    samples per epoch; `copies` provides them from the same real files.
+    """
+    workdir = Path(workdir)
+    train = link_sample_tree(workdir / "src", copies)
+    if train is None:
+        train = build_demo_imagenet(workdir / "src", num_classes=100, train_per_class=10 * copies) / "train"
+    out = workdir / "shards"
+    convert(ConvertOptions(out=str(out), train=str(train), val=str(train), workers=workers, progress_bar=False))
+    return out
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def environment() -> dict:
+    """What produced the numbers: machine, card, library versions."""
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.node(),
+    }
+    try:
+        import torchvision
+
+        info["torchvision"] = torchvision.__version__
+    except ImportError:
+        pass
+    try:
+        import nvidia.dali
+
+        info["dali"] = nvidia.dali.__version__
+    except ImportError:
+        info["dali"] = None
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+    else:
+        info["gpu"] = None
+    return info
+
+
+def write_json(path: str | Path | None, payload: dict) -> None:
+    if path:
+        Path(path).write_text(json.dumps(payload, indent=1) + "\n")
+        print(f"wrote {path}")
+
+
+def temporary_workdir() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="bench-")

@@ -1,0 +1,105 @@
+"""Images/s of each data backend on the same shards, train and val transforms, in one run.
+
+    python -m tools.bench_pipeline --backends dali-gpu,dali-cpu,torch,synthetic --batch-size 256 \
+        --seconds 20 --workers 16 [--shards DIR] [--json bench_pipeline.json]
+
+Without --shards it converts the 1000 real photographs of ../shared/data/imagenet-sample, each
+linked --copies times. Prints each rate and its ratio to `torch`; --json saves them with the
+device and library versions. `dali-gpu` is skipped (and said so) where there is no GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+from pipeline.loader import BACKENDS, LoaderConfig, create_loader
+from tools.bench_common import bench_shards, default_device, environment, temporary_workdir, write_json
+
+WARMUP_BATCHES = 5
+
+
+def measure(shards: str, split: str, cfg: LoaderConfig, device: torch.device, seconds: float) -> float:
+    """Images/s over `seconds` after a warm-up, cycling epochs as training would."""
+    loader = create_loader(shards, split, cfg, device=device)
+    images_done, epoch, started = 0, 0, None
+    try:
+        while True:
+            loader.set_epoch(epoch)
+            for images, _ in loader:
+                if started is None:
+                    images_done += 1
+                    if images_done == WARMUP_BATCHES:
+                        _sync(device)
+                        started, images_done = time.perf_counter(), 0
+                    continue
+                images_done += len(images)
+                if time.perf_counter() - started >= seconds:
+                    _sync(device)
+                    return images_done / (time.perf_counter() - started)
+            epoch += 1
+    finally:
+        loader.close()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.bench_pipeline", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shards", help="a shard directory (default: convert the shared sample)")
+    p.add_argument("--backends", default="dali-gpu,dali-cpu,torch,synthetic")
+    p.add_argument("--splits", default="train,val")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--seconds", type=float, default=20)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="DALI threads / DataLoader workers")
+    p.add_argument("--dtype", default="float16")
+    p.add_argument("--hw-decoder-load", type=float, default=0.65)
+    p.add_argument("--copies", type=int, default=4, help="links per sample photograph in the bench shards")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    backends = args.backends.split(",")
+    unknown = [b for b in backends if b not in BACKENDS or b == "folder"]
+    if unknown:
+        p.error(f"--backends: {unknown} not in {[b for b in BACKENDS if b != 'folder']}")
+    device = default_device()
+    results = []
+    with temporary_workdir() as tmp:
+        shards = args.shards or str(bench_shards(tmp, args.copies, args.workers))
+        for split in args.splits.split(","):
+            for backend in backends:
+                if backend == "dali-gpu" and device.type != "cuda":
+                    print(f"{backend:10s} {split:5s} skipped: no GPU")
+                    continue
+                cfg = LoaderConfig(
+                    backend=backend,
+                    batch_size=args.batch_size,
+                    image_size=args.image_size,
+                    val_image_size=args.image_size,
+                    workers=args.workers,
+                    dtype=args.dtype,
+                    hw_decoder_load=args.hw_decoder_load,
+                )
+                rate = measure(shards, split, cfg, device, args.seconds)
+                results.append({"backend": backend, "split": split, "images_per_s": rate})
+                print(f"{backend:10s} {split:5s} {rate:10.1f} images/s", flush=True)
+    print("\nbackend    split    images/s   vs torch")
+    for r in results:
+        base = next((x["images_per_s"] for x in results if x["backend"] == "torch" and x["split"] == r["split"]), None)
+        r["vs_torch"] = r["images_per_s"] / base if base else None
+        ratio = f"{r['vs_torch']:.2f}x" if base else "-"
+        print(f"{r['backend']:10s} {r['split']:5s} {r['images_per_s']:10.1f} {ratio:>9s}")
+    env = environment()
+    print(f"device: {env['gpu'] or 'CPU'}, {env['cpu_count']} cores, torch {env['torch']}, DALI {env['dali']}")
+    write_json(args.json, {"benchmark": "pipeline", "args": vars(args), "environment": env, "results": results})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,110 @@
+"""Training-step rate of a model fed by each data backend, against synthetic data in the same run.
+
+    python -m tools.bench_train --model resnet18 --compile --backends dali-gpu,synthetic \
+        --batch-size 256 --seconds 20 [--shards DIR] [--json bench_train.json]
+
+The data-stall fraction is 1 - rate(backend) / rate(synthetic): the share of step rate lost to
+the pipeline. Same step code as the trainer (train.step.train_step), bf16 autocast on GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+from pipeline.loader import BACKENDS, LoaderConfig, create_loader
+from shards.manifest import read_manifest
+from tools.bench_common import bench_shards, default_device, environment, temporary_workdir, write_json
+from train.model import MODEL_NAMES, build_model
+from train.step import AUTOCAST_DTYPES, train_step
+
+WARMUP_STEPS = 10  # compile, cuDNN autotuning and the first pipeline build happen here
+
+
+def measure(model, optimizer, criterion, loader, precision: str, device: torch.device, seconds: float) -> float:
+    steps, epoch, started, images_done = 0, 0, None, 0
+    try:
+        while True:
+            loader.set_epoch(epoch)
+            for images, labels in loader:
+                train_step(model, optimizer, criterion, images, labels, precision)
+                steps += 1
+                if started is None:
+                    if steps == WARMUP_STEPS:
+                        _sync(device)
+                        started = time.perf_counter()
+                    continue
+                images_done += len(images)
+                if time.perf_counter() - started >= seconds:
+                    _sync(device)
+                    return images_done / (time.perf_counter() - started)
+            epoch += 1
+    finally:
+        loader.close()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.bench_train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shards", help="a shard directory (default: convert the shared sample)")
+    p.add_argument("--model", default="resnet18", choices=MODEL_NAMES)
+    p.add_argument("--backends", default="dali-gpu,synthetic", help="always compared with synthetic")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--seconds", type=float, default=20)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--precision", choices=list(AUTOCAST_DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--copies", type=int, default=4, help="links per sample photograph in the bench shards")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    device = default_device()
+    precision = args.precision or ("bfloat16" if device.type == "cuda" else "float32")
+    backends = [b for b in args.backends.split(",") if b != "synthetic"] + ["synthetic"]
+    if any(b not in BACKENDS for b in backends):
+        p.error(f"--backends: choose from {list(BACKENDS)}")
+    results = []
+    with temporary_workdir() as tmp:
+        shards = args.shards or str(bench_shards(tmp, args.copies, args.workers))
+        num_classes = len(read_manifest(shards).classes)
+        for backend in backends:
+            if backend == "dali-gpu" and device.type != "cuda":
+                print(f"{backend:10s} skipped: no GPU")
+                continue
+            torch.manual_seed(0)
+            model = build_model(args.model, num_classes).to(device)
+            step_model = torch.compile(model) if args.compile else model
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+            criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+            cfg = LoaderConfig(
+                backend=backend,
+                batch_size=args.batch_size,
+                image_size=args.image_size,
+                workers=args.workers,
+                dtype=precision,  # inputs arrive in the dtype autocast computes in
+            )
+            loader = create_loader(shards, "train", cfg, device=device)
+            rate = measure(step_model, optimizer, criterion, loader, precision, device, args.seconds)
+            results.append({"backend": backend, "images_per_s": rate})
+            print(f"{backend:10s} {rate:10.1f} images/s", flush=True)
+    synthetic = results[-1]["images_per_s"]
+    label = f"{args.model}{' compiled' if args.compile else ''}, {precision}, batch {args.batch_size}"
+    print(f"\n{label}\nbackend      images/s  vs synthetic  data stall")
+    for r in results:
+        r["vs_synthetic"] = r["images_per_s"] / synthetic
+        print(f"{r['backend']:10s} {r['images_per_s']:10.1f} {r['vs_synthetic']:12.3f} {1 - r['vs_synthetic']:11.1%}")
+    env = environment()
+    print(f"device: {env['gpu'] or 'CPU'}, {env['cpu_count']} cores, torch {env['torch']}, DALI {env['dali']}")
+    write_json(args.json, {"benchmark": "train", "args": vars(args), "environment": env, "results": results})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,11 +1,18 @@
-"""The README's demo command runs start to finish."""
+"""The README's demo command runs start to finish and learns well above chance."""
+
+import re
 
 from tests.conftest import run_tool
 
+DEMO_CLASSES = 10
 
-def test_demo_converts_and_verifies(tmp_path):
-    result = run_tool("tools.demo", "--out", str(tmp_path / "demo"), check=True)
+
+def test_demo_converts_verifies_trains_evaluates_and_predicts(tmp_path):
+    result = run_tool("tools.demo", "--out", str(tmp_path / "demo"), check=True, timeout=900)
     assert "verify_shards:" in result.stdout and "OK" in result.stdout
-    assert (tmp_path / "demo" / "shards" / "manifest.json").is_file()
-    again = run_tool("tools.demo", "--out", str(tmp_path / "demo"), check=True)
-    assert "already complete" in again.stdout
+    final_acc1 = float(re.search(r"^done: acc1 ([\d.]+)", result.stdout, re.MULTILINE).group(1))
+    chance = 100 / DEMO_CLASSES
+    assert final_acc1 >= 4 * chance, result.stdout
+    assert '"acc1": ' in result.stdout, "train.evaluate printed its result"
+    assert "%  " in result.stdout, "tools.predict printed top-5 classes"
+    assert (tmp_path / "demo" / "train" / "best.pt").is_file()

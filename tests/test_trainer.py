@@ -1,0 +1,259 @@
+"""The trainer as users run it: real processes (torchrun with gloo), real shards, real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from pipeline.loader import PAD_LABEL, LoaderConfig, create_loader
+from tests.conftest import REPO_ROOT, run_tool
+from train.checkpoint import load_checkpoint
+from train.evaluate import model_from_checkpoint
+from train.trainer import _targets_met
+
+TINY = [
+    "resolution.min=32", "resolution.max=32", "resolution.val=32", "data.batch_size=8", "eval.batch_size=8",
+    "data.workers=1", "log.every=2", "optim.lr=0.2",
+]  # fmt: skip
+
+
+def torchrun(*args: str, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def train_args(shards: Path, run_dir: Path, *overrides: str) -> list[str]:
+    return ["-m", "train", "--config", "configs/demo.yaml", f"data.shards={shards}", f"run.dir={run_dir}", *TINY,
+            *overrides]  # fmt: skip
+
+
+def popen(args: list[str], **kw) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    return subprocess.Popen(args, cwd=REPO_ROOT, env=env, text=True, **kw)
+
+
+def model_weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["model"]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(photo_shards, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("ddp") / "run"
+    result = torchrun(*train_args(photo_shards, run_dir, "train.epochs=2", "eval.every=1")[0:])
+    assert result.returncode == 0, result.stdout + result.stderr
+    return run_dir, result
+
+
+def test_two_process_run_logs_evaluates_and_checkpoints(two_process_run):
+    run_dir, result = two_process_run
+    assert "training resnet18 on 2 process(es)" in result.stdout
+    assert "epoch 1 val: acc1" in result.stdout
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "code_version.txt").is_file()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/loss" in r for r in records) and sum("val/acc1" in r for r in records) == 2
+    checkpoint = load_checkpoint(run_dir / "last.pt")
+    assert checkpoint["epoch"] == 2 and checkpoint["world_size"] == 2 and len(checkpoint["rng"]) == 2
+    assert not any(key.startswith("module.") for key in checkpoint["model"])
+    assert {"optimizer", "scaler", "ema", "global_step", "step_in_epoch", "best_acc1", "config"} <= set(checkpoint)
+    assert (run_dir / "best.pt").is_file()
+
+
+def test_tensorboard_reads_the_event_files(two_process_run):
+    run_dir, _ = two_process_run
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/images_per_s", "train/data_time_fraction", "val/acc1", "val/acc5"} <= tags
+    assert len(events.Scalars("val/acc1")) == 2
+    assert len(list((run_dir / "tensorboard").iterdir())) == 1, "only rank 0 writes"
+
+
+def straightforward_eval(checkpoint: Path, shards: Path) -> dict:
+    """One process, one loop, argmax and a plain sum: the reference the distributed eval must equal."""
+    model = model_from_checkpoint(load_checkpoint(checkpoint)).eval()
+    cfg = LoaderConfig(backend="dali-cpu", batch_size=8, val_image_size=32, workers=1, dtype="float32")
+    loader = create_loader(str(shards), "val", cfg)
+    correct1 = correct5 = count = 0
+    loss_sum = 0.0
+    with torch.no_grad():
+        for images, labels in loader:
+            keep = labels != PAD_LABEL
+            logits = model(images)[keep]
+            labels = labels[keep]
+            top5 = logits.topk(5, dim=1).indices
+            correct1 += int((top5[:, 0] == labels).sum())
+            correct5 += int((top5 == labels[:, None]).any(dim=1).sum())
+            losses = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+            loss_sum += sum(losses.double().tolist())
+            count += len(labels)
+    loader.close()
+    return {"acc1": 100 * correct1 / count, "acc5": 100 * correct5 / count, "loss": loss_sum / count, "samples": count}
+
+
+def test_evaluation_is_identical_for_1_2_and_3_processes(two_process_run, photo_shards):
+    run_dir, _ = two_process_run
+    args = ["-m", "train.evaluate", "--checkpoint", str(run_dir / "last.pt"), "--shards", str(photo_shards),
+            "--batch-size", "8", "--workers", "1"]  # fmt: skip
+    single = run_tool(*args[1:], check=True)
+    results = [json.loads(single.stdout.strip().splitlines()[-1])]
+    for nproc in (2, 3):
+        out = torchrun(*args, nproc=nproc)
+        assert out.returncode == 0, out.stderr
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    reference = straightforward_eval(run_dir / "last.pt", photo_shards)
+    for result in results:
+        assert result["samples"] == reference["samples"] == read_val_count(photo_shards)
+        assert result["acc1"] == reference["acc1"] and result["acc5"] == reference["acc5"]
+        # Per-sample losses are bitwise equal; only the float64 summation order differs by world size.
+        assert result["loss"] == pytest.approx(reference["loss"], rel=1e-12)
+
+
+def read_val_count(shards: Path) -> int:
+    return json.loads((shards / "manifest.json").read_text())["splits"]["val"]["samples"]
+
+
+def test_resume_after_sigterm_gives_identical_weights(photo_shards, tmp_path):
+    overrides = ("train.epochs=2", "eval.every=2")
+    straight = tmp_path / "straight"
+    finished = popen([sys.executable, *train_args(photo_shards, straight, *overrides)])
+    assert finished.wait(timeout=300) == 0
+
+    interrupted = tmp_path / "interrupted"
+    process = popen([sys.executable, *train_args(photo_shards, interrupted, *overrides)], stdout=subprocess.PIPE)
+    for line in process.stdout:
+        if line.startswith("epoch 0 step 4/"):
+            process.send_signal(signal.SIGTERM)
+            break
+    rest = process.communicate(timeout=120)[0]
+    assert process.returncode == 0
+    assert "stopped by SIGTERM at epoch 0 step 6" in rest
+    checkpoint = load_checkpoint(interrupted / "last.pt")
+    assert (checkpoint["epoch"], checkpoint["step_in_epoch"]) == (0, 6), "saved mid-epoch with its data position"
+
+    resumed = popen([sys.executable, *train_args(photo_shards, interrupted, *overrides), "--resume", "auto"],
+                    stdout=subprocess.PIPE)  # fmt: skip
+    assert "resumed from" in resumed.communicate(timeout=300)[0] and resumed.returncode == 0
+    expected, got = model_weights(straight / "last.pt"), model_weights(interrupted / "last.pt")
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected), "resume is exact"
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(two_process_run, photo_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_process_run[0], run_dir)
+    before = (run_dir / "last.pt").read_bytes()
+    result = run_tool(*train_args(photo_shards, run_dir, "train.epochs=4", "optim.lr=1e30")[1:], "--resume", "auto")
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "loss became non-finite at step" in result.stderr
+    assert (run_dir / "last.pt").read_bytes() == before
+
+
+def test_killed_rank_ends_the_job_within_seconds(photo_shards, tmp_path):
+    env_args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                *train_args(photo_shards, tmp_path / "run", "train.epochs=50")]  # fmt: skip
+    launcher = popen(env_args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    for line in launcher.stdout:
+        if line.startswith("epoch 0 step 2/"):
+            break
+    victim = next(pid for pid in _children(launcher.pid) if _environ(pid).get("RANK") == "1")
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.monotonic()
+    launcher.communicate(timeout=120)
+    assert launcher.returncode != 0
+    assert time.monotonic() - killed_at < 30
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode(errors="replace").split("=", 1) for item in raw if b"=" in item)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lrr=0.1", "unknown key 'optim.lrr'; valid keys: lr, lr_batch"),
+        ("optim.lr=fast", "optim.lr: expected float, got 'fast'"),
+        ("data.backend=pillow", "data.backend: 'pillow' is not one of ['dali-gpu', 'dali-cpu'"),
+        ("train.stop_when={top1: 70}", "train.stop_when.top1: unknown metric"),
+        ("data.batch_size=0", "data.batch_size: must be at least 1"),
+    ],
+)
+def test_config_errors_name_the_key(override, message, tmp_path):
+    result = run_tool("train", "--config", "configs/demo.yaml", f"run.dir={tmp_path}", override)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert not (tmp_path / "config.yaml").exists(), "nothing starts before the config is valid"
+
+
+def test_stop_criteria_compare_in_the_right_direction():
+    assert _targets_met({"acc1": 76.0, "acc5": 95.5, "loss": 1.0}, {"acc1": 75, "acc5": 95})
+    assert not _targets_met({"acc1": 76.0, "acc5": 94.0, "loss": 1.0}, {"acc1": 75, "acc5": 95})
+    assert _targets_met({"acc1": 1.0, "acc5": 1.0, "loss": 0.9}, {"loss": 1.0}), "lower loss is better"
+    assert not _targets_met({"acc1": 1.0, "acc5": 1.0, "loss": 1.1}, {"loss": 1.0})
+    assert not _targets_met({"acc1": 99.0, "acc5": 99.0, "loss": 0.1}, {})
+
+
+def test_training_stops_once_the_targets_are_met(photo_shards, tmp_path):
+    overrides = ("train.epochs=5", "eval.every=1", "train.stop_when={loss: 1000}")
+    result = run_tool(*train_args(photo_shards, tmp_path / "run", *overrides)[1:], check=True)
+    assert "stop criteria {'loss': 1000.0} met after epoch 0" in result.stdout
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1
+
+
+def test_learns_a_handful_of_real_images_to_100_percent(tmp_path, real_photos, demo_imagenet):
+    from tests.conftest import make_photo_tree
+
+    tree = make_photo_tree(tmp_path / "src", real_photos, demo_imagenet, num_classes=8)
+    if not real_photos:  # the generated demo set: keep one image per class
+        for folder in list((tree / "train").iterdir()) + list((tree / "val").iterdir()):
+            for extra in sorted(folder.iterdir())[1:]:
+                extra.unlink()
+    shards = tmp_path / "shards"
+    run_tool("tools.make_shards", "--train", str(tree / "train"), "--val", str(tree / "val"), "--out", str(shards),
+             "--no-progress", check=True)  # fmt: skip
+    result = run_tool(
+        "train", "--config", "configs/demo.yaml", f"data.shards={shards}", f"run.dir={tmp_path / 'run'}",
+        "data.backend=torch", "data.workers=1", "data.batch_size=4", "eval.batch_size=8", "resolution.min=64",
+        "resolution.max=64", "resolution.val=64", "train.epochs=80", "eval.every=10", "optim.lr=0.1",
+        "optim.lr_batch=0", "optim.label_smoothing=0", "schedule.warmup_epochs=2", "log.every=20",
+        "train.stop_when={acc1: 100}", check=True,
+    )  # fmt: skip
+    final = load_checkpoint(tmp_path / "run" / "last.pt")["metrics"]
+    assert final["acc1"] == 100.0, result.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_one_machine_train_together(photo_shards, tmp_path):
+    port = _free_port()
+    launchers = []
+    for _ in range(2):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+                   "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=multinode-test",
+                   *train_args(photo_shards, tmp_path / "run", "train.epochs=1")]  # fmt: skip
+        launchers.append(popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    outputs = [launcher.communicate(timeout=300)[0] for launcher in launchers]
+    assert all(launcher.returncode == 0 for launcher in launchers), outputs
+    assert any("on 2 process(es)" in output for output in outputs)
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["world_size"] == 2

@@ -1,0 +1,50 @@
+"""Top-5 classes of images, from a training checkpoint.
+
+python -m tools.predict --checkpoint runs/resnet18/best.pt photo1.jpg photo2.jpg
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from PIL import Image
+
+from pipeline.transforms import torchvision_val_transform
+from train.checkpoint import load_checkpoint
+from train.evaluate import model_from_checkpoint
+
+TOP_K = 5
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.predict", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("images", nargs="+")
+    args = p.parse_args(argv)
+    checkpoint = load_checkpoint(args.checkpoint)
+    model = model_from_checkpoint(checkpoint).eval()
+    config = checkpoint["config"]
+    transform = torchvision_val_transform(config["resolution"]["val"], config["data"]["crop_pct"])
+    classes = checkpoint.get("classes") or []
+    status = 0
+    for path in args.images:
+        try:
+            image = Image.open(path).convert("RGB")
+        except Exception as err:  # PIL raises many types for bad files
+            print(f"{path}: cannot read image ({err})", file=sys.stderr)
+            status = 1
+            continue
+        with torch.no_grad():
+            probabilities = model(transform(image)[None]).softmax(dim=1)[0]
+        top = probabilities.topk(min(TOP_K, len(probabilities)))
+        print(path)
+        for probability, index in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+            wnid, name = classes[index] if index < len(classes) else (str(index), "")
+            print(f"  {probability:6.1%}  {name or wnid}  ({wnid})")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

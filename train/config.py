@@ -1,0 +1,271 @@
+"""The trainer's one typed config: sections with defaults, help and allowed values.
+
+YAML first, then dotted overrides from the command line (`optim.lr=0.2`); an unknown key or
+a value of the wrong type is an error naming the key and what it accepts, before any work starts.
+The resolved config is written into the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pipeline.loader import BACKENDS, LoaderConfig
+from pipeline.transforms import DEFAULT_CROP_PCT
+from train.model import MODEL_NAMES
+from train.step import AUTOCAST_DTYPES
+
+SCHEDULES = ("cosine", "linear", "step")
+WARMUPS = ("linear", "constant")
+STOP_METRICS = {"acc1": "max", "acc5": "max", "loss": "min"}  # which way is better
+
+
+def option(default, help: str, choices=None, **kw):
+    """A config field with its help text and, optionally, the values it allows."""
+    factory = kw.pop("default_factory", None)
+    metadata = {"help": help, "choices": choices}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class ModelConfig:
+    name: str = option("resnet18", "torchvision classification model", MODEL_NAMES)
+    zero_init_residual: bool = option(True, "zero the last BatchNorm of each residual block")
+    compile: bool = option(False, "torch.compile the model")
+
+
+@dataclass
+class DataConfig:
+    shards: str | None = option(None, "shard directory written by tools.make_shards")
+    backend: str = option("dali-gpu", "data pipeline", BACKENDS)
+    batch_size: int = option(256, "images per step on each rank (per micro-batch with accumulation)")
+    workers: int = option(8, "DALI threads, or DataLoader workers for the torch backend")
+    hw_decoder_load: float = option(0.65, "share of JPEGs for the hardware decoder (dali-gpu)")
+    shuffle_buffer: int = option(4096, "samples DALI's reader mixes within")
+    prefetch: int = option(2, "batches prepared ahead of the step")
+    crop_pct: float = option(DEFAULT_CROP_PCT, "val: resize to size / crop_pct, then center crop")
+
+
+@dataclass
+class ResolutionConfig:
+    """Progressive resizing (FFCV): train size ramps linearly from min to max between two epochs."""
+
+    min: int = option(224, "train image size up to start_ramp")
+    max: int = option(224, "train image size from end_ramp on")
+    start_ramp: int = option(0, "first epoch of the ramp")
+    end_ramp: int = option(0, "epoch at which the ramp reaches max")
+    step: int = option(32, "sizes are rounded to a multiple of this")
+    val: int = option(224, "validation center-crop size")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = option(0.1, "peak learning rate for a global batch of lr_batch images")
+    lr_batch: int = option(256, "global batch `lr` is given for; scaled linearly to the real one (0: lr as is)")
+    momentum: float = option(0.9, "SGD momentum")
+    nesterov: bool = option(False, "Nesterov momentum")
+    weight_decay: float = option(5e-5, "L2 weight decay")
+    no_decay_bn_bias: bool = option(True, "no weight decay on BatchNorm weights and biases")
+    label_smoothing: float = option(0.1, "cross-entropy label smoothing")
+    precision: str = option("bfloat16", "autocast dtype on GPU (float16 adds a GradScaler)", tuple(AUTOCAST_DTYPES))
+    accumulate: int = option(1, "micro-batches per optimizer step (global batch on fewer GPUs)")
+    grad_clip: float = option(0.0, "clip the gradient norm to this (0: off)")
+    ema_decay: float = option(0.0, "weight EMA decay per optimizer step (0: off)")
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = option("linear", "decay after warmup: cosine, linear (to zero) or step", SCHEDULES)
+    warmup: str = option("linear", "linear: ramp from warmup_lr to the peak; constant: hold warmup_lr", WARMUPS)
+    warmup_epochs: float = option(2.0, "epochs of warmup")
+    warmup_lr: float = option(0.0, "learning rate at step 0 (linear) or during warmup (constant)")
+    step_every_epochs: int = option(30, "step schedule: multiply by step_gamma every this many epochs")
+    step_gamma: float = option(0.1, "step schedule factor")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = option(16, "epochs to train")
+    seed: int = option(0, "seed of data order, augmentation and initialisation")
+    stop_when: dict[str, float] = option(
+        None, "stop early once every listed val metric reaches its target (acc1, acc5, loss)", default_factory=dict
+    )
+
+
+@dataclass
+class EvalConfig:
+    every: int = option(1, "evaluate every this many epochs (and after the last)")
+    batch_size: int = option(256, "images per eval step on each rank")
+
+
+@dataclass
+class LogConfig:
+    every: int = option(50, "log every this many optimizer steps (a host sync point)")
+    tensorboard: bool = option(True, "write TensorBoard event files")
+    histograms: bool = option(False, "weight histograms in TensorBoard at each eval")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = option(0, "also save last.pt every this many optimizer steps (0: only per epoch)")
+
+
+@dataclass
+class RunConfig:
+    dir: str = option("runs/default", "logs, resolved config and checkpoints go here")
+    signal_grace_s: float = option(20.0, "after SIGTERM/SIGINT, force exit if no clean stop within this")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    resolution: ResolutionConfig = field(default_factory=ResolutionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def peak_lr(self, global_batch: int) -> float:
+        if self.optim.lr_batch == 0:
+            return self.optim.lr
+        return self.optim.lr * global_batch / self.optim.lr_batch
+
+    def precision_on(self, device) -> str:
+        """The autocast precision actually used: mixed precision is for GPUs; CPUs compute in float32."""
+        return self.optim.precision if device.type == "cuda" else "float32"
+
+    def loader_config(self, split: str, device) -> LoaderConfig:
+        """Batches arrive in the dtype autocast computes in (float32 without autocast)."""
+        return LoaderConfig(
+            backend=self.data.backend,
+            batch_size=self.data.batch_size if split == "train" else self.eval.batch_size,
+            image_size=self.resolution.min,
+            val_image_size=self.resolution.val,
+            crop_pct=self.data.crop_pct,
+            workers=self.data.workers,
+            dtype=self.precision_on(device),
+            hw_decoder_load=self.data.hw_decoder_load,
+            shuffle_buffer=self.data.shuffle_buffer,
+            prefetch=self.data.prefetch,
+            seed=self.train.seed,
+        )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    """A config key or value that is not valid; the message names it."""
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """YAML file (optional), then `section.key=value` overrides; validated."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        section, name = key.split(".", 1)
+        data.setdefault(section, {})
+        if not isinstance(data[section], dict):
+            raise ConfigError(f"{section}: expected a mapping")
+        data[section][name] = yaml.safe_load(text)
+    config = _build(Config, data, "")
+    _check(config)
+    return config
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def _build(cls, data, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            raise ConfigError(f"unknown key '{prefix}{key}'; valid keys: {', '.join(fields)}")
+    values = {}
+    for name, f in fields.items():
+        if name not in data:
+            continue
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, data[name], f"{prefix}{name}.")
+        else:
+            values[name] = _coerce(f"{prefix}{name}", data[name], hint, f.metadata.get("choices"))
+    return cls(**values)
+
+
+def _coerce(key: str, value, hint, choices):
+    if isinstance(value, str) and float in typing.get_args(hint) + (hint,):
+        # PyYAML reads 1e-4 (no dot) as a string: YAML 1.1's float pattern needs one.
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    allowed = [a for a in typing.get_args(hint)] if isinstance(hint, types.UnionType) else [hint]
+    if value is None and type(None) in allowed:
+        return None
+    for kind in allowed:
+        if kind is bool and isinstance(value, bool):
+            return value
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            break
+        if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+            value = float(value)
+            break
+        if kind is str and isinstance(value, str):
+            break
+        if typing.get_origin(kind) is dict and isinstance(value, dict):
+            value = {str(k): _coerce(f"{key}.{k}", v, float, None) for k, v in value.items()}
+            break
+    else:
+        names = " or ".join(getattr(a, "__name__", str(a)) for a in allowed)
+        raise ConfigError(f"{key}: expected {names}, got {value!r}")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
+    return value
+
+
+def _check(config: Config) -> None:
+    """Cross-field rules that types alone do not express."""
+    for metric in config.train.stop_when:
+        if metric not in STOP_METRICS:
+            raise ConfigError(f"train.stop_when.{metric}: unknown metric; valid: {list(STOP_METRICS)}")
+    positive = {
+        "data.batch_size": config.data.batch_size,
+        "eval.batch_size": config.eval.batch_size,
+        "train.epochs": config.train.epochs,
+        "optim.accumulate": config.optim.accumulate,
+        "log.every": config.log.every,
+        "eval.every": config.eval.every,
+        "data.workers": config.data.workers,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}: must be at least 1, got {value}")
+    if config.resolution.min > config.resolution.max:
+        raise ConfigError("resolution.min: must not exceed resolution.max")
+    if not 0.0 <= config.optim.ema_decay < 1.0:
+        raise ConfigError(f"optim.ema_decay: must be in [0, 1), got {config.optim.ema_decay}")

@@ -1,0 +1,74 @@
+"""Evaluate a checkpoint on the val split: exact top-1/top-5 and loss, for any number of processes.
+
+python -m train.evaluate --checkpoint runs/resnet18/best.pt --shards /data/imagenet-shards
+torchrun --nproc-per-node 8 -m train.evaluate --checkpoint runs/resnet18/best.pt --shards /data/imagenet-shards
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from pipeline.loader import BACKENDS, LoaderConfig, create_loader
+from train.checkpoint import load_checkpoint
+from train.distributed import setup_distributed, teardown_distributed
+from train.metrics import evaluate
+from train.model import build_model
+from train.step import AUTOCAST_DTYPES
+
+
+def model_from_checkpoint(checkpoint: dict, use_ema: bool = False) -> torch.nn.Module:
+    """Rebuild the checkpoint's model (name and class count from its own record) with its weights."""
+    config = checkpoint["config"]
+    state = checkpoint["model"]
+    if use_ema:
+        if not checkpoint.get("ema"):
+            raise ValueError("checkpoint has no EMA weights (optim.ema_decay was 0)")
+        state = {k.removeprefix("module."): v for k, v in checkpoint["ema"].items() if k.startswith("module.")}
+    num_classes = state["fc.weight"].shape[0]
+    model = build_model(config["model"]["name"], num_classes)
+    model.load_state_dict(state)
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--shards", required=True, help="shard directory with a val split")
+    p.add_argument("--backend", default=None, choices=[b for b in BACKENDS if b != "synthetic"],
+                   help="default: dali-gpu with a GPU, else dali-cpu")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--image-size", type=int, help="center-crop size (default: the checkpoint's resolution.val)")
+    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--precision", choices=list(AUTOCAST_DTYPES), default="bfloat16", help="on GPU; CPU uses float32")
+    p.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+    args = p.parse_args(argv)
+
+    ctx = setup_distributed()
+    try:
+        checkpoint = load_checkpoint(args.checkpoint)
+        model = model_from_checkpoint(checkpoint, args.ema).to(ctx.device)
+        precision = args.precision if ctx.device.type == "cuda" else "float32"
+        cfg = LoaderConfig(
+            backend=args.backend or ("dali-gpu" if ctx.device.type == "cuda" else "dali-cpu"),
+            batch_size=args.batch_size,
+            val_image_size=args.image_size or checkpoint["config"]["resolution"]["val"],
+            crop_pct=checkpoint["config"]["data"]["crop_pct"],
+            workers=args.workers,
+            dtype=precision,
+        )
+        loader = create_loader(args.shards, "val", cfg, ctx.rank, ctx.world_size, ctx.device)
+        metrics = evaluate(model, loader, ctx, precision)
+        loader.close()
+        if ctx.is_main:
+            print(json.dumps({"checkpoint": args.checkpoint, **metrics}))
+    finally:
+        teardown_distributed(ctx)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

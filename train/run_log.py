@@ -1,0 +1,83 @@
+"""The run's record: console lines, TensorBoard event files, metrics.jsonl. Rank 0 only.
+
+Other ranks get a `SilentLog`, so no code path on them can write by accident.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from train.config import Config, save_config
+
+METRICS_NAME = "metrics.jsonl"
+
+
+class SilentLog:
+    """What ranks other than 0 log: nothing."""
+
+    def line(self, text: str) -> None:
+        pass
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        pass
+
+    def histograms(self, step: int, model: torch.nn.Module) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class RunLog(SilentLog):
+    def __init__(self, run_dir: Path, config: Config):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+        (run_dir / "code_version.txt").write_text(_code_version() + "\n")
+        self.metrics = open(run_dir / METRICS_NAME, "a", buffering=1)
+        self.tensorboard = None
+        if config.log.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+        self.histograms_enabled = config.log.histograms
+
+    def line(self, text: str) -> None:
+        print(text, flush=True)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        self.metrics.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+        if self.tensorboard is not None:
+            for tag, value in values.items():
+                self.tensorboard.add_scalar(tag, value, step)
+
+    def histograms(self, step: int, model: torch.nn.Module) -> None:
+        if self.tensorboard is not None and self.histograms_enabled:
+            for name, param in model.named_parameters():
+                self.tensorboard.add_histogram(f"weights/{name}", param.detach().float().cpu(), step)
+
+    def close(self) -> None:
+        self.metrics.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def create_run_log(run_dir: str | Path, config: Config, is_main: bool) -> SilentLog:
+    return RunLog(Path(run_dir), config) if is_main else SilentLog()
+
+
+def _code_version() -> str:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain"], capture_output=True, text=True)
+        return commit + (" (uncommitted changes)" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return f"unknown (no git); python {sys.version.split()[0]}"

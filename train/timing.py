@@ -1,0 +1,103 @@
+"""Where step time goes: data wait, forward, backward, optimizer, gradient all-reduce.
+
+On a GPU the phases are CUDA events, read only at log time (no extra host sync in the step); on a
+CPU they are wall-clock times. The timers wrap the step; they do not change it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+PHASES = ("data", "forward", "backward", "optimizer")
+
+
+class _Clock:
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def now(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def elapsed_ms(self, start, end) -> float:
+        return start.elapsed_time(end) if self.cuda else (end - start) * 1000.0
+
+
+class PhaseTimer:
+    """Collects (phase, start, end) marks per step; `summary()` averages them over the interval."""
+
+    def __init__(self, device: torch.device):
+        self.clock = _Clock(device)
+        self.spans: list[tuple[str, object, object]] = []
+        self.host_data_s = 0.0
+        self.steps = 0
+
+    def mark(self):
+        return self.clock.now()
+
+    def add(self, phase: str, start, end) -> None:
+        self.spans.append((phase, start, end))
+
+    def add_data_wait(self, seconds: float) -> None:
+        """Time the host waited for the next batch (the loaders sync on their own outputs)."""
+        self.host_data_s += seconds
+
+    def step_done(self) -> None:
+        self.steps += 1
+
+    def summary(self) -> dict[str, float]:
+        """Mean milliseconds per optimizer step for each phase since the last summary (call after a sync)."""
+        totals = dict.fromkeys(PHASES, 0.0)
+        for phase, start, end in self.spans:
+            totals[phase] += self.clock.elapsed_ms(start, end)
+        totals["data"] = self.host_data_s * 1000.0
+        steps = max(self.steps, 1)
+        self.spans, self.host_data_s, self.steps = [], 0.0, 0
+        return {phase: total / steps for phase, total in totals.items()}
+
+
+class SyncTimer:
+    """Span of DDP's gradient all-reduce per step: first bucket launched to last bucket reduced.
+
+    Installed as a DDP communication hook that wraps the default all-reduce, so the overlap of
+    communication with backward is kept; the span is measured, not serialised.
+    """
+
+    def __init__(self, ddp_model: torch.nn.parallel.DistributedDataParallel, device: torch.device):
+        self.clock = _Clock(device)
+        self.first = None
+        self.last = None
+        self.spans: list[tuple[object, object]] = []
+        self.steps = 0
+        ddp_model.register_comm_hook(dist.group.WORLD, self._hook)
+
+    def _hook(self, process_group, bucket):
+        if self.first is None:
+            self.first = self.clock.now()
+        future = allreduce_hook(process_group, bucket)
+
+        def finished(fut):
+            self.last = self.clock.now()
+            return fut.value()[0]
+
+        return future.then(finished)
+
+    def step_done(self) -> None:
+        if self.first is not None and self.last is not None:
+            self.spans.append((self.first, self.last))
+        self.first = self.last = None
+        self.steps += 1
+
+    def summary(self) -> float:
+        """Mean all-reduce span in ms per optimizer step since the last summary (call after a sync)."""
+        total = sum(self.clock.elapsed_ms(start, end) for start, end in self.spans)
+        steps = max(self.steps, 1)
+        self.spans, self.steps = [], 0
+        return total / steps

@@ -1,0 +1,395 @@
+"""Train an ImageNet classifier: a plain DDP loop over the per-rank shard split.
+
+    python -m train --config configs/demo.yaml                                  # one process
+    torchrun --nproc-per-node 8 -m train --config configs/resnet18.yaml data.shards=/data/shards
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
+        -m train --config configs/resnet50.yaml data.shards=/shared/imagenet-shards
+    python -m train --config configs/resnet18.yaml --resume auto                # continue from last.pt
+
+Reads top to bottom: config, distributed setup, data, model, optimizer, resume, then the loop
+(set lr, forward under autocast, backward, step, log at intervals), evaluation and checkpoints
+per epoch. Exit status: 0 done (or stopped cleanly by a signal), 2 bad config, 3 non-finite loss,
+4 bad data (named in the message); any other failure raises.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
+
+from pipeline.errors import SampleDecodeError
+from pipeline.loader import create_loader
+from pipeline.shard_set import ShardError
+from shards.manifest import read_manifest
+from train.checkpoint import BEST_NAME, LAST_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from train.config import STOP_METRICS, Config, ConfigError, load_config
+from train.distributed import DistContext, all_gather_objects, all_reduce_sum, setup_distributed, teardown_distributed
+from train.metrics import evaluate
+from train.model import build_model
+from train.run_log import create_run_log
+from train.schedule import learning_rate, train_image_size
+from train.signals import StopRequest
+from train.step import backward, compute_loss, optimizer_step
+from train.timing import PhaseTimer, SyncTimer
+
+EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE, EXIT_DATA = 0, 2, 3, 4
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="YAML recipe under configs/")
+    p.add_argument(
+        "--resume",
+        default=None,
+        help="'auto': continue from run.dir/last.pt if it exists; or a checkpoint path "
+        "(a torchrun restart resumes automatically)",
+    )
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=0.2 data.backend=dali-cpu")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"train: config error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    resume = args.resume
+    if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        resume = "auto"  # torchrun --max-restarts brought us back: continue from the last checkpoint
+    ctx = setup_distributed()
+    stop = StopRequest(cfg.run.signal_grace_s).install()
+    try:
+        return train(cfg, ctx, resume, stop)
+    except NonFiniteLoss as err:
+        print(f"train: {err}", file=sys.stderr, flush=True)
+        return EXIT_NONFINITE
+    except (ShardError, SampleDecodeError, FileNotFoundError) as err:
+        print(f"train: data error: {err}", file=sys.stderr, flush=True)
+        return EXIT_DATA
+    except ConfigError as err:
+        print(f"train: config error: {err}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    finally:
+        stop.done()
+        teardown_distributed(ctx)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config, peak_lr: float) -> torch.optim.SGD:
+    """SGD; BatchNorm weights and all biases (1-D parameters) get no weight decay when configured."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        (no_decay if cfg.optim.no_decay_bn_bias and param.ndim <= 1 else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return torch.optim.SGD(groups, lr=peak_lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov)
+
+
+def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) -> int:
+    run_dir = Path(cfg.run.dir)
+    log = create_run_log(run_dir, cfg, ctx.is_main)
+    torch.manual_seed(cfg.train.seed + ctx.rank)
+    random.seed(cfg.train.seed + ctx.rank)
+    np.random.seed(cfg.train.seed + ctx.rank)
+    precision = cfg.precision_on(ctx.device)
+
+    # data: each rank reads only its own part of the shards
+    train_loader = create_loader(
+        cfg.data.shards, "train", cfg.loader_config("train", ctx.device), ctx.rank, ctx.world_size, ctx.device
+    )
+    val_loader = create_loader(
+        cfg.data.shards, "val", cfg.loader_config("val", ctx.device), ctx.rank, ctx.world_size, ctx.device
+    )
+    classes = []
+    if cfg.data.shards and cfg.data.backend != "folder":
+        classes = [[c.wnid, c.name or ""] for c in read_manifest(cfg.data.shards).classes]
+    num_classes = train_loader.num_classes
+
+    # model, optimizer, precision
+    model = build_model(cfg.model.name, num_classes, cfg.model.zero_init_residual).to(ctx.device)
+    accumulate = cfg.optim.accumulate
+    global_batch = cfg.data.batch_size * ctx.world_size * accumulate
+    peak_lr = cfg.peak_lr(global_batch)
+    optimizer = build_optimizer(model, cfg, peak_lr)
+    scaler = torch.amp.GradScaler("cuda") if precision == "float16" else None
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.optim.ema_decay)) if cfg.optim.ema_decay else None
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+    steps_per_epoch = train_loader.steps_per_epoch // accumulate
+    if steps_per_epoch == 0:
+        raise ConfigError(f"optim.accumulate={accumulate} exceeds the {train_loader.steps_per_epoch} batches per epoch")
+
+    # resume
+    position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_acc1": -math.inf}
+    checkpoint_path = _resolve_resume(resume, run_dir)
+    if checkpoint_path is not None:
+        checkpoint = load_checkpoint(checkpoint_path)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if scaler is not None and checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
+        if ema is not None and checkpoint.get("ema"):
+            ema.load_state_dict(checkpoint["ema"])
+        position = {k: checkpoint[k] for k in position}
+        if len(checkpoint["rng"]) == ctx.world_size:
+            set_rng_state(checkpoint["rng"][ctx.rank])
+        log.line(f"resumed from {checkpoint_path}: epoch {position['epoch']} step {position['step_in_epoch']}")
+
+    train_model: torch.nn.Module = model
+    sync_timer = None
+    if ctx.distributed:
+        train_model = DistributedDataParallel(
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
+        )
+        sync_timer = SyncTimer(train_model, ctx.device)
+    if cfg.model.compile:
+        train_model = torch.compile(train_model)
+
+    def save(name: str, metrics: dict | None = None) -> None:
+        """Every rank contributes its RNG state; rank 0 writes."""
+        rngs = all_gather_objects(rng_state(), ctx)
+        if not ctx.is_main:
+            return
+        payload = {
+            "model": model.state_dict(),  # the bare module: no DDP 'module.' or compile prefixes
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else {},
+            "ema": ema.state_dict() if ema is not None else {},
+            **position,
+            "metrics": metrics or {},
+            "config": cfg.to_dict(),
+            "classes": classes,
+            "rng": rngs,
+            "world_size": ctx.world_size,
+        }
+        save_checkpoint(run_dir / name, payload)
+
+    log.line(
+        f"training {cfg.model.name} on {ctx.world_size} process(es), {ctx.device.type}, {precision}; "
+        f"global batch {global_batch}, peak lr {peak_lr:.4g}, {steps_per_epoch} steps/epoch, data {cfg.data.backend}"
+    )
+    timer = PhaseTimer(ctx.device)
+    window = LogWindow(cfg.log.every, ctx, position["global_step"])
+
+    def flush_window(epoch: int, lr: float) -> bool:
+        """Host sync point: reduce and log the window, stop on a non-finite loss; True if a rank was signalled."""
+        stats = window.reduce(position["global_step"], stop)
+        if stats["first_nonfinite_step"] is not None:
+            raise NonFiniteLoss(
+                f"loss became non-finite at step {stats['first_nonfinite_step']} (epoch {epoch}); stopped "
+                f"without saving: the last good checkpoint in {run_dir} is kept"
+            )
+        sync_ms = sync_timer.summary() if sync_timer is not None else 0.0
+        _log_train(log, epoch, position, steps_per_epoch, stats, timer.summary(), sync_ms, lr)
+        window.reset(position["global_step"])
+        return stats["stop"]
+
+    stopped_by_signal = False
+    final_metrics: dict = {}
+
+    for epoch in range(position["epoch"], cfg.train.epochs):
+        image_size = train_image_size(epoch, cfg.resolution)
+        train_loader.set_image_size(image_size)
+        train_loader.set_epoch(epoch)
+        skip_micro = position["step_in_epoch"] * accumulate
+        model.train()
+        bar = tqdm(
+            total=steps_per_epoch,
+            initial=position["step_in_epoch"],
+            desc=f"epoch {epoch}",
+            disable=not (ctx.is_main and sys.stdout.isatty()),
+            leave=False,
+        )
+        batches = iter(train_loader)
+        for micro in range(steps_per_epoch * accumulate):
+            waited = time.perf_counter()
+            images, labels = next(batches)
+            if micro < skip_micro:
+                continue  # resuming mid-epoch: replay the data position, do not train on it
+            timer.add_data_wait(time.perf_counter() - waited)
+
+            last_micro = (micro + 1) % accumulate == 0
+            no_sync = train_model.no_sync() if ctx.distributed and not last_micro else contextlib.nullcontext()
+            t0 = timer.mark()
+            with no_sync:
+                loss = compute_loss(train_model, criterion, images, labels, precision)
+                t1 = timer.mark()
+                backward(loss, scaler, accumulate)  # under DDP the gradient all-reduce overlaps this
+            t2 = timer.mark()
+            timer.add("forward", t0, t1)
+            timer.add("backward", t1, t2)
+            if not last_micro:
+                continue
+
+            lr = learning_rate(position["global_step"], steps_per_epoch, cfg.train.epochs, peak_lr, cfg.schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer_step(optimizer, model.parameters(), scaler, cfg.optim.grad_clip)
+            if ema is not None:
+                ema.update_parameters(model)
+            timer.add("optimizer", t2, timer.mark())
+            timer.step_done()
+            if sync_timer is not None:
+                sync_timer.step_done()
+            window.record(position["global_step"], loss.detach(), len(images) * accumulate * ctx.world_size)
+            position["global_step"] += 1
+            position["step_in_epoch"] += 1
+            bar.update(1)
+
+            at_log = window.steps(position["global_step"]) == cfg.log.every
+            at_checkpoint = cfg.checkpoint.every_steps and position["global_step"] % cfg.checkpoint.every_steps == 0
+            if at_log or at_checkpoint:
+                stop_now = flush_window(epoch, lr)
+                if at_checkpoint or stop_now:
+                    save(LAST_NAME)
+                if stop_now:
+                    stopped_by_signal = True
+                    break
+        bar.close()
+        if stopped_by_signal:
+            log.line(
+                f"stopped by {stop.signal_name or 'a signal on another rank'} at epoch {epoch} step "
+                f"{position['step_in_epoch']}; saved {run_dir / LAST_NAME}; resume with --resume auto"
+            )
+            break
+
+        # end of epoch: flush the partial log window, evaluate, checkpoint, check the stop criteria
+        if window.steps(position["global_step"]):
+            flush_window(epoch, lr)
+        position["epoch"], position["step_in_epoch"] = epoch + 1, 0
+        last_epoch = epoch + 1 == cfg.train.epochs
+        metrics = {}
+        if (epoch + 1) % cfg.eval.every == 0 or last_epoch:
+            metrics = evaluate(model, val_loader, ctx, precision)
+            if ema is not None:
+                ema_metrics = evaluate(ema.module, val_loader, ctx, precision)
+                metrics.update({f"ema_{k}": v for k, v in ema_metrics.items() if k != "samples"})
+            log.scalars(position["global_step"], {f"val/{k}": v for k, v in metrics.items()} | {"epoch": epoch})
+            log.histograms(position["global_step"], model)
+            log.line(
+                f"epoch {epoch} val: acc1 {metrics['acc1']:.2f} acc5 {metrics['acc5']:.2f} "
+                f"loss {metrics['loss']:.4f} ({metrics['samples']} images, image size {image_size})"
+            )
+            final_metrics = metrics
+        improved = bool(metrics) and metrics["acc1"] > position["best_acc1"]
+        if improved:
+            position["best_acc1"] = metrics["acc1"]
+        save(LAST_NAME, metrics)
+        if improved:
+            save(BEST_NAME, metrics)
+        if metrics and _targets_met(metrics, cfg.train.stop_when):
+            log.line(f"stop criteria {cfg.train.stop_when} met after epoch {epoch}")
+            break
+        if _stop_requested(stop, ctx):
+            log.line(f"stopped by {stop.signal_name or 'a signal on another rank'} after epoch {epoch}")
+            break
+
+    train_loader.close()
+    val_loader.close()
+    if final_metrics:
+        log.line(f"done: acc1 {final_metrics['acc1']:.2f} acc5 {final_metrics['acc5']:.2f}; run in {run_dir}")
+    log.close()
+    return EXIT_OK
+
+
+class LogWindow:
+    """Per-step losses kept on the device between log lines, read at log time (one host sync)."""
+
+    def __init__(self, size: int, ctx: DistContext, start_step: int):
+        self.ctx = ctx
+        self.losses = torch.zeros(size, device=ctx.device)
+        self.reset(start_step)
+
+    def reset(self, start_step: int) -> None:
+        self.start, self.images, self.clock = start_step, 0, time.perf_counter()
+        self.losses.zero_()
+
+    def record(self, global_step: int, loss: torch.Tensor, images: int) -> None:
+        self.losses[global_step - self.start] = loss  # a device copy: no sync
+        self.images += images
+
+    def steps(self, global_step: int) -> int:
+        return global_step - self.start
+
+    def reduce(self, global_step: int, stop: StopRequest) -> dict:
+        """Across ranks: mean loss, first non-finite step (or None), whether any rank was signalled."""
+        steps = self.steps(global_step)
+        losses = self.losses[:steps]
+        finite = torch.isfinite(losses)
+        positions = torch.arange(steps, device=losses.device, dtype=torch.float64)
+        first_bad = torch.where(finite, math.inf, positions).min() + self.start
+        stop_vote = torch.tensor(float(stop.requested), device=losses.device, dtype=torch.float64)
+        sums = torch.stack([losses.nan_to_num(0.0, 0.0, 0.0).double().sum(), (~finite).double().sum(), stop_vote])
+        all_reduce_sum(sums, self.ctx)
+        if self.ctx.distributed:
+            torch.distributed.all_reduce(first_bad, op=torch.distributed.ReduceOp.MIN)
+        loss_sum, nonfinite, stop_votes = sums.tolist()  # the host sync point
+        seconds = time.perf_counter() - self.clock
+        return {
+            "loss": loss_sum / (steps * self.ctx.world_size),  # mean over the window's steps and the ranks
+            "first_nonfinite_step": int(first_bad.item()) if nonfinite else None,
+            "stop": stop_votes > 0,
+            "images_per_s": self.images / max(seconds, 1e-9),  # all ranks together
+            "step_ms": 1000.0 * seconds / max(steps, 1),
+        }
+
+
+def _log_train(log, epoch: int, position: dict, steps_per_epoch: int, window: dict, phases: dict, sync_ms, lr) -> None:
+    log.line(
+        f"epoch {epoch} step {position['step_in_epoch']}/{steps_per_epoch} | loss {window['loss']:.4f} | "
+        f"data {phases['data']:.1f} fwd {phases['forward']:.1f} bwd {phases['backward']:.1f} "
+        f"sync {sync_ms:.1f} opt {phases['optimizer']:.1f} ms | lr {lr:.4g} | {window['images_per_s']:.0f} img/s"
+    )
+    log.scalars(
+        position["global_step"],
+        {
+            "train/loss": window["loss"],
+            "train/lr": lr,
+            "train/images_per_s": window["images_per_s"],
+            "train/data_time_fraction": min(1.0, phases["data"] / max(window["step_ms"], 1e-9)),  # rank 0's
+            "epoch": epoch,
+        },
+    )
+
+
+def _stop_requested(stop: StopRequest, ctx: DistContext) -> bool:
+    flag = torch.tensor([float(stop.requested)], device=ctx.device)
+    return all_reduce_sum(flag, ctx).item() > 0
+
+
+def _targets_met(metrics: dict, targets: dict[str, float]) -> bool:
+    """Every listed metric reached its target in its own direction (accuracy up, loss down)."""
+    if not targets:
+        return False
+    for name, target in targets.items():
+        better = STOP_METRICS[name]
+        value = metrics[name]
+        if (better == "max" and value < target) or (better == "min" and value > target):
+            return False
+    return True
+
+
+def _resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
+    if resume in (None, "none"):
+        return None
+    if resume == "auto":
+        path = run_dir / LAST_NAME
+        return path if path.is_file() else None
+    return Path(resume)

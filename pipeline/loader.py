@@ -132,9 +132,15 @@ class PartLoader(Loader):
         shutil.rmtree(self._tmpdir, ignore_errors=True)
 
 
+_digit_weights: dict[torch.device, torch.Tensor] = {}
+
+
 def ascii_labels_to_int(labels: torch.Tensor) -> torch.Tensor:
     """(N, 4) uint8 ASCII digits -> (N,) int64, on whatever device the labels are."""
-    weights = torch.tensor(LABEL_DIGIT_WEIGHTS, device=labels.device, dtype=torch.int64)
+    weights = _digit_weights.get(labels.device)
+    if weights is None:
+        # Made once per device: a host-to-device copy every step would stall the step on it.
+        weights = _digit_weights[labels.device] = torch.tensor(LABEL_DIGIT_WEIGHTS, device=labels.device)
     return ((labels.to(torch.int64) - ASCII_ZERO) * weights).sum(dim=1)
 
 

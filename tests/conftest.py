@@ -14,9 +14,17 @@ from tools.make_demo_data import build_demo_imagenet, real_sample_images
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_tool(module: str, *args: str, check: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for a child process: the repository first on PYTHONPATH, what was there kept."""
+    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, PYTHONPATH=path, **extra)
+
+
+def run_tool(
+    module: str, *args: str, check: bool = False, timeout: float = 300, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run `python -m <module> <args>` from the repository root, as a user would."""
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    env = subprocess_env(**(env or {}))
     result = subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=REPO_ROOT,

@@ -19,7 +19,7 @@ import webdataset as wds
 from PIL import Image
 
 from shards.manifest import read_manifest
-from tests.conftest import REPO_ROOT, run_tool
+from tests.conftest import REPO_ROOT, run_tool, subprocess_env
 
 WDS2IDX = Path(sys.executable).with_name("wds2idx")
 
@@ -387,7 +387,7 @@ def test_resume_after_kill_gives_the_uninterrupted_result(tmp_path, demo_imagene
     process = subprocess.Popen(
         [sys.executable, "-m", "tools.make_shards", *base, "--out", str(killed)],
         cwd=REPO_ROOT,
-        env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
+        env=subprocess_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -404,3 +404,22 @@ def test_resume_after_kill_gives_the_uninterrupted_result(tmp_path, demo_imagene
     assert names == sorted(p.name for p in killed.iterdir())
     for name in names:
         assert (reference / name).read_bytes() == (killed / name).read_bytes(), name
+
+
+def test_classes_file_sets_order_and_names(tmp_path, demo_imagenet):
+    wnids = sorted(p.name for p in (demo_imagenet / "train").iterdir())
+    reordered = list(reversed(wnids))
+    classes = tmp_path / "classes.txt"
+    classes.write_text("".join(f"{w}\tclass {i}\n" if i % 2 else f"{w}\n" for i, w in enumerate(reordered)))
+    out = tmp_path / "out"
+    run_tool(
+        "tools.make_shards", "--train", str(demo_imagenet / "train"), "--classes", str(classes), "--out", str(out),
+        "--no-progress", check=True,
+    )  # fmt: skip
+    manifest = read_manifest(out)
+    assert [c.wnid for c in manifest.classes] == reordered
+    assert manifest.classes[1].name == "class 1"
+    assert manifest.classes[0].name, "a wnid without a name in the file gets ImageNet's readable name"
+    urls = [str(out / s.file) for s in manifest.splits["train"].shards]
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        assert int(sample["cls"]) == reordered.index(json.loads(sample["json"])["wnid"])

@@ -17,7 +17,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pipeline.loader import PAD_LABEL, LoaderConfig, create_loader
-from tests.conftest import REPO_ROOT, run_tool
+from tests.conftest import REPO_ROOT, run_tool, subprocess_env
 from train.checkpoint import load_checkpoint
 from train.evaluate import model_from_checkpoint
 from train.trainer import _targets_met
@@ -30,7 +30,7 @@ TINY = [
 
 def torchrun(*args: str, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    env = subprocess_env(OMP_NUM_THREADS="1")
     return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -40,7 +40,7 @@ def train_args(shards: Path, run_dir: Path, *overrides: str) -> list[str]:
 
 
 def popen(args: list[str], **kw) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    env = subprocess_env(OMP_NUM_THREADS="1")
     return subprocess.Popen(args, cwd=REPO_ROOT, env=env, text=True, **kw)
 
 
@@ -160,15 +160,20 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(two_process_ru
     assert (run_dir / "last.pt").read_bytes() == before
 
 
-def test_killed_rank_ends_the_job_within_seconds(photo_shards, tmp_path):
-    env_args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                *train_args(photo_shards, tmp_path / "run", "train.epochs=50")]  # fmt: skip
-    launcher = popen(env_args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+def start_and_kill_rank_1(torchrun_args: list[str], after_line: str) -> subprocess.Popen:
+    """Launch torchrun, wait for a log line from rank 0, then SIGKILL the worker with RANK=1."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *torchrun_args]
+    launcher = popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     for line in launcher.stdout:
-        if line.startswith("epoch 0 step 2/"):
+        if line.startswith(after_line):
             break
     victim = next(pid for pid in _children(launcher.pid) if _environ(pid).get("RANK") == "1")
     os.kill(victim, signal.SIGKILL)
+    return launcher
+
+
+def test_killed_rank_ends_the_job_within_seconds(photo_shards, tmp_path):
+    launcher = start_and_kill_rank_1(train_args(photo_shards, tmp_path / "run", "train.epochs=50"), "epoch 0 step 2/")
     killed_at = time.monotonic()
     launcher.communicate(timeout=120)
     assert launcher.returncode != 0
@@ -257,3 +262,16 @@ def test_two_nodes_on_one_machine_train_together(photo_shards, tmp_path):
     assert all(launcher.returncode == 0 for launcher in launchers), outputs
     assert any("on 2 process(es)" in output for output in outputs)
     assert load_checkpoint(tmp_path / "run" / "last.pt")["world_size"] == 2
+
+
+def test_torchrun_restart_resumes_from_the_last_checkpoint(photo_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = ("train.epochs=2", "checkpoint.every_steps=2")
+    launcher = start_and_kill_rank_1(
+        ["--max-restarts=1", *train_args(photo_shards, run_dir, *overrides)], "epoch 0 step 4/"
+    )
+    rest = launcher.communicate(timeout=300)[0]
+    assert launcher.returncode == 0, rest
+    assert "resumed from" in rest
+    checkpoint = load_checkpoint(run_dir / "last.pt")
+    assert checkpoint["epoch"] == 2 and checkpoint["global_step"] == 2 * 6

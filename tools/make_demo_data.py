@@ -11,6 +11,7 @@ class-specific colour and stripe pattern, so the set is learnable either way.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 from pathlib import Path
 
@@ -19,7 +20,12 @@ from PIL import Image
 
 from shards.classes import imagenet_names
 
-SHARED_SAMPLE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenet-sample"
+# ../shared/data/imagenet-sample beside the checkout, or IMAGENET_SAMPLE_DIR (e.g. on the GPU machine).
+SHARED_SAMPLE_DIR = Path(
+    os.environ.get(
+        "IMAGENET_SAMPLE_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenet-sample"
+    )
+)
 DEMO_SHORT_SIDE = 160  # small images keep the demo fast on two CPU cores
 DEMO_JPEG_QUALITY = 90
 

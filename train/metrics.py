@@ -32,7 +32,7 @@ class EvalCounts:
                 hits[:, :1].any(dim=1).sum().double(),
                 hits.any(dim=1).sum().double(),
                 loss.double().sum(),
-                torch.tensor(float(len(labels)), dtype=torch.float64, device=labels.device),
+                valid.sum().double(),
             ]
         )
 

@@ -1,0 +1,59 @@
+"""Checks that need a CUDA GPU; skipped elsewhere. Run on the GPU machine by tools/gpu_check.sh."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipeline.loader import LoaderConfig, create_loader
+from tests.conftest import run_tool
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+# nvJPEG (GPU) and libjpeg-turbo (CPU) may round the IDCT differently: a few grey levels at most.
+GPU_CPU_DECODE_MEAN_ABS = 0.03
+
+
+def collect(loader):
+    loader.set_epoch(0)
+    batches = list(loader)
+    loader.close()
+    return batches
+
+
+def test_dali_gpu_matches_dali_cpu_on_val(photo_shards):
+    outputs = {}
+    for backend in ("dali-gpu", "dali-cpu"):
+        cfg = LoaderConfig(backend=backend, batch_size=8, workers=4, val_image_size=224, dtype="float32")
+        outputs[backend] = collect(create_loader(str(photo_shards), "val", cfg, device="cuda"))
+    for (gpu_images, gpu_labels), (cpu_images, cpu_labels) in zip(*outputs.values(), strict=True):
+        assert gpu_images.is_cuda and gpu_images.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(gpu_labels, cpu_labels)
+        assert (gpu_images - cpu_images).abs().mean() <= GPU_CPU_DECODE_MEAN_ABS
+
+
+def test_exact_eval_on_gpu_equals_cpu(photo_shards, tmp_path):
+    """Same checkpoint, same decoded inputs (dali-cpu), float32: GPU and CPU counts agree exactly."""
+    run = tmp_path / "run"
+    run_tool(
+        "train", "--config", "configs/demo.yaml", f"data.shards={photo_shards}", f"run.dir={run}",
+        "train.epochs=1", "data.backend=dali-gpu", "resolution.min=64", "resolution.max=64", "resolution.val=64",
+        check=True,
+    )  # fmt: skip
+    results = {}
+    for device in ("cuda", "cpu"):
+        env_device = {} if device == "cuda" else {"CUDA_VISIBLE_DEVICES": ""}
+        out = run_tool(
+            "train.evaluate", "--checkpoint", str(run / "last.pt"), "--shards", str(photo_shards),
+            "--backend", "dali-cpu", "--precision", "float32", "--batch-size", "8", "--workers", "4",
+            check=True, env=env_device,
+        )  # fmt: skip
+        results[device] = json.loads(out.stdout.strip().splitlines()[-1])
+    assert results["cuda"]["samples"] == results["cpu"]["samples"]
+    assert results["cuda"]["acc1"] == results["cpu"]["acc1"]
+    assert results["cuda"]["acc5"] == results["cpu"]["acc5"]
+    assert results["cuda"]["loss"] == pytest.approx(results["cpu"]["loss"], rel=1e-4)

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The GPU check (issue 5), run ON the GPU machine from the repository root, after the DALI parts are
+# in /tmp/dv and .dev/gpu-extra has been carried (tools/gpu_prepare.sh says how). One script, so the
+# whole check costs one device call; everything it prints also goes to $OUT/gpu_check.log.
+#   SECONDS_PER_RATE (default 8), COPIES (default 100): benchmark length and bench-shard size.
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu-out}
+mkdir -p "$OUT" /tmp/site
+exec > >(tee "$OUT/gpu_check.log") 2>&1
+seconds=${SECONDS_PER_RATE:-8}
+copies=${COPIES:-100}
+workers=$(nproc)
+if [[ -d /tmp/dv ]] && [[ ! -d /tmp/site/nvidia/dali ]]; then cat /tmp/dv/part* | xz -d -T8 | tar x -C /tmp/site; fi
+export PYTHONPATH=/tmp/site:$PWD/.dev/gpu-extra/site:$PWD
+export IMAGENET_SAMPLE_DIR=$PWD/.dev/gpu-extra/imagenet-sample
+step() { echo; echo "=== $* ($(date +%T))"; }
+
+step "environment"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+python - <<'PY'
+import importlib, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))
+for name in ("nvidia.dali", "torchvision", "webdataset", "yaml", "tqdm", "pytest", "tensorboard"):
+    try:
+        module = importlib.import_module(name)
+        print(name, getattr(module, "__version__", "ok"))
+    except ImportError as err:
+        print(name, "MISSING", err)
+PY
+tensorboard_ok=$(python -c "import tensorboard" 2>/dev/null && echo true || echo false)
+
+step "1. convert real photographs, verify with --decode"
+rm -rf /tmp/gc && mkdir -p /tmp/gc
+python - <<'PY'
+from tools.make_demo_data import link_sample_tree
+link_sample_tree("/tmp/gc/src", copies=1)
+PY
+python -m tools.make_shards --train /tmp/gc/src/train --val /tmp/gc/src/train --out /tmp/gc/shards \
+  --workers "$workers" --shard-size-mb 4 --no-progress
+python -m tools.verify_shards /tmp/gc/shards --decode
+
+step "2. GPU-marked tests"
+python -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
+
+step "bench shards: each photograph linked $copies times"
+python - <<PY
+from tools.make_demo_data import link_sample_tree
+link_sample_tree("/tmp/gc/bench-src", copies=$copies)
+PY
+python -m tools.make_shards --train /tmp/gc/bench-src/train --val /tmp/gc/bench-src/train \
+  --out /tmp/gc/bench-shards --workers "$workers" --no-progress | head -3
+
+step "3. pipeline throughput, batch 256"
+python -m tools.bench_pipeline --shards /tmp/gc/bench-shards --backends dali-gpu,dali-cpu,torch,synthetic \
+  --batch-size 256 --seconds "$seconds" --workers "$workers" --json "$OUT/bench_pipeline.json"
+
+step "4. training step fed by dali-gpu vs synthetic"
+python -m tools.bench_train --shards /tmp/gc/bench-shards --model resnet18 --compile \
+  --backends dali-gpu --batch-size 256 --seconds "$seconds" --workers "$workers" --json "$OUT/bench_train_rn18c.json"
+python -m tools.bench_train --shards /tmp/gc/bench-shards --model resnet18 \
+  --backends dali-gpu --batch-size 256 --seconds "$seconds" --workers "$workers" --json "$OUT/bench_train_rn18.json"
+python -m tools.bench_train --shards /tmp/gc/bench-shards --model resnet50 \
+  --backends dali-gpu --batch-size 256 --seconds "$seconds" --workers "$workers" --json "$OUT/bench_train_rn50.json"
+
+step "5. short real training run under torchrun, dali-gpu"
+torchrun --standalone --nproc-per-node 1 -m train --config configs/demo.yaml data.shards=/tmp/gc/shards \
+  data.backend=dali-gpu data.workers="$workers" data.batch_size=64 resolution.min=128 resolution.max=128 \
+  resolution.val=128 train.epochs=2 eval.every=1 log.every=2 log.tensorboard="$tensorboard_ok" run.dir="$OUT/run"
+python -m train.evaluate --checkpoint "$OUT/run/last.pt" --shards /tmp/gc/shards --workers "$workers"
+rm -f "$OUT"/run/*.pt  # keep the logs, not the weights
+step "done"

@@ -275,3 +275,17 @@ def test_torchrun_restart_resumes_from_the_last_checkpoint(photo_shards, tmp_pat
     assert "resumed from" in rest
     checkpoint = load_checkpoint(run_dir / "last.pt")
     assert checkpoint["epoch"] == 2 and checkpoint["global_step"] == 2 * 6
+
+
+def test_accumulation_and_ema_are_trained_and_evaluated(photo_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_tool(
+        *train_args(photo_shards, run_dir, "train.epochs=1", "optim.accumulate=2", "optim.ema_decay=0.5")[1:],
+        check=True,
+    )  # fmt: skip
+    assert "global batch 16" in result.stdout, "8 per step x 2 micro-batches"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any("val/ema_acc1" in r for r in records)
+    ema = load_checkpoint(run_dir / "last.pt")["ema"]
+    running_mean = ema["module.bn1.running_mean"]
+    assert running_mean.abs().sum() > 0, "the EMA model averages BatchNorm statistics too"

@@ -130,7 +130,11 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
     peak_lr = cfg.peak_lr(global_batch)
     optimizer = build_optimizer(model, cfg, peak_lr)
     scaler = torch.amp.GradScaler("cuda") if precision == "float16" else None
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.optim.ema_decay)) if cfg.optim.ema_decay else None
+    ema = None
+    if cfg.optim.ema_decay:
+        # use_buffers: BatchNorm running statistics are averaged too, or the EMA model would keep
+        # the statistics it was created with.
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.optim.ema_decay), use_buffers=True)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     steps_per_epoch = train_loader.steps_per_epoch // accumulate
     if steps_per_epoch == 0:
@@ -235,6 +239,9 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
             t2 = timer.mark()
             timer.add("forward", t0, t1)
             timer.add("backward", t1, t2)
+            if micro % accumulate == 0:
+                step_loss = 0.0  # mean over the micro-batches of this optimizer step
+            step_loss = step_loss + loss.detach() / accumulate
             if not last_micro:
                 continue
 
@@ -248,7 +255,7 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
             timer.step_done()
             if sync_timer is not None:
                 sync_timer.step_done()
-            window.record(position["global_step"], loss.detach(), len(images) * accumulate * ctx.world_size)
+            window.record(position["global_step"], step_loss, len(images) * accumulate * ctx.world_size)
             position["global_step"] += 1
             position["step_in_epoch"] += 1
             bar.update(1)

@@ -16,7 +16,7 @@ from PIL import Image
 
 from pipeline.dali_pipeline import file_reader, imagenet_pipeline, shard_reader
 from pipeline.errors import SampleDecodeError
-from pipeline.loader import PartLoader, ascii_labels_to_int
+from pipeline.loader import LoaderConfig, PartLoader, ascii_labels_to_int
 from pipeline.shard_set import ShardSet
 from pipeline.split import RankPart
 
@@ -41,7 +41,9 @@ class DaliLoader(PartLoader):
     The val part never changes, so its pipeline is kept and rewound.
     """
 
-    def __init__(self, sizes, split, cfg, rank, world_size, device):
+    def __init__(
+        self, sizes: list[int], split: str, cfg: LoaderConfig, rank: int, world_size: int, device: torch.device
+    ):
         super().__init__(sizes, split, cfg, rank, world_size, device)
         self.decode_on_gpu = device.type == "cuda" and cfg.backend != "dali-cpu"
         self._builder = ThreadPoolExecutor(1, thread_name_prefix="dali-build")
@@ -153,7 +155,9 @@ class DaliLoader(PartLoader):
 
 
 class DaliShardLoader(DaliLoader):
-    def __init__(self, shard_set: ShardSet, split, cfg, rank, world_size, device):
+    def __init__(
+        self, shard_set: ShardSet, split: str, cfg: LoaderConfig, rank: int, world_size: int, device: torch.device
+    ):
         self.shard_set = shard_set
         super().__init__(shard_set.sizes, split, cfg, rank, world_size, device)
         self.num_classes = shard_set.num_classes
@@ -176,7 +180,16 @@ class DaliShardLoader(DaliLoader):
 
 
 class DaliFolderLoader(DaliLoader):
-    def __init__(self, files: list[str], labels: list[int], split, cfg, rank, world_size, device):
+    def __init__(
+        self,
+        files: list[str],
+        labels: list[int],
+        split: str,
+        cfg: LoaderConfig,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+    ):
         self.files, self.labels = files, labels
         super().__init__([1] * len(files), split, cfg, rank, world_size, device)
         self.num_classes = max(labels) + 1

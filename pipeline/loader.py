@@ -63,7 +63,12 @@ class LoaderConfig:
 
 
 class Loader(ABC):
-    """Batches of one split for one rank; call `set_epoch` before iterating each epoch."""
+    """Batches of one split for one rank; call `set_epoch` before iterating each epoch.
+
+    Subclasses set `num_classes` (the model's output size).
+    """
+
+    num_classes: int
 
     def __init__(self, split: str, cfg: LoaderConfig, rank: int, world_size: int, device: torch.device):
         self.split, self.cfg, self.rank, self.world_size, self.device = split, cfg, rank, world_size, device
@@ -101,7 +106,9 @@ class Loader(ABC):
 class PartLoader(Loader):
     """A loader over a sample list split by `pipeline.split` (shards or folder files)."""
 
-    def __init__(self, sizes: list[int], split, cfg, rank, world_size, device):
+    def __init__(
+        self, sizes: list[int], split: str, cfg: LoaderConfig, rank: int, world_size: int, device: torch.device
+    ):
         super().__init__(split, cfg, rank, world_size, device)
         self.sizes = sizes
         self.part = self._part(0)  # raises now if the split cannot feed every rank

@@ -6,14 +6,16 @@ from collections.abc import Iterator
 
 import torch
 
-from pipeline.loader import Loader
+from pipeline.loader import Loader, LoaderConfig
 from shards.manifest import read_manifest
 
 IMAGENET_CLASSES = 1000
 
 
 class SyntheticLoader(Loader):
-    def __init__(self, data, split, cfg, rank, world_size, device):
+    def __init__(
+        self, data: str | None, split: str, cfg: LoaderConfig, rank: int, world_size: int, device: torch.device
+    ):
         super().__init__(split, cfg, rank, world_size, device)
         if data is not None:
             manifest = read_manifest(data)

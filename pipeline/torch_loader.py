@@ -15,7 +15,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.errors import SampleDecodeError
-from pipeline.loader import PartLoader
+from pipeline.loader import LoaderConfig, PartLoader
 from pipeline.shard_set import SampleRef, ShardSet
 from pipeline.transforms import to_training_layout, torchvision_train_transform, torchvision_val_transform
 
@@ -49,7 +49,9 @@ class ShardSampleDataset(Dataset):
 
 
 class TorchShardLoader(PartLoader):
-    def __init__(self, shard_set: ShardSet, split, cfg, rank, world_size, device):
+    def __init__(
+        self, shard_set: ShardSet, split: str, cfg: LoaderConfig, rank: int, world_size: int, device: torch.device
+    ):
         self.shard_set = shard_set
         super().__init__(shard_set.sizes, split, cfg, rank, world_size, device)
         self.num_classes = shard_set.num_classes

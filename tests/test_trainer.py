@@ -289,3 +289,13 @@ def test_accumulation_and_ema_are_trained_and_evaluated(photo_shards, tmp_path):
     ema = load_checkpoint(run_dir / "last.pt")["ema"]
     running_mean = ema["module.bn1.running_mean"]
     assert running_mean.abs().sum() > 0, "the EMA model averages BatchNorm statistics too"
+
+
+def test_trains_from_an_image_folder_without_shards(tmp_path, real_photos, demo_imagenet):
+    from tests.conftest import make_photo_tree
+
+    tree = make_photo_tree(tmp_path / "imagenet", real_photos, demo_imagenet, num_classes=16)
+    run_dir = tmp_path / "run"
+    run_tool(*train_args(tree, run_dir, "data.backend=folder", "train.epochs=1")[1:], check=True)
+    checkpoint = load_checkpoint(run_dir / "last.pt")
+    assert [wnid for wnid, _ in checkpoint["classes"]] == sorted(p.name for p in (tree / "train").iterdir())

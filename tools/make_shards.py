@@ -4,7 +4,8 @@
         --val-labels LOC_val_solution.csv --out /data/imagenet-shards
 
 Rerun the same command after a kill to resume. Exit status: 0 on success, 1 when --strict and
-some input was rejected, 2 on bad arguments or an output made with other arguments.
+some input was rejected, 2 on bad arguments or an output made with other arguments, 3 on an I/O
+error such as a full disk (complete shards are kept; rerun to resume).
 """
 
 from __future__ import annotations
@@ -86,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     except (OutputMismatchError, ValueError, FileNotFoundError) as err:
         print(f"make_shards: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk, a vanished input: complete shards are kept
+        print(f"make_shards: error: {err}; run the same command again to resume", file=sys.stderr)
+        return 3
     print(summary(result))
     if args.strict and result.manifest.rejected:
         print(f"make_shards: --strict: {len(result.manifest.rejected)} input(s) rejected", file=sys.stderr)

@@ -32,6 +32,8 @@ from tqdm import tqdm
 from pipeline.errors import SampleDecodeError
 from pipeline.loader import create_loader
 from pipeline.shard_set import ShardError
+from shards.classes import imagenet_names
+from shards.inputs import list_class_folders
 from shards.manifest import read_manifest
 from train.checkpoint import BEST_NAME, LAST_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from train.config import STOP_METRICS, Config, ConfigError, load_config
@@ -118,8 +120,11 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
     val_loader = create_loader(
         cfg.data.shards, "val", cfg.loader_config("val", ctx.device), ctx.rank, ctx.world_size, ctx.device
     )
-    classes = []
-    if cfg.data.shards and cfg.data.backend != "folder":
+    classes = []  # [wnid, name] per class index, kept in checkpoints for tools.predict
+    if cfg.data.backend == "folder":
+        known = imagenet_names()
+        classes = [[w, known.get(w, "")] for w in list_class_folders(Path(cfg.data.shards) / "train")]
+    elif cfg.data.shards:
         classes = [[c.wnid, c.name or ""] for c in read_manifest(cfg.data.shards).classes]
     num_classes = train_loader.num_classes
 

@@ -72,7 +72,8 @@ class DaliLoader(PartLoader):
             val_resize=self.val_resize_for(image_size),
             decode_on_gpu=self.decode_on_gpu,
             hw_decoder_load=self.cfg.hw_decoder_load,
-            output_float16=self.dtype == torch.float16,
+            # DALI has no bfloat16: half-width float16 out (normalized values fit it easily), cast after.
+            output_float16=self.dtype in (torch.float16, torch.bfloat16),
             batch_size=self.batch_size,
             num_threads=self.cfg.workers,
             device_id=(self.device.index or 0) if self.decode_on_gpu else None,

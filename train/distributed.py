@@ -40,7 +40,18 @@ def setup_distributed() -> DistContext:
         device = torch.device("cpu")
     if world_size > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT, device_id=device if backend == "nccl" else None)
+        # torchrun keeps one store across --max-restarts attempts; without a per-attempt prefix the
+        # restarted workers can read the dead workers' addresses and hang while connecting.
+        store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(
+            backend,
+            store=dist.PrefixStore(f"attempt-{attempt}", store),
+            rank=rank,
+            world_size=world_size,
+            timeout=COLLECTIVE_TIMEOUT,
+            device_id=device if backend == "nccl" else None,
+        )
     return DistContext(rank, world_size, local_rank, device)
 
 

@@ -2,13 +2,15 @@
 # The GPU check (issue 5), run ON the GPU machine from the repository root, after the DALI parts are
 # in /tmp/dv and .dev/gpu-extra has been carried (tools/gpu_prepare.sh says how). One script, so the
 # whole check costs one device call; everything it prints also goes to $OUT/gpu_check.log.
-#   SECONDS_PER_RATE (default 8), COPIES (default 100): benchmark length and bench-shard size.
+#   SECONDS_PER_RATE (default 8), COPIES (default 100), BATCH (default 256): benchmark length,
+#   bench-shard size and batch (small values make a quick dry run on a CPU machine).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT" /tmp/site
 exec > >(tee "$OUT/gpu_check.log") 2>&1
 seconds=${SECONDS_PER_RATE:-8}
 copies=${COPIES:-100}
+batch=${BATCH:-256}
 workers=$(nproc)
 if [[ -d /tmp/dv ]] && [[ ! -d /tmp/site/nvidia/dali ]]; then cat /tmp/dv/part* | xz -d -T8 | tar x -C /tmp/site; fi
 export PYTHONPATH=/tmp/site:$PWD/.dev/gpu-extra/site:$PWD
@@ -19,7 +21,8 @@ step "environment"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 python - <<'PY'
 import importlib, torch
-print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))
+gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO GPU VISIBLE"
+print("torch", torch.__version__, "cuda", torch.version.cuda, gpu)
 for name in ("nvidia.dali", "torchvision", "webdataset", "yaml", "tqdm", "pytest", "tensorboard"):
     try:
         module = importlib.import_module(name)
@@ -50,17 +53,17 @@ PY
 python -m tools.make_shards --train /tmp/gc/bench-src/train --val /tmp/gc/bench-src/train \
   --out /tmp/gc/bench-shards --workers "$workers" --no-progress | head -3
 
-step "3. pipeline throughput, batch 256"
+step "3. pipeline throughput, batch $batch"
 python -m tools.bench_pipeline --shards /tmp/gc/bench-shards --backends dali-gpu,dali-cpu,torch,synthetic \
-  --batch-size 256 --seconds "$seconds" --workers "$workers" --json "$OUT/bench_pipeline.json"
+  --batch-size "$batch" --seconds "$seconds" --workers "$workers" --json "$OUT/bench_pipeline.json"
 
 step "4. training step fed by dali-gpu vs synthetic"
 python -m tools.bench_train --shards /tmp/gc/bench-shards --model resnet18 --compile \
-  --backends dali-gpu --batch-size 256 --seconds "$seconds" --workers "$workers" --json "$OUT/bench_train_rn18c.json"
+  --backends dali-gpu --batch-size "$batch" --seconds "$seconds" --workers "$workers" --json "$OUT/bench_train_rn18c.json"
 python -m tools.bench_train --shards /tmp/gc/bench-shards --model resnet18 \
-  --backends dali-gpu --batch-size 256 --seconds "$seconds" --workers "$workers" --json "$OUT/bench_train_rn18.json"
+  --backends dali-gpu --batch-size "$batch" --seconds "$seconds" --workers "$workers" --json "$OUT/bench_train_rn18.json"
 python -m tools.bench_train --shards /tmp/gc/bench-shards --model resnet50 \
-  --backends dali-gpu --batch-size 256 --seconds "$seconds" --workers "$workers" --json "$OUT/bench_train_rn50.json"
+  --backends dali-gpu --batch-size "$batch" --seconds "$seconds" --workers "$workers" --json "$OUT/bench_train_rn50.json"
 
 step "5. short real training run under torchrun, dali-gpu"
 torchrun --standalone --nproc-per-node 1 -m train --config configs/demo.yaml data.shards=/tmp/gc/shards \

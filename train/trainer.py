@@ -114,12 +114,15 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
     precision = cfg.precision_on(ctx.device)
 
     # data: each rank reads only its own part of the shards
-    train_loader = create_loader(
-        cfg.data.shards, "train", cfg.loader_config("train", ctx.device), ctx.rank, ctx.world_size, ctx.device
-    )
-    val_loader = create_loader(
-        cfg.data.shards, "val", cfg.loader_config("val", ctx.device), ctx.rank, ctx.world_size, ctx.device
-    )
+    try:
+        train_loader = create_loader(
+            cfg.data.shards, "train", cfg.loader_config("train", ctx.device), ctx.rank, ctx.world_size, ctx.device
+        )
+        val_loader = create_loader(
+            cfg.data.shards, "val", cfg.loader_config("val", ctx.device), ctx.rank, ctx.world_size, ctx.device
+        )
+    except ValueError as err:  # a data setting that cannot work here (e.g. dali-gpu without a GPU)
+        raise ConfigError(str(err)) from err
     classes = []  # [wnid, name] per class index, kept in checkpoints for tools.predict
     if cfg.data.backend == "folder":
         known = imagenet_names()

@@ -6,6 +6,8 @@ import json
 import os
 import platform
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -69,3 +71,41 @@ def write_json(path: str | Path | None, payload: dict) -> None:
 
 def temporary_workdir() -> tempfile.TemporaryDirectory:
     return tempfile.TemporaryDirectory(prefix="bench-")
+
+
+def images_per_second(
+    loader,
+    device: torch.device,
+    seconds: float,
+    warmup_batches: int,
+    work: Callable[[torch.Tensor, torch.Tensor], object] = lambda images, labels: None,
+) -> float:
+    """Images/s over `seconds` after `warmup_batches`, cycling epochs as training does.
+
+    `work` runs on every batch (nothing for a pipeline alone, a training step for bench_train).
+    The clock starts and stops after a device sync, so queued GPU work is counted.
+    """
+    batches, images_done, epoch, started = 0, 0, 0, None
+    try:
+        while True:
+            loader.set_epoch(epoch)
+            for images, labels in loader:
+                work(images, labels)
+                batches += 1
+                if started is None:
+                    if batches == warmup_batches:
+                        _sync(device)
+                        started = time.perf_counter()
+                    continue
+                images_done += len(images)
+                if time.perf_counter() - started >= seconds:
+                    _sync(device)
+                    return images_done / (time.perf_counter() - started)
+            epoch += 1
+    finally:
+        loader.close()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -12,42 +12,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
-
-import torch
 
 from pipeline.loader import BACKENDS, LoaderConfig, create_loader
-from tools.bench_common import bench_shards, default_device, environment, temporary_workdir, write_json
+from tools.bench_common import (
+    bench_shards,
+    default_device,
+    environment,
+    images_per_second,
+    temporary_workdir,
+    write_json,
+)
 
 WARMUP_BATCHES = 5
-
-
-def measure(shards: str, split: str, cfg: LoaderConfig, device: torch.device, seconds: float) -> float:
-    """Images/s over `seconds` after a warm-up, cycling epochs as training would."""
-    loader = create_loader(shards, split, cfg, device=device)
-    images_done, epoch, started = 0, 0, None
-    try:
-        while True:
-            loader.set_epoch(epoch)
-            for images, _ in loader:
-                if started is None:
-                    images_done += 1
-                    if images_done == WARMUP_BATCHES:
-                        _sync(device)
-                        started, images_done = time.perf_counter(), 0
-                    continue
-                images_done += len(images)
-                if time.perf_counter() - started >= seconds:
-                    _sync(device)
-                    return images_done / (time.perf_counter() - started)
-            epoch += 1
-    finally:
-        loader.close()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
                     dtype=args.dtype,
                     hw_decoder_load=args.hw_decoder_load,
                 )
-                rate = measure(shards, split, cfg, device, args.seconds)
+                loader = create_loader(shards, split, cfg, device=device)
+                rate = images_per_second(loader, device, args.seconds, WARMUP_BATCHES)
                 results.append({"backend": backend, "split": split, "images_per_s": rate})
                 print(f"{backend:10s} {split:5s} {rate:10.1f} images/s", flush=True)
     print("\nbackend    split    images/s   vs torch")

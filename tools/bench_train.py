@@ -11,44 +11,23 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
 
 from pipeline.loader import BACKENDS, LoaderConfig, create_loader
 from shards.manifest import read_manifest
-from tools.bench_common import bench_shards, default_device, environment, temporary_workdir, write_json
+from tools.bench_common import (
+    bench_shards,
+    default_device,
+    environment,
+    images_per_second,
+    temporary_workdir,
+    write_json,
+)
 from train.model import MODEL_NAMES, build_model
 from train.step import AUTOCAST_DTYPES, train_step
 
 WARMUP_STEPS = 10  # compile, cuDNN autotuning and the first pipeline build happen here
-
-
-def measure(model, optimizer, criterion, loader, precision: str, device: torch.device, seconds: float) -> float:
-    steps, epoch, started, images_done = 0, 0, None, 0
-    try:
-        while True:
-            loader.set_epoch(epoch)
-            for images, labels in loader:
-                train_step(model, optimizer, criterion, images, labels, precision)
-                steps += 1
-                if started is None:
-                    if steps == WARMUP_STEPS:
-                        _sync(device)
-                        started = time.perf_counter()
-                    continue
-                images_done += len(images)
-                if time.perf_counter() - started >= seconds:
-                    _sync(device)
-                    return images_done / (time.perf_counter() - started)
-            epoch += 1
-    finally:
-        loader.close()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,7 +70,11 @@ def main(argv: list[str] | None = None) -> int:
                 dtype=precision,  # inputs arrive in the dtype autocast computes in
             )
             loader = create_loader(shards, "train", cfg, device=device)
-            rate = measure(step_model, optimizer, criterion, loader, precision, device, args.seconds)
+
+            def step(images, labels, model=step_model, optimizer=optimizer, criterion=criterion):
+                train_step(model, optimizer, criterion, images, labels, precision)
+
+            rate = images_per_second(loader, device, args.seconds, WARMUP_STEPS, step)
             results.append({"backend": backend, "images_per_s": rate})
             print(f"{backend:10s} {rate:10.1f} images/s", flush=True)
     synthetic = results[-1]["images_per_s"]

@@ -63,10 +63,14 @@ def environment() -> dict:
     return info
 
 
-def write_json(path: str | Path | None, payload: dict) -> None:
-    if path:
-        Path(path).write_text(json.dumps(payload, indent=1) + "\n")
-        print(f"wrote {path}")
+def finish_report(benchmark: str, args, results: list[dict]) -> None:
+    """Print what produced the numbers and write them, with that, to --json if given."""
+    env = environment()
+    print(f"device: {env['gpu'] or 'CPU'}, {env['cpu_count']} cores, torch {env['torch']}, DALI {env['dali']}")
+    if args.json:
+        payload = {"benchmark": benchmark, "args": vars(args), "environment": env, "results": results}
+        Path(args.json).write_text(json.dumps(payload, indent=1) + "\n")
+        print(f"wrote {args.json}")
 
 
 def temporary_workdir() -> tempfile.TemporaryDirectory:

@@ -17,10 +17,9 @@ from pipeline.loader import BACKENDS, LoaderConfig, create_loader
 from tools.bench_common import (
     bench_shards,
     default_device,
-    environment,
+    finish_report,
     images_per_second,
     temporary_workdir,
-    write_json,
 )
 
 WARMUP_BATCHES = 5
@@ -72,9 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         r["vs_torch"] = r["images_per_s"] / base if base else None
         ratio = f"{r['vs_torch']:.2f}x" if base else "-"
         print(f"{r['backend']:10s} {r['split']:5s} {r['images_per_s']:10.1f} {ratio:>9s}")
-    env = environment()
-    print(f"device: {env['gpu'] or 'CPU'}, {env['cpu_count']} cores, torch {env['torch']}, DALI {env['dali']}")
-    write_json(args.json, {"benchmark": "pipeline", "args": vars(args), "environment": env, "results": results})
+    finish_report("pipeline", args, results)
     return 0
 
 

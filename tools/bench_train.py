@@ -19,10 +19,9 @@ from shards.manifest import read_manifest
 from tools.bench_common import (
     bench_shards,
     default_device,
-    environment,
+    finish_report,
     images_per_second,
     temporary_workdir,
-    write_json,
 )
 from train.model import MODEL_NAMES, build_model
 from train.step import AUTOCAST_DTYPES, train_step
@@ -83,9 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         r["vs_synthetic"] = r["images_per_s"] / synthetic
         print(f"{r['backend']:10s} {r['images_per_s']:10.1f} {r['vs_synthetic']:12.3f} {1 - r['vs_synthetic']:11.1%}")
-    env = environment()
-    print(f"device: {env['gpu'] or 'CPU'}, {env['cpu_count']} cores, torch {env['torch']}, DALI {env['dali']}")
-    write_json(args.json, {"benchmark": "train", "args": vars(args), "environment": env, "results": results})
+    finish_report("train", args, results)
     return 0
 
 

@@ -65,6 +65,10 @@ class DaliLoader(PartLoader):
         epoch_dir = Path(self._tmpdir) / f"epoch-{epoch}"
         shutil.rmtree(epoch_dir, ignore_errors=True)
         epoch_dir.mkdir(parents=True)
+        for old in Path(self._tmpdir).glob("epoch-*"):
+            # index files of finished epochs (an ImageNet rank writes ~15 MB of them per epoch)
+            if int(old.name.split("-")[1]) < epoch - 1:
+                shutil.rmtree(old, ignore_errors=True)
         pipe = imagenet_pipeline(
             read=self._reader(part, epoch_dir),
             train=self.train,

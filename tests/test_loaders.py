@@ -220,3 +220,14 @@ def test_dali_gpu_graph_is_accepted_by_dali_without_a_gpu(photo_shards, train):
         val_resize=256, decode_on_gpu=True, hw_decoder_load=0.65, output_float16=True, batch_size=8,
         num_threads=2, device_id=0, prefetch_queue_depth=2, seed=1,
     )  # fmt: skip
+
+
+def test_index_files_of_finished_epochs_are_removed(photo_shards):
+    loader = create_loader(str(photo_shards), "train", config("dali-cpu"))
+    for epoch in range(4):
+        loader.set_epoch(epoch)
+        for _ in loader:
+            pass
+    kept = sorted(p.name for p in Path(loader._tmpdir).iterdir())
+    loader.close()
+    assert len(kept) <= 3 and "epoch-0" not in kept, kept

@@ -67,9 +67,9 @@ def scan_foldered(
                 )
             for dirpath, dirnames, filenames in os.walk(entry.path):
                 dirnames.sort()
+                folder = os.path.relpath(dirpath, root).replace(os.sep, "/")
                 for name in sorted(filenames):
-                    rel = Path(dirpath, name).relative_to(root).as_posix()
-                    found.append((rel, entry.name))
+                    found.append((f"{folder}/{name}", entry.name))
         else:
             rejected.append(ScanRejection(entry.name, "file outside any class folder"))
     return _with_keys(root, found, class_index), rejected
@@ -149,7 +149,7 @@ def make_key(filename: str) -> str:
     Readers split a member name at its first dot (key.ext) and DALI's index is space-separated, so
     dots and spaces cannot stay.
     """
-    stem = Path(filename).stem or "image"
+    stem = os.path.splitext(filename)[0] or "image"
     return _UNSAFE_KEY_CHARS.sub("_", stem)[:MAX_KEY_CHARS]
 
 
@@ -164,6 +164,6 @@ def _with_keys(root: Path, found: list[tuple[str, str]], class_index: dict[str, 
             n += 1
             key = f"{base}-{n}"
         used.add(key)
-        path = root / rel
-        images.append(SourceImage(str(path), rel, wnid, class_index[wnid], key, path.stat().st_size))
+        path = os.path.join(root, rel)
+        images.append(SourceImage(path, rel, wnid, class_index[wnid], key, os.stat(path).st_size))
     return images

@@ -41,7 +41,7 @@ def bare_decode_rate(paths: list[str], workers: int) -> float:
 def convert_rate(train_dir: Path, out: Path, workers: int, count: int, shard_size_mb: float) -> float:
     started = time.perf_counter()
     opts = ConvertOptions(
-        out=str(out), train=str(train_dir), workers=workers, shard_size_mb=shard_size_mb, overwrite=True,
+        out=str(out), train=str(train_dir), workers=workers, shard_size_mb=shard_size_mb,
         progress_bar=False,
     )  # fmt: skip
     convert(opts)
@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         decode_rates, convert_rates = [], []
         for _ in range(args.repeat):
             decode_rates.append(bare_decode_rate(paths, args.workers))
-            convert_rates.append(convert_rate(train, Path(tmp) / "out", args.workers, len(paths), args.shard_size_mb))
+            out = Path(tmp) / f"out-{len(convert_rates)}"  # a fresh output each time, as a user's first run
+            convert_rates.append(convert_rate(train, out, args.workers, len(paths), args.shard_size_mb))
         source_bytes = sum(os.path.getsize(p) for p in paths)
         peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     decode, conv = max(decode_rates), max(convert_rates)

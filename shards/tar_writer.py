@@ -96,7 +96,7 @@ class ShardWriter:
     def add(self, sample: EncodedSample) -> None:
         base = self.bytes_written
         self._write(sample.blob)
-        self._index_lines.append(" ".join(f"{ext} {base + at} {size} {name}" for ext, at, size, name in sample.members))
+        self._index_lines.append(index_line([(ext, base + at, size, name) for ext, at, size, name in sample.members]))
         self.samples += 1
 
     def _write(self, data: bytes) -> None:
@@ -109,8 +109,7 @@ class ShardWriter:
         self._write(b"\0" * (2 * TAR_BLOCK_BYTES))
         self._write(b"\0" * (-self.bytes_written % tarfile.RECORDSIZE))
         self._file.close()
-        index_text = f"{DALI_INDEX_VERSION} {self.samples}\n" + "".join(line + "\n" for line in self._index_lines)
-        self._tmp_index_path.write_bytes(index_text.encode())
+        self._tmp_index_path.write_bytes(index_text(self._index_lines).encode())
         return ShardInfo(
             file=self.tar_path.name,
             index_file=self.index_path.name,
@@ -148,19 +147,11 @@ def commit_shard(directory: str | os.PathLike, info: ShardInfo) -> None:
     fsync_dir(directory)
 
 
-def dali_index_for_tar(tar_path: str | os.PathLike) -> str:
-    """Rebuild the DALI index text of an existing tar (what the writer wrote, for verification)."""
-    lines: list[list[str]] = []
-    last_key = None
-    with tarfile.open(tar_path, mode="r:") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.partition(".")
-            entry = f"{ext} {member.offset_data} {member.size} {member.name}"
-            if key != last_key:
-                lines.append([entry])
-                last_key = key
-            else:
-                lines[-1].append(entry)
-    return f"{DALI_INDEX_VERSION} {len(lines)}\n" + "".join(" ".join(parts) + "\n" for parts in lines)
+def index_line(members: list[tuple[str, int, int, str]]) -> str:
+    """One sample's DALI index line from its (extension, data offset, size, member name) entries."""
+    return " ".join(f"{ext} {offset} {size} {name}" for ext, offset, size, name in members)
+
+
+def index_text(lines: list[str]) -> str:
+    """A whole DALI index file, as DALI's wds2idx writes it."""
+    return f"{DALI_INDEX_VERSION} {len(lines)}\n" + "".join(line + "\n" for line in lines)

@@ -15,7 +15,7 @@ from pathlib import Path
 from PIL import Image
 
 from shards.manifest import Manifest, read_manifest
-from shards.tar_writer import ShardInfo, dali_index_for_tar
+from shards.tar_writer import ShardInfo, index_line, index_text
 
 SAMPLE_EXTENSIONS = ("cls", "jpg", "json")
 READ_CHUNK_BYTES = 1 << 20
@@ -65,40 +65,81 @@ def check_shard(directory: str | os.PathLike, shard: ShardInfo, num_classes: int
     size = tar_path.stat().st_size
     if size != shard.bytes:
         problems.append(f"{name}: {size} bytes, manifest says {shard.bytes}")
-    if _sha256(tar_path) != shard.sha256:
-        problems.append(f"{name}: sha256 differs from the manifest (file changed or corrupt)")
+    scan = _ShardScan(tar_path)
     try:
         samples = 0
-        for key, parts in _samples(tar_path):
+        for key, parts in scan.samples():
             samples += 1
             problems += [f"{name}: sample {key}: {p}" for p in _sample_problems(parts, num_classes, decode)]
         if samples != shard.samples:
             problems.append(f"{name}: {samples} samples, manifest says {shard.samples}")
     except (tarfile.TarError, EOFError, OSError) as err:
         problems.append(f"{name}: unreadable tar: {err}")
+    if scan.sha256 != shard.sha256:
+        problems.append(f"{name}: sha256 differs from the manifest (file changed or corrupt)")
+    if scan.index is None:
         return problems
     index_path = Path(directory) / shard.index_file
     if not index_path.is_file():
         problems.append(f"{shard.index_file}: missing")
-    elif index_path.read_text(encoding="utf-8", errors="replace") != dali_index_for_tar(tar_path):
+    elif index_path.read_text(encoding="utf-8", errors="replace") != scan.index:
         problems.append(f"{shard.index_file}: does not match {name} (offsets, sizes or names differ)")
     return problems
 
 
-def _samples(tar_path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Group consecutive tar members by key, as webdataset and DALI do."""
-    key, parts = None, {}
-    with tarfile.open(tar_path, mode="r:") as tar:
-        for member in tar:
-            member_key, _, ext = member.name.partition(".")
-            if member_key != key:
-                if key is not None:
-                    yield key, parts
-                key, parts = member_key, {}
-            data = tar.extractfile(member)
-            parts[ext] = data.read() if data is not None else b""
-    if key is not None:
-        yield key, parts
+class _HashingReader:
+    """Hashes every byte read through it, so parsing the tar also checksums it."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.digest = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.digest.update(data)
+        return data
+
+
+class _ShardScan:
+    """One sequential read of a shard: its samples, its sha256 and the DALI index rebuilt from it.
+
+    A single pass because a full verify reads every byte of the dataset (140 GB for ImageNet).
+    `sha256` and `index` are set once `samples()` is exhausted (`index` stays None if the tar is unreadable).
+    """
+
+    def __init__(self, tar_path: Path):
+        self.tar_path = tar_path
+        self.sha256: str | None = None
+        self.index: str | None = None
+
+    def samples(self) -> Iterator[tuple[str, dict[str, bytes]]]:
+        """Group consecutive members by key, as webdataset and DALI do."""
+        with open(self.tar_path, "rb") as raw:
+            reader = _HashingReader(raw)
+            try:
+                yield from self._members(reader)
+            finally:
+                while reader.read(READ_CHUNK_BYTES):  # hash the rest: end blocks, or all after a tar error
+                    pass
+                self.sha256 = reader.digest.hexdigest()
+
+    def _members(self, reader: _HashingReader) -> Iterator[tuple[str, dict[str, bytes]]]:
+        key, parts, lines, entries = None, {}, [], []
+        with tarfile.open(fileobj=reader, mode="r|") as tar:  # streaming: no seeks, one read
+            for member in tar:
+                member_key, _, ext = member.name.partition(".")
+                if member_key != key:
+                    if key is not None:
+                        yield key, parts
+                        lines.append(index_line(entries))
+                    key, parts, entries = member_key, {}, []
+                data = tar.extractfile(member)
+                parts[ext] = data.read() if data is not None else b""
+                entries.append((ext, member.offset_data, member.size, member.name))
+        if key is not None:
+            yield key, parts
+            lines.append(index_line(entries))
+        self.index = index_text(lines)
 
 
 def _sample_problems(parts: dict[str, bytes], num_classes: int, decode: bool) -> list[str]:
@@ -124,11 +165,3 @@ def _sample_problems(parts: dict[str, bytes], num_classes: int, decode: bool) ->
         except Exception as err:  # PIL raises many types for bad data
             problems.append(f"image does not decode: {err}")
     return problems
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(READ_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()

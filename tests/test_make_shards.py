@@ -423,3 +423,19 @@ def test_classes_file_sets_order_and_names(tmp_path, demo_imagenet):
     urls = [str(out / s.file) for s in manifest.splits["train"].shards]
     for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
         assert int(sample["cls"]) == reordered.index(json.loads(sample["json"])["wnid"])
+
+
+def test_verify_catches_a_truncated_shard_and_a_wrong_index(tmp_path, demo_imagenet):
+    out = tmp_path / "out"
+    run_tool("tools.make_shards", "--train", str(demo_imagenet / "train"), "--out", str(out), "--shard-size-mb",
+             "0.5", "--no-progress", check=True)  # fmt: skip
+    first, second = read_manifest(out).splits["train"].shards[:2]
+    with open(out / first.file, "r+b") as f:
+        f.truncate(first.bytes // 2)
+    lines = (out / second.index_file).read_text().splitlines()
+    (out / second.index_file).write_text("\n".join(lines[:1] + [lines[2], lines[1]] + lines[3:]) + "\n")
+    bad = run_tool("tools.verify_shards", str(out))
+    assert bad.returncode == 1
+    assert f"{first.file}: {first.bytes // 2} bytes, manifest says {first.bytes}" in bad.stdout
+    assert f"{first.file}: sha256 differs" in bad.stdout
+    assert f"{second.index_file}: does not match {second.file}" in bad.stdout

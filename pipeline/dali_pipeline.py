@@ -94,18 +94,21 @@ def imagenet_pipeline(
     """
     jpegs, labels = read()
     decoder_device = "mixed" if decode_on_gpu else "cpu"
-    gpu_only = {"hw_decoder_load": hw_decoder_load} if decode_on_gpu else {}
+    # EXIF orientation is ignored, as PIL and torchvision (and so every published ImageNet result)
+    # do: DALI's default would rotate such photos and the backends would disagree on them.
+    decode_args = {"output_type": types.RGB, "adjust_orientation": False}
+    if decode_on_gpu:
+        decode_args["hw_decoder_load"] = hw_decoder_load
     dtype = types.FLOAT16 if output_float16 else types.FLOAT
     if train:
         # The crop is fused into decoding: only the crop's region of the JPEG is decoded.
         images = fn.decoders.image_random_crop(
             jpegs,
             device=decoder_device,
-            output_type=types.RGB,
             random_area=list(RRC_AREA),
             random_aspect_ratio=list(RRC_ASPECT_RATIO),
             num_attempts=RRC_ATTEMPTS,
-            **gpu_only,
+            **decode_args,
         )
         images = fn.resize(images, resize_x=image_size, resize_y=image_size, interp_type=types.INTERP_LINEAR)
         mirror = fn.random.coin_flip(probability=0.5)
@@ -113,7 +116,7 @@ def imagenet_pipeline(
             images, dtype=dtype, output_layout="HWC", mean=DALI_MEAN, std=DALI_STD, mirror=mirror
         )
     else:
-        images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB, **gpu_only)
+        images = fn.decoders.image(jpegs, device=decoder_device, **decode_args)
         resize_y, resize_x = torchvision_resize_size(images, val_resize)
         images = fn.resize(
             images, resize_x=resize_x, resize_y=resize_y, interp_type=types.INTERP_LINEAR, antialias=True

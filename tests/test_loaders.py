@@ -102,6 +102,36 @@ def test_dali_cpu_and_torch_agree_on_val_images(photo_shards):
         assert difference.mean() <= VAL_AGREEMENT_MEAN_ABS
 
 
+def test_exif_rotated_photo_is_read_as_stored_by_every_backend(tmp_path):
+    """EXIF orientation is ignored everywhere, as torchvision does; DALI alone would rotate the photo."""
+    import numpy as np
+    from PIL import Image
+
+    from tests.conftest import run_tool
+
+    height, width = 120, 200
+    ramp = np.linspace(0, 255, width, dtype=np.float32)[None, :, None] * np.ones((height, 1, 3), np.float32)
+    photo = Image.fromarray(ramp.astype(np.uint8))  # left dark, right bright: a rotation shows at once
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    for split in ("train", "val"):
+        for wnid in ("n01440764", "n01443537"):
+            (tmp_path / split / wnid).mkdir(parents=True)
+            photo.save(tmp_path / split / wnid / f"{wnid}_1.JPEG", quality=95, exif=exif)
+    run_tool(
+        "tools.make_shards", "--train", str(tmp_path / "train"), "--val", str(tmp_path / "val"),
+        "--out", str(tmp_path / "shards"), "--workers", "1", "--no-progress", check=True,
+    )  # fmt: skip
+    outputs = {}
+    for backend in CPU_BACKENDS:
+        loader = create_loader(str(tmp_path / "shards"), "val", config(backend, batch_size=2, val_image_size=96))
+        outputs[backend] = collect(loader)[0][0]
+    for images in outputs.values():
+        assert images[:, :, 48, 80].mean() > images[:, :, 48, 16].mean() + 1, "right side brighter: not rotated"
+    difference = (outputs["dali-cpu"] - outputs["torch"]).abs()
+    assert difference.max() <= VAL_AGREEMENT_MAX_ABS
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_image_size_changes_between_epochs(photo_shards, backend):
     loader = create_loader(str(photo_shards), "train", config(backend))

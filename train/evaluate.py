@@ -17,7 +17,7 @@ from train.checkpoint import load_checkpoint
 from train.distributed import setup_distributed, teardown_distributed
 from train.metrics import evaluate
 from train.model import build_model
-from train.step import AUTOCAST_DTYPES
+from train.step import AUTOCAST_DTYPES, set_cuda_numerics
 
 
 def model_from_checkpoint(checkpoint: dict, use_ema: bool = False) -> torch.nn.Module:
@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = load_checkpoint(args.checkpoint)
         model = model_from_checkpoint(checkpoint, args.ema).to(ctx.device)
         precision = args.precision if ctx.device.type == "cuda" else "float32"
+        set_cuda_numerics(ctx.device, precision)
         cfg = LoaderConfig(
             backend=args.backend or ("dali-gpu" if ctx.device.type == "cuda" else "dali-cpu"),
             batch_size=args.batch_size,

@@ -9,6 +9,18 @@ import torch
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}
 
 
+def set_cuda_numerics(device: torch.device, precision: str) -> None:
+    """cuDNN autotuning (batch shapes are fixed within an epoch) and TF32 only where it was asked for.
+
+    PyTorch runs float32 convolutions in TF32 by default; with precision float32 they stay float32,
+    so a float32 evaluation on the GPU counts the same predictions as on the CPU.
+    """
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = precision != "float32"
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """Mixed precision for the forward pass: bf16 (default on GPU), fp16 (with a GradScaler), or none."""
     dtype = AUTOCAST_DTYPES[precision]

@@ -43,7 +43,7 @@ from train.model import build_model
 from train.run_log import create_run_log
 from train.schedule import learning_rate, train_image_size
 from train.signals import StopRequest
-from train.step import backward, compute_loss, optimizer_step
+from train.step import backward, compute_loss, optimizer_step, set_cuda_numerics
 from train.timing import PhaseTimer, SyncTimer
 
 EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE, EXIT_DATA = 0, 2, 3, 4
@@ -112,6 +112,7 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
     random.seed(cfg.train.seed + ctx.rank)
     np.random.seed(cfg.train.seed + ctx.rank)
     precision = cfg.precision_on(ctx.device)
+    set_cuda_numerics(ctx.device, precision)
 
     # data: each rank reads only its own part of the shards
     try:

@@ -1,6 +1,7 @@
 """The benchmark scripts run and report what they promise (rates are not asserted: no timed tests)."""
 
 import json
+import re
 
 from tests.conftest import run_tool
 
@@ -10,7 +11,7 @@ def test_bench_pipeline_reports_every_backend_and_split(photo_shards, tmp_path):
     result = run_tool(
         "tools.bench_pipeline", "--shards", str(photo_shards), "--backends", "dali-gpu,dali-cpu,torch,synthetic",
         "--batch-size", "8", "--image-size", "64", "--seconds", "0.3", "--workers", "2", "--json", str(out),
-        check=True,
+        "--hw-decoder-load", "0.65,1", check=True,
     )  # fmt: skip
     report = json.loads(out.read_text())
     measured = {(r["backend"], r["split"]) for r in report["results"]}
@@ -19,7 +20,8 @@ def test_bench_pipeline_reports_every_backend_and_split(photo_shards, tmp_path):
     assert report["environment"]["dali"] and report["environment"]["torch"]
     assert "vs torch" in result.stdout
     if not report["environment"]["gpu"]:
-        assert "dali-gpu   train skipped: no GPU" in result.stdout
+        for load in ("0.65", "1"):
+            assert re.search(rf"dali-gpu hw={load} +train skipped: no GPU", result.stdout)
 
 
 def test_bench_train_reports_the_data_stall(photo_shards, tmp_path):

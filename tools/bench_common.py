@@ -31,6 +31,23 @@ def bench_shards(workdir: str | Path, copies: int, workers: int) -> Path:
     return out
 
 
+HW_LOAD_HELP = "dali-gpu: share of JPEGs for the hardware decoder; a comma list measures each (e.g. 0.65,1.0)"
+
+
+def float_list(text: str) -> list[float]:
+    """argparse type for a comma list of numbers, e.g. --hw-decoder-load 0.65,1.0."""
+    return [float(x) for x in text.split(",")]
+
+
+def backend_runs(backends: list[str], hw_loads: list[float]) -> list[tuple[str, float | None, str]]:
+    """(backend, hw_decoder_load, row name) per measurement: dali-gpu once for each load in the sweep."""
+    runs = []
+    for backend in backends:
+        for load in hw_loads if backend == "dali-gpu" else [None]:
+            runs.append((backend, load, backend if load is None else f"{backend} hw={load:g}"))
+    return runs
+
+
 def default_device() -> torch.device:
     return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 

@@ -15,9 +15,12 @@ import os
 
 from pipeline.loader import BACKENDS, LoaderConfig, create_loader
 from tools.bench_common import (
+    HW_LOAD_HELP,
+    backend_runs,
     bench_shards,
     default_device,
     finish_report,
+    float_list,
     images_per_second,
     temporary_workdir,
 )
@@ -35,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=20)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="DALI threads / DataLoader workers")
     p.add_argument("--dtype", default="float16")
-    p.add_argument("--hw-decoder-load", type=float, default=0.65)
+    p.add_argument("--hw-decoder-load", type=float_list, default=[0.65], help=HW_LOAD_HELP)
     p.add_argument("--copies", type=int, default=4, help="links per sample photograph in the bench shards")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
@@ -48,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     with temporary_workdir() as tmp:
         shards = args.shards or str(bench_shards(tmp, args.copies, args.workers))
         for split in args.splits.split(","):
-            for backend in backends:
+            for backend, load, name in backend_runs(backends, args.hw_decoder_load):
                 if backend == "dali-gpu" and device.type != "cuda":
-                    print(f"{backend:10s} {split:5s} skipped: no GPU")
+                    print(f"{name:16s} {split:5s} skipped: no GPU")
                     continue
                 cfg = LoaderConfig(
                     backend=backend,
@@ -59,18 +62,20 @@ def main(argv: list[str] | None = None) -> int:
                     val_image_size=args.image_size,
                     workers=args.workers,
                     dtype=args.dtype,
-                    hw_decoder_load=args.hw_decoder_load,
+                    hw_decoder_load=LoaderConfig.hw_decoder_load if load is None else load,
                 )
                 loader = create_loader(shards, split, cfg, device=device)
                 rate = images_per_second(loader, device, args.seconds, WARMUP_BATCHES)
-                results.append({"backend": backend, "split": split, "images_per_s": rate})
-                print(f"{backend:10s} {split:5s} {rate:10.1f} images/s", flush=True)
-    print("\nbackend    split    images/s   vs torch")
+                results.append(
+                    {"backend": backend, "hw_decoder_load": load, "name": name, "split": split, "images_per_s": rate}
+                )
+                print(f"{name:16s} {split:5s} {rate:10.1f} images/s", flush=True)
+    print("\nbackend          split    images/s   vs torch")
     for r in results:
         base = next((x["images_per_s"] for x in results if x["backend"] == "torch" and x["split"] == r["split"]), None)
         r["vs_torch"] = r["images_per_s"] / base if base else None
         ratio = f"{r['vs_torch']:.2f}x" if base else "-"
-        print(f"{r['backend']:10s} {r['split']:5s} {r['images_per_s']:10.1f} {ratio:>9s}")
+        print(f"{r['name']:16s} {r['split']:5s} {r['images_per_s']:10.1f} {ratio:>9s}")
     finish_report("pipeline", args, results)
     return 0
 

@@ -17,14 +17,17 @@ import torch
 from pipeline.loader import BACKENDS, LoaderConfig, create_loader
 from shards.manifest import read_manifest
 from tools.bench_common import (
+    HW_LOAD_HELP,
+    backend_runs,
     bench_shards,
     default_device,
     finish_report,
+    float_list,
     images_per_second,
     temporary_workdir,
 )
 from train.model import MODEL_NAMES, build_model
-from train.step import AUTOCAST_DTYPES, train_step
+from train.step import AUTOCAST_DTYPES, set_cuda_numerics, train_step
 
 WARMUP_STEPS = 10  # compile, cuDNN autotuning and the first pipeline build happen here
 
@@ -40,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--precision", choices=list(AUTOCAST_DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--hw-decoder-load", type=float_list, default=[0.65], help=HW_LOAD_HELP)
+    p.add_argument("--prefetch", type=int, default=2, help="batches the pipeline prepares ahead of the step")
     p.add_argument("--copies", type=int, default=4, help="links per sample photograph in the bench shards")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
@@ -52,36 +57,40 @@ def main(argv: list[str] | None = None) -> int:
     with temporary_workdir() as tmp:
         shards = args.shards or str(bench_shards(tmp, args.copies, args.workers))
         num_classes = len(read_manifest(shards).classes)
-        for backend in backends:
+        # One model for every backend: compiled once, so each backend is measured on the same code.
+        torch.manual_seed(0)
+        set_cuda_numerics(device, precision)
+        model = build_model(args.model, num_classes).to(device)
+        step_model = torch.compile(model) if args.compile else model
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+
+        def step(images, labels):
+            train_step(step_model, optimizer, criterion, images, labels, precision)
+
+        for backend, load, name in backend_runs(backends, args.hw_decoder_load):
             if backend == "dali-gpu" and device.type != "cuda":
-                print(f"{backend:10s} skipped: no GPU")
+                print(f"{name:16s} skipped: no GPU")
                 continue
-            torch.manual_seed(0)
-            model = build_model(args.model, num_classes).to(device)
-            step_model = torch.compile(model) if args.compile else model
-            optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-            criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
             cfg = LoaderConfig(
                 backend=backend,
                 batch_size=args.batch_size,
                 image_size=args.image_size,
                 workers=args.workers,
                 dtype=precision,  # inputs arrive in the dtype autocast computes in
+                hw_decoder_load=LoaderConfig.hw_decoder_load if load is None else load,
+                prefetch=args.prefetch,
             )
             loader = create_loader(shards, "train", cfg, device=device)
-
-            def step(images, labels, model=step_model, optimizer=optimizer, criterion=criterion):
-                train_step(model, optimizer, criterion, images, labels, precision)
-
             rate = images_per_second(loader, device, args.seconds, WARMUP_STEPS, step)
-            results.append({"backend": backend, "images_per_s": rate})
-            print(f"{backend:10s} {rate:10.1f} images/s", flush=True)
+            results.append({"backend": backend, "hw_decoder_load": load, "name": name, "images_per_s": rate})
+            print(f"{name:16s} {rate:10.1f} images/s", flush=True)
     synthetic = results[-1]["images_per_s"]
     label = f"{args.model}{' compiled' if args.compile else ''}, {precision}, batch {args.batch_size}"
-    print(f"\n{label}\nbackend      images/s  vs synthetic  data stall")
+    print(f"\n{label}\nbackend            images/s  vs synthetic  data stall")
     for r in results:
         r["vs_synthetic"] = r["images_per_s"] / synthetic
-        print(f"{r['backend']:10s} {r['images_per_s']:10.1f} {r['vs_synthetic']:12.3f} {1 - r['vs_synthetic']:11.1%}")
+        print(f"{r['name']:16s} {r['images_per_s']:10.1f} {r['vs_synthetic']:12.3f} {1 - r['vs_synthetic']:11.1%}")
     finish_report("train", args, results)
     return 0
 

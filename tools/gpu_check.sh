@@ -55,15 +55,16 @@ python -m tools.make_shards --train /tmp/gc/bench-src/train --val /tmp/gc/bench-
 
 step "3. pipeline throughput, batch $batch"
 python -m tools.bench_pipeline --shards /tmp/gc/bench-shards --backends dali-gpu,dali-cpu,torch,synthetic \
-  --batch-size "$batch" --seconds "$seconds" --workers "$workers" --json "$OUT/bench_pipeline.json"
+  --batch-size "$batch" --seconds "$seconds" --workers "$workers" --hw-decoder-load 0.65,1.0 \
+  --json "$OUT/bench_pipeline.json"
 
 step "4. training step fed by dali-gpu vs synthetic"
 python -m tools.bench_train --shards /tmp/gc/bench-shards --model resnet18 --compile \
-  --backends dali-gpu --batch-size "$batch" --seconds "$seconds" --workers "$workers" --json "$OUT/bench_train_rn18c.json"
+  --backends dali-gpu --hw-decoder-load 0.65,0.85,1.0 --batch-size "$batch" --seconds "$seconds" --workers "$workers" --json "$OUT/bench_train_rn18c.json"
 python -m tools.bench_train --shards /tmp/gc/bench-shards --model resnet18 \
   --backends dali-gpu --batch-size "$batch" --seconds "$seconds" --workers "$workers" --json "$OUT/bench_train_rn18.json"
 python -m tools.bench_train --shards /tmp/gc/bench-shards --model resnet50 \
-  --backends dali-gpu --batch-size "$batch" --seconds "$seconds" --workers "$workers" --json "$OUT/bench_train_rn50.json"
+  --backends dali-gpu --hw-decoder-load 0.65,1.0 --batch-size "$batch" --seconds "$seconds" --workers "$workers" --json "$OUT/bench_train_rn50.json"
 
 step "5. short real training run under torchrun, dali-gpu"
 torchrun --standalone --nproc-per-node 1 -m train --config configs/demo.yaml data.shards=/tmp/gc/shards \

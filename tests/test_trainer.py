@@ -207,6 +207,23 @@ def test_config_errors_name_the_key(override, message, tmp_path):
     assert not (tmp_path / "config.yaml").exists(), "nothing starts before the config is valid"
 
 
+def test_missing_tensorboard_is_a_config_error(photo_shards, tmp_path):
+    """A machine without TensorBoard (a package that fails to import) and log.tensorboard on."""
+    blocker = tmp_path / "site" / "tensorboard"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('no tensorboard on this machine')\n")
+    env = subprocess_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(blocker.parent), env["PYTHONPATH"]])
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, *train_args(photo_shards, run_dir, "train.epochs=1")],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "log.tensorboard is true but TensorBoard cannot be imported" in result.stderr
+    assert not run_dir.exists(), "nothing is written before the check"
+
+
 def test_stop_criteria_compare_in_the_right_direction():
     assert _targets_met({"acc1": 76.0, "acc5": 95.5, "loss": 1.0}, {"acc1": 75, "acc5": 95})
     assert not _targets_met({"acc1": 76.0, "acc5": 94.0, "loss": 1.0}, {"acc1": 75, "acc5": 95})

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from train.config import Config, save_config
+from train.config import Config, ConfigError, save_config
 
 METRICS_NAME = "metrics.jsonl"
 
@@ -36,15 +36,12 @@ class SilentLog:
 
 class RunLog(SilentLog):
     def __init__(self, run_dir: Path, config: Config):
+        writer_class = _summary_writer_class() if config.log.tensorboard else None  # fails before any file is made
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
         (run_dir / "code_version.txt").write_text(_code_version() + "\n")
         self.metrics = open(run_dir / METRICS_NAME, "a", buffering=1)
-        self.tensorboard = None
-        if config.log.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+        self.tensorboard = writer_class(str(run_dir / "tensorboard")) if writer_class else None
         self.histograms_enabled = config.log.histograms
 
     def line(self, text: str) -> None:
@@ -81,3 +78,14 @@ def _code_version() -> str:
         return commit + (" (uncommitted changes)" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return f"unknown (no git); python {sys.version.split()[0]}"
+
+
+def _summary_writer_class():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise ConfigError(
+            f"log.tensorboard is true but TensorBoard cannot be imported ({err}): "
+            "pip install tensorboard, or set log.tensorboard=false"
+        ) from err
+    return SummaryWriter

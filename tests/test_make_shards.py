@@ -18,6 +18,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from shards.convert import PROGRESS_NAME, ProgressLog, load_progress
 from shards.manifest import read_manifest
 from tests.conftest import REPO_ROOT, run_tool, subprocess_env
 
@@ -398,6 +399,14 @@ def test_resume_after_kill_gives_the_uninterrupted_result(tmp_path, demo_imagene
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert not (killed / "manifest.json").exists(), "killed before the end"
+    log_path = killed / PROGRESS_NAME
+    with open(log_path, "a") as log:
+        log.write('{"split": "train", "num')  # what a kill in the middle of an append leaves
+    # A second run that appends and is killed again must leave a log a third run can read.
+    options = json.loads(log_path.read_text().splitlines()[0])["options"]
+    committed = load_progress(killed, options)
+    ProgressLog(log_path, options).append(next(iter(committed.values())))
+    assert load_progress(killed, options) == committed
     finished = run_tool("tools.make_shards", *base, "--out", str(killed), check=True)
     assert "resumed" in finished.stdout
     names = sorted(p.name for p in reference.iterdir())

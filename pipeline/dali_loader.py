@@ -46,7 +46,7 @@ class DaliLoader(PartLoader):
     ):
         super().__init__(sizes, split, cfg, rank, world_size, device)
         self.decode_on_gpu = device.type == "cuda" and cfg.backend != "dali-cpu"
-        self._builder = ThreadPoolExecutor(1, thread_name_prefix="dali-build")
+        self._builder: ThreadPoolExecutor | None = None  # started by the first train epoch
         self._next: Future | None = None  # the next train epoch's run, being built
         self._kept: _EpochRun | None = None  # the val run, reused
 
@@ -113,6 +113,8 @@ class DaliLoader(PartLoader):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         run = self._take_run()
         if self.train:
+            if self._builder is None:
+                self._builder = ThreadPoolExecutor(1, thread_name_prefix="dali-build")
             self._next = self._builder.submit(self._build, self.epoch + 1, self.image_size)
         else:
             self._kept = run
@@ -154,8 +156,9 @@ class DaliLoader(PartLoader):
             self._next.cancel() or self._next.exception()  # wait for a build in flight
             self._next = None
         self._kept = None
-        self._builder.shutdown(wait=True)
-        self._builder = ThreadPoolExecutor(1, thread_name_prefix="dali-build")
+        if self._builder is not None:
+            self._builder.shutdown(wait=True)
+            self._builder = None  # a later epoch starts a new one: a closed loader can be read again
         super().close()
 
 

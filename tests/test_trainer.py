@@ -157,6 +157,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(two_process_ru
     result = run_tool(*train_args(photo_shards, run_dir, "train.epochs=4", "optim.lr=1e30")[1:], "--resume", "auto")
     assert result.returncode == 3, result.stdout + result.stderr
     assert "loss became non-finite at step" in result.stderr
+    assert "the checkpoint was written by 2 processes, this run has 1" in result.stdout
     assert (run_dir / "last.pt").read_bytes() == before
 
 

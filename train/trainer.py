@@ -161,9 +161,15 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
         if ema is not None and checkpoint.get("ema"):
             ema.load_state_dict(checkpoint["ema"])
         position = {k: checkpoint[k] for k in position}
-        if len(checkpoint["rng"]) == ctx.world_size:
-            set_rng_state(checkpoint["rng"][ctx.rank])
         log.line(f"resumed from {checkpoint_path}: epoch {position['epoch']} step {position['step_in_epoch']}")
+        if checkpoint["world_size"] == ctx.world_size:
+            set_rng_state(checkpoint["rng"][ctx.rank])
+        else:
+            log.line(
+                f"note: the checkpoint was written by {checkpoint['world_size']} processes, this run has "
+                f"{ctx.world_size}: random streams start afresh, the data split changes (a resume mid-epoch "
+                "no longer continues the same sample order) and the global batch, and with it the lr, is this run's"
+            )
 
     train_model: torch.nn.Module = model
     sync_timer = None

@@ -7,6 +7,8 @@ CPU they are wall-clock times. The timers wrap the step; they do not change it.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -31,7 +33,11 @@ class _Clock:
 
 
 class PhaseTimer:
-    """Collects (phase, start, end) marks per step; `summary()` averages them over the interval."""
+    """Times the phases of each step (`with timer.phase("forward"): ...`); `summary()` averages them.
+
+    Device phases are CUDA events on a GPU (no host sync); the data phase is the host's wait for
+    the next batch, wall-clock (the loaders sync on their own outputs).
+    """
 
     def __init__(self, device: torch.device):
         self.clock = _Clock(device)
@@ -39,15 +45,17 @@ class PhaseTimer:
         self.host_data_s = 0.0
         self.steps = 0
 
-    def mark(self):
-        return self.clock.now()
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = self.clock.now()
+        yield
+        self.spans.append((name, start, self.clock.now()))
 
-    def add(self, phase: str, start, end) -> None:
-        self.spans.append((phase, start, end))
-
-    def add_data_wait(self, seconds: float) -> None:
-        """Time the host waited for the next batch (the loaders sync on their own outputs)."""
-        self.host_data_s += seconds
+    @contextmanager
+    def data_wait(self) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.host_data_s += time.perf_counter() - start
 
     def step_done(self) -> None:
         self.steps += 1

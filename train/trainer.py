@@ -238,22 +238,19 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
         )
         batches = iter(train_loader)
         for micro in range(steps_per_epoch * accumulate):
-            waited = time.perf_counter()
-            images, labels = next(batches)
             if micro < skip_micro:
-                continue  # resuming mid-epoch: replay the data position, do not train on it
-            timer.add_data_wait(time.perf_counter() - waited)
+                next(batches)  # resuming mid-epoch: replay the data position, do not train on it
+                continue
+            with timer.data_wait():
+                images, labels = next(batches)
 
             last_micro = (micro + 1) % accumulate == 0
             no_sync = train_model.no_sync() if ctx.distributed and not last_micro else contextlib.nullcontext()
-            t0 = timer.mark()
             with no_sync:
-                loss = compute_loss(train_model, criterion, images, labels, precision)
-                t1 = timer.mark()
-                backward(loss, scaler, accumulate)  # under DDP the gradient all-reduce overlaps this
-            t2 = timer.mark()
-            timer.add("forward", t0, t1)
-            timer.add("backward", t1, t2)
+                with timer.phase("forward"):
+                    loss = compute_loss(train_model, criterion, images, labels, precision)
+                with timer.phase("backward"):
+                    backward(loss, scaler, accumulate)  # under DDP the gradient all-reduce overlaps this
             if micro % accumulate == 0:
                 step_loss = 0.0  # mean over the micro-batches of this optimizer step
             step_loss = step_loss + loss.detach() / accumulate
@@ -263,10 +260,10 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
             lr = learning_rate(position["global_step"], steps_per_epoch, cfg.train.epochs, peak_lr, cfg.schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            optimizer_step(optimizer, model.parameters(), scaler, cfg.optim.grad_clip)
-            if ema is not None:
-                ema.update_parameters(model)
-            timer.add("optimizer", t2, timer.mark())
+            with timer.phase("optimizer"):
+                optimizer_step(optimizer, model.parameters(), scaler, cfg.optim.grad_clip)
+                if ema is not None:
+                    ema.update_parameters(model)
             timer.step_done()
             if sync_timer is not None:
                 sync_timer.step_done()

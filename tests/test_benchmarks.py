@@ -33,4 +33,5 @@ def test_bench_train_reports_the_data_stall(photo_shards, tmp_path):
     report = json.loads(out.read_text())
     assert [r["backend"] for r in report["results"]] == ["dali-cpu", "synthetic"]
     assert report["results"][1]["vs_synthetic"] == 1.0
+    assert all(0.0 <= r["data_wait_fraction"] < 1.0 for r in report["results"])
     assert "data stall" in result.stdout

@@ -8,6 +8,7 @@ import platform
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -94,23 +95,39 @@ def temporary_workdir() -> tempfile.TemporaryDirectory:
     return tempfile.TemporaryDirectory(prefix="bench-")
 
 
-def images_per_second(
+@dataclass
+class Rate:
+    images_per_s: float
+    data_wait_fraction: float  # share of the timed span the host spent waiting for the next batch
+
+
+def measure_rate(
     loader,
     device: torch.device,
     seconds: float,
     warmup_batches: int,
     work: Callable[[torch.Tensor, torch.Tensor], object] = lambda images, labels: None,
-) -> float:
+) -> Rate:
     """Images/s over `seconds` after `warmup_batches`, cycling epochs as training does.
 
     `work` runs on every batch (nothing for a pipeline alone, a training step for bench_train).
-    The clock starts and stops after a device sync, so queued GPU work is counted.
+    The clock starts and stops after a device sync, so queued GPU work is counted. The host's wait
+    for batches tells a pipeline that cannot keep up (the wait grows) from one that keeps up but
+    slows the step by sharing the GPU (no wait, yet a lower rate than synthetic data).
     """
-    batches, images_done, epoch, started = 0, 0, 0, None
+    batches, images_done, epoch, started, waited = 0, 0, 0, None, 0.0
     try:
         while True:
             loader.set_epoch(epoch)
-            for images, labels in loader:
+            batch_iterator = iter(loader)
+            while True:
+                asked = time.perf_counter()
+                batch = next(batch_iterator, None)
+                if batch is None:
+                    break
+                if started is not None:
+                    waited += time.perf_counter() - asked
+                images, labels = batch
                 work(images, labels)
                 batches += 1
                 if started is None:
@@ -121,7 +138,8 @@ def images_per_second(
                 images_done += len(images)
                 if time.perf_counter() - started >= seconds:
                     _sync(device)
-                    return images_done / (time.perf_counter() - started)
+                    elapsed = time.perf_counter() - started
+                    return Rate(images_done / elapsed, waited / elapsed)
             epoch += 1
     finally:
         loader.close()

@@ -21,7 +21,7 @@ from tools.bench_common import (
     default_device,
     finish_report,
     float_list,
-    images_per_second,
+    measure_rate,
     temporary_workdir,
 )
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                     hw_decoder_load=LoaderConfig.hw_decoder_load if load is None else load,
                 )
                 loader = create_loader(shards, split, cfg, device=device)
-                rate = images_per_second(loader, device, args.seconds, WARMUP_BATCHES)
+                rate = measure_rate(loader, device, args.seconds, WARMUP_BATCHES).images_per_s
                 results.append(
                     {"backend": backend, "hw_decoder_load": load, "name": name, "split": split, "images_per_s": rate}
                 )

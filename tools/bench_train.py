@@ -4,7 +4,9 @@
         --batch-size 256 --seconds 20 [--shards DIR] [--json bench_train.json]
 
 The data-stall fraction is 1 - rate(backend) / rate(synthetic): the share of step rate lost to
-the pipeline. Same step code as the trainer (train.step.train_step), bf16 autocast on GPU.
+the pipeline. "host wait" is the share of the time the loop waited for the next batch: a stall
+with little wait means the pipeline keeps up but slows the step (it shares the GPU with the model).
+Same step code as the trainer (train.step.train_step), bf16 autocast on GPU.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from tools.bench_common import (
     default_device,
     finish_report,
     float_list,
-    images_per_second,
+    measure_rate,
     temporary_workdir,
 )
 from train.model import MODEL_NAMES, build_model
@@ -82,15 +84,26 @@ def main(argv: list[str] | None = None) -> int:
                 prefetch=args.prefetch,
             )
             loader = create_loader(shards, "train", cfg, device=device)
-            rate = images_per_second(loader, device, args.seconds, WARMUP_STEPS, step)
-            results.append({"backend": backend, "hw_decoder_load": load, "name": name, "images_per_s": rate})
-            print(f"{name:16s} {rate:10.1f} images/s", flush=True)
+            rate = measure_rate(loader, device, args.seconds, WARMUP_STEPS, step)
+            results.append(
+                {
+                    "backend": backend,
+                    "hw_decoder_load": load,
+                    "name": name,
+                    "images_per_s": rate.images_per_s,
+                    "data_wait_fraction": rate.data_wait_fraction,
+                }
+            )
+            print(f"{name:16s} {rate.images_per_s:10.1f} images/s", flush=True)
     synthetic = results[-1]["images_per_s"]
     label = f"{args.model}{' compiled' if args.compile else ''}, {precision}, batch {args.batch_size}"
-    print(f"\n{label}\nbackend            images/s  vs synthetic  data stall")
+    print(f"\n{label}\nbackend            images/s  vs synthetic  data stall  host wait")
     for r in results:
         r["vs_synthetic"] = r["images_per_s"] / synthetic
-        print(f"{r['name']:16s} {r['images_per_s']:10.1f} {r['vs_synthetic']:12.3f} {1 - r['vs_synthetic']:11.1%}")
+        print(
+            f"{r['name']:16s} {r['images_per_s']:10.1f} {r['vs_synthetic']:12.3f} {1 - r['vs_synthetic']:11.1%}"
+            f" {r['data_wait_fraction']:10.1%}"
+        )
     finish_report("train", args, results)
     return 0
 

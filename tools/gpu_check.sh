@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check (issue 5), run ON the GPU machine from the repository root, after the DALI parts are
 # in /tmp/dv and .dev/gpu-extra has been carried (tools/gpu_prepare.sh says how). One script, so the
-# whole check costs one device call; everything it prints also goes to $OUT/gpu_check.log.
+# whole check costs one device call; everything it prints also goes to $OUT/gpu_check.log, and the
+# tables for docs/PERFORMANCE.md (tools.gpu_report) to $OUT/report.md.
 #   SECONDS_PER_RATE (default 8), COPIES (default 100), BATCH (default 256): benchmark length,
 #   bench-shard size and batch (small values make a quick dry run on a CPU machine).
 set -uo pipefail
@@ -72,4 +73,7 @@ torchrun --standalone --nproc-per-node 1 -m train --config configs/demo.yaml dat
   resolution.val=128 train.epochs=2 eval.every=1 log.every=2 log.tensorboard="$tensorboard_ok" run.dir="$OUT/run"
 python -m train.evaluate --checkpoint "$OUT/run/last.pt" --shards /tmp/gc/shards --workers "$workers"
 rm -f "$OUT"/run/*.pt  # keep the logs, not the weights
+
+step "report: the tables for docs/PERFORMANCE.md"
+python -m tools.gpu_report "$OUT" --write "$OUT/report.md"
 step "done"

@@ -1,0 +1,118 @@
+"""Turn the benchmark JSON files of one run of tools/gpu_check.sh into Markdown tables with the targets.
+
+    python -m tools.gpu_report OUT_DIR [--write OUT_DIR/report.md]
+
+Reads `bench_pipeline.json` and every `bench_train_*.json` in OUT_DIR and prints the tables that go
+into docs/PERFORMANCE.md: each rate, its ratio, and whether the GPU targets of issues 3 and 5 hold.
+A figure that is absent (e.g. dali-gpu on a machine without a GPU) is reported as not measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DALI_GPU_TRAIN_MIN_IMAGES_PER_S = 16_500  # >= 95% of the raw DALI rate in ../shared/BASELINES.md
+DALI_GPU_MIN_VS_TORCH = 7.0
+MIN_VS_SYNTHETIC = 0.95
+
+
+def _verdict(ok: bool | None) -> str:
+    return "not measured" if ok is None else ("met" if ok else "NOT met")
+
+
+def pipeline_section(report: dict) -> list[str]:
+    env, args = report["environment"], report["args"]
+    lines = [
+        f"### Pipelines (`tools.bench_pipeline`, batch {args['batch_size']}, {args['workers']} workers/threads,"
+        f" {args['seconds']} s per rate)",
+        "",
+        "| backend | split | images/s | vs torch |",
+        "|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        ratio = f"{r['vs_torch']:.2f}x" if r.get("vs_torch") else "-"
+        lines.append(f"| {r.get('name', r['backend'])} | {r['split']} | {r['images_per_s']:,.0f} | {ratio} |")
+    gpu_train = [r for r in report["results"] if r["backend"] == "dali-gpu" and r["split"] == "train"]
+    best = max(gpu_train, key=lambda r: r["images_per_s"], default=None)
+    lines.append("")
+    if best is None:
+        lines.append(f"dali-gpu was not measured (GPU: {env.get('gpu') or 'none'}).")
+    lines.append(
+        f"- dali-gpu train >= {DALI_GPU_TRAIN_MIN_IMAGES_PER_S:,} images/s: "
+        + _verdict(None if best is None else best["images_per_s"] >= DALI_GPU_TRAIN_MIN_IMAGES_PER_S)
+        + ("" if best is None else f" (best {best['images_per_s']:,.0f}, {best['name']})")
+    )
+    lines.append(
+        f"- dali-gpu train >= {DALI_GPU_MIN_VS_TORCH:g}x torch: "
+        + _verdict(None if best is None or not best.get("vs_torch") else best["vs_torch"] >= DALI_GPU_MIN_VS_TORCH)
+        + ("" if best is None or not best.get("vs_torch") else f" ({best['vs_torch']:.2f}x)")
+    )
+    return lines
+
+
+def train_section(reports: list[dict]) -> list[str]:
+    lines = [
+        "### Training step fed by each pipeline (`tools.bench_train`)",
+        "",
+        "| model | backend | images/s | vs synthetic | host wait |",
+        "|---|---|---|---|---|",
+    ]
+    verdicts = []
+    for report in reports:
+        args = report["args"]
+        model = f"{args['model']}{' compiled' if args['compile'] else ''}, batch {args['batch_size']}"
+        for r in report["results"]:
+            lines.append(
+                f"| {model} | {r.get('name', r['backend'])} | {r['images_per_s']:,.0f} | {r['vs_synthetic']:.3f} |"
+                f" {r.get('data_wait_fraction', 0.0):.1%} |"
+            )
+        fed = [r for r in report["results"] if r["backend"] == "dali-gpu"]
+        best = max(fed, key=lambda r: r["vs_synthetic"], default=None)
+        verdicts.append(
+            f"- {model} fed by dali-gpu >= {MIN_VS_SYNTHETIC:.0%} of synthetic: "
+            + _verdict(None if best is None else best["vs_synthetic"] >= MIN_VS_SYNTHETIC)
+            + ("" if best is None else f" (best {best['vs_synthetic']:.3f}, {best['name']})")
+        )
+    return lines + [""] + verdicts
+
+
+def build_report(out_dir: Path) -> str:
+    pipeline = out_dir / "bench_pipeline.json"
+    trains = sorted(out_dir.glob("bench_train_*.json"))
+    if not pipeline.is_file() and not trains:
+        raise FileNotFoundError(f"{out_dir}: no bench_pipeline.json or bench_train_*.json")
+    sections = []
+    first = json.loads((pipeline if pipeline.is_file() else trains[0]).read_text())
+    env = first["environment"]
+    sections.append(
+        f"GPU {env.get('gpu') or 'none'}, {env['cpu_count']} CPU cores, torch {env['torch']}, "
+        f"torchvision {env.get('torchvision')}, DALI {env.get('dali')}, CUDA {env.get('cuda')}, Python {env['python']}"
+    )
+    if pipeline.is_file():
+        sections.append("\n".join(pipeline_section(json.loads(pipeline.read_text()))))
+    if trains:
+        sections.append("\n".join(train_section([json.loads(p.read_text()) for p in trains])))
+    return "\n\n".join(sections) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.gpu_report", description=__doc__.split("\n\n")[0])
+    p.add_argument("out_dir", type=Path, help="the folder gpu_check.sh wrote its JSON files to")
+    p.add_argument("--write", type=Path, help="also write the report to this file")
+    args = p.parse_args(argv)
+    try:
+        text = build_report(args.out_dir)
+    except (FileNotFoundError, json.JSONDecodeError, KeyError) as err:
+        print(f"gpu_report: {err}", file=sys.stderr)
+        return 1
+    print(text, end="")
+    if args.write:
+        args.write.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

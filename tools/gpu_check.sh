@@ -67,8 +67,8 @@ python -m tools.bench_train --shards /tmp/gc/bench-shards --model resnet18 \
 python -m tools.bench_train --shards /tmp/gc/bench-shards --model resnet50 \
   --backends dali-gpu --hw-decoder-load 0.65,1.0 --batch-size "$batch" --seconds "$seconds" --workers "$workers" --json "$OUT/bench_train_rn50.json"
 
-step "5. short real training run under torchrun, dali-gpu"
-torchrun --standalone --nproc-per-node 1 -m train --config configs/demo.yaml data.shards=/tmp/gc/shards \
+step "5. short real training run under torchrun (python -m torch.distributed.run), dali-gpu"
+python -m torch.distributed.run --standalone --nproc-per-node 1 -m train --config configs/demo.yaml data.shards=/tmp/gc/shards \
   data.backend=dali-gpu data.workers="$workers" data.batch_size=64 resolution.min=128 resolution.max=128 \
   resolution.val=128 train.epochs=2 eval.every=1 log.every=2 log.tensorboard="$tensorboard_ok" run.dir="$OUT/run"
 python -m train.evaluate --checkpoint "$OUT/run/last.pt" --shards /tmp/gc/shards --workers "$workers"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.loader import LoaderConfig
 from shards.convert import ConvertOptions, convert
 from tools.make_demo_data import build_demo_imagenet, link_sample_tree
 
@@ -47,6 +48,15 @@ def backend_runs(backends: list[str], hw_loads: list[float]) -> list[tuple[str, 
         for load in hw_loads if backend == "dali-gpu" else [None]:
             runs.append((backend, load, backend if load is None else f"{backend} hw={load:g}"))
     return runs
+
+
+def loader_config(args, backend: str, hw_decoder_load: float | None, **settings) -> LoaderConfig:
+    """The loader settings of one measurement: the benchmarks' shared flags, then `settings`."""
+    if hw_decoder_load is not None:
+        settings["hw_decoder_load"] = hw_decoder_load
+    return LoaderConfig(
+        backend=backend, batch_size=args.batch_size, image_size=args.image_size, workers=args.workers, **settings
+    )
 
 
 def default_device() -> torch.device:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from pipeline.loader import BACKENDS, LoaderConfig, create_loader
+from pipeline.loader import BACKENDS, create_loader
 from tools.bench_common import (
     HW_LOAD_HELP,
     backend_runs,
@@ -21,6 +21,7 @@ from tools.bench_common import (
     default_device,
     finish_report,
     float_list,
+    loader_config,
     measure_rate,
     temporary_workdir,
 )
@@ -55,15 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                 if backend == "dali-gpu" and device.type != "cuda":
                     print(f"{name:16s} {split:5s} skipped: no GPU")
                     continue
-                cfg = LoaderConfig(
-                    backend=backend,
-                    batch_size=args.batch_size,
-                    image_size=args.image_size,
-                    val_image_size=args.image_size,
-                    workers=args.workers,
-                    dtype=args.dtype,
-                    hw_decoder_load=LoaderConfig.hw_decoder_load if load is None else load,
-                )
+                cfg = loader_config(args, backend, load, val_image_size=args.image_size, dtype=args.dtype)
                 loader = create_loader(shards, split, cfg, device=device)
                 rate = measure_rate(loader, device, args.seconds, WARMUP_BATCHES).images_per_s
                 results.append(

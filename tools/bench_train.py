@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from pipeline.loader import BACKENDS, LoaderConfig, create_loader
+from pipeline.loader import BACKENDS, create_loader
 from shards.manifest import read_manifest
 from tools.bench_common import (
     HW_LOAD_HELP,
@@ -25,6 +25,7 @@ from tools.bench_common import (
     default_device,
     finish_report,
     float_list,
+    loader_config,
     measure_rate,
     temporary_workdir,
 )
@@ -74,15 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             if backend == "dali-gpu" and device.type != "cuda":
                 print(f"{name:16s} skipped: no GPU")
                 continue
-            cfg = LoaderConfig(
-                backend=backend,
-                batch_size=args.batch_size,
-                image_size=args.image_size,
-                workers=args.workers,
-                dtype=precision,  # inputs arrive in the dtype autocast computes in
-                hw_decoder_load=LoaderConfig.hw_decoder_load if load is None else load,
-                prefetch=args.prefetch,
-            )
+            # inputs arrive in the dtype autocast computes in
+            cfg = loader_config(args, backend, load, dtype=precision, prefetch=args.prefetch)
             loader = create_loader(shards, "train", cfg, device=device)
             rate = measure_rate(loader, device, args.seconds, WARMUP_STEPS, step)
             results.append(

@@ -71,8 +71,10 @@ def photo_shards(tmp_path_factory, real_photos, demo_imagenet) -> Path:
     root = tmp_path_factory.mktemp("photo-shards")
     tree = make_photo_tree(root / "src", real_photos, demo_imagenet, num_classes=100)
     out = root / "shards"
+    # About five shards per split whichever images there are (real photographs are ~100x larger).
+    source_mb = sum(p.stat().st_size for p in (tree / "train").rglob("*.JPEG")) / 1e6
     run_tool(
         "tools.make_shards", "--train", str(tree / "train"), "--val", str(tree / "val"), "--out", str(out),
-        "--shard-size-mb", "2", "--workers", "2", "--no-progress", check=True,
+        "--shard-size-mb", f"{source_mb / 5:.4f}", "--workers", "2", "--no-progress", check=True,
     )  # fmt: skip
     return out

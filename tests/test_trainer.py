@@ -292,7 +292,10 @@ def test_torchrun_restart_resumes_from_the_last_checkpoint(photo_shards, tmp_pat
     assert launcher.returncode == 0, rest
     assert "resumed from" in rest
     checkpoint = load_checkpoint(run_dir / "last.pt")
-    assert checkpoint["epoch"] == 2 and checkpoint["global_step"] == 2 * 6
+    steps_per_epoch = create_loader(
+        str(photo_shards), "train", LoaderConfig("torch", batch_size=8), 0, 2
+    ).steps_per_epoch
+    assert checkpoint["epoch"] == 2 and checkpoint["global_step"] == 2 * steps_per_epoch
 
 
 def test_accumulation_and_ema_are_trained_and_evaluated(photo_shards, tmp_path):

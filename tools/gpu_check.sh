@@ -3,23 +3,27 @@
 # in /tmp/dv and .dev/gpu-extra has been carried (tools/gpu_prepare.sh says how). One script, so the
 # whole check costs one device call; everything it prints also goes to $OUT/gpu_check.log, and the
 # tables for docs/PERFORMANCE.md (tools.gpu_report) to $OUT/report.md.
-#   SECONDS_PER_RATE (default 8), COPIES (default 100), BATCH (default 256): benchmark length,
+#   SECONDS_PER_RATE (default 8), COPIES (default 200), BATCH (default 256): benchmark length,
 #   bench-shard size and batch (small values make a quick dry run on a CPU machine).
+# Device time is short and a hang would lose everything after it, so each step has its own time
+# limit and a failed step does not stop the next. The steps that measure the targets run first.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT" /tmp/site
 exec > >(tee "$OUT/gpu_check.log") 2>&1
+export PYTHONUNBUFFERED=1
 seconds=${SECONDS_PER_RATE:-8}
-copies=${COPIES:-100}
+copies=${COPIES:-200}  # 30,000 train samples: an epoch of dali-gpu lasts seconds, not a fraction of one
 batch=${BATCH:-256}
 workers=$(nproc)
 if [[ -d /tmp/dv ]] && [[ ! -d /tmp/site/nvidia/dali ]]; then cat /tmp/dv/part* | xz -d -T8 | tar x -C /tmp/site; fi
-export PYTHONPATH=/tmp/site:$PWD/.dev/gpu-extra/site:$PWD
+export PYTHONPATH=/tmp/site:$PWD
 export IMAGENET_SAMPLE_DIR=$PWD/.dev/gpu-extra/imagenet-sample
 step() { echo; echo "=== $* ($(date +%T))"; }
+limit() { timeout -k 10 "$@" || echo "!!! exit $? (timeout 124/137): ${*:2}"; }
 
 step "environment"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
 python - <<'PY'
 import importlib, torch
 gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO GPU VISIBLE"
@@ -39,40 +43,46 @@ python - <<'PY'
 from tools.make_demo_data import link_sample_tree
 link_sample_tree("/tmp/gc/src", copies=1)
 PY
-python -m tools.make_shards --train /tmp/gc/src/train --val /tmp/gc/src/train --out /tmp/gc/shards \
+limit 120 python -m tools.make_shards --train /tmp/gc/src/train --val /tmp/gc/src/train --out /tmp/gc/shards \
   --workers "$workers" --shard-size-mb 4 --no-progress
-python -m tools.verify_shards /tmp/gc/shards --decode
-
-step "2. GPU-marked tests"
-python -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
+limit 120 python -m tools.verify_shards /tmp/gc/shards --decode
 
 step "bench shards: each photograph linked $copies times"
 python - <<PY
 from tools.make_demo_data import link_sample_tree
 link_sample_tree("/tmp/gc/bench-src", copies=$copies)
 PY
-python -m tools.make_shards --train /tmp/gc/bench-src/train --val /tmp/gc/bench-src/train \
+limit 180 python -m tools.make_shards --train /tmp/gc/bench-src/train --val /tmp/gc/bench-src/train \
   --out /tmp/gc/bench-shards --workers "$workers" --no-progress | head -3
 
 step "3. pipeline throughput, batch $batch"
-python -m tools.bench_pipeline --shards /tmp/gc/bench-shards --backends dali-gpu,dali-cpu,torch,synthetic \
+limit 200 python -m tools.bench_pipeline --shards /tmp/gc/bench-shards --backends dali-gpu,dali-cpu,torch,synthetic \
   --batch-size "$batch" --seconds "$seconds" --workers "$workers" --hw-decoder-load 0.65,1.0 \
   --json "$OUT/bench_pipeline.json"
 
-step "4. training step fed by dali-gpu vs synthetic"
-python -m tools.bench_train --shards /tmp/gc/bench-shards --model resnet18 --compile \
+step "4. training step fed by dali-gpu vs synthetic (GPU utilisation every second in dmon.log)"
+nvidia-smi dmon -s u -d 1 >"$OUT/dmon.log" 2>&1 &
+dmon=$!
+limit 240 python -m tools.bench_train --shards /tmp/gc/bench-shards --model resnet18 --compile \
   --backends dali-gpu --hw-decoder-load 0.65,0.85,1.0 --batch-size "$batch" --seconds "$seconds" --workers "$workers" --json "$OUT/bench_train_rn18c.json"
-python -m tools.bench_train --shards /tmp/gc/bench-shards --model resnet18 \
-  --backends dali-gpu --batch-size "$batch" --seconds "$seconds" --workers "$workers" --json "$OUT/bench_train_rn18.json"
-python -m tools.bench_train --shards /tmp/gc/bench-shards --model resnet50 \
+limit 150 python -m tools.bench_train --shards /tmp/gc/bench-shards --model resnet50 \
   --backends dali-gpu --hw-decoder-load 0.65,1.0 --batch-size "$batch" --seconds "$seconds" --workers "$workers" --json "$OUT/bench_train_rn50.json"
+kill "$dmon" 2>/dev/null
+
+step "2. GPU-marked tests"
+limit 180 python -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
 
 step "5. short real training run under torchrun (python -m torch.distributed.run), dali-gpu"
-python -m torch.distributed.run --standalone --nproc-per-node 1 -m train --config configs/demo.yaml data.shards=/tmp/gc/shards \
+limit 150 python -m torch.distributed.run --standalone --nproc-per-node 1 -m train --config configs/demo.yaml data.shards=/tmp/gc/shards \
   data.backend=dali-gpu data.workers="$workers" data.batch_size=64 resolution.min=128 resolution.max=128 \
-  resolution.val=128 train.epochs=2 eval.every=1 log.every=2 log.tensorboard="$tensorboard_ok" run.dir="$OUT/run"
-python -m train.evaluate --checkpoint "$OUT/run/last.pt" --shards /tmp/gc/shards --workers "$workers"
-rm -f "$OUT"/run/*.pt  # keep the logs, not the weights
+  resolution.val=128 train.epochs=2 eval.every=1 log.every=2 log.tensorboard="$tensorboard_ok" run.dir=/tmp/gc/run
+limit 90 python -m train.evaluate --checkpoint /tmp/gc/run/last.pt --shards /tmp/gc/shards --workers "$workers"
+ls -la /tmp/gc/run
+tar czf "$OUT/run.tgz" --exclude='*.pt' -C /tmp/gc run  # the logs, not the weights: one file back
+
+step "4b. ResNet-18 eager, fed by dali-gpu vs synthetic"
+limit 100 python -m tools.bench_train --shards /tmp/gc/bench-shards --model resnet18 \
+  --backends dali-gpu --hw-decoder-load 1.0 --batch-size "$batch" --seconds "$seconds" --workers "$workers" --json "$OUT/bench_train_rn18.json"
 
 step "report: the tables for docs/PERFORMANCE.md"
 python -m tools.gpu_report "$OUT" --write "$OUT/report.md"

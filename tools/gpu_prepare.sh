@@ -2,8 +2,9 @@
 # Run HERE (not on the GPU machine) before tools/gpu_check.sh: packs what the offline GPU machine
 # lacks into git-ignored folders, each small enough for one device call (64 MiB).
 #   .dev/dali1 .dev/dali2 .dev/dali3   DALI 2.4.0 for Python 3.12 (../shared/device/pack-dali.sh)
-#   .dev/gpu-extra/site                pure-Python packages the checks need (pytest, tqdm, PyYAML)
 #   .dev/gpu-extra/imagenet-sample     real sample photographs for the checks
+# The GPU machine's own Python already has pytest, PyYAML, tqdm and TensorBoard (device KINDS.md);
+# webdataset is needed by no code that the check runs.
 # Then, in three back-to-back device calls (see docs/PERFORMANCE.md):
 #   carry .dev/dali1: mkdir -p /tmp/dv && cp .dev/dali1/* /tmp/dv/
 #   carry .dev/dali2: cp .dev/dali2/* /tmp/dv/
@@ -12,12 +13,6 @@ set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 photos=${PHOTOS:-150}  # with .dev/dali3 (38 MiB) this keeps the third call under 64 MiB
 [[ -d .dev/dali1 ]] || bash ../shared/device/pack-dali.sh
-rm -rf .dev/gpu-extra && mkdir -p .dev/gpu-extra/site .dev/gpu-extra/imagenet-sample
-wheels=$(mktemp -d)
-trap 'rm -rf "$wheels"' EXIT
-python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any -d "$wheels" \
-  pytest pluggy iniconfig tqdm pyyaml packaging
-for w in "$wheels"/*.whl; do python3 -m zipfile -e "$w" .dev/gpu-extra/site; done
+rm -rf .dev/gpu-extra && mkdir -p .dev/gpu-extra/imagenet-sample
 ls ../shared/data/imagenet-sample/*.JPEG | head -n "$photos" | while read -r f; do cp "$f" .dev/gpu-extra/imagenet-sample/; done
 du -sh .dev/dali1 .dev/dali2 .dev/dali3 .dev/gpu-extra

@@ -80,7 +80,7 @@ class DaliLoader(PartLoader):
             output_float16=self.dtype in (torch.float16, torch.bfloat16),
             batch_size=self.batch_size,
             num_threads=self.cfg.workers,
-            device_id=(self.device.index or 0) if self.decode_on_gpu else None,
+            device_id=self.device.index if self.decode_on_gpu else None,
             prefetch_queue_depth=self.cfg.prefetch,
             seed=_seed(self.cfg.seed, epoch, self.rank),
         )

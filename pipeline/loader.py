@@ -170,6 +170,8 @@ def create_loader(
     device = torch.device(device)
     if cfg.backend == "dali-gpu" and device.type != "cuda":
         raise ValueError("data.backend 'dali-gpu' needs a CUDA device; use 'dali-cpu' or 'torch' without a GPU")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # the GPU the caller selected, for DALI too
     if cfg.backend == "synthetic":
         from pipeline.synthetic import SyntheticLoader
 

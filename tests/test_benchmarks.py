@@ -2,10 +2,14 @@
 
 import json
 import re
+import time
 
 import pytest
+import torch
 
+from pipeline.loader import LoaderConfig, create_loader
 from tests.conftest import run_tool
+from tools.bench_common import measure_rate
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +35,7 @@ def test_bench_pipeline_reports_every_backend_and_split(bench_out):
     measured = {(r["backend"], r["split"]) for r in report["results"]}
     assert {("dali-cpu", "train"), ("torch", "val"), ("synthetic", "train")} <= measured
     assert all(r["images_per_s"] > 0 and r["vs_torch"] > 0 for r in report["results"])
+    assert all(r["within_epoch_images_per_s"] > 0 and r["images_per_epoch"] % 8 == 0 for r in report["results"])
     assert report["environment"]["dali"] and report["environment"]["torch"]
     assert "vs torch" in stdout
     if not report["environment"]["gpu"]:
@@ -65,3 +70,33 @@ def test_gpu_report_names_a_folder_without_results(tmp_path):
     result = run_tool("tools.gpu_report", str(tmp_path))
     assert result.returncode == 1
     assert f"{tmp_path}: no bench_pipeline.json or bench_train_*.json" in result.stderr
+
+
+class SlowSwitchLoader:
+    """The synthetic loader with a pause before each epoch's first batch (a stand-in for a slow switch)."""
+
+    def __init__(self, pause_s: float):
+        cfg = LoaderConfig(backend="synthetic", batch_size=4, image_size=8, synthetic_steps=5, dtype="float32")
+        self.inner = create_loader(None, "train", cfg)
+        self.pause_s = pause_s
+        self.steps_per_epoch, self.batch_size = self.inner.steps_per_epoch, self.inner.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.inner.set_epoch(epoch)
+
+    def __iter__(self):
+        time.sleep(self.pause_s)
+        yield from self.inner
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_measure_rate_reports_epoch_switches_apart_from_the_rate_within_epochs():
+    pause = 0.2
+    rate = measure_rate(SlowSwitchLoader(pause), torch.device("cpu"), seconds=1.5, warmup_batches=2)
+    assert rate.images_per_epoch == 20
+    assert rate.epoch_switches >= 3
+    # Steps take microseconds here, so the switches hold nearly all the time: each costs the pause.
+    assert pause * 0.8 < rate.seconds_per_switch < pause * 2
+    assert rate.within_epoch_images_per_s > 10 * rate.images_per_s

@@ -107,8 +107,12 @@ def temporary_workdir() -> tempfile.TemporaryDirectory:
 
 @dataclass
 class Rate:
-    images_per_s: float
+    images_per_s: float  # over the whole timed span, epoch switches included
     data_wait_fraction: float  # share of the timed span the host spent waiting for the next batch
+    within_epoch_images_per_s: float  # over the spans inside epochs, switches left out
+    epoch_switches: int  # epoch ends inside the timed span
+    seconds_per_switch: float | None  # time an epoch switch costs beyond one step (None: no switch)
+    images_per_epoch: int  # so a rate can be extrapolated to another epoch length
 
 
 def measure_rate(
@@ -124,12 +128,17 @@ def measure_rate(
     The clock starts and stops after a device sync, so queued GPU work is counted. The host's wait
     for batches tells a pipeline that cannot keep up (the wait grows) from one that keeps up but
     slows the step by sharing the GPU (no wait, yet a lower rate than synthetic data).
+    The device is also synced at each epoch's end and after each epoch's first batch, which splits
+    the span into epochs and switches: a benchmark epoch is far shorter than an ImageNet one, so the
+    rate within epochs and the cost of a switch are reported apart.
     """
     batches, images_done, epoch, started, waited = 0, 0, 0, None, 0.0
+    span_start, span_seconds, span_images, switches = None, 0.0, 0, 0
     try:
         while True:
             loader.set_epoch(epoch)
             batch_iterator = iter(loader)
+            first_of_epoch = True
             while True:
                 asked = time.perf_counter()
                 batch = next(batch_iterator, None)
@@ -141,18 +150,55 @@ def measure_rate(
                 work(images, labels)
                 batches += 1
                 if started is None:
+                    first_of_epoch = False
                     if batches == warmup_batches:
-                        _sync(device)
-                        started = time.perf_counter()
+                        started = span_start = _synced_time(device)
                     continue
                 images_done += len(images)
+                if first_of_epoch:
+                    span_start = _synced_time(device)  # the switch ends with the epoch's first step
+                    first_of_epoch = False
+                else:
+                    span_images += len(images)
                 if time.perf_counter() - started >= seconds:
-                    _sync(device)
-                    elapsed = time.perf_counter() - started
-                    return Rate(images_done / elapsed, waited / elapsed)
+                    ended = _synced_time(device)
+                    span_seconds += ended - span_start
+                    return _rate(loader, ended - started, images_done, waited, span_seconds, span_images, switches)
+            if started is not None:
+                span_seconds += _synced_time(device) - span_start
+                switches += 1
             epoch += 1
     finally:
         loader.close()
+
+
+def _rate(loader, elapsed, images, waited, span_seconds, span_images, switches) -> Rate:
+    within = span_images / span_seconds if span_seconds > 0 and span_images else images / elapsed
+    # A switch span holds one step (the new epoch's first batch) besides the switch itself.
+    per_switch = (elapsed - span_seconds - (images - span_images) / within) / switches if switches else None
+    images_per_epoch = loader.steps_per_epoch * loader.batch_size
+    return Rate(images / elapsed, waited / elapsed, within, switches, per_switch, images_per_epoch)
+
+
+def rate_fields(rate: Rate) -> dict:
+    """The JSON fields of one measurement."""
+    return {
+        "images_per_s": rate.images_per_s,
+        "data_wait_fraction": rate.data_wait_fraction,
+        "within_epoch_images_per_s": rate.within_epoch_images_per_s,
+        "epoch_switches": rate.epoch_switches,
+        "seconds_per_switch": rate.seconds_per_switch,
+        "images_per_epoch": rate.images_per_epoch,
+    }
+
+
+def switch_text(seconds_per_switch: float | None) -> str:
+    return "-" if seconds_per_switch is None else f"{seconds_per_switch:.3f}"
+
+
+def _synced_time(device: torch.device) -> float:
+    _sync(device)
+    return time.perf_counter()
 
 
 def _sync(device: torch.device) -> None:

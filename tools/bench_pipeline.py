@@ -23,6 +23,8 @@ from tools.bench_common import (
     float_list,
     loader_config,
     measure_rate,
+    rate_fields,
+    switch_text,
     temporary_workdir,
 )
 
@@ -58,17 +60,21 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 cfg = loader_config(args, backend, load, val_image_size=args.image_size, dtype=args.dtype)
                 loader = create_loader(shards, split, cfg, device=device)
-                rate = measure_rate(loader, device, args.seconds, WARMUP_BATCHES).images_per_s
+                rate = measure_rate(loader, device, args.seconds, WARMUP_BATCHES)
                 results.append(
-                    {"backend": backend, "hw_decoder_load": load, "name": name, "split": split, "images_per_s": rate}
+                    {"backend": backend, "hw_decoder_load": load, "name": name, "split": split, **rate_fields(rate)}
                 )
-                print(f"{name:16s} {split:5s} {rate:10.1f} images/s", flush=True)
-    print("\nbackend          split    images/s   vs torch")
+                print(f"{name:16s} {split:5s} {rate.images_per_s:10.1f} images/s", flush=True)
+    print("\nbackend          split    images/s   vs torch  within epochs  s/switch  images/epoch")
     for r in results:
         base = next((x["images_per_s"] for x in results if x["backend"] == "torch" and x["split"] == r["split"]), None)
         r["vs_torch"] = r["images_per_s"] / base if base else None
         ratio = f"{r['vs_torch']:.2f}x" if base else "-"
-        print(f"{r['name']:16s} {r['split']:5s} {r['images_per_s']:10.1f} {ratio:>9s}")
+        print(
+            f"{r['name']:16s} {r['split']:5s} {r['images_per_s']:10.1f} {ratio:>9s}"
+            f" {r['within_epoch_images_per_s']:14.1f} {switch_text(r['seconds_per_switch']):>9s}"
+            f" {r['images_per_epoch']:13d}"
+        )
     finish_report("pipeline", args, results)
     return 0
 

@@ -6,6 +6,8 @@
 The data-stall fraction is 1 - rate(backend) / rate(synthetic): the share of step rate lost to
 the pipeline. "host wait" is the share of the time the loop waited for the next batch: a stall
 with little wait means the pipeline keeps up but slows the step (it shares the GPU with the model).
+"within epochs" is the same ratio with epoch switches left out, "s/switch" what one switch costs
+(a bench epoch is far shorter than an ImageNet one, so switches weigh more here than in training).
 Same step code as the trainer (train.step.train_step), bf16 autocast on GPU.
 """
 
@@ -27,6 +29,8 @@ from tools.bench_common import (
     float_list,
     loader_config,
     measure_rate,
+    rate_fields,
+    switch_text,
     temporary_workdir,
 )
 from train.model import MODEL_NAMES, build_model
@@ -79,24 +83,19 @@ def main(argv: list[str] | None = None) -> int:
             cfg = loader_config(args, backend, load, dtype=precision, prefetch=args.prefetch)
             loader = create_loader(shards, "train", cfg, device=device)
             rate = measure_rate(loader, device, args.seconds, WARMUP_STEPS, step)
-            results.append(
-                {
-                    "backend": backend,
-                    "hw_decoder_load": load,
-                    "name": name,
-                    "images_per_s": rate.images_per_s,
-                    "data_wait_fraction": rate.data_wait_fraction,
-                }
-            )
+            results.append({"backend": backend, "hw_decoder_load": load, "name": name, **rate_fields(rate)})
             print(f"{name:16s} {rate.images_per_s:10.1f} images/s", flush=True)
     synthetic = results[-1]["images_per_s"]
     label = f"{args.model}{' compiled' if args.compile else ''}, {precision}, batch {args.batch_size}"
-    print(f"\n{label}\nbackend            images/s  vs synthetic  data stall  host wait")
+    within_synthetic = results[-1]["within_epoch_images_per_s"]
+    print(f"\n{label}\nbackend            images/s  vs synthetic  data stall  host wait  within epochs  s/switch")
     for r in results:
         r["vs_synthetic"] = r["images_per_s"] / synthetic
+        r["within_epoch_vs_synthetic"] = r["within_epoch_images_per_s"] / within_synthetic
         print(
             f"{r['name']:16s} {r['images_per_s']:10.1f} {r['vs_synthetic']:12.3f} {1 - r['vs_synthetic']:11.1%}"
-            f" {r['data_wait_fraction']:10.1%}"
+            f" {r['data_wait_fraction']:10.1%} {r['within_epoch_vs_synthetic']:14.3f}"
+            f" {switch_text(r['seconds_per_switch']):>9s}"
         )
     finish_report("train", args, results)
     return 0

@@ -23,18 +23,28 @@ def _verdict(ok: bool | None) -> str:
     return "not measured" if ok is None else ("met" if ok else "NOT met")
 
 
+def _optional(result: dict, key: str, spec: str) -> str:
+    """A field that older result files (or a measurement without epoch switches) lack, as '-'."""
+    value = result.get(key)
+    return "-" if value is None else format(value, spec)
+
+
 def pipeline_section(report: dict) -> list[str]:
     env, args = report["environment"], report["args"]
     lines = [
         f"### Pipelines (`tools.bench_pipeline`, batch {args['batch_size']}, {args['workers']} workers/threads,"
         f" {args['seconds']} s per rate)",
         "",
-        "| backend | split | images/s | vs torch |",
-        "|---|---|---|---|",
+        "| backend | split | images/s | vs torch | within epochs | s per epoch switch | images/epoch |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         ratio = f"{r['vs_torch']:.2f}x" if r.get("vs_torch") else "-"
-        lines.append(f"| {r.get('name', r['backend'])} | {r['split']} | {r['images_per_s']:,.0f} | {ratio} |")
+        lines.append(
+            f"| {r.get('name', r['backend'])} | {r['split']} | {r['images_per_s']:,.0f} | {ratio} |"
+            f" {_optional(r, 'within_epoch_images_per_s', ',.0f')} | {_optional(r, 'seconds_per_switch', '.3f')} |"
+            f" {_optional(r, 'images_per_epoch', ',')} |"
+        )
     gpu_train = [r for r in report["results"] if r["backend"] == "dali-gpu" and r["split"] == "train"]
     best = max(gpu_train, key=lambda r: r["images_per_s"], default=None)
     lines.append("")
@@ -57,8 +67,8 @@ def train_section(reports: list[dict]) -> list[str]:
     lines = [
         "### Training step fed by each pipeline (`tools.bench_train`)",
         "",
-        "| model | backend | images/s | vs synthetic | host wait |",
-        "|---|---|---|---|---|",
+        "| model | backend | images/s | vs synthetic | host wait | within epochs vs synthetic | s per epoch switch |",
+        "|---|---|---|---|---|---|---|",
     ]
     verdicts = []
     for report in reports:
@@ -67,7 +77,8 @@ def train_section(reports: list[dict]) -> list[str]:
         for r in report["results"]:
             lines.append(
                 f"| {model} | {r.get('name', r['backend'])} | {r['images_per_s']:,.0f} | {r['vs_synthetic']:.3f} |"
-                f" {r.get('data_wait_fraction', 0.0):.1%} |"
+                f" {r.get('data_wait_fraction', 0.0):.1%} | {_optional(r, 'within_epoch_vs_synthetic', '.3f')} |"
+                f" {_optional(r, 'seconds_per_switch', '.3f')} |"
             )
         fed = [r for r in report["results"] if r["backend"] == "dali-gpu"]
         best = max(fed, key=lambda r: r["vs_synthetic"], default=None)

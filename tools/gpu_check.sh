@@ -55,14 +55,14 @@ PY
 limit 180 python -m tools.make_shards --train /tmp/gc/bench-src/train --val /tmp/gc/bench-src/train \
   --out /tmp/gc/bench-shards --workers "$workers" --no-progress | head -3
 
-step "3. pipeline throughput, batch $batch"
+step "3. pipeline throughput, batch $batch (GPU and JPEG-decoder utilisation each second in dmon.log, steps 3-4)"
+nvidia-smi dmon -s u -d 1 >"$OUT/dmon.log" 2>&1 &
+dmon=$!
 limit 200 python -m tools.bench_pipeline --shards /tmp/gc/bench-shards --backends dali-gpu,dali-cpu,torch,synthetic \
   --batch-size "$batch" --seconds "$seconds" --workers "$workers" --hw-decoder-load 0.65,1.0 \
   --json "$OUT/bench_pipeline.json"
 
-step "4. training step fed by dali-gpu vs synthetic (GPU utilisation every second in dmon.log)"
-nvidia-smi dmon -s u -d 1 >"$OUT/dmon.log" 2>&1 &
-dmon=$!
+step "4. training step fed by dali-gpu vs synthetic"
 limit 240 python -m tools.bench_train --shards /tmp/gc/bench-shards --model resnet18 --compile \
   --backends dali-gpu --hw-decoder-load 0.65,0.85,1.0 --batch-size "$batch" --seconds "$seconds" --workers "$workers" --json "$OUT/bench_train_rn18c.json"
 limit 150 python -m tools.bench_train --shards /tmp/gc/bench-shards --model resnet50 \

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=20)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="DALI threads / DataLoader workers")
     p.add_argument("--dtype", default="float16")
-    p.add_argument("--hw-decoder-load", type=float_list, default=[0.65], help=HW_LOAD_HELP)
+    p.add_argument("--hw-decoder-load", type=float_list, default=[1.0], help=HW_LOAD_HELP)
     p.add_argument("--copies", type=int, default=4, help="links per sample photograph in the bench shards")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)

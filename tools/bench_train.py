@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--precision", choices=list(AUTOCAST_DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--hw-decoder-load", type=float_list, default=[0.65], help=HW_LOAD_HELP)
+    p.add_argument("--hw-decoder-load", type=float_list, default=[1.0], help=HW_LOAD_HELP)
     p.add_argument("--prefetch", type=int, default=2, help="batches the pipeline prepares ahead of the step")
     p.add_argument("--copies", type=int, default=4, help="links per sample photograph in the bench shards")
     p.add_argument("--json", help="write the results here")

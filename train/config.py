@@ -47,7 +47,7 @@ class DataConfig:
     backend: str = option("dali-gpu", "data pipeline", BACKENDS)
     batch_size: int = option(256, "images per step on each rank (per micro-batch with accumulation)")
     workers: int = option(8, "DALI threads, or DataLoader workers for the torch backend")
-    hw_decoder_load: float = option(0.65, "share of JPEGs for the hardware decoder (dali-gpu)")
+    hw_decoder_load: float = option(1.0, "share of JPEGs for the hardware decoder (dali-gpu)")
     shuffle_buffer: int = option(4096, "samples DALI's reader mixes within")
     prefetch: int = option(2, "batches prepared ahead of the step")
     crop_pct: float = option(DEFAULT_CROP_PCT, "val: resize to size / crop_pct, then center crop")

@@ -180,18 +180,6 @@ def _rate(loader, elapsed, images, waited, span_seconds, span_images, switches) 
     return Rate(images / elapsed, waited / elapsed, within, switches, per_switch, images_per_epoch)
 
 
-def rate_fields(rate: Rate) -> dict:
-    """The JSON fields of one measurement."""
-    return {
-        "images_per_s": rate.images_per_s,
-        "data_wait_fraction": rate.data_wait_fraction,
-        "within_epoch_images_per_s": rate.within_epoch_images_per_s,
-        "epoch_switches": rate.epoch_switches,
-        "seconds_per_switch": rate.seconds_per_switch,
-        "images_per_epoch": rate.images_per_epoch,
-    }
-
-
 def switch_text(seconds_per_switch: float | None) -> str:
     return "-" if seconds_per_switch is None else f"{seconds_per_switch:.3f}"
 

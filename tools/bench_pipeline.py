@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import asdict
 
 from pipeline.loader import BACKENDS, create_loader
 from tools.bench_common import (
@@ -23,7 +24,6 @@ from tools.bench_common import (
     float_list,
     loader_config,
     measure_rate,
-    rate_fields,
     switch_text,
     temporary_workdir,
 )
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                 loader = create_loader(shards, split, cfg, device=device)
                 rate = measure_rate(loader, device, args.seconds, WARMUP_BATCHES)
                 results.append(
-                    {"backend": backend, "hw_decoder_load": load, "name": name, "split": split, **rate_fields(rate)}
+                    {"backend": backend, "hw_decoder_load": load, "name": name, "split": split, **asdict(rate)}
                 )
                 print(f"{name:16s} {split:5s} {rate.images_per_s:10.1f} images/s", flush=True)
     print("\nbackend          split    images/s   vs torch  within epochs  s/switch  images/epoch")

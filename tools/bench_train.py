@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import asdict
 
 import torch
 
@@ -29,7 +30,6 @@ from tools.bench_common import (
     float_list,
     loader_config,
     measure_rate,
-    rate_fields,
     switch_text,
     temporary_workdir,
 )
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = loader_config(args, backend, load, dtype=precision, prefetch=args.prefetch)
             loader = create_loader(shards, "train", cfg, device=device)
             rate = measure_rate(loader, device, args.seconds, WARMUP_STEPS, step)
-            results.append({"backend": backend, "hw_decoder_load": load, "name": name, **rate_fields(rate)})
+            results.append({"backend": backend, "hw_decoder_load": load, "name": name, **asdict(rate)})
             print(f"{name:16s} {rate.images_per_s:10.1f} images/s", flush=True)
     synthetic = results[-1]["images_per_s"]
     label = f"{args.model}{' compiled' if args.compile else ''}, {precision}, batch {args.batch_size}"

@@ -1,7 +1,8 @@
-"""DALI graphs: read (shards or files), decode, crop/resize, flip, normalize.
+"""The DALI graph: encoded images in, decoded, cropped/resized, flipped and normalized out.
 
 One definition serves GPU decoding (`mixed`: nvJPEG and the hardware JPEG decoder) and CPU decoding
-(no GPU at all), as in DALI's ResNet-50 example.
+(no GPU at all), as in DALI's ResNet-50 example. The encoded images come from a Python source (a
+`pipeline.batch_stream.BatchStream`) instead of a DALI reader: see that module for why.
 """
 
 from __future__ import annotations
@@ -16,38 +17,6 @@ from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, RRC_AREA, RRC_ASPEC
 DALI_MEAN = [m * 255 for m in IMAGENET_MEAN]
 DALI_STD = [s * 255 for s in IMAGENET_STD]
 RRC_ATTEMPTS = 100  # random crops tried before falling back to the whole image, as torchvision does
-
-
-def shard_reader(tars: list[str], indexes: list[str], shuffle: bool, shuffle_buffer: int) -> Callable:
-    """Reader node over (tar, index) pairs: yields (jpeg bytes, label as 4 ASCII digits)."""
-
-    def read():
-        return fn.readers.webdataset(
-            paths=tars,
-            index_paths=indexes,
-            ext=["jpg", "cls"],
-            missing_component_behavior="error",
-            random_shuffle=shuffle,
-            initial_fill=shuffle_buffer,
-            name="Reader",
-        )
-
-    return read
-
-
-def file_reader(files: list[str], labels: list[int], shuffle: bool, shuffle_buffer: int) -> Callable:
-    """Reader node over image files with integer labels (the `folder` backend)."""
-
-    def read():
-        return fn.readers.file(
-            files=files,
-            labels=labels,
-            random_shuffle=shuffle,
-            initial_fill=shuffle_buffer,
-            name="Reader",
-        )
-
-    return read
 
 
 def torchvision_resize_size(images, shorter: int):
@@ -80,7 +49,7 @@ def torchvision_center(length, crop: int):
 
 @pipeline_def(enable_conditionals=False)
 def imagenet_pipeline(
-    read: Callable,
+    source: Callable[[], tuple[list, object]],
     train: bool,
     image_size: int,
     val_resize: int,
@@ -90,9 +59,13 @@ def imagenet_pipeline(
 ):
     """Returns (images HWC normalized, labels); labels are moved to the GPU with the images.
 
-    Random choices (shuffle, crops, flips) derive from the pipeline's `seed`.
+    `source()` gives one batch: a list of encoded images (uint8 arrays) and an int64 label array,
+    which must stay unchanged until the batch's outputs are out (no copy is made). Random crops and
+    flips derive from the pipeline's `seed`.
     """
-    jpegs, labels = read()
+    jpegs, labels = fn.external_source(
+        source=source, num_outputs=2, batch=True, no_copy=True, dtype=[types.UINT8, types.INT64]
+    )
     decoder_device = "mixed" if decode_on_gpu else "cpu"
     # EXIF orientation is ignored, as PIL and torchvision (and so every published ImageNet result)
     # do: DALI's default would rotate such photos and the backends would disagree on them.

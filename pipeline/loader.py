@@ -14,8 +14,6 @@ rank takes the same number of steps) carry the label `PAD_LABEL` (-1): metrics s
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,8 +27,6 @@ from pipeline.transforms import DEFAULT_CROP_PCT, DTYPES, val_resize_size
 BACKENDS = ("dali-gpu", "dali-cpu", "torch", "synthetic", "folder")
 SPLITS = ("train", "val")
 PAD_LABEL = -1
-LABEL_DIGIT_WEIGHTS = (1000, 100, 10, 1)  # labels are stored as 4 ASCII digits
-ASCII_ZERO = 48
 
 
 @dataclass
@@ -46,7 +42,6 @@ class LoaderConfig:
     # measurement, training and pipeline alone (docs/PERFORMANCE.md); the rest would be decoded by
     # CUDA kernels that take SMs from the model.
     hw_decoder_load: float = 1.0
-    shuffle_buffer: int = 4096  # samples DALI mixes within (shards are already globally shuffled)
     prefetch: int = 2  # batches prepared ahead of the training step
     seed: int = 0
     synthetic_steps: int = 100  # steps per epoch of the synthetic backend without shards
@@ -115,7 +110,6 @@ class PartLoader(Loader):
         super().__init__(split, cfg, rank, world_size, device)
         self.sizes = sizes
         self.part = self._part(0)  # raises now if the split cannot feed every rank
-        self._tmpdir = tempfile.mkdtemp(prefix=f"loader-{split}-rank{rank}-")
 
     def _part(self, epoch: int) -> RankPart:
         if self.train:
@@ -137,21 +131,6 @@ class PartLoader(Loader):
             return labels
         position = torch.arange(first, first + len(labels), device=labels.device)
         return torch.where(position < self.part.real_samples, labels, torch.full_like(labels, PAD_LABEL))
-
-    def close(self) -> None:
-        shutil.rmtree(self._tmpdir, ignore_errors=True)
-
-
-_digit_weights: dict[torch.device, torch.Tensor] = {}
-
-
-def ascii_labels_to_int(labels: torch.Tensor) -> torch.Tensor:
-    """(N, 4) uint8 ASCII digits -> (N,) int64, on whatever device the labels are."""
-    weights = _digit_weights.get(labels.device)
-    if weights is None:
-        # Made once per device: a host-to-device copy every step would stall the step on it.
-        weights = _digit_weights[labels.device] = torch.tensor(LABEL_DIGIT_WEIGHTS, device=labels.device)
-    return ((labels.to(torch.int64) - ASCII_ZERO) * weights).sum(dim=1)
 
 
 def create_loader(

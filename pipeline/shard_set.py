@@ -58,18 +58,6 @@ class ShardSet:
     def index_lines(self, shard: int) -> list[str]:
         return self.indexes[shard]
 
-    def write_rank_indexes(self, part: RankPart, directory: str | os.PathLike) -> tuple[list[str], list[str]]:
-        """One (tar, index) pair per piece, each index listing only that piece's samples."""
-        directory = Path(directory)
-        tars, indexes = [], []
-        for n, piece in enumerate(part.pieces):
-            lines = self.index_lines(piece.shard)[piece.start : piece.stop]
-            index_path = directory / f"piece-{n:06d}.idx"
-            index_path.write_text(f"{DALI_INDEX_VERSION} {len(lines)}\n" + "".join(line + "\n" for line in lines))
-            tars.append(str(self.tar_path(piece.shard)))
-            indexes.append(str(index_path))
-        return tars, indexes
-
     def sample_refs(self, part: RankPart) -> list[SampleRef]:
         refs = []
         for piece in part.pieces:

@@ -48,7 +48,6 @@ class DataConfig:
     batch_size: int = option(256, "images per step on each rank (per micro-batch with accumulation)")
     workers: int = option(8, "DALI threads, or DataLoader workers for the torch backend")
     hw_decoder_load: float = option(1.0, "share of JPEGs for the hardware decoder (dali-gpu)")
-    shuffle_buffer: int = option(4096, "samples DALI's reader mixes within")
     prefetch: int = option(2, "batches prepared ahead of the step")
     crop_pct: float = option(DEFAULT_CROP_PCT, "val: resize to size / crop_pct, then center crop")
 
@@ -156,7 +155,6 @@ class Config:
             workers=self.data.workers,
             dtype=self.precision_on(device),
             hw_decoder_load=self.data.hw_decoder_load,
-            shuffle_buffer=self.data.shuffle_buffer,
             prefetch=self.data.prefetch,
             seed=self.train.seed,
         )

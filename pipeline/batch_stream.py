@@ -1,0 +1,188 @@
+"""Encoded batches read ahead in a thread, epoch after epoch: what feeds a DALI pipeline.
+
+DALI's readers take their file list when a pipeline is built, so an exact split that changes every
+epoch needed a new pipeline per epoch, and on an H100 each of those switches left the GPU idle for
+about a second (docs/PERFORMANCE.md). DALI's own sharding keeps one pipeline but does not keep
+epochs exact. So the split's order is handed to one long-lived pipeline through
+`fn.external_source`: this stream reads the rank's samples at their offsets (from the .idx files,
+via `SampleTable`), batch after batch, running on into the next epoch with no break.
+
+Reading is plain `os.preadv` into reused buffers, which releases the GIL while the kernel copies; the
+pipeline takes the bytes without a copy (`no_copy=True`), so a buffer is reused only after the
+loader has received the outputs of the batch it held.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.sample_table import SampleTable
+from pipeline.shard_set import ShardError
+
+_PUT_POLL_SECONDS = 0.1  # how often a blocked reader thread checks whether it was stopped
+
+
+@dataclass
+class EncodedBatch:
+    epoch: int
+    step: int
+    rows: np.ndarray  # table rows, in batch order
+    images: list[np.ndarray]  # encoded image bytes: views into `buffer`
+    labels: np.ndarray  # int64
+    buffer: np.ndarray
+
+
+class BatchStream:
+    """Batches of `epoch_rows(e)` for e = first_epoch, first_epoch + 1, ...; call it to get the next.
+
+    `epoch_rows(epoch)` gives the table rows of one epoch in reading order (a whole number of
+    batches is read from it; the split makes train parts whole batches). `describe(row)` names a
+    sample in error messages.
+    """
+
+    def __init__(
+        self,
+        table: SampleTable,
+        epoch_rows: Callable[[int], np.ndarray],
+        first_epoch: int,
+        batch_size: int,
+        read_ahead: int,
+        describe: Callable[[int], str],
+    ):
+        self.table, self.batch_size, self.describe = table, batch_size, describe
+        self._epoch_rows, self._first_epoch = epoch_rows, first_epoch
+        self._ready: queue.Queue = queue.Queue(maxsize=read_ahead)
+        self._free: queue.SimpleQueue = queue.SimpleQueue()  # buffers whose batch DALI has finished
+        self.handed: deque[EncodedBatch] = deque()  # given to the pipeline, outputs not yet received
+        self._files = _OpenFiles(table.paths)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read_all, name="batch-stream", daemon=True)
+        self._thread.start()
+
+    def __call__(self) -> tuple[list[np.ndarray], np.ndarray]:
+        """DALI's source callback: the next batch's encoded images and labels."""
+        item = self._ready.get()
+        if isinstance(item, BaseException):
+            self._ready.put(item)  # the reader has stopped: every later call fails the same way
+            raise item
+        self.handed.append(item)
+        return item.images, item.labels
+
+    def done(self) -> EncodedBatch:
+        """The oldest handed batch, whose outputs the caller has just received; its buffer is reused."""
+        batch = self.handed.popleft()
+        self._free.put(batch.buffer)
+        return batch
+
+    def close(self) -> None:
+        """Stop the reader thread and close the files; call after the pipeline is gone."""
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._ready.get(timeout=_PUT_POLL_SECONDS)  # unblock a waiting put
+            except queue.Empty:
+                pass
+        self._files.close()
+        self.handed.clear()
+
+    def _read_all(self) -> None:
+        try:
+            epoch = self._first_epoch
+            while not self._stop.is_set():
+                rows = self._epoch_rows(epoch)
+                for step in range(len(rows) // self.batch_size):
+                    batch_rows = rows[step * self.batch_size : (step + 1) * self.batch_size]
+                    if not self._put(self._read_batch(epoch, step, batch_rows)):
+                        return
+                epoch += 1
+        except BaseException as err:  # handed to the consumer, raised where it asks for a batch
+            self._put(err)
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._ready.put(item, timeout=_PUT_POLL_SECONDS)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def _buffer(self, nbytes: int) -> np.ndarray:
+        try:
+            buffer = self._free.get_nowait()
+            if len(buffer) >= nbytes:
+                return buffer
+        except queue.Empty:
+            pass
+        return np.empty(int(nbytes * 1.25), np.uint8)  # headroom: the next batch is rarely larger
+
+    def _read_batch(self, epoch: int, step: int, rows: np.ndarray) -> EncodedBatch:
+        table = self.table
+        paths, offsets, sizes = (column[rows].tolist() for column in (table.path_index, table.offset, table.size))
+        ends = np.cumsum(sizes).tolist()
+        buffer = self._buffer(ends[-1])
+        view = memoryview(buffer)
+        images = []
+        for row, path, offset, size, end in zip(rows.tolist(), paths, offsets, sizes, ends, strict=True):
+            self._read_exactly(path, view[end - size : end], offset, row)
+            images.append(buffer[end - size : end])
+        labels = table.label[rows] if table.label is not None else self._read_labels(rows, paths)
+        return EncodedBatch(epoch, step, rows, images, labels, buffer)
+
+    def _read_exactly(self, path: int, target: memoryview, offset: int, row: int) -> None:
+        try:
+            got = os.preadv(self._files.get(path), [target], offset)
+        except OSError as err:
+            raise ShardError(f"{self.describe(row)}: cannot be read ({err})") from err
+        if got != len(target):
+            raise ShardError(
+                f"{self.describe(row)}: {len(target)} bytes expected at offset {offset}, the file ends after {got}"
+            )
+
+    def _read_labels(self, rows: np.ndarray, paths: list[int]) -> np.ndarray:
+        """Class numbers stored as ASCII digits in each sample's .cls member."""
+        offsets, sizes = self.table.label_offset[rows].tolist(), self.table.label_size[rows].tolist()
+        labels = np.empty(len(rows), np.int64)
+        for i, (path, offset, size) in enumerate(zip(paths, offsets, sizes, strict=True)):
+            try:
+                raw = os.pread(self._files.get(path), size, offset)
+            except OSError as err:
+                raise ShardError(f"{self.describe(int(rows[i]))}: cannot be read ({err})") from err
+            try:
+                labels[i] = int(raw)
+            except ValueError:
+                raise ShardError(f"{self.describe(int(rows[i]))}: label {raw[:16]!r} is not a class number") from None
+        return labels
+
+
+class _OpenFiles:
+    """File descriptors kept open for reuse, the least recently used closed beyond a limit.
+
+    A rank reads its shards in random order, so reopening per sample would cost a syscall pair per
+    image; an image folder has a file per sample, which cannot all stay open.
+    """
+
+    def __init__(self, paths: list[str], limit: int = 512):
+        self.paths, self.limit = paths, limit
+        self._open: OrderedDict[int, int] = OrderedDict()
+
+    def get(self, path: int) -> int:
+        fd = self._open.get(path)
+        if fd is not None:
+            self._open.move_to_end(path)
+            return fd
+        if len(self._open) >= self.limit:
+            os.close(self._open.popitem(last=False)[1])
+        fd = self._open[path] = os.open(self.paths[path], os.O_RDONLY)
+        return fd
+
+    def close(self) -> None:
+        while self._open:
+            os.close(self._open.popitem()[1])

@@ -1,0 +1,94 @@
+"""Where every sample of a split lies on disk: one numpy row per sample, built once per loader.
+
+Rows are numbered in the split's order (shard by shard, as in manifest.json), which is the order
+`pipeline.split` counts in, so a rank's part of an epoch becomes an array of row numbers. Numpy
+columns keep this small for ImageNet (1.28M rows, about 40 MB) and fast to gather per batch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.shard_set import ShardError, ShardSet
+from pipeline.split import RankPart
+
+
+@dataclass(frozen=True)
+class SampleTable:
+    paths: list[str]  # the files samples lie in: tars, or one image file per sample
+    path_index: np.ndarray  # int32 per row: which of `paths`
+    offset: np.ndarray  # int64 per row: first byte of the encoded image
+    size: np.ndarray  # int64 per row: bytes of the encoded image
+    label: np.ndarray | None  # int64 per row, when known up front (image folders)
+    label_offset: np.ndarray | None  # int64 per row: the label's ASCII digits in the tar (shards)
+    label_size: np.ndarray | None
+    first_row: np.ndarray  # int64 per shard (or file): row number of its first sample
+
+    def __len__(self) -> int:
+        return len(self.offset)
+
+    def rows(self, part: RankPart) -> np.ndarray:
+        """Row numbers of a rank's part, in the part's order."""
+        if not part.pieces:
+            return np.zeros(0, np.int64)
+        return np.concatenate(
+            [np.arange(p.start, p.stop, dtype=np.int64) + self.first_row[p.shard] for p in part.pieces]
+        )
+
+
+def shard_table(shard_set: ShardSet) -> SampleTable:
+    """The rows of a shard split, read from the index lines already loaded by `open_shard_set`."""
+    paths, path_index, offset, size, label_offset, label_size, first_row = [], [], [], [], [], [], []
+    for shard in range(len(shard_set.shards)):
+        first_row.append(len(offset))
+        paths.append(str(shard_set.tar_path(shard)))
+        for line in shard_set.index_lines(shard):
+            try:
+                members = _members(line)
+                jpg, cls = members["jpg"], members["cls"]
+            except (ValueError, KeyError) as err:
+                index_path = shard_set.directory / shard_set.shards[shard].index_file
+                raise ShardError(f"{index_path}: bad index line {line[:80]!r} ({err})") from err
+            path_index.append(shard)
+            offset.append(jpg[0])
+            size.append(jpg[1])
+            label_offset.append(cls[0])
+            label_size.append(cls[1])
+    return SampleTable(
+        paths=paths,
+        path_index=np.array(path_index, np.int32),
+        offset=np.array(offset, np.int64),
+        size=np.array(size, np.int64),
+        label=None,
+        label_offset=np.array(label_offset, np.int64),
+        label_size=np.array(label_size, np.int64),
+        first_row=np.array(first_row, np.int64),
+    )
+
+
+def file_table(files: list[str], labels: list[int]) -> SampleTable:
+    """The rows of an image folder: each file is one sample, read whole."""
+    try:
+        sizes = [os.stat(f).st_size for f in files]
+    except OSError as err:
+        raise FileNotFoundError(f"{err.filename}: cannot be read ({err.strerror})") from err
+    rows = np.arange(len(files), dtype=np.int64)
+    return SampleTable(
+        paths=list(files),
+        path_index=rows.astype(np.int32),
+        offset=np.zeros(len(files), np.int64),
+        size=np.array(sizes, np.int64),
+        label=np.array(labels, np.int64),
+        label_offset=None,
+        label_size=None,
+        first_row=rows,
+    )
+
+
+def _members(line: str) -> dict[str, tuple[int, int]]:
+    """{extension: (offset, size)} of one DALI v1.2 index line: `<ext> <offset> <size> <name>` per member."""
+    fields = line.split()
+    return {fields[i]: (int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields) - 3, 4)}

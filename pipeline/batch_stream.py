@@ -37,6 +37,7 @@ class EncodedBatch:
     images: list[np.ndarray]  # encoded image bytes: views into `buffer`
     labels: np.ndarray  # int64
     buffer: np.ndarray
+    extras: tuple[np.ndarray, ...] = ()  # further per-sample inputs of the pipeline (train crops)
 
 
 class BatchStream:
@@ -44,7 +45,8 @@ class BatchStream:
 
     `epoch_rows(epoch)` gives the table rows of one epoch in reading order (a whole number of
     batches is read from it; the split makes train parts whole batches). `describe(row)` names a
-    sample in error messages.
+    sample in error messages. `extras(batch)`, if given, computes further per-sample inputs of the
+    pipeline from a batch just read (in this thread, ahead of the pipeline).
     """
 
     def __init__(
@@ -55,8 +57,9 @@ class BatchStream:
         batch_size: int,
         read_ahead: int,
         describe: Callable[[int], str],
+        extras: Callable[[EncodedBatch], tuple[np.ndarray, ...]] | None = None,
     ):
-        self.table, self.batch_size, self.describe = table, batch_size, describe
+        self.table, self.batch_size, self.describe, self._extras = table, batch_size, describe, extras
         self._epoch_rows, self._first_epoch = epoch_rows, first_epoch
         self._ready: queue.Queue = queue.Queue(maxsize=read_ahead)
         self._free: queue.SimpleQueue = queue.SimpleQueue()  # buffers whose batch DALI has finished
@@ -66,14 +69,14 @@ class BatchStream:
         self._thread = threading.Thread(target=self._read_all, name="batch-stream", daemon=True)
         self._thread.start()
 
-    def __call__(self) -> tuple[list[np.ndarray], np.ndarray]:
-        """DALI's source callback: the next batch's encoded images and labels."""
+    def __call__(self) -> tuple:
+        """DALI's source callback: the next batch's encoded images, labels and extras."""
         item = self._ready.get()
         if isinstance(item, BaseException):
             self._ready.put(item)  # the reader has stopped: every later call fails the same way
             raise item
         self.handed.append(item)
-        return item.images, item.labels
+        return item.images, item.labels, *item.extras
 
     def done(self) -> EncodedBatch:
         """The oldest handed batch, whose outputs the caller has just received; its buffer is reused."""
@@ -134,7 +137,10 @@ class BatchStream:
             self._read_exactly(path, view[end - size : end], offset, row)
             images.append(buffer[end - size : end])
         labels = table.label[rows] if table.label is not None else self._read_labels(rows, paths)
-        return EncodedBatch(epoch, step, rows, images, labels, buffer)
+        batch = EncodedBatch(epoch, step, rows, images, labels, buffer)
+        if self._extras is not None:
+            batch.extras = self._extras(batch)
+        return batch
 
     def _read_exactly(self, path: int, target: memoryview, offset: int, row: int) -> None:
         try:

@@ -20,9 +20,11 @@ from PIL import Image
 from pipeline.batch_stream import BatchStream, EncodedBatch
 from pipeline.dali_pipeline import imagenet_pipeline
 from pipeline.errors import SampleDecodeError
+from pipeline.image_header import UnreadableHeader, encoded_image_size
 from pipeline.loader import LoaderConfig, PartLoader
 from pipeline.sample_table import SampleTable, file_table, shard_table
 from pipeline.shard_set import ShardError, ShardSet
+from pipeline.transforms import random_resized_crops
 
 # A pass left this close to its end is read to the end (decoded, not used) rather than replaced by a
 # new pipeline: a build costs about a second of GPU time on an H100, 16 batches less than that. The
@@ -73,10 +75,34 @@ class DaliLoader(PartLoader):
             rows = rows[np.random.default_rng([self.cfg.seed, epoch, self.rank]).permutation(len(rows))]
         return rows
 
+    def _train_crops(self, batch: EncodedBatch) -> tuple[np.ndarray, ...]:
+        """Crop windows and flips of a train batch, a function of (seed, epoch, rank, step) alone.
+
+        Drawn here rather than by DALI's random operators, whose state lives in the pipeline: this
+        way resuming at any epoch repeats the crops of a run that never stopped, and dali-gpu and
+        dali-cpu crop alike.
+        """
+        sizes = np.empty((len(batch.images), 2))
+        for i, image in enumerate(batch.images):
+            try:
+                sizes[i] = encoded_image_size(image)
+            except UnreadableHeader as err:
+                raise SampleDecodeError(f"{self.describe(int(batch.rows[i]))}: cannot be decoded ({err})") from None
+        rng = np.random.default_rng([self.cfg.seed, batch.epoch, self.rank, batch.step])
+        anchors, shapes = random_resized_crops(sizes[:, 0], sizes[:, 1], rng)
+        flips = rng.integers(0, 2, len(batch.images), dtype=np.int32)
+        return anchors, shapes, flips
+
     def _start(self) -> _Run:
         self.pipelines_built += 1
         stream = BatchStream(
-            self.table, self._epoch_rows, self.epoch, self.batch_size, max(2, self.cfg.prefetch), self.describe
+            self.table,
+            self._epoch_rows,
+            self.epoch,
+            self.batch_size,
+            read_ahead=max(2, self.cfg.prefetch),
+            describe=self.describe,
+            extras=self._train_crops if self.train else None,
         )
         pipe = imagenet_pipeline(
             source=stream,
@@ -91,7 +117,6 @@ class DaliLoader(PartLoader):
             num_threads=self.cfg.workers,
             device_id=self.device.index if self.decode_on_gpu else None,
             prefetch_queue_depth=self.cfg.prefetch,
-            seed=_seed(self.cfg.seed, self.epoch, self.rank),
         )
         try:
             pipe.build()
@@ -207,8 +232,3 @@ def _pil_error(data: bytes) -> bool:
         return False
     except Exception:  # PIL raises many types for bad data
         return True
-
-
-def _seed(seed: int, epoch: int, rank: int) -> int:
-    """A distinct, reproducible DALI seed per (seed, start epoch, rank), within DALI's int range."""
-    return (seed * 1_000_003 + epoch * 10_007 + rank) % (2**31 - 1)

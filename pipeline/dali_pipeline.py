@@ -12,11 +12,10 @@ from collections.abc import Callable
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 
-from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, RRC_AREA, RRC_ASPECT_RATIO
+from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 DALI_MEAN = [m * 255 for m in IMAGENET_MEAN]
 DALI_STD = [s * 255 for s in IMAGENET_STD]
-RRC_ATTEMPTS = 100  # random crops tried before falling back to the whole image, as torchvision does
 
 
 def torchvision_resize_size(images, shorter: int):
@@ -49,7 +48,7 @@ def torchvision_center(length, crop: int):
 
 @pipeline_def(enable_conditionals=False)
 def imagenet_pipeline(
-    source: Callable[[], tuple[list, object]],
+    source: Callable[[], tuple],
     train: bool,
     image_size: int,
     val_resize: int,
@@ -59,13 +58,12 @@ def imagenet_pipeline(
 ):
     """Returns (images HWC normalized, labels); labels are moved to the GPU with the images.
 
-    `source()` gives one batch: a list of encoded images (uint8 arrays) and an int64 label array,
-    which must stay unchanged until the batch's outputs are out (no copy is made). Random crops and
-    flips derive from the pipeline's `seed`.
+    `source()` gives one batch as per-sample arrays, which must stay unchanged until the batch's
+    outputs are out (no copy is made): the encoded images (uint8) and the labels (int64), and for
+    train also each crop's (x, y) anchor and (width, height) in pixels (float32) and whether to
+    flip it (int32). The graph itself draws nothing at random: crops and flips come from the
+    source, so they do not depend on the pipeline's lifetime or on the decoding device.
     """
-    jpegs, labels = fn.external_source(
-        source=source, num_outputs=2, batch=True, no_copy=True, dtype=[types.UINT8, types.INT64]
-    )
     decoder_device = "mixed" if decode_on_gpu else "cpu"
     # EXIF orientation is ignored, as PIL and torchvision (and so every published ImageNet result)
     # do: DALI's default would rotate such photos and the backends would disagree on them.
@@ -74,21 +72,32 @@ def imagenet_pipeline(
         decode_args["hw_decoder_load"] = hw_decoder_load
     dtype = types.FLOAT16 if output_float16 else types.FLOAT
     if train:
-        # The crop is fused into decoding: only the crop's region of the JPEG is decoded.
-        images = fn.decoders.image_random_crop(
+        jpegs, labels, crop_anchor, crop_shape, flip = fn.external_source(
+            source=source,
+            num_outputs=5,
+            batch=True,
+            no_copy=True,
+            dtype=[types.UINT8, types.INT64, types.FLOAT, types.FLOAT, types.INT32],
+        )
+        # Only the crop's region of the JPEG is decoded.
+        images = fn.decoders.image_slice(
             jpegs,
+            crop_anchor,
+            crop_shape,
             device=decoder_device,
-            random_area=list(RRC_AREA),
-            random_aspect_ratio=list(RRC_ASPECT_RATIO),
-            num_attempts=RRC_ATTEMPTS,
+            axis_names="WH",
+            normalized_anchor=False,
+            normalized_shape=False,
             **decode_args,
         )
         images = fn.resize(images, resize_x=image_size, resize_y=image_size, interp_type=types.INTERP_LINEAR)
-        mirror = fn.random.coin_flip(probability=0.5)
         images = fn.crop_mirror_normalize(
-            images, dtype=dtype, output_layout="HWC", mean=DALI_MEAN, std=DALI_STD, mirror=mirror
+            images, dtype=dtype, output_layout="HWC", mean=DALI_MEAN, std=DALI_STD, mirror=flip
         )
     else:
+        jpegs, labels = fn.external_source(
+            source=source, num_outputs=2, batch=True, no_copy=True, dtype=[types.UINT8, types.INT64]
+        )
         images = fn.decoders.image(jpegs, device=decoder_device, **decode_args)
         resize_y, resize_x = torchvision_resize_size(images, val_resize)
         images = fn.resize(

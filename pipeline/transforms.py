@@ -6,6 +6,9 @@ Val: resize the shorter side to size / crop_pct (256 for 224), center crop `size
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 from torchvision import transforms
 
@@ -14,6 +17,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_CROP_PCT = 0.875  # 224 / 256, the usual ImageNet eval crop
 RRC_AREA = (0.08, 1.0)
 RRC_ASPECT_RATIO = (3 / 4, 4 / 3)
+RRC_ATTEMPTS = 10  # random crops tried before the central fallback, as torchvision does
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -31,6 +35,40 @@ def torchvision_train_transform(size: int) -> transforms.Compose:
             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]
     )
+
+
+def random_resized_crops(
+    heights: np.ndarray, widths: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Crop windows of torchvision's RandomResizedCrop for a batch: (x, y) anchors and (w, h) sizes.
+
+    The same algorithm as `transforms.RandomResizedCrop.get_params` (area and log-aspect drawn up to
+    RRC_ATTEMPTS times, the first window that fits is kept, else a central crop at the nearest
+    allowed aspect), vectorized over the batch and drawn from `rng`, so the crops of a batch are a
+    function of the generator's seed alone, whatever pipeline decodes them.
+    """
+    heights, widths = heights.astype(np.float64), widths.astype(np.float64)
+    count = len(heights)
+    area = (heights * widths)[:, None] * rng.uniform(*RRC_AREA, size=(count, RRC_ATTEMPTS))
+    log_low, log_high = math.log(RRC_ASPECT_RATIO[0]), math.log(RRC_ASPECT_RATIO[1])
+    aspect = np.exp(rng.uniform(log_low, log_high, size=(count, RRC_ATTEMPTS)))
+    w = np.round(np.sqrt(area * aspect))
+    h = np.round(np.sqrt(area / aspect))
+    fits = (w > 0) & (h > 0) & (w <= widths[:, None]) & (h <= heights[:, None])
+    first = fits.argmax(axis=1)
+    found = fits[np.arange(count), first]
+    crop_w, crop_h = w[np.arange(count), first], h[np.arange(count), first]
+    position = rng.uniform(size=(count, 2))
+    x = np.floor(position[:, 0] * (widths - crop_w + 1))
+    y = np.floor(position[:, 1] * (heights - crop_h + 1))
+    # Central fallback: the whole image, trimmed to the nearest allowed aspect ratio.
+    image_aspect = widths / heights
+    fallback_w = np.where(image_aspect > RRC_ASPECT_RATIO[1], np.round(heights * RRC_ASPECT_RATIO[1]), widths)
+    fallback_h = np.where(image_aspect < RRC_ASPECT_RATIO[0], np.round(widths / RRC_ASPECT_RATIO[0]), heights)
+    crop_w, crop_h = np.where(found, crop_w, fallback_w), np.where(found, crop_h, fallback_h)
+    x = np.where(found, x, (widths - fallback_w) // 2)
+    y = np.where(found, y, (heights - fallback_h) // 2)
+    return np.stack([x, y], axis=1).astype(np.float32), np.stack([crop_w, crop_h], axis=1).astype(np.float32)
 
 
 def torchvision_val_transform(size: int, crop_pct: float = DEFAULT_CROP_PCT) -> transforms.Compose:

@@ -25,11 +25,13 @@ def collect(loader):
     return batches
 
 
-def test_dali_gpu_matches_dali_cpu_on_val(photo_shards):
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_dali_gpu_matches_dali_cpu(photo_shards, split):
+    """Val, and train too: crops and flips are drawn on the host, the same for both decoders."""
     outputs = {}
     for backend in ("dali-gpu", "dali-cpu"):
         cfg = LoaderConfig(backend=backend, batch_size=8, workers=4, val_image_size=224, dtype="float32")
-        outputs[backend] = collect(create_loader(str(photo_shards), "val", cfg, device="cuda"))
+        outputs[backend] = collect(create_loader(str(photo_shards), split, cfg, device="cuda"))
     for (gpu_images, gpu_labels), (cpu_images, cpu_labels) in zip(*outputs.values(), strict=True):
         assert gpu_images.is_cuda and gpu_images.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(gpu_labels, cpu_labels)

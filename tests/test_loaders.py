@@ -143,6 +143,20 @@ def test_image_size_changes_between_epochs(photo_shards, backend):
     loader.close()
 
 
+def test_train_batches_do_not_depend_on_where_the_pipeline_started(photo_shards):
+    """Crops, flips and order of an epoch are the same whether its pipeline began there or epochs before:
+    resuming at any epoch repeats the batches of a run that never stopped."""
+    straight = create_loader(str(photo_shards), "train", config("dali-cpu"))
+    for epoch in (0, 1):  # on one pipeline
+        straight.set_epoch(epoch)
+        second_epoch = list(straight)
+    straight.close()
+    assert straight.pipelines_built == 1
+    resumed = collect(create_loader(str(photo_shards), "train", config("dali-cpu")), epoch=1)
+    for (images, labels), (images_again, labels_again) in zip(second_epoch, resumed, strict=True):
+        assert torch.equal(labels, labels_again) and torch.equal(images, images_again)
+
+
 def test_train_order_differs_between_epochs(photo_shards):
     loader = create_loader(str(photo_shards), "train", config("dali-cpu"))
     first = torch.cat([labels for _, labels in collect(loader, 0)])
@@ -202,11 +216,12 @@ def test_manifest_problems_are_named(photo_shards, tmp_path):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_undecodable_sample_is_named_with_its_shard(tmp_path, photo_shards, backend):
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_undecodable_sample_is_named_with_its_shard(tmp_path, photo_shards, backend, split):
     """A shard not made by the converter, with one broken JPEG among good ones."""
     shards = copy_shards(photo_shards, tmp_path)
     manifest = read_manifest(shards)
-    target = manifest.splits["val"].shards[0]
+    target = manifest.splits[split].shards[0]
     samples = list(wds.WebDataset(str(shards / target.file), shardshuffle=False, empty_check=False))
     bad_key = samples[3]["__key__"]
     writer = ShardWriter(tmp_path, "rewritten")
@@ -217,9 +232,9 @@ def test_undecodable_sample_is_named_with_its_shard(tmp_path, photo_shards, back
     shutil.move(tmp_path / info.file, shards / target.file)
     shutil.move(tmp_path / info.index_file, shards / target.index_file)
     data = json.loads((shards / "manifest.json").read_text())
-    data["splits"]["val"]["shards"][0].update(bytes=info.bytes, sha256=info.sha256)
+    data["splits"][split]["shards"][0].update(bytes=info.bytes, sha256=info.sha256)
     (shards / "manifest.json").write_text(json.dumps(data))
-    loader = create_loader(str(shards), "val", config(backend))
+    loader = create_loader(str(shards), split, config(backend))
     loader.set_epoch(0)
     with pytest.raises(SampleDecodeError, match=f"{target.file}: sample {bad_key}"):
         for _ in loader:

@@ -1,0 +1,50 @@
+"""Height and width of an encoded image, read from its header without decoding it.
+
+The train crops are drawn on the host before decoding (see `transforms.random_resized_crops`), so
+every image's size is needed for every batch. Hand-written because PIL's lazy open costs about
+20 µs per image in this hot loop; walking the JPEG markers to the frame header costs about 2 µs.
+"""
+
+from __future__ import annotations
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JPEG_START = b"\xff\xd8"
+# Start-of-frame markers (baseline, extended, progressive, lossless; Huffman and arithmetic coded):
+# every one but DHT (C4), JPG (C8) and DAC (CC) in C0-CF.
+JPEG_FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# Markers without a length field: TEM and RST0-7 (SOI and EOI cannot come before the frame header).
+JPEG_STANDALONE_MARKERS = frozenset([0x01, *range(0xD0, 0xD8)])
+
+
+class UnreadableHeader(ValueError):
+    """Not a JPEG or PNG, or its header is damaged."""
+
+
+def encoded_image_size(data) -> tuple[int, int]:
+    """(height, width) of a JPEG or PNG, from a bytes-like object."""
+    data = memoryview(data)
+    if data[:8] == PNG_SIGNATURE and len(data) >= 24:
+        return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
+    if data[:2] != JPEG_START:
+        raise UnreadableHeader("not a JPEG or PNG")
+    position, end = 2, len(data)
+    while position + 4 <= end:
+        if data[position] != 0xFF:
+            raise UnreadableHeader(f"JPEG marker expected at byte {position}")
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            position += 1
+            continue
+        if marker in JPEG_STANDALONE_MARKERS:
+            position += 2
+            continue
+        if marker in JPEG_FRAME_MARKERS:
+            if position + 9 > end:
+                break
+            height = data[position + 5] << 8 | data[position + 6]
+            width = data[position + 7] << 8 | data[position + 8]
+            if height == 0 or width == 0:
+                raise UnreadableHeader(f"JPEG frame header gives a {width}x{height} image")
+            return height, width
+        position += 2 + (data[position + 2] << 8 | data[position + 3])
+    raise UnreadableHeader("no JPEG frame header")

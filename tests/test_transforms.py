@@ -1,0 +1,85 @@
+"""The host-side pieces of the train augmentation: image sizes from headers, crop windows."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import RandomResizedCrop
+
+from pipeline.image_header import UnreadableHeader, encoded_image_size
+from pipeline.transforms import RRC_AREA, RRC_ASPECT_RATIO, random_resized_crops
+
+
+def encoded(image: Image.Image, format: str, **options) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=format, **options)
+    return out.getvalue()
+
+
+def test_header_sizes_match_pil_on_the_real_photographs(real_photos):
+    photos = list(real_photos.values())[:200]
+    if not photos:
+        pytest.skip("../shared/data/imagenet-sample is absent")
+    for photo in photos:
+        data = photo.read_bytes()
+        width, height = Image.open(io.BytesIO(data)).size
+        assert encoded_image_size(data) == (height, width), photo
+
+
+@pytest.mark.parametrize(
+    "mode, format, options",
+    [
+        ("RGB", "JPEG", {}),
+        ("RGB", "JPEG", {"progressive": True}),
+        ("RGB", "JPEG", {"exif": b"Exif\x00\x00" + b"\x00" * 64}),
+        ("L", "JPEG", {}),
+        ("CMYK", "JPEG", {}),
+        ("RGB", "PNG", {}),
+        ("L", "PNG", {}),
+    ],
+)
+def test_header_sizes_of_jpeg_and_png_variants(mode, format, options):
+    image = Image.new(mode, (123, 45))
+    assert encoded_image_size(encoded(image, format, **options)) == (45, 123)
+
+
+@pytest.mark.parametrize(
+    "data", [b"", b"GIF89a" + b"\x00" * 40, b"\xff\xd8\xff\xe0\x00\x10JFIF", b"\xff\xd8" + b"\x00" * 64]
+)
+def test_unreadable_headers_are_errors(data):
+    with pytest.raises(UnreadableHeader):
+        encoded_image_size(data)
+
+
+@pytest.mark.parametrize("height, width", [(375, 500), (500, 333), (100, 400), (64, 64)])
+def test_crop_windows_follow_torchvision(height, width):
+    """Same distribution as torchvision's RandomResizedCrop.get_params, and always inside the image."""
+    draws = 4000
+    anchors, shapes = random_resized_crops(np.full(draws, height), np.full(draws, width), np.random.default_rng(0))
+    x, y, w, h = anchors[:, 0], anchors[:, 1], shapes[:, 0], shapes[:, 1]
+    assert (x >= 0).all() and (y >= 0).all() and (x + w <= width).all() and (y + h <= height).all()
+    assert (w >= 1).all() and (h >= 1).all()
+
+    torch.manual_seed(0)
+    image = torch.empty(1).expand(3, height, width)
+    reference = np.array(
+        [RandomResizedCrop.get_params(image, list(RRC_AREA), list(RRC_ASPECT_RATIO)) for _ in range(draws)], float
+    )  # rows of (top, left, height, width)
+    area, reference_area = w * h / (height * width), reference[:, 2] * reference[:, 3] / (height * width)
+    assert abs(area.mean() - reference_area.mean()) < 0.02
+    assert abs((w / h).mean() - (reference[:, 3] / reference[:, 2]).mean()) < 0.02
+    assert abs((x / width).mean() - (reference[:, 1] / width).mean()) < 0.02
+    assert abs((area == 1).mean() - (reference_area == 1).mean()) < 0.02
+
+
+def test_crop_windows_are_a_function_of_the_seed():
+    heights, widths = np.array([300, 400, 500]), np.array([500, 300, 500])
+    first = random_resized_crops(heights, widths, np.random.default_rng([1, 2, 3]))
+    again = random_resized_crops(heights, widths, np.random.default_rng([1, 2, 3]))
+    other = random_resized_crops(heights, widths, np.random.default_rng([1, 2, 4]))
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not np.array_equal(first[0], other[0])

@@ -44,9 +44,9 @@ class BatchStream:
     """Batches of `epoch_rows(e)` for e = first_epoch, first_epoch + 1, ...; call it to get the next.
 
     `epoch_rows(epoch)` gives the table rows of one epoch in reading order (a whole number of
-    batches is read from it; the split makes train parts whole batches). `describe(row)` names a
-    sample in error messages. `extras(batch)`, if given, computes further per-sample inputs of the
-    pipeline from a batch just read (in this thread, ahead of the pipeline).
+    batches is read from it; the split makes train parts whole batches). `extras(batch)`, if given,
+    computes further per-sample inputs of the pipeline from a batch just read (in this thread, ahead
+    of the pipeline).
     """
 
     def __init__(
@@ -56,10 +56,9 @@ class BatchStream:
         first_epoch: int,
         batch_size: int,
         read_ahead: int,
-        describe: Callable[[int], str],
         extras: Callable[[EncodedBatch], tuple[np.ndarray, ...]] | None = None,
     ):
-        self.table, self.batch_size, self.describe, self._extras = table, batch_size, describe, extras
+        self.table, self.batch_size, self._extras = table, batch_size, extras
         self._epoch_rows, self._first_epoch = epoch_rows, first_epoch
         self._ready: queue.Queue = queue.Queue(maxsize=read_ahead)
         self._free: queue.SimpleQueue = queue.SimpleQueue()  # buffers whose batch DALI has finished
@@ -146,11 +145,9 @@ class BatchStream:
         try:
             got = os.preadv(self._files.get(path), [target], offset)
         except OSError as err:
-            raise ShardError(f"{self.describe(row)}: cannot be read ({err})") from err
+            raise ShardError(f"{self.table.describe(row)}: cannot be read ({err})") from err
         if got != len(target):
-            raise ShardError(
-                f"{self.describe(row)}: {len(target)} bytes expected at offset {offset}, the file ends after {got}"
-            )
+            raise ShardError(f"{self.table.describe(row)}: {len(target)} bytes expected at offset {offset}, got {got}")
 
     def _read_labels(self, rows: np.ndarray, paths: list[int]) -> np.ndarray:
         """Class numbers stored as ASCII digits in each sample's .cls member."""
@@ -160,11 +157,13 @@ class BatchStream:
             try:
                 raw = os.pread(self._files.get(path), size, offset)
             except OSError as err:
-                raise ShardError(f"{self.describe(int(rows[i]))}: cannot be read ({err})") from err
+                raise ShardError(f"{self.table.describe(int(rows[i]))}: cannot be read ({err})") from err
             try:
                 labels[i] = int(raw)
             except ValueError:
-                raise ShardError(f"{self.describe(int(rows[i]))}: label {raw[:16]!r} is not a class number") from None
+                raise ShardError(
+                    f"{self.table.describe(int(rows[i]))}: label {raw[:16]!r} is not a class number"
+                ) from None
         return labels
 
 

@@ -9,7 +9,7 @@ epoch the stream is not at (the first epoch, a resume, or a pass abandoned far f
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,16 +54,14 @@ class DaliLoader(PartLoader):
     def __init__(
         self,
         table: SampleTable,
-        describe: Callable[[int], str],
         split: str,
         cfg: LoaderConfig,
         rank: int,
         world_size: int,
         device: torch.device,
     ):
-        sizes = np.diff(np.append(table.first_row, len(table))).tolist()
-        super().__init__(sizes, split, cfg, rank, world_size, device)
-        self.table, self.describe = table, describe
+        super().__init__(table.sizes, split, cfg, rank, world_size, device)
+        self.table = table
         self.decode_on_gpu = device.type == "cuda" and cfg.backend != "dali-cpu"
         self._run: _Run | None = None
         self.pipelines_built = 0  # one per image size when epochs are read in order
@@ -87,7 +85,9 @@ class DaliLoader(PartLoader):
             try:
                 sizes[i] = encoded_image_size(image)
             except UnreadableHeader as err:
-                raise SampleDecodeError(f"{self.describe(int(batch.rows[i]))}: cannot be decoded ({err})") from None
+                raise SampleDecodeError(
+                    f"{self.table.describe(int(batch.rows[i]))}: cannot be decoded ({err})"
+                ) from None
         rng = np.random.default_rng([self.cfg.seed, batch.epoch, self.rank, batch.step])
         anchors, shapes = random_resized_crops(sizes[:, 0], sizes[:, 1], rng)
         flips = rng.integers(0, 2, len(batch.images), dtype=np.int32)
@@ -101,7 +101,6 @@ class DaliLoader(PartLoader):
             self.epoch,
             self.batch_size,
             read_ahead=max(2, self.cfg.prefetch),
-            describe=self.describe,
             extras=self._train_crops if self.train else None,
         )
         pipe = imagenet_pipeline(
@@ -187,15 +186,7 @@ class DaliShardLoader(DaliLoader):
     def __init__(
         self, shard_set: ShardSet, split: str, cfg: LoaderConfig, rank: int, world_size: int, device: torch.device
     ):
-        table = shard_table(shard_set)
-
-        def describe(row: int) -> str:
-            shard = int(np.searchsorted(table.first_row, row, side="right")) - 1
-            line = shard_set.index_lines(shard)[row - int(table.first_row[shard])]
-            key = line.split()[3].split(".", 1)[0]  # the first member's name, less its extension
-            return f"{table.paths[shard]}: sample {key}"
-
-        super().__init__(table, describe, split, cfg, rank, world_size, device)
+        super().__init__(shard_table(shard_set), split, cfg, rank, world_size, device)
         self.num_classes = shard_set.num_classes
 
 
@@ -210,7 +201,7 @@ class DaliFolderLoader(DaliLoader):
         world_size: int,
         device: torch.device,
     ):
-        super().__init__(file_table(files, labels), files.__getitem__, split, cfg, rank, world_size, device)
+        super().__init__(file_table(files, labels), split, cfg, rank, world_size, device)
         self.num_classes = max(labels) + 1
 
 
@@ -221,7 +212,7 @@ def _name_undecodable(err: Exception, stream: BatchStream) -> SampleDecodeError 
     for batch in stream.handed:
         for row, image in zip(batch.rows.tolist(), batch.images, strict=True):
             if _pil_error(image.tobytes()):
-                return SampleDecodeError(f"{stream.describe(row)}: cannot be decoded (epoch {batch.epoch})")
+                return SampleDecodeError(f"{stream.table.describe(row)}: cannot be decoded (epoch {batch.epoch})")
     return None
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.shard_set import ShardError, ShardSet
+from pipeline.shard_set import ShardSet, index_members, sample_key
 from pipeline.split import RankPart
 
 
@@ -26,9 +26,15 @@ class SampleTable:
     label_offset: np.ndarray | None  # int64 per row: the label's ASCII digits in the tar (shards)
     label_size: np.ndarray | None
     first_row: np.ndarray  # int64 per shard (or file): row number of its first sample
+    index_lines: list[list[str]] | None  # per shard, its .idx lines: sample keys for messages
 
     def __len__(self) -> int:
         return len(self.offset)
+
+    @property
+    def sizes(self) -> list[int]:
+        """Samples per shard (per file for a folder), in manifest order: what `pipeline.split` splits."""
+        return np.diff(np.append(self.first_row, len(self))).tolist()
 
     def rows(self, part: RankPart) -> np.ndarray:
         """Row numbers of a rank's part, in the part's order."""
@@ -38,25 +44,28 @@ class SampleTable:
             [np.arange(p.start, p.stop, dtype=np.int64) + self.first_row[p.shard] for p in part.pieces]
         )
 
+    def describe(self, row: int) -> str:
+        """`<tar>: sample <key>`, or the image file's path: how error messages name a sample."""
+        if self.index_lines is None:
+            return self.paths[row]
+        shard = int(np.searchsorted(self.first_row, row, side="right")) - 1
+        return f"{self.paths[shard]}: sample {sample_key(self.index_lines[shard][row - int(self.first_row[shard])])}"
+
 
 def shard_table(shard_set: ShardSet) -> SampleTable:
-    """The rows of a shard split, read from the index lines already loaded by `open_shard_set`."""
+    """The rows of a shard split, from the index lines `open_shard_set` has read and checked."""
     paths, path_index, offset, size, label_offset, label_size, first_row = [], [], [], [], [], [], []
     for shard in range(len(shard_set.shards)):
         first_row.append(len(offset))
         paths.append(str(shard_set.tar_path(shard)))
+        index_path = shard_set.directory / shard_set.shards[shard].index_file
         for line in shard_set.index_lines(shard):
-            try:
-                members = _members(line)
-                jpg, cls = members["jpg"], members["cls"]
-            except (ValueError, KeyError) as err:
-                index_path = shard_set.directory / shard_set.shards[shard].index_file
-                raise ShardError(f"{index_path}: bad index line {line[:80]!r} ({err})") from err
+            members = index_members(line, index_path)
             path_index.append(shard)
-            offset.append(jpg[0])
-            size.append(jpg[1])
-            label_offset.append(cls[0])
-            label_size.append(cls[1])
+            offset.append(members["jpg"][0])
+            size.append(members["jpg"][1])
+            label_offset.append(members["cls"][0])
+            label_size.append(members["cls"][1])
     return SampleTable(
         paths=paths,
         path_index=np.array(path_index, np.int32),
@@ -66,6 +75,7 @@ def shard_table(shard_set: ShardSet) -> SampleTable:
         label_offset=np.array(label_offset, np.int64),
         label_size=np.array(label_size, np.int64),
         first_row=np.array(first_row, np.int64),
+        index_lines=shard_set.indexes,
     )
 
 
@@ -85,10 +95,5 @@ def file_table(files: list[str], labels: list[int]) -> SampleTable:
         label_offset=None,
         label_size=None,
         first_row=rows,
+        index_lines=None,
     )
-
-
-def _members(line: str) -> dict[str, tuple[int, int]]:
-    """{extension: (offset, size)} of one DALI v1.2 index line: `<ext> <offset> <size> <name>` per member."""
-    fields = line.split()
-    return {fields[i]: (int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields) - 3, 4)}

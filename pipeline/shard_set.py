@@ -11,25 +11,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.split import RankPart
 from shards.manifest import Manifest, read_manifest
 from shards.tar_writer import DALI_INDEX_VERSION, ShardInfo
 
 
 class ShardError(RuntimeError):
     """A shard directory that does not match its manifest."""
-
-
-@dataclass(frozen=True)
-class SampleRef:
-    """Where one sample's image and label lie inside a tar (from the .idx line)."""
-
-    tar_path: str
-    key: str
-    jpg_offset: int
-    jpg_size: int
-    cls_offset: int
-    cls_size: int
 
 
 @dataclass
@@ -57,14 +44,6 @@ class ShardSet:
 
     def index_lines(self, shard: int) -> list[str]:
         return self.indexes[shard]
-
-    def sample_refs(self, part: RankPart) -> list[SampleRef]:
-        refs = []
-        for piece in part.pieces:
-            tar = str(self.tar_path(piece.shard))
-            for line in self.index_lines(piece.shard)[piece.start : piece.stop]:
-                refs.append(_parse_index_line(tar, line))
-        return refs
 
 
 def open_shard_set(directory: str | os.PathLike, split: str) -> ShardSet:
@@ -104,22 +83,29 @@ def _read_index(path: Path, shard: ShardInfo) -> list[str]:
             f"manifest.json says {shard.samples} for {shard.file}"
         )
     for line in body[-1:]:  # the last sample must end inside the tar
-        ref = _parse_index_line(shard.file, line, path)
-        end = max(ref.jpg_offset + ref.jpg_size, ref.cls_offset + ref.cls_size)
+        members = index_members(line, path)
+        end = max(offset + size for offset, size, _ in members.values())
         if end > shard.bytes:
-            raise ShardError(f"{path}: does not match {shard.file} (sample {ref.key} ends past the tar's end)")
+            key = sample_key(line)
+            raise ShardError(f"{path}: does not match {shard.file} (sample {key} ends past the tar's end)")
     return body
 
 
-def _parse_index_line(tar_path: str, line: str, index_path: Path | None = None) -> SampleRef:
+def index_members(line: str, index_path: Path) -> dict[str, tuple[int, int, str]]:
+    """{extension: (offset, size, member name)} of one DALI v1.2 index line, which must have jpg and cls."""
     fields = line.split()
-    parts = {}
     try:
-        for i in range(0, len(fields), 4):
-            ext, offset, size, name = fields[i : i + 4]
-            parts[ext] = (int(offset), int(size), name)
-        jpg, cls = parts["jpg"], parts["cls"]
-    except (ValueError, KeyError) as err:
-        where = index_path or tar_path
-        raise ShardError(f"{where}: bad index line {line[:80]!r} ({err})") from err
-    return SampleRef(tar_path, jpg[2].split(".", 1)[0], jpg[0], jpg[1], cls[0], cls[1])
+        if len(fields) % 4:
+            raise ValueError(f"{len(fields)} fields, not groups of 4")
+        members = {fields[i]: (int(fields[i + 1]), int(fields[i + 2]), fields[i + 3]) for i in range(0, len(fields), 4)}
+        missing = {"jpg", "cls"} - members.keys()
+        if missing:
+            raise ValueError(f"no {' or '.join(sorted(missing))} member")
+    except ValueError as err:
+        raise ShardError(f"{index_path}: bad index line {line[:80]!r} ({err})") from err
+    return members
+
+
+def sample_key(line: str) -> str:
+    """The sample's key: its first member's name less the extension."""
+    return line.split()[3].split(".", 1)[0]

@@ -1,7 +1,8 @@
 """The `torch` backend: a reference and fallback with PIL, torchvision transforms and DataLoader workers.
 
-Samples are read straight from the tars at the offsets in the DALI index files (os.pread): the
-webdataset library streams whole tars, and an exact per-rank split needs sample ranges inside them.
+Samples are read straight from the tars at the offsets in the DALI index files (os.pread, through
+the same `SampleTable` as the DALI backends): the webdataset library streams whole tars, and an
+exact per-rank split needs sample ranges inside them.
 """
 
 from __future__ import annotations
@@ -10,41 +11,51 @@ import io
 import os
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.errors import SampleDecodeError
 from pipeline.loader import LoaderConfig, PartLoader
-from pipeline.shard_set import SampleRef, ShardSet
+from pipeline.sample_table import SampleTable, shard_table
+from pipeline.shard_set import ShardError, ShardSet
 from pipeline.transforms import to_training_layout, torchvision_train_transform, torchvision_val_transform
 
 
 class ShardSampleDataset(Dataset):
-    """Map-style dataset over sample references: (normalized CHW float tensor, int label)."""
+    """Map-style dataset over rows of a `SampleTable`: (normalized CHW float tensor, int label)."""
 
-    def __init__(self, refs: list[SampleRef], transform):
-        self.refs = refs
-        self.transform = transform
-        self._files: dict[str, int] = {}  # open descriptors, per worker process
+    def __init__(self, table: SampleTable, rows: np.ndarray, transform):
+        self.table, self.rows, self.transform = table, rows, transform
+        self._files: dict[int, int] = {}  # open descriptors, per worker process
 
     def __len__(self) -> int:
-        return len(self.refs)
+        return len(self.rows)
 
-    def _read(self, path: str, offset: int, size: int) -> bytes:
+    def _read(self, row: int, offset: int, size: int) -> bytes:
+        path = int(self.table.path_index[row])
         fd = self._files.get(path)
         if fd is None:
-            fd = self._files[path] = os.open(path, os.O_RDONLY)
-        return os.pread(fd, size, offset)
+            fd = self._files[path] = os.open(self.table.paths[path], os.O_RDONLY)
+        data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise ShardError(f"{self.table.describe(row)}: {size} bytes expected at offset {offset}, got {len(data)}")
+        return data
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        ref = self.refs[i]
-        label = int(self._read(ref.tar_path, ref.cls_offset, ref.cls_size))
-        data = self._read(ref.tar_path, ref.jpg_offset, ref.jpg_size)
+        row = int(self.rows[i])
+        table = self.table
+        raw_label = self._read(row, int(table.label_offset[row]), int(table.label_size[row]))
+        try:
+            label = int(raw_label)
+        except ValueError:
+            raise ShardError(f"{table.describe(row)}: label {raw_label[:16]!r} is not a class number") from None
+        data = self._read(row, int(table.offset[row]), int(table.size[row]))
         try:
             image = Image.open(io.BytesIO(data)).convert("RGB")
         except Exception as err:  # PIL raises many types for bad data
-            raise SampleDecodeError(f"{ref.tar_path}: sample {ref.key}: cannot be decoded ({err})") from err
+            raise SampleDecodeError(f"{table.describe(row)}: cannot be decoded ({err})") from err
         return self.transform(image), label
 
 
@@ -52,20 +63,20 @@ class TorchShardLoader(PartLoader):
     def __init__(
         self, shard_set: ShardSet, split: str, cfg: LoaderConfig, rank: int, world_size: int, device: torch.device
     ):
-        self.shard_set = shard_set
-        super().__init__(shard_set.sizes, split, cfg, rank, world_size, device)
+        self.table = shard_table(shard_set)
+        super().__init__(self.table.sizes, split, cfg, rank, world_size, device)
         self.num_classes = shard_set.num_classes
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        refs = self.shard_set.sample_refs(self.part)
+        rows = self.table.rows(self.part)
         generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch * 10_007 + self.rank)
         if self.train:
-            refs = [refs[i] for i in torch.randperm(len(refs), generator=generator).tolist()]
+            rows = rows[torch.randperm(len(rows), generator=generator).numpy()]
             transform = torchvision_train_transform(self.image_size)
         else:
             transform = torchvision_val_transform(self.image_size, self.cfg.crop_pct)
         batches = DataLoader(
-            ShardSampleDataset(refs, transform),
+            ShardSampleDataset(self.table, rows, transform),
             batch_size=self.batch_size,
             shuffle=False,
             drop_last=True,

@@ -24,7 +24,7 @@ def bench_out(photo_shards, tmp_path_factory):
     train = run_tool(
         "tools.bench_train", "--shards", str(photo_shards), "--backends", "dali-gpu,dali-cpu", "--batch-size", "4",
         "--image-size", "32", "--seconds", "0.3", "--workers", "2", "--json", str(out / "bench_train_rn18.json"),
-        check=True,
+        "--profile", str(out / "profile"), check=True,
     )  # fmt: skip
     return out, pipeline.stdout, train.stdout
 
@@ -51,6 +51,22 @@ def test_bench_train_reports_the_data_stall(bench_out):
     assert report["results"][-1]["vs_synthetic"] == 1.0
     assert all(0.0 <= r["data_wait_fraction"] < 1.0 for r in report["results"])
     assert "data stall" in stdout
+
+
+def test_bench_train_profiles_each_backend(bench_out):
+    """A table of the busiest operators and a loadable trace, with the loop's wait and step named."""
+    import gzip
+
+    out, _, _ = bench_out
+    stems = {"resnet18-dali-cpu", "resnet18-synthetic"}
+    if torch.cuda.is_available():
+        stems.add("resnet18-dali-gpu-hw=1")
+    assert {path.name.removesuffix(".txt") for path in (out / "profile").glob("*.txt")} == stems
+    for stem in stems:
+        table = (out / "profile" / f"{stem}.txt").read_text()
+        assert "wait for batch" in table and "step" in table
+        trace = json.loads(gzip.decompress((out / "profile" / f"{stem}.json.gz").read_bytes()))
+        assert {"wait for batch", "step"} <= {event.get("name") for event in trace["traceEvents"]}
 
 
 def test_gpu_report_tables_every_figure_and_each_target(bench_out, tmp_path):

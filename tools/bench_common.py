@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,6 +180,62 @@ def _rate(loader, elapsed, images, waited, span_seconds, span_images, switches) 
     per_switch = (elapsed - span_seconds - (images - span_images) / within) / switches if switches else None
     images_per_epoch = loader.steps_per_epoch * loader.batch_size
     return Rate(images / elapsed, waited / elapsed, within, switches, per_switch, images_per_epoch)
+
+
+def profile_steps(
+    loader,
+    device: torch.device,
+    work: Callable[[torch.Tensor, torch.Tensor], object],
+    steps: int,
+    out_stem: Path,
+) -> None:
+    """`steps` batches of `loader`, each followed by `work`, under torch.profiler.
+
+    Writes `<out_stem>.txt` (the busiest operators: by GPU time on a GPU, else by CPU time) and
+    `<out_stem>.json.gz` (a trace for chrome://tracing or ui.perfetto.dev). The host's wait for each
+    batch and each step are named ranges, so the trace shows where the GPU idles: waiting for the
+    loader, for the host, or sharing its SMs with the pipeline's own kernels.
+    """
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    batches = _batches_across_epochs(loader)
+    try:
+        for _ in range(3):  # settle after the (re)build of the pipeline
+            work(*next(batches))
+        _sync(device)
+        with profile(activities=activities) as profiler:
+            for _ in range(steps):
+                with record_function("wait for batch"):
+                    images, labels = next(batches)
+                with record_function("step"):
+                    work(images, labels)
+            _sync(device)
+    finally:
+        batches.close()
+        loader.close()
+    averages = profiler.key_averages()
+    ranges = {event.key: event for event in averages if event.key in ("wait for batch", "step")}
+    summary = [
+        f"{name}: {ranges[name].cpu_time_total / 1e3:.1f} ms of host time over {steps} steps" for name in sorted(ranges)
+    ]
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    out_stem.parent.mkdir(parents=True, exist_ok=True)
+    table = averages.table(sort_by=sort_by, row_limit=30)
+    Path(f"{out_stem}.txt").write_text("\n".join(summary) + "\n\n" + table + "\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        profiler.export_chrome_trace(str(trace))
+        with open(trace, "rb") as raw, gzip.open(f"{out_stem}.json.gz", "wb") as packed:
+            shutil.copyfileobj(raw, packed)
+
+
+def _batches_across_epochs(loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
 
 
 def switch_text(seconds_per_switch: float | None) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
@@ -30,6 +31,7 @@ from tools.bench_common import (
     float_list,
     loader_config,
     measure_rate,
+    profile_steps,
     switch_text,
     temporary_workdir,
 )
@@ -37,6 +39,7 @@ from train.model import MODEL_NAMES, build_model
 from train.step import AUTOCAST_DTYPES, set_cuda_numerics, train_step
 
 WARMUP_STEPS = 10  # compile, cuDNN autotuning and the first pipeline build happen here
+PROFILED_STEPS = 20  # enough to see a pattern, few enough for a trace of a few MB
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefetch", type=int, default=2, help="batches the pipeline prepares ahead of the step")
     p.add_argument("--copies", type=int, default=4, help="links per sample photograph in the bench shards")
     p.add_argument("--json", help="write the results here")
+    p.add_argument(
+        "--profile", metavar="DIR", help=f"after each rate, profile {PROFILED_STEPS} steps into DIR (table and trace)"
+    )
     args = p.parse_args(argv)
     device = default_device()
     precision = args.precision or ("bfloat16" if device.type == "cuda" else "float32")
@@ -83,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg = loader_config(args, backend, load, dtype=precision, prefetch=args.prefetch)
             loader = create_loader(shards, "train", cfg, device=device)
             rate = measure_rate(loader, device, args.seconds, WARMUP_STEPS, step)
+            if args.profile:
+                stem = f"{args.model}{'-compiled' if args.compile else ''}-{name.replace(' ', '-')}"
+                profile_steps(loader, device, step, PROFILED_STEPS, Path(args.profile) / stem)
             results.append({"backend": backend, "hw_decoder_load": load, "name": name, **asdict(rate)})
             print(f"{name:16s} {rate.images_per_s:10.1f} images/s", flush=True)
     synthetic = results[-1]["images_per_s"]

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check (issue 5), run ON the GPU machine from the repository root, after the DALI parts are
 # in /tmp/dv and .dev/gpu-extra has been carried (tools/gpu_prepare.sh says how). One script, so the
-# whole check costs one device call; everything it prints also goes to $OUT/gpu_check.log, and the
-# tables for docs/PERFORMANCE.md (tools.gpu_report) to $OUT/report.md.
+# whole check costs one device call; everything it prints also goes to $OUT/gpu_check.log, the
+# tables for docs/PERFORMANCE.md (tools.gpu_report) to $OUT/report.md, and nvidia-smi dmon plus the
+# torch.profiler tables and traces of step 4 to $OUT/diagnostics.tgz (at most 8 files come back).
 #   SECONDS_PER_RATE (default 8), COPIES (default 200), BATCH (default 256): benchmark length,
 #   bench-shard size and batch (small values make a quick dry run on a CPU machine).
 # Device time is short and a hang would lose everything after it, so each step has its own time
@@ -56,18 +57,22 @@ limit 180 python -m tools.make_shards --train /tmp/gc/bench-src/train --val /tmp
   --out /tmp/gc/bench-shards --workers "$workers" --no-progress | head -3
 
 step "3. pipeline throughput, batch $batch (GPU and JPEG-decoder utilisation each second in dmon.log, steps 3-4)"
-nvidia-smi dmon -s u -d 1 >"$OUT/dmon.log" 2>&1 &
+mkdir -p /tmp/gc/diagnostics
+nvidia-smi dmon -s u -d 1 >/tmp/gc/diagnostics/dmon.log 2>&1 &
 dmon=$!
 limit 200 python -m tools.bench_pipeline --shards /tmp/gc/bench-shards --backends dali-gpu,dali-cpu,torch,synthetic \
   --batch-size "$batch" --seconds "$seconds" --workers "$workers" --hw-decoder-load 0.65,1.0 \
   --json "$OUT/bench_pipeline.json"
 
-step "4. training step fed by dali-gpu vs synthetic"
+step "4. training step fed by dali-gpu vs synthetic (ResNet-18 compiled: 20 steps of each profiled too)"
 limit 240 python -m tools.bench_train --shards /tmp/gc/bench-shards --model resnet18 --compile \
-  --backends dali-gpu --hw-decoder-load 0.65,0.85,1.0 --batch-size "$batch" --seconds "$seconds" --workers "$workers" --json "$OUT/bench_train_rn18c.json"
+  --backends dali-gpu --hw-decoder-load 0.65,1.0 --batch-size "$batch" --seconds "$seconds" --workers "$workers" \
+  --json "$OUT/bench_train_rn18c.json" --profile /tmp/gc/diagnostics/profile
+head -n 3 /tmp/gc/diagnostics/profile/*.txt
 limit 150 python -m tools.bench_train --shards /tmp/gc/bench-shards --model resnet50 \
   --backends dali-gpu --hw-decoder-load 0.65,1.0 --batch-size "$batch" --seconds "$seconds" --workers "$workers" --json "$OUT/bench_train_rn50.json"
 kill "$dmon" 2>/dev/null
+tar czf "$OUT/diagnostics.tgz" -C /tmp/gc diagnostics
 
 step "2. GPU-marked tests"
 limit 180 python -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider

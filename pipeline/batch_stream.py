@@ -27,6 +27,7 @@ from pipeline.sample_table import SampleTable
 from pipeline.shard_set import ShardError
 
 _PUT_POLL_SECONDS = 0.1  # how often a blocked reader thread checks whether it was stopped
+ADVISE_BATCHES_AHEAD = 4  # batches whose reads the kernel is asked to start early (cold page cache)
 
 
 @dataclass
@@ -99,13 +100,34 @@ class BatchStream:
             epoch = self._first_epoch
             while not self._stop.is_set():
                 rows = self._epoch_rows(epoch)
-                for step in range(len(rows) // self.batch_size):
-                    batch_rows = rows[step * self.batch_size : (step + 1) * self.batch_size]
+                batches = [
+                    rows[i : i + self.batch_size] for i in range(0, len(rows) - self.batch_size + 1, self.batch_size)
+                ]
+                for ahead in batches[:ADVISE_BATCHES_AHEAD]:
+                    self._advise(ahead)
+                for step, batch_rows in enumerate(batches):
+                    if step + ADVISE_BATCHES_AHEAD < len(batches):
+                        self._advise(batches[step + ADVISE_BATCHES_AHEAD])
                     if not self._put(self._read_batch(epoch, step, batch_rows)):
                         return
                 epoch += 1
         except BaseException as err:  # handed to the consumer, raised where it asks for a batch
             self._put(err)
+
+    def _advise(self, rows: np.ndarray) -> None:
+        """Ask the kernel to start reading these samples now.
+
+        They are read in random order, so its own readahead does not help; from a cold page cache
+        the reads then overlap instead of waiting one after another in this thread.
+        """
+        if not hasattr(os, "posix_fadvise"):
+            return
+        places = (column[rows].tolist() for column in (self.table.path_index, self.table.offset, self.table.size))
+        for path, offset, size in zip(*places, strict=True):
+            try:
+                os.posix_fadvise(self._files.get(path), offset, size, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass  # only a hint; reading the sample reports a real problem with its file
 
     def _put(self, item) -> bool:
         while not self._stop.is_set():

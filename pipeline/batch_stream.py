@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.sample_table import SampleTable
+from pipeline.sample_table import UNKNOWN, SampleTable
 from pipeline.shard_set import ShardError
 
 _PUT_POLL_SECONDS = 0.1  # how often a blocked reader thread checks whether it was stopped
@@ -157,7 +157,11 @@ class BatchStream:
         for row, path, offset, size, end in zip(rows.tolist(), paths, offsets, sizes, ends, strict=True):
             self._read_exactly(path, view[end - size : end], offset, row)
             images.append(buffer[end - size : end])
-        labels = table.label[rows] if table.label is not None else self._read_labels(rows, paths)
+        labels = table.label[rows]
+        unknown = np.flatnonzero(labels == UNKNOWN)
+        if len(unknown):
+            labels[unknown] = self._read_labels(rows[unknown], [paths[i] for i in unknown])
+            table.label[rows[unknown]] = labels[unknown]
         batch = EncodedBatch(epoch, step, rows, images, labels, buffer)
         if self._extras is not None:
             batch.extras = self._extras(batch)

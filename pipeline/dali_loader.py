@@ -80,16 +80,16 @@ class DaliLoader(PartLoader):
         way resuming at any epoch repeats the crops of a run that never stopped, and dali-gpu and
         dali-cpu crop alike.
         """
-        sizes = np.empty((len(batch.images), 2))
-        for i, image in enumerate(batch.images):
+        table, rows = self.table, batch.rows
+        heights, widths = table.height[rows], table.width[rows]
+        for i in np.flatnonzero(heights == 0):  # first read of these samples in this run
             try:
-                sizes[i] = encoded_image_size(image)
+                heights[i], widths[i] = encoded_image_size(batch.images[i])
             except UnreadableHeader as err:
-                raise SampleDecodeError(
-                    f"{self.table.describe(int(batch.rows[i]))}: cannot be decoded ({err})"
-                ) from None
+                raise SampleDecodeError(f"{table.describe(int(rows[i]))}: cannot be decoded ({err})") from None
+        table.height[rows], table.width[rows] = heights, widths
         rng = np.random.default_rng([self.cfg.seed, batch.epoch, self.rank, batch.step])
-        anchors, shapes = random_resized_crops(sizes[:, 0], sizes[:, 1], rng)
+        anchors, shapes = random_resized_crops(heights, widths, rng)
         flips = rng.integers(0, 2, len(batch.images), dtype=np.int32)
         return anchors, shapes, flips
 

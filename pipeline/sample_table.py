@@ -15,18 +15,29 @@ import numpy as np
 from pipeline.shard_set import ShardSet, index_members, sample_key
 from pipeline.split import RankPart
 
+UNKNOWN = -1  # a label not read yet; a size not read yet is 0
+
 
 @dataclass(frozen=True)
 class SampleTable:
+    """Where each sample's image and label lie, one row per sample.
+
+    `label` (for shards), `height` and `width` start unknown and are filled in by the DALI reader
+    thread the first time it reads a sample: they never change, and knowing them saves a read and a
+    header parse per sample in every later epoch.
+    """
+
     paths: list[str]  # the files samples lie in: tars, or one image file per sample
     path_index: np.ndarray  # int32 per row: which of `paths`
     offset: np.ndarray  # int64 per row: first byte of the encoded image
     size: np.ndarray  # int64 per row: bytes of the encoded image
-    label: np.ndarray | None  # int64 per row, when known up front (image folders)
+    label: np.ndarray  # int64 per row: known up front for image folders, UNKNOWN until read for shards
     label_offset: np.ndarray | None  # int64 per row: the label's ASCII digits in the tar (shards)
     label_size: np.ndarray | None
     first_row: np.ndarray  # int64 per shard (or file): row number of its first sample
     index_lines: list[list[str]] | None  # per shard, its .idx lines: sample keys for messages
+    height: np.ndarray  # int32 per row, 0 until read from the image's header
+    width: np.ndarray
 
     def __len__(self) -> int:
         return len(self.offset)
@@ -71,11 +82,13 @@ def shard_table(shard_set: ShardSet) -> SampleTable:
         path_index=np.array(path_index, np.int32),
         offset=np.array(offset, np.int64),
         size=np.array(size, np.int64),
-        label=None,
+        label=np.full(len(offset), UNKNOWN, np.int64),
         label_offset=np.array(label_offset, np.int64),
         label_size=np.array(label_size, np.int64),
         first_row=np.array(first_row, np.int64),
         index_lines=shard_set.indexes,
+        height=np.zeros(len(offset), np.int32),
+        width=np.zeros(len(offset), np.int32),
     )
 
 
@@ -96,4 +109,6 @@ def file_table(files: list[str], labels: list[int]) -> SampleTable:
         label_size=None,
         first_row=rows,
         index_lines=None,
+        height=np.zeros(len(files), np.int32),
+        width=np.zeros(len(files), np.int32),
     )

@@ -44,7 +44,8 @@ class _Run:
     step: int
 
     def close(self) -> None:
-        del self.batches, self.pipe  # the pipeline goes first: it may still hold the stream's buffers
+        del self.batches
+        _shut_down(self.pipe)  # the pipeline goes first: it may still hold the stream's buffers
         self.stream.close()
 
 
@@ -123,6 +124,7 @@ class DaliLoader(PartLoader):
             batches = DALIGenericIterator([pipe], ["images", "labels"], size=-1)
         except Exception as err:
             named = _name_undecodable(err, stream)
+            _shut_down(pipe)
             stream.close()
             if named is None:
                 raise
@@ -203,6 +205,18 @@ class DaliFolderLoader(DaliLoader):
     ):
         super().__init__(file_table(files, labels), split, cfg, rank, world_size, device)
         self.num_classes = max(labels) + 1
+
+
+def _shut_down(pipe) -> None:
+    """Stop a DALI pipeline and free it now, in this process.
+
+    Dropping the last reference is not enough: a pipeline in a reference cycle (an exception's
+    traceback holds one) waits for the cycle collector, which may run first in a forked child, such
+    as a DataLoader worker of the `torch` backend; finalized there, where its threads do not exist,
+    the pipeline hangs the child (seen in this project's tests). DALI has no public call for this;
+    `_shutdown` is what its own exit handler calls, and a second call does nothing.
+    """
+    pipe._shutdown()
 
 
 def _name_undecodable(err: Exception, stream: BatchStream) -> SampleDecodeError | None:

@@ -215,13 +215,10 @@ def test_manifest_problems_are_named(photo_shards, tmp_path):
         create_loader(str(shards), "val", config("torch"))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("split", ["train", "val"])
-def test_undecodable_sample_is_named_with_its_shard(tmp_path, photo_shards, backend, split):
-    """A shard not made by the converter, with one broken JPEG among good ones."""
+def shards_with_a_broken_jpeg(photo_shards: Path, tmp_path: Path, split: str) -> tuple[Path, str, str]:
+    """A copy of the shards whose first `split` shard was rewritten with one broken JPEG: (dir, tar, key)."""
     shards = copy_shards(photo_shards, tmp_path)
-    manifest = read_manifest(shards)
-    target = manifest.splits[split].shards[0]
+    target = read_manifest(shards).splits[split].shards[0]
     samples = list(wds.WebDataset(str(shards / target.file), shardshuffle=False, empty_check=False))
     bad_key = samples[3]["__key__"]
     writer = ShardWriter(tmp_path, "rewritten")
@@ -234,12 +231,54 @@ def test_undecodable_sample_is_named_with_its_shard(tmp_path, photo_shards, back
     data = json.loads((shards / "manifest.json").read_text())
     data["splits"][split]["shards"][0].update(bytes=info.bytes, sha256=info.sha256)
     (shards / "manifest.json").write_text(json.dumps(data))
+    return shards, target.file, bad_key
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_undecodable_sample_is_named_with_its_shard(tmp_path, photo_shards, backend, split):
+    """A shard not made by the converter, with one broken JPEG among good ones."""
+    shards, tar, bad_key = shards_with_a_broken_jpeg(photo_shards, tmp_path, split)
     loader = create_loader(str(shards), split, config(backend))
     loader.set_epoch(0)
-    with pytest.raises(SampleDecodeError, match=f"{target.file}: sample {bad_key}"):
+    with pytest.raises(SampleDecodeError, match=f"{tar}: sample {bad_key}"):
         for _ in loader:
             pass
     loader.close()
+
+
+def test_a_failed_dali_pipeline_cannot_hang_a_forked_process(tmp_path, photo_shards):
+    """DataLoader workers are forked. A DALI pipeline left in a reference cycle (an exception's traceback
+    holds one) and finalized in the child, where its threads do not exist, hung the child (seen in CI)."""
+    import gc
+    import os
+    import time
+
+    shards, _, _ = shards_with_a_broken_jpeg(photo_shards, tmp_path, "val")
+    gc.disable()  # keep the cycle for the child to collect, as an unlucky fork would
+    try:
+        loader = create_loader(str(shards), "val", config("dali-cpu"))
+        loader.set_epoch(0)
+        try:
+            for _ in loader:
+                pass
+        except SampleDecodeError:
+            pass
+        loader.close()
+        del loader
+        child = os.fork()
+        if child == 0:
+            gc.collect()
+            os._exit(0)
+    finally:
+        gc.enable()
+    deadline = time.monotonic() + 30
+    while os.waitpid(child, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(child, 9)
+            os.waitpid(child, 0)
+            pytest.fail("the forked process hung finalizing a DALI pipeline")
+        time.sleep(0.1)
 
 
 def test_val_loader_can_be_read_again_after_a_partial_pass(photo_shards):

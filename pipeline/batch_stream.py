@@ -17,14 +17,13 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.sample_table import UNKNOWN, SampleTable
-from pipeline.shard_set import ShardError
+from pipeline.sample_table import UNKNOWN, SampleReader, SampleTable
 
 _PUT_POLL_SECONDS = 0.1  # how often a blocked reader thread checks whether it was stopped
 ADVISE_BATCHES_AHEAD = 4  # batches whose reads the kernel is asked to start early (cold page cache)
@@ -64,7 +63,7 @@ class BatchStream:
         self._ready: queue.Queue = queue.Queue(maxsize=read_ahead)
         self._free: queue.SimpleQueue = queue.SimpleQueue()  # buffers whose batch DALI has finished
         self.handed: deque[EncodedBatch] = deque()  # given to the pipeline, outputs not yet received
-        self._files = _OpenFiles(table.paths)
+        self._reader = SampleReader(table)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._read_all, name="batch-stream", daemon=True)
         self._thread.start()
@@ -92,7 +91,7 @@ class BatchStream:
                 self._ready.get(timeout=_PUT_POLL_SECONDS)  # unblock a waiting put
             except queue.Empty:
                 pass
-        self._files.close()
+        self._reader.close()
         self.handed.clear()
 
     def _read_all(self) -> None:
@@ -125,7 +124,7 @@ class BatchStream:
         places = (column[rows].tolist() for column in (self.table.path_index, self.table.offset, self.table.size))
         for path, offset, size in zip(*places, strict=True):
             try:
-                os.posix_fadvise(self._files.get(path), offset, size, os.POSIX_FADV_WILLNEED)
+                os.posix_fadvise(self._reader.fd(path), offset, size, os.POSIX_FADV_WILLNEED)
             except OSError:
                 pass  # only a hint; reading the sample reports a real problem with its file
 
@@ -155,65 +154,12 @@ class BatchStream:
         view = memoryview(buffer)
         images = []
         for row, path, offset, size, end in zip(rows.tolist(), paths, offsets, sizes, ends, strict=True):
-            self._read_exactly(path, view[end - size : end], offset, row)
+            self._reader.read_into(row, view[end - size : end], path, offset)
             images.append(buffer[end - size : end])
         labels = table.label[rows]
-        unknown = np.flatnonzero(labels == UNKNOWN)
-        if len(unknown):
-            labels[unknown] = self._read_labels(rows[unknown], [paths[i] for i in unknown])
-            table.label[rows[unknown]] = labels[unknown]
+        for i in np.flatnonzero(labels == UNKNOWN):  # first read of these samples (shards)
+            labels[i] = self._reader.label(int(rows[i]))
         batch = EncodedBatch(epoch, step, rows, images, labels, buffer)
         if self._extras is not None:
             batch.extras = self._extras(batch)
         return batch
-
-    def _read_exactly(self, path: int, target: memoryview, offset: int, row: int) -> None:
-        try:
-            got = os.preadv(self._files.get(path), [target], offset)
-        except OSError as err:
-            raise ShardError(f"{self.table.describe(row)}: cannot be read ({err})") from err
-        if got != len(target):
-            raise ShardError(f"{self.table.describe(row)}: {len(target)} bytes expected at offset {offset}, got {got}")
-
-    def _read_labels(self, rows: np.ndarray, paths: list[int]) -> np.ndarray:
-        """Class numbers stored as ASCII digits in each sample's .cls member."""
-        offsets, sizes = self.table.label_offset[rows].tolist(), self.table.label_size[rows].tolist()
-        labels = np.empty(len(rows), np.int64)
-        for i, (path, offset, size) in enumerate(zip(paths, offsets, sizes, strict=True)):
-            try:
-                raw = os.pread(self._files.get(path), size, offset)
-            except OSError as err:
-                raise ShardError(f"{self.table.describe(int(rows[i]))}: cannot be read ({err})") from err
-            try:
-                labels[i] = int(raw)
-            except ValueError:
-                raise ShardError(
-                    f"{self.table.describe(int(rows[i]))}: label {raw[:16]!r} is not a class number"
-                ) from None
-        return labels
-
-
-class _OpenFiles:
-    """File descriptors kept open for reuse, the least recently used closed beyond a limit.
-
-    A rank reads its shards in random order, so reopening per sample would cost a syscall pair per
-    image; an image folder has a file per sample, which cannot all stay open.
-    """
-
-    def __init__(self, paths: list[str], limit: int = 512):
-        self.paths, self.limit = paths, limit
-        self._open: OrderedDict[int, int] = OrderedDict()
-
-    def get(self, path: int) -> int:
-        fd = self._open.get(path)
-        if fd is not None:
-            self._open.move_to_end(path)
-            return fd
-        if len(self._open) >= self.limit:
-            os.close(self._open.popitem(last=False)[1])
-        fd = self._open[path] = os.open(self.paths[path], os.O_RDONLY)
-        return fd
-
-    def close(self) -> None:
-        while self._open:
-            os.close(self._open.popitem()[1])

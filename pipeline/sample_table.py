@@ -8,11 +8,12 @@ columns keep this small for ImageNet (1.28M rows, about 40 MB) and fast to gathe
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.shard_set import ShardSet, index_members, sample_key
+from pipeline.shard_set import ShardError, ShardSet, index_members, sample_key
 from pipeline.split import RankPart
 
 UNKNOWN = -1  # a label not read yet; a size not read yet is 0
@@ -112,3 +113,61 @@ def file_table(files: list[str], labels: list[int]) -> SampleTable:
         height=np.zeros(len(files), np.int32),
         width=np.zeros(len(files), np.int32),
     )
+
+
+class SampleReader:
+    """Reads a table's samples from their files, for every backend: exact reads, labels, and errors
+    that name the sample.
+
+    Descriptors stay open for reuse, the least recently used closed beyond `max_open`: a rank reads
+    its shards in random order, so reopening per sample would cost a syscall pair per image, and an
+    image folder has a file per sample, which cannot all stay open. Open it after a fork (DataLoader
+    workers) or in one thread: it is not shared between processes or threads.
+    """
+
+    def __init__(self, table: SampleTable, max_open: int = 512):
+        self.table, self.max_open = table, max_open
+        self._open: OrderedDict[int, int] = OrderedDict()  # path index -> descriptor
+
+    def fd(self, path: int) -> int:
+        """The open descriptor of `table.paths[path]`."""
+        fd = self._open.get(path)
+        if fd is not None:
+            self._open.move_to_end(path)
+            return fd
+        if len(self._open) >= self.max_open:
+            os.close(self._open.popitem(last=False)[1])
+        fd = self._open[path] = os.open(self.table.paths[path], os.O_RDONLY)
+        return fd
+
+    def read_into(self, row: int, target: memoryview, path: int, offset: int) -> None:
+        """Fill `target` with the bytes at `offset` of file `path` (sample `row`'s image), exactly."""
+        try:
+            got = os.preadv(self.fd(path), [target], offset)
+        except OSError as err:
+            raise ShardError(f"{self.table.describe(row)}: cannot be read ({err})") from err
+        if got != len(target):
+            raise ShardError(f"{self.table.describe(row)}: {len(target)} bytes expected at offset {offset}, got {got}")
+
+    def image(self, row: int) -> bytes:
+        """Sample `row`'s encoded image."""
+        data = bytearray(int(self.table.size[row]))
+        self.read_into(row, memoryview(data), int(self.table.path_index[row]), int(self.table.offset[row]))
+        return bytes(data)
+
+    def label(self, row: int) -> int:
+        """Sample `row`'s class: from the table when known, else its ASCII digits in the tar (then kept)."""
+        table = self.table
+        if table.label[row] != UNKNOWN:
+            return int(table.label[row])
+        raw = bytearray(int(table.label_size[row]))
+        self.read_into(row, memoryview(raw), int(table.path_index[row]), int(table.label_offset[row]))
+        try:
+            table.label[row] = int(raw)
+        except ValueError:
+            raise ShardError(f"{table.describe(row)}: label {bytes(raw[:16])!r} is not a class number") from None
+        return int(table.label[row])
+
+    def close(self) -> None:
+        while self._open:
+            os.close(self._open.popitem()[1])

@@ -8,7 +8,6 @@ exact per-rank split needs sample ranges inside them.
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -18,8 +17,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline.errors import SampleDecodeError
 from pipeline.loader import LoaderConfig, PartLoader
-from pipeline.sample_table import SampleTable, shard_table
-from pipeline.shard_set import ShardError, ShardSet
+from pipeline.sample_table import SampleReader, SampleTable, shard_table
+from pipeline.shard_set import ShardSet
 from pipeline.transforms import to_training_layout, torchvision_train_transform, torchvision_val_transform
 
 
@@ -28,34 +27,20 @@ class ShardSampleDataset(Dataset):
 
     def __init__(self, table: SampleTable, rows: np.ndarray, transform):
         self.table, self.rows, self.transform = table, rows, transform
-        self._files: dict[int, int] = {}  # open descriptors, per worker process
+        self._reader: SampleReader | None = None  # opened in each worker process, on first use
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _read(self, row: int, offset: int, size: int) -> bytes:
-        path = int(self.table.path_index[row])
-        fd = self._files.get(path)
-        if fd is None:
-            fd = self._files[path] = os.open(self.table.paths[path], os.O_RDONLY)
-        data = os.pread(fd, size, offset)
-        if len(data) != size:
-            raise ShardError(f"{self.table.describe(row)}: {size} bytes expected at offset {offset}, got {len(data)}")
-        return data
-
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if self._reader is None:
+            self._reader = SampleReader(self.table)
         row = int(self.rows[i])
-        table = self.table
-        raw_label = self._read(row, int(table.label_offset[row]), int(table.label_size[row]))
+        label = self._reader.label(row)
         try:
-            label = int(raw_label)
-        except ValueError:
-            raise ShardError(f"{table.describe(row)}: label {raw_label[:16]!r} is not a class number") from None
-        data = self._read(row, int(table.offset[row]), int(table.size[row]))
-        try:
-            image = Image.open(io.BytesIO(data)).convert("RGB")
+            image = Image.open(io.BytesIO(self._reader.image(row))).convert("RGB")
         except Exception as err:  # PIL raises many types for bad data
-            raise SampleDecodeError(f"{table.describe(row)}: cannot be decoded ({err})") from err
+            raise SampleDecodeError(f"{self.table.describe(row)}: cannot be decoded ({err})") from err
         return self.transform(image), label
 
 

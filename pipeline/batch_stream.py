@@ -37,16 +37,16 @@ class EncodedBatch:
     images: list[np.ndarray]  # encoded image bytes: views into `buffer`
     labels: np.ndarray  # int64
     buffer: np.ndarray
-    extras: tuple[np.ndarray, ...] = ()  # further per-sample inputs of the pipeline (train crops)
+    inputs: tuple = ()  # what the pipeline is handed for this batch, made by `make_inputs`
 
 
 class BatchStream:
     """Batches of `epoch_rows(e)` for e = first_epoch, first_epoch + 1, ...; call it to get the next.
 
     `epoch_rows(epoch)` gives the table rows of one epoch in reading order (a whole number of
-    batches is read from it; the split makes train parts whole batches). `extras(batch)`, if given,
-    computes further per-sample inputs of the pipeline from a batch just read (in this thread, ahead
-    of the pipeline).
+    batches is read from it; the split makes train parts whole batches). `make_inputs(batch)` turns
+    a batch just read into what the pipeline is handed (in this thread, ahead of the pipeline, so
+    that the thread which runs the pipeline does as little as possible).
     """
 
     def __init__(
@@ -56,9 +56,9 @@ class BatchStream:
         first_epoch: int,
         batch_size: int,
         read_ahead: int,
-        extras: Callable[[EncodedBatch], tuple[np.ndarray, ...]] | None = None,
+        make_inputs: Callable[[EncodedBatch], tuple],
     ):
-        self.table, self.batch_size, self._extras = table, batch_size, extras
+        self.table, self.batch_size, self._make_inputs = table, batch_size, make_inputs
         self._epoch_rows, self._first_epoch = epoch_rows, first_epoch
         self._ready: queue.Queue = queue.Queue(maxsize=read_ahead)
         self._free: queue.SimpleQueue = queue.SimpleQueue()  # buffers whose batch DALI has finished
@@ -69,13 +69,13 @@ class BatchStream:
         self._thread.start()
 
     def __call__(self) -> tuple:
-        """DALI's source callback: the next batch's encoded images, labels and extras."""
+        """DALI's source callback: the next batch's inputs."""
         item = self._ready.get()
         if isinstance(item, BaseException):
             self._ready.put(item)  # the reader has stopped: every later call fails the same way
             raise item
         self.handed.append(item)
-        return item.images, item.labels, *item.extras
+        return item.inputs
 
     def done(self) -> EncodedBatch:
         """The oldest handed batch, whose outputs the caller has just received; its buffer is reused."""
@@ -160,6 +160,5 @@ class BatchStream:
         for i in np.flatnonzero(labels == UNKNOWN):  # first read of these samples (shards)
             labels[i] = self._reader.label(int(rows[i]))
         batch = EncodedBatch(epoch, step, rows, images, labels, buffer)
-        if self._extras is not None:
-            batch.extras = self._extras(batch)
+        batch.inputs = self._make_inputs(batch)
         return batch

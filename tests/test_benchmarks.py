@@ -76,6 +76,7 @@ def test_gpu_report_tables_every_figure_and_each_target(bench_out, tmp_path):
     pipeline = json.loads((out / "bench_pipeline.json").read_text())
     for r in pipeline["results"]:
         assert f"| {r['name']} | {r['split']} | {r['images_per_s']:,.0f} |" in result.stdout
+        assert f"| {r['loader_cpu_ms_per_batch']:.2f} |" in result.stdout
     assert "- dali-gpu train >= 16,500 images/s: " in result.stdout
     assert "- resnet18, batch 4 fed by dali-gpu >= 95% of synthetic: " in result.stdout
     if not pipeline["environment"]["gpu"]:
@@ -89,12 +90,14 @@ def test_gpu_report_names_a_folder_without_results(tmp_path):
 
 
 class SlowSwitchLoader:
-    """The synthetic loader with a pause before each epoch's first batch (a stand-in for a slow switch)."""
+    """The synthetic loader with a pause before each epoch's first batch (a stand-in for a slow switch),
+    optionally spinning the CPU for `spin_ms` before every batch (a loader busy in the caller's thread).
+    """
 
-    def __init__(self, pause_s: float):
+    def __init__(self, pause_s: float, spin_ms: float = 0.0):
         cfg = LoaderConfig(backend="synthetic", batch_size=4, image_size=8, synthetic_steps=5, dtype="float32")
         self.inner = create_loader(None, "train", cfg)
-        self.pause_s = pause_s
+        self.pause_s, self.spin_ms = pause_s, spin_ms
         self.steps_per_epoch, self.batch_size = self.inner.steps_per_epoch, self.inner.batch_size
 
     def set_epoch(self, epoch: int) -> None:
@@ -102,7 +105,11 @@ class SlowSwitchLoader:
 
     def __iter__(self):
         time.sleep(self.pause_s)
-        yield from self.inner
+        for batch in self.inner:
+            spin_until = time.thread_time() + self.spin_ms / 1e3
+            while time.thread_time() < spin_until:
+                pass
+            yield batch
 
     def close(self) -> None:
         self.inner.close()
@@ -116,3 +123,11 @@ def test_measure_rate_reports_epoch_switches_apart_from_the_rate_within_epochs()
     # Steps take microseconds here, so the switches hold nearly all the time: each costs the pause.
     assert pause * 0.8 < rate.seconds_per_switch < pause * 2
     assert rate.within_epoch_images_per_s > 10 * rate.images_per_s
+
+
+def test_measure_rate_counts_the_cpu_the_loader_takes_from_the_calling_thread():
+    """Sleeping (a thread waiting for a pipeline) costs the caller no CPU; work done in its thread does."""
+    idle = measure_rate(SlowSwitchLoader(0.05), torch.device("cpu"), seconds=0.5, warmup_batches=2)
+    busy = measure_rate(SlowSwitchLoader(0.05, spin_ms=5), torch.device("cpu"), seconds=0.5, warmup_batches=2)
+    assert idle.loader_cpu_ms_per_batch < 2
+    assert 5 <= busy.loader_cpu_ms_per_batch < 5 + 2

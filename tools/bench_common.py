@@ -115,6 +115,7 @@ class Rate:
     epoch_switches: int  # epoch ends inside the timed span
     seconds_per_switch: float | None  # time an epoch switch costs beyond one step (None: no switch)
     images_per_epoch: int  # so a rate can be extrapolated to another epoch length
+    loader_cpu_ms_per_batch: float  # CPU time the calling (training) thread spends getting one batch
 
 
 def measure_rate(
@@ -129,25 +130,30 @@ def measure_rate(
     `work` runs on every batch (nothing for a pipeline alone, a training step for bench_train).
     The clock starts and stops after a device sync, so queued GPU work is counted. The host's wait
     for batches tells a pipeline that cannot keep up (the wait grows) from one that keeps up but
-    slows the step by sharing the GPU (no wait, yet a lower rate than synthetic data).
+    slows the step by sharing the GPU (no wait, yet a lower rate than synthetic data). The CPU
+    time the calling thread spends in the loader is what the loader takes from the training loop's
+    own thread, which on a GPU must also launch each step's kernels.
     The device is also synced at each epoch's end and after each epoch's first batch, which splits
     the span into epochs and switches: a benchmark epoch is far shorter than an ImageNet one, so the
     rate within epochs and the cost of a switch are reported apart.
     """
     batches, images_done, epoch, started, waited = 0, 0, 0, None, 0.0
     span_start, span_seconds, span_images, switches = None, 0.0, 0, 0
+    loader_cpu, timed_batches = 0.0, 0
     try:
         while True:
             loader.set_epoch(epoch)
             batch_iterator = iter(loader)
             first_of_epoch = True
             while True:
-                asked = time.perf_counter()
+                asked, asked_cpu = time.perf_counter(), time.thread_time()
                 batch = next(batch_iterator, None)
                 if batch is None:
                     break
                 if started is not None:
                     waited += time.perf_counter() - asked
+                    loader_cpu += time.thread_time() - asked_cpu
+                    timed_batches += 1
                 images, labels = batch
                 work(images, labels)
                 batches += 1
@@ -165,7 +171,10 @@ def measure_rate(
                 if time.perf_counter() - started >= seconds:
                     ended = _synced_time(device)
                     span_seconds += ended - span_start
-                    return _rate(loader, ended - started, images_done, waited, span_seconds, span_images, switches)
+                    loader_cpu_ms = loader_cpu / timed_batches * 1e3
+                    return _rate(
+                        loader, ended - started, images_done, waited, span_seconds, span_images, switches, loader_cpu_ms
+                    )
             if started is not None:
                 span_seconds += _synced_time(device) - span_start
                 switches += 1
@@ -174,12 +183,12 @@ def measure_rate(
         loader.close()
 
 
-def _rate(loader, elapsed, images, waited, span_seconds, span_images, switches) -> Rate:
+def _rate(loader, elapsed, images, waited, span_seconds, span_images, switches, loader_cpu_ms) -> Rate:
     within = span_images / span_seconds if span_seconds > 0 and span_images else images / elapsed
     # A switch span holds one step (the new epoch's first batch) besides the switch itself.
     per_switch = (elapsed - span_seconds - (images - span_images) / within) / switches if switches else None
     images_per_epoch = loader.steps_per_epoch * loader.batch_size
-    return Rate(images / elapsed, waited / elapsed, within, switches, per_switch, images_per_epoch)
+    return Rate(images / elapsed, waited / elapsed, within, switches, per_switch, images_per_epoch, loader_cpu_ms)
 
 
 def profile_steps(

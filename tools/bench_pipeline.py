@@ -4,8 +4,10 @@
         --seconds 20 --workers 16 [--shards DIR] [--json bench_pipeline.json]
 
 Without --shards it converts the 1000 real photographs of ../shared/data/imagenet-sample, each
-linked --copies times. Prints each rate and its ratio to `torch`; --json saves them with the
-device and library versions. `dali-gpu` is skipped (and said so) where there is no GPU.
+linked --copies times. Prints each rate and its ratio to `torch`, and the CPU time the loop's own
+thread spends in the loader per batch (what the loader takes from a training loop's thread); --json
+saves them with the device and library versions. `dali-gpu` is skipped (and said so) where there is
+no GPU.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                     {"backend": backend, "hw_decoder_load": load, "name": name, "split": split, **asdict(rate)}
                 )
                 print(f"{name:16s} {split:5s} {rate.images_per_s:10.1f} images/s", flush=True)
-    print("\nbackend          split    images/s   vs torch  within epochs  s/switch  images/epoch")
+    print("\nbackend          split    images/s   vs torch  within epochs  s/switch  images/epoch  loader CPU ms")
     for r in results:
         base = next((x["images_per_s"] for x in results if x["backend"] == "torch" and x["split"] == r["split"]), None)
         r["vs_torch"] = r["images_per_s"] / base if base else None
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{r['name']:16s} {r['split']:5s} {r['images_per_s']:10.1f} {ratio:>9s}"
             f" {r['within_epoch_images_per_s']:14.1f} {switch_text(r['seconds_per_switch']):>9s}"
-            f" {r['images_per_epoch']:13d}"
+            f" {r['images_per_epoch']:13d} {r['loader_cpu_ms_per_batch']:14.2f}"
         )
     finish_report("pipeline", args, results)
     return 0

@@ -7,7 +7,9 @@ The data-stall fraction is 1 - rate(backend) / rate(synthetic): the share of ste
 the pipeline. "host wait" is the share of the time the loop waited for the next batch: a stall
 with little wait means the pipeline keeps up but slows the step (it shares the GPU with the model).
 "within epochs" is the same ratio with epoch switches left out, "s/switch" what one switch costs
-(a bench epoch is far shorter than an ImageNet one, so switches weigh more here than in training).
+(a bench epoch is far shorter than an ImageNet one, so switches weigh more here than in training),
+"loader CPU ms" the CPU time the loop's thread spends in the loader per batch: time it cannot spend
+launching the step's kernels.
 Same step code as the trainer (train.step.train_step), bf16 autocast on GPU.
 """
 
@@ -97,14 +99,17 @@ def main(argv: list[str] | None = None) -> int:
     synthetic = results[-1]["images_per_s"]
     label = f"{args.model}{' compiled' if args.compile else ''}, {precision}, batch {args.batch_size}"
     within_synthetic = results[-1]["within_epoch_images_per_s"]
-    print(f"\n{label}\nbackend            images/s  vs synthetic  data stall  host wait  within epochs  s/switch")
+    print(
+        f"\n{label}\nbackend            images/s  vs synthetic  data stall  host wait  within epochs  s/switch"
+        "  loader CPU ms"
+    )
     for r in results:
         r["vs_synthetic"] = r["images_per_s"] / synthetic
         r["within_epoch_vs_synthetic"] = r["within_epoch_images_per_s"] / within_synthetic
         print(
             f"{r['name']:16s} {r['images_per_s']:10.1f} {r['vs_synthetic']:12.3f} {1 - r['vs_synthetic']:11.1%}"
             f" {r['data_wait_fraction']:10.1%} {r['within_epoch_vs_synthetic']:14.3f}"
-            f" {switch_text(r['seconds_per_switch']):>9s}"
+            f" {switch_text(r['seconds_per_switch']):>9s} {r['loader_cpu_ms_per_batch']:14.2f}"
         )
     finish_report("train", args, results)
     return 0

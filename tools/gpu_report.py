@@ -35,15 +35,16 @@ def pipeline_section(report: dict) -> list[str]:
         f"### Pipelines (`tools.bench_pipeline`, batch {args['batch_size']}, {args['workers']} workers/threads,"
         f" {args['seconds']} s per rate)",
         "",
-        "| backend | split | images/s | vs torch | within epochs | s per epoch switch | images/epoch |",
-        "|---|---|---|---|---|---|---|",
+        "| backend | split | images/s | vs torch | within epochs | s per epoch switch | images/epoch |"
+        " loader CPU ms/batch |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         ratio = f"{r['vs_torch']:.2f}x" if r.get("vs_torch") else "-"
         lines.append(
             f"| {r.get('name', r['backend'])} | {r['split']} | {r['images_per_s']:,.0f} | {ratio} |"
             f" {_optional(r, 'within_epoch_images_per_s', ',.0f')} | {_optional(r, 'seconds_per_switch', '.3f')} |"
-            f" {_optional(r, 'images_per_epoch', ',')} |"
+            f" {_optional(r, 'images_per_epoch', ',')} | {_optional(r, 'loader_cpu_ms_per_batch', '.2f')} |"
         )
     gpu_train = [r for r in report["results"] if r["backend"] == "dali-gpu" and r["split"] == "train"]
     best = max(gpu_train, key=lambda r: r["images_per_s"], default=None)
@@ -67,8 +68,9 @@ def train_section(reports: list[dict]) -> list[str]:
     lines = [
         "### Training step fed by each pipeline (`tools.bench_train`)",
         "",
-        "| model | backend | images/s | vs synthetic | host wait | within epochs vs synthetic | s per epoch switch |",
-        "|---|---|---|---|---|---|---|",
+        "| model | backend | images/s | vs synthetic | host wait | within epochs vs synthetic | s per epoch switch |"
+        " loader CPU ms/batch |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     verdicts = []
     for report in reports:
@@ -78,7 +80,7 @@ def train_section(reports: list[dict]) -> list[str]:
             lines.append(
                 f"| {model} | {r.get('name', r['backend'])} | {r['images_per_s']:,.0f} | {r['vs_synthetic']:.3f} |"
                 f" {r.get('data_wait_fraction', 0.0):.1%} | {_optional(r, 'within_epoch_vs_synthetic', '.3f')} |"
-                f" {_optional(r, 'seconds_per_switch', '.3f')} |"
+                f" {_optional(r, 'seconds_per_switch', '.3f')} | {_optional(r, 'loader_cpu_ms_per_batch', '.2f')} |"
             )
         fed = [r for r in report["results"] if r["backend"] == "dali-gpu"]
         best = max(fed, key=lambda r: r["vs_synthetic"], default=None)

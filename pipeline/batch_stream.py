@@ -7,14 +7,17 @@ epochs exact. So the split's order is handed to one long-lived pipeline through
 `fn.external_source`: this stream reads the rank's samples at their offsets (from the .idx files,
 via `SampleTable`), batch after batch, running on into the next epoch with no break.
 
-Reading is plain `os.preadv` into reused buffers, which releases the GIL while the kernel copies; the
-pipeline takes the bytes without a copy (`no_copy=True`), so a buffer is reused only after the
+Shards are mapped into memory and each sample handed to the pipeline as a slice of its tar, with no
+copy and no system call per sample in this thread (DALI's decoder threads fault the pages in): a
+system call releases the GIL, and a training loop that holds it then keeps this thread waiting for
+it, at worst for the interpreter's switch interval (5 ms) after every call (docs/PERFORMANCE.md).
+Image folders (a file per sample) are read with `os.preadv` into reused buffers instead. Either way
+the pipeline takes the bytes without a copy (`no_copy=True`), so a buffer is reused only after the
 loader has received the outputs of the batch it held.
 """
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from collections import deque
@@ -34,9 +37,9 @@ class EncodedBatch:
     epoch: int
     step: int
     rows: np.ndarray  # table rows, in batch order
-    images: list[np.ndarray]  # encoded image bytes: views into `buffer`
+    images: list[np.ndarray]  # encoded image bytes: slices of mapped tars, or views into `buffer`
     labels: np.ndarray  # int64
-    buffer: np.ndarray
+    buffer: np.ndarray | None  # what the images were read into (image folders)
     inputs: tuple = ()  # what the pipeline is handed for this batch, made by `make_inputs`
 
 
@@ -80,7 +83,8 @@ class BatchStream:
     def done(self) -> EncodedBatch:
         """The oldest handed batch, whose outputs the caller has just received; its buffer is reused."""
         batch = self.handed.popleft()
-        self._free.put(batch.buffer)
+        if batch.buffer is not None:
+            self._free.put(batch.buffer)
         return batch
 
     def close(self) -> None:
@@ -117,16 +121,14 @@ class BatchStream:
         """Ask the kernel to start reading these samples now.
 
         They are read in random order, so its own readahead does not help; from a cold page cache
-        the reads then overlap instead of waiting one after another in this thread.
+        the reads then overlap instead of waiting one after another where the bytes are used.
         """
-        if not hasattr(os, "posix_fadvise"):
-            return
-        places = (column[rows].tolist() for column in (self.table.path_index, self.table.offset, self.table.size))
-        for path, offset, size in zip(*places, strict=True):
-            try:
-                os.posix_fadvise(self._reader.fd(path), offset, size, os.POSIX_FADV_WILLNEED)
-            except OSError:
-                pass  # only a hint; reading the sample reports a real problem with its file
+        table = self.table
+        starts = table.offset[rows] if table.label_offset is None else table.label_offset[rows]
+        starts = np.minimum(table.offset[rows], starts)  # a tar's label lies next to its image
+        places = (table.path_index[rows].tolist(), starts.tolist(), table.sample_ends(rows).tolist())
+        for path, start, end in zip(*places, strict=True):
+            self._reader.advise(path, start, end - start)
 
     def _put(self, item) -> bool:
         while not self._stop.is_set():
@@ -149,6 +151,22 @@ class BatchStream:
     def _read_batch(self, epoch: int, step: int, rows: np.ndarray) -> EncodedBatch:
         table = self.table
         paths, offsets, sizes = (column[rows].tolist() for column in (table.path_index, table.offset, table.size))
+        if table.file_per_sample:
+            images, buffer = self._read_files(rows, paths, offsets, sizes)
+        else:  # `shard_table` has checked that every sample lies inside its tar
+            mapped = self._reader.mapped
+            images, buffer = [mapped(p)[o : o + n] for p, o, n in zip(paths, offsets, sizes, strict=True)], None
+        labels = table.label[rows]
+        for i in np.flatnonzero(labels == UNKNOWN):  # first read of these samples (shards)
+            labels[i] = self._reader.label(int(rows[i]))
+        batch = EncodedBatch(epoch, step, rows, images, labels, buffer)
+        batch.inputs = self._make_inputs(batch)
+        return batch
+
+    def _read_files(
+        self, rows: np.ndarray, paths: list[int], offsets: list[int], sizes: list[int]
+    ) -> tuple[list[np.ndarray], np.ndarray]:
+        """Read whole files (an image folder's samples) into one reused buffer, views into it."""
         ends = np.cumsum(sizes).tolist()
         buffer = self._buffer(ends[-1])
         view = memoryview(buffer)
@@ -156,9 +174,4 @@ class BatchStream:
         for row, path, offset, size, end in zip(rows.tolist(), paths, offsets, sizes, ends, strict=True):
             self._reader.read_into(row, view[end - size : end], path, offset)
             images.append(buffer[end - size : end])
-        labels = table.label[rows]
-        for i in np.flatnonzero(labels == UNKNOWN):  # first read of these samples (shards)
-            labels[i] = self._reader.label(int(rows[i]))
-        batch = EncodedBatch(epoch, step, rows, images, labels, buffer)
-        batch.inputs = self._make_inputs(batch)
-        return batch
+        return images, buffer

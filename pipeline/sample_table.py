@@ -7,6 +7,7 @@ columns keep this small for ImageNet (1.28M rows, about 40 MB) and fast to gathe
 
 from __future__ import annotations
 
+import mmap
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -44,6 +45,18 @@ class SampleTable:
         return len(self.offset)
 
     @property
+    def file_per_sample(self) -> bool:
+        """An image folder: each sample is a whole file (shards hold many samples per file)."""
+        return self.index_lines is None
+
+    def sample_ends(self, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
+        """Where each sample's last byte (image or label) ends in its file."""
+        ends = self.offset[rows] + self.size[rows]
+        if self.label_offset is None:
+            return ends
+        return np.maximum(ends, self.label_offset[rows] + self.label_size[rows])
+
+    @property
     def sizes(self) -> list[int]:
         """Samples per shard (per file for a folder), in manifest order: what `pipeline.split` splits."""
         return np.diff(np.append(self.first_row, len(self))).tolist()
@@ -78,7 +91,7 @@ def shard_table(shard_set: ShardSet) -> SampleTable:
             size.append(members["jpg"][1])
             label_offset.append(members["cls"][0])
             label_size.append(members["cls"][1])
-    return SampleTable(
+    table = SampleTable(
         paths=paths,
         path_index=np.array(path_index, np.int32),
         offset=np.array(offset, np.int64),
@@ -91,6 +104,17 @@ def shard_table(shard_set: ShardSet) -> SampleTable:
         height=np.zeros(len(offset), np.int32),
         width=np.zeros(len(offset), np.int32),
     )
+    # Every sample must lie inside its tar: the DALI loaders read the tars mapped into memory, where
+    # a range past the end would come out short (or, past the last page, kill the process).
+    tar_bytes = np.array([s.bytes for s in shard_set.shards], np.int64)[table.path_index]
+    for row in np.flatnonzero(table.sample_ends() > tar_bytes)[:1].tolist():
+        shard = int(table.path_index[row])
+        info, line = shard_set.shards[shard], table.index_lines[shard][row - int(table.first_row[shard])]
+        raise ShardError(
+            f"{shard_set.directory / info.index_file}: does not match {info.file}"
+            f" (sample {sample_key(line)} ends past the tar's end)"
+        )
+    return table
 
 
 def file_table(files: list[str], labels: list[int]) -> SampleTable:
@@ -116,8 +140,8 @@ def file_table(files: list[str], labels: list[int]) -> SampleTable:
 
 
 class SampleReader:
-    """Reads a table's samples from their files, for every backend: exact reads, labels, and errors
-    that name the sample.
+    """Reads a table's samples from their files, for every backend: exact reads, mapped shards,
+    labels, and errors that name the sample.
 
     Descriptors stay open for reuse, the least recently used closed beyond `max_open`: a rank reads
     its shards in random order, so reopening per sample would cost a syscall pair per image, and an
@@ -128,6 +152,7 @@ class SampleReader:
     def __init__(self, table: SampleTable, max_open: int = 512):
         self.table, self.max_open = table, max_open
         self._open: OrderedDict[int, int] = OrderedDict()  # path index -> descriptor
+        self._maps: dict[int, tuple[mmap.mmap, np.ndarray]] = {}  # path index -> mapping, its bytes
 
     def fd(self, path: int) -> int:
         """The open descriptor of `table.paths[path]`."""
@@ -149,10 +174,65 @@ class SampleReader:
         if got != len(target):
             raise ShardError(f"{self.table.describe(row)}: {len(target)} bytes expected at offset {offset}, got {got}")
 
+    def mapped(self, path: int) -> np.ndarray:
+        """The bytes of file `path` (a tar), mapped read-only into memory until `close`.
+
+        Slices of it reach DALI with no copy and no system call per sample: the decoders' own
+        threads fault the pages in. The DALI reader thread reads this way because each system call
+        releases the GIL, which the training loop then holds until the reader can take it back
+        (docs/pipeline.md). DALI's own readers map files the same way.
+        """
+        return self._mapping(path)[1]
+
+    def advise(self, path: int, offset: int, size: int) -> None:
+        """Ask the kernel to start reading these bytes of file `path` now (a hint: errors are left
+        to the read). For a tar through its mapping: `madvise` keeps the GIL (it only starts the
+        reads), so the thread does not have to win it back as after a system call.
+        """
+        try:
+            if not self.table.file_per_sample and hasattr(mmap, "MADV_WILLNEED"):
+                start = offset - offset % mmap.PAGESIZE
+                self._mapping(path)[0].madvise(mmap.MADV_WILLNEED, start, offset + size - start)
+            elif hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(self.fd(path), offset, size, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+
+    def _mapping(self, path: int) -> tuple[mmap.mmap, np.ndarray]:
+        mapped = self._maps.get(path)
+        if mapped is None:
+            try:
+                mapping = mmap.mmap(self.fd(path), 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError) as err:  # ValueError: an empty file
+                raise ShardError(f"{self.table.paths[path]}: cannot be mapped into memory ({err})") from err
+            self._check_length(path, len(mapping))
+            mapped = self._maps[path] = (mapping, np.frombuffer(mapping, np.uint8))
+        return mapped
+
+    def _check_length(self, path: int, length: int) -> None:
+        """A tar shorter than its samples' ranges (cut since the loader opened it) is named here, with
+        its first sample past the end, rather than read short."""
+        table = self.table
+        rows = slice(
+            int(table.first_row[path]), int(table.first_row[path + 1]) if path + 1 < len(table.paths) else None
+        )
+        past = np.flatnonzero(table.sample_ends(rows) > length)
+        if len(past):
+            row = rows.start + int(past[0])
+            raise ShardError(
+                f"{table.describe(row)}: {int(table.size[row])} bytes expected at offset {int(table.offset[row])},"
+                f" the file has {length} bytes (changed since the loader opened it?)"
+            )
+
     def image(self, row: int) -> bytes:
-        """Sample `row`'s encoded image."""
-        data = bytearray(int(self.table.size[row]))
-        self.read_into(row, memoryview(data), int(self.table.path_index[row]), int(self.table.offset[row]))
+        """Sample `row`'s encoded image (a copy)."""
+        path, offset, size = (
+            int(column[row]) for column in (self.table.path_index, self.table.offset, self.table.size)
+        )
+        if not self.table.file_per_sample:
+            return self.mapped(path)[offset : offset + size].tobytes()
+        data = bytearray(size)
+        self.read_into(row, memoryview(data), path, offset)
         return bytes(data)
 
     def label(self, row: int) -> int:
@@ -160,8 +240,8 @@ class SampleReader:
         table = self.table
         if table.label[row] != UNKNOWN:
             return int(table.label[row])
-        raw = bytearray(int(table.label_size[row]))
-        self.read_into(row, memoryview(raw), int(table.path_index[row]), int(table.label_offset[row]))
+        start = int(table.label_offset[row])
+        raw = self.mapped(int(table.path_index[row]))[start : start + int(table.label_size[row])].tobytes()
         try:
             table.label[row] = int(raw)
         except ValueError:
@@ -169,5 +249,7 @@ class SampleReader:
         return int(table.label[row])
 
     def close(self) -> None:
+        """Close the descriptors and drop the mappings (unmapped once no slice of them is left)."""
         while self._open:
             os.close(self._open.popitem()[1])
+        self._maps.clear()

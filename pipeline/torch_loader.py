@@ -1,8 +1,8 @@
 """The `torch` backend: a reference and fallback with PIL, torchvision transforms and DataLoader workers.
 
-Samples are read straight from the tars at the offsets in the DALI index files (os.pread, through
-the same `SampleTable` as the DALI backends): the webdataset library streams whole tars, and an
-exact per-rank split needs sample ranges inside them.
+Samples are read straight from the tars at the offsets in the DALI index files (mapped into memory,
+through the same `SampleTable` and `SampleReader` as the DALI backends): the webdataset library
+streams whole tars, and an exact per-rank split needs sample ranges inside them.
 """
 
 from __future__ import annotations

@@ -206,6 +206,20 @@ def test_index_that_does_not_match_its_tar_is_named(photo_shards, tmp_path):
         create_loader(str(shards), "val", config("dali-cpu"))
 
 
+def test_index_entry_past_the_end_of_its_tar_is_named(photo_shards, tmp_path):
+    """Any sample, not only the last: the DALI loaders read the tars mapped, where it would come out short."""
+    shards = copy_shards(photo_shards, tmp_path)
+    shard = read_manifest(shards).splits["train"].shards[0]
+    lines = (shards / shard.index_file).read_text().splitlines()
+    fields = lines[2].split()  # lines[0] is the header
+    fields[1] = str(shard.bytes)  # the first member now starts at the tar's end
+    lines[2] = " ".join(fields)
+    (shards / shard.index_file).write_text("\n".join(lines) + "\n")
+    key = fields[3].split(".")[0]
+    with pytest.raises(ShardError, match=f"{shard.index_file}: does not match {shard.file} \\(sample {key} ends past"):
+        create_loader(str(shards), "train", config("dali-cpu"))
+
+
 def test_manifest_problems_are_named(photo_shards, tmp_path):
     shards = copy_shards(photo_shards, tmp_path)
     with pytest.raises(ShardError, match="no 'test' split"):

@@ -143,10 +143,11 @@ class SampleReader:
     """Reads a table's samples from their files, for every backend: exact reads, mapped shards,
     labels, and errors that name the sample.
 
-    Descriptors stay open for reuse, the least recently used closed beyond `max_open`: a rank reads
-    its shards in random order, so reopening per sample would cost a syscall pair per image, and an
-    image folder has a file per sample, which cannot all stay open. Open it after a fork (DataLoader
-    workers) or in one thread: it is not shared between processes or threads.
+    Tars are mapped into memory once, whole (DALI's own readers do the same). An image folder's files
+    are read with system calls; their descriptors stay open for reuse, the least recently used
+    closed beyond `max_open` (a folder has a file per sample, which cannot all stay open). Open it
+    after a fork (DataLoader workers) or in one thread: it is not shared between processes or
+    threads.
     """
 
     def __init__(self, table: SampleTable, max_open: int = 512):
@@ -202,7 +203,11 @@ class SampleReader:
         mapped = self._maps.get(path)
         if mapped is None:
             try:
-                mapping = mmap.mmap(self.fd(path), 0, access=mmap.ACCESS_READ)
+                fd = os.open(self.table.paths[path], os.O_RDONLY)
+                try:  # the mapping outlives its descriptor: none is kept open
+                    mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+                finally:
+                    os.close(fd)
             except (OSError, ValueError) as err:  # ValueError: an empty file
                 raise ShardError(f"{self.table.paths[path]}: cannot be mapped into memory ({err})") from err
             self._check_length(path, len(mapping))

@@ -61,8 +61,9 @@ def imagenet_pipeline(
     `source()` gives one batch per input (DALI tensor lists, or per-sample arrays), which must stay
     unchanged until the batch's outputs are out (no copy is made): the encoded images (uint8) and
     the labels (int64), and for train also each crop's (x, y) anchor and (width, height) in pixels
-    (float32) and whether to flip it (int32). The graph itself draws nothing at random: crops and flips come from the
-    source, so they do not depend on the pipeline's lifetime or on the decoding device.
+    (float32) and whether to flip it (int32). The graph itself draws nothing at random: crops and
+    flips come from the source, so they do not depend on the pipeline's lifetime or on the
+    decoding device.
     """
     decoder_device = "mixed" if decode_on_gpu else "cpu"
     # EXIF orientation is ignored, as PIL and torchvision (and so every published ImageNet result)

@@ -64,6 +64,10 @@ limit 200 python -m tools.bench_pipeline --shards /tmp/gc/bench-shards --backend
   --batch-size "$batch" --seconds "$seconds" --workers "$workers" --hw-decoder-load 0.65,1.0 \
   --json "$OUT/bench_pipeline.json"
 
+step "3b. dali-gpu train alone with 8 DALI threads (configs/resnet18.yaml's data.workers; BASELINES.md used 8)"
+limit 60 python -m tools.bench_pipeline --shards /tmp/gc/bench-shards --backends dali-gpu --splits train \
+  --batch-size "$batch" --seconds "$seconds" --workers 8 --hw-decoder-load 0.65,1.0 --json "$OUT/bench_pipeline_8threads.json"
+
 step "4. training step fed by dali-gpu vs synthetic (ResNet-18 compiled: 20 steps of each profiled too)"
 limit 240 python -m tools.bench_train --shards /tmp/gc/bench-shards --model resnet18 --compile \
   --backends dali-gpu --hw-decoder-load 0.65,1.0 --batch-size "$batch" --seconds "$seconds" --workers "$workers" \

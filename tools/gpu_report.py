@@ -2,7 +2,7 @@
 
     python -m tools.gpu_report OUT_DIR [--write OUT_DIR/report.md]
 
-Reads `bench_pipeline.json` and every `bench_train_*.json` in OUT_DIR and prints the tables that go
+Reads every `bench_pipeline*.json` and `bench_train_*.json` in OUT_DIR and prints the tables that go
 into docs/PERFORMANCE.md: each rate, its ratio, and whether the GPU targets of issues 3 and 5 hold.
 A figure that is absent (e.g. dali-gpu on a machine without a GPU) is reported as not measured.
 """
@@ -93,18 +93,18 @@ def train_section(reports: list[dict]) -> list[str]:
 
 
 def build_report(out_dir: Path) -> str:
-    pipeline = out_dir / "bench_pipeline.json"
+    pipelines = sorted(out_dir.glob("bench_pipeline*.json"))
     trains = sorted(out_dir.glob("bench_train_*.json"))
-    if not pipeline.is_file() and not trains:
-        raise FileNotFoundError(f"{out_dir}: no bench_pipeline.json or bench_train_*.json")
+    if not pipelines and not trains:
+        raise FileNotFoundError(f"{out_dir}: no bench_pipeline*.json or bench_train_*.json")
     sections = []
-    first = json.loads((pipeline if pipeline.is_file() else trains[0]).read_text())
+    first = json.loads((pipelines + trains)[0].read_text())
     env = first["environment"]
     sections.append(
         f"GPU {env.get('gpu') or 'none'}, {env['cpu_count']} CPU cores, torch {env['torch']}, "
         f"torchvision {env.get('torchvision')}, DALI {env.get('dali')}, CUDA {env.get('cuda')}, Python {env['python']}"
     )
-    if pipeline.is_file():
+    for pipeline in pipelines:
         sections.append("\n".join(pipeline_section(json.loads(pipeline.read_text()))))
     if trains:
         sections.append("\n".join(train_section([json.loads(p.read_text()) for p in trains])))

@@ -69,6 +69,22 @@ def test_bench_train_profiles_each_backend(bench_out):
         assert {"wait for batch", "step"} <= {event.get("name") for event in trace["traceEvents"]}
 
 
+def test_bench_reader_measures_shards_and_a_folder_with_the_main_thread_idle_and_busy(photo_shards, tmp_path):
+    folder = photo_shards.parent / "src" / "train"  # the tree the shards were made from
+    result = run_tool(
+        "tools.bench_reader", "--shards", str(photo_shards), "--folder", str(folder), "--batch-size", "8",
+        "--seconds", "0.3", "--json", str(tmp_path / "bench_reader.json"), check=True,
+    )  # fmt: skip
+    report = json.loads((tmp_path / "bench_reader.json").read_text())
+    assert [r["source"] for r in report["results"]] == ["shards (mapped)", "folder (preadv)"]
+    for r in report["results"]:
+        assert r["batches_per_s_main_idle"] > 0 and r["batches_per_s_main_busy"] >= 0
+        assert re.search(rf"{re.escape(r['source'])} +[0-9.]+ +[0-9.]+ +[0-9.]+", result.stdout)
+    tabled = run_tool("tools.gpu_report", str(tmp_path), check=True).stdout
+    assert "### Reader thread alone" in tabled
+    assert f"| shards (mapped) | {report['results'][0]['batches_per_s_main_idle']:,.1f} |" in tabled
+
+
 def test_gpu_report_tables_every_figure_and_each_target(bench_out, tmp_path):
     out, _, _ = bench_out
     result = run_tool("tools.gpu_report", str(out), "--write", str(tmp_path / "report.md"), check=True)
@@ -100,7 +116,7 @@ def test_gpu_report_tables_each_pipeline_run(bench_out, tmp_path):
 def test_gpu_report_names_a_folder_without_results(tmp_path):
     result = run_tool("tools.gpu_report", str(tmp_path))
     assert result.returncode == 1
-    assert f"{tmp_path}: no bench_pipeline*.json or bench_train_*.json" in result.stderr
+    assert f"{tmp_path}: no bench_pipeline*.json, bench_reader.json or bench_train_*.json" in result.stderr
 
 
 class SlowSwitchLoader:

@@ -2,8 +2,8 @@
 
     python -m tools.gpu_report OUT_DIR [--write OUT_DIR/report.md]
 
-Reads every `bench_pipeline*.json` and `bench_train_*.json` in OUT_DIR and prints the tables that go
-into docs/PERFORMANCE.md: each rate, its ratio, and whether the GPU targets of issues 3 and 5 hold.
+Reads every `bench_pipeline*.json`, `bench_reader.json` and `bench_train_*.json` in OUT_DIR and prints
+the tables that go into docs/PERFORMANCE.md: each rate, its ratio, and whether the GPU targets of issues 3 and 5 hold.
 A figure that is absent (e.g. dali-gpu on a machine without a GPU) is reported as not measured.
 """
 
@@ -92,13 +92,27 @@ def train_section(reports: list[dict]) -> list[str]:
     return lines + [""] + verdicts
 
 
+def reader_section(report: dict) -> list[str]:
+    lines = [
+        f"### Reader thread alone (`tools.bench_reader`, batch {report['args']['batch_size']}, no decoding)",
+        "",
+        "| source | batches/s, main thread idle | main thread busy in Python | busy / idle |",
+        "|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        idle, busy = r["batches_per_s_main_idle"], r["batches_per_s_main_busy"]
+        lines.append(f"| {r['source']} | {idle:,.1f} | {busy:,.1f} | {busy / idle:.3f} |")
+    return lines
+
+
 def build_report(out_dir: Path) -> str:
     pipelines = sorted(out_dir.glob("bench_pipeline*.json"))
+    readers = sorted(out_dir.glob("bench_reader.json"))
     trains = sorted(out_dir.glob("bench_train_*.json"))
-    if not pipelines and not trains:
-        raise FileNotFoundError(f"{out_dir}: no bench_pipeline*.json or bench_train_*.json")
+    if not pipelines + readers + trains:
+        raise FileNotFoundError(f"{out_dir}: no bench_pipeline*.json, bench_reader.json or bench_train_*.json")
     sections = []
-    first = json.loads((pipelines + trains)[0].read_text())
+    first = json.loads((pipelines + readers + trains)[0].read_text())
     env = first["environment"]
     sections.append(
         f"GPU {env.get('gpu') or 'none'}, {env['cpu_count']} CPU cores, torch {env['torch']}, "
@@ -106,6 +120,8 @@ def build_report(out_dir: Path) -> str:
     )
     for pipeline in pipelines:
         sections.append("\n".join(pipeline_section(json.loads(pipeline.read_text()))))
+    for reader in readers:
+        sections.append("\n".join(reader_section(json.loads(reader.read_text()))))
     if trains:
         sections.append("\n".join(train_section([json.loads(p.read_text()) for p in trains])))
     return "\n\n".join(sections) + "\n"

@@ -124,9 +124,7 @@ class BatchStream:
         the reads then overlap instead of waiting one after another where the bytes are used.
         """
         table = self.table
-        starts = table.offset[rows] if table.label_offset is None else table.label_offset[rows]
-        starts = np.minimum(table.offset[rows], starts)  # a tar's label lies next to its image
-        places = (table.path_index[rows].tolist(), starts.tolist(), table.sample_ends(rows).tolist())
+        places = (table.path_index[rows].tolist(), table.sample_starts(rows).tolist(), table.sample_ends(rows).tolist())
         for path, start, end in zip(*places, strict=True):
             self._reader.advise(path, start, end - start)
 

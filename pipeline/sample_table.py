@@ -49,6 +49,12 @@ class SampleTable:
         """An image folder: each sample is a whole file (shards hold many samples per file)."""
         return self.index_lines is None
 
+    def sample_starts(self, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
+        """Where each sample's first byte (image or label) lies in its file."""
+        if self.label_offset is None:
+            return self.offset[rows]
+        return np.minimum(self.offset[rows], self.label_offset[rows])
+
     def sample_ends(self, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
         """Where each sample's last byte (image or label) ends in its file."""
         ends = self.offset[rows] + self.size[rows]

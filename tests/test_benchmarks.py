@@ -26,6 +26,10 @@ def bench_out(photo_shards, tmp_path_factory):
         "--image-size", "32", "--seconds", "0.3", "--workers", "2", "--json", str(out / "bench_train_rn18.json"),
         "--profile", str(out / "profile"), check=True,
     )  # fmt: skip
+    run_tool(
+        "tools.bench_dali_reference", "--shards", str(photo_shards), "--batch-size", "8", "--image-size", "64",
+        "--seconds", "0.3", "--workers", "1,2", "--json", str(out / "bench_dali_reference.json"), check=True,
+    )  # fmt: skip
     return out, pipeline.stdout, train.stdout
 
 
@@ -41,6 +45,15 @@ def test_bench_pipeline_reports_every_backend_and_split(bench_out):
     if not report["environment"]["gpu"]:
         for load in ("0.65", "1"):
             assert re.search(rf"dali-gpu hw={load} +train skipped: no GPU", stdout)
+
+
+def test_bench_dali_reference_measures_each_thread_count(bench_out):
+    out, _, _ = bench_out
+    report = json.loads((out / "bench_dali_reference.json").read_text())
+    assert [r["threads"] for r in report["results"]] == [1, 2]
+    assert all(r["images_per_s"] > 0 for r in report["results"])
+    on_gpu = report["args"]["device"] == "gpu"
+    assert all((r["hw_decoder_load"] is not None) == on_gpu for r in report["results"])
 
 
 def test_bench_train_reports_the_data_stall(bench_out):
@@ -95,6 +108,13 @@ def test_gpu_report_tables_every_figure_and_each_target(bench_out, tmp_path):
         assert f"| {r['loader_cpu_ms_per_batch']:.2f} |" in result.stdout
     assert "- dali-gpu train >= 16,500 images/s: " in result.stdout
     assert "- resnet18, batch 4 fed by dali-gpu >= 95% of synthetic: " in result.stdout
+    reference = json.loads((out / "bench_dali_reference.json").read_text())
+    for r in reference["results"]:
+        assert (
+            f"| {r['threads']} | - | {r['images_per_s']:,.0f} |" in result.stdout
+            or reference["args"]["device"] == "gpu"
+        )
+    assert "- best dali-gpu train >= 95% of the best raw rate: " in result.stdout
     if not pipeline["environment"]["gpu"]:
         assert "dali-gpu train >= 16,500 images/s: not measured" in result.stdout
 
@@ -116,7 +136,10 @@ def test_gpu_report_tables_each_pipeline_run(bench_out, tmp_path):
 def test_gpu_report_names_a_folder_without_results(tmp_path):
     result = run_tool("tools.gpu_report", str(tmp_path))
     assert result.returncode == 1
-    assert f"{tmp_path}: no bench_pipeline*.json, bench_reader.json or bench_train_*.json" in result.stderr
+    assert (
+        f"{tmp_path}: no bench_pipeline*.json, bench_dali_reference.json, bench_reader.json or bench_train_*.json"
+        in (result.stderr)
+    )
 
 
 class SlowSwitchLoader:

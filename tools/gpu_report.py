@@ -2,7 +2,8 @@
 
     python -m tools.gpu_report OUT_DIR [--write OUT_DIR/report.md]
 
-Reads every `bench_pipeline*.json`, `bench_reader.json` and `bench_train_*.json` in OUT_DIR and
+Reads every `bench_pipeline*.json`, `bench_dali_reference.json`, `bench_reader.json` and
+`bench_train_*.json` in OUT_DIR and
 prints the tables that go into docs/PERFORMANCE.md: each rate, its ratio, and whether the GPU
 targets of issues 3 and 5 hold.
 A figure that is absent (e.g. dali-gpu on a machine without a GPU) is reported as not measured.
@@ -18,6 +19,7 @@ from pathlib import Path
 DALI_GPU_TRAIN_MIN_IMAGES_PER_S = 16_500  # >= 95% of the raw DALI rate in ../shared/BASELINES.md
 DALI_GPU_MIN_VS_TORCH = 7.0
 MIN_VS_SYNTHETIC = 0.95
+MIN_VS_REFERENCE = 0.95  # of DALI's own reader and decoder on the same shards, same run
 
 
 def _verdict(ok: bool | None) -> str:
@@ -93,6 +95,29 @@ def train_section(reports: list[dict]) -> list[str]:
     return lines + [""] + verdicts
 
 
+def reference_section(report: dict, pipelines: list[dict]) -> list[str]:
+    """The raw DALI rate of the same run, and the best dali-gpu train rate as a share of it."""
+    lines = [
+        f"### Raw DALI rate on the same shards (`tools.bench_dali_reference`, batch {report['args']['batch_size']})",
+        "",
+        "| pipeline | threads | hw_decoder_load | images/s |",
+        "|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        load = "-" if r["hw_decoder_load"] is None else format(r["hw_decoder_load"], "g")
+        lines.append(f"| {r['name']} | {r['threads']} | {load} | {r['images_per_s']:,.0f} |")
+    reference = max(r["images_per_s"] for r in report["results"])
+    gpu_train = [
+        r["images_per_s"]
+        for p in pipelines
+        for r in p["results"]
+        if r["backend"] == "dali-gpu" and r["split"] == "train"
+    ]
+    ok = None if not gpu_train else max(gpu_train) / reference >= MIN_VS_REFERENCE
+    detail = "" if not gpu_train else f" ({max(gpu_train):,.0f} / {reference:,.0f} = {max(gpu_train) / reference:.3f})"
+    return lines + ["", f"- best dali-gpu train >= {MIN_VS_REFERENCE:.0%} of the best raw rate: {_verdict(ok)}{detail}"]
+
+
 def reader_section(report: dict) -> list[str]:
     lines = [
         f"### Reader thread alone (`tools.bench_reader`, batch {report['args']['batch_size']}, no decoding)",
@@ -108,19 +133,26 @@ def reader_section(report: dict) -> list[str]:
 
 def build_report(out_dir: Path) -> str:
     pipelines = sorted(out_dir.glob("bench_pipeline*.json"))
+    references = sorted(out_dir.glob("bench_dali_reference.json"))
     readers = sorted(out_dir.glob("bench_reader.json"))
     trains = sorted(out_dir.glob("bench_train_*.json"))
-    if not pipelines + readers + trains:
-        raise FileNotFoundError(f"{out_dir}: no bench_pipeline*.json, bench_reader.json or bench_train_*.json")
+    found = pipelines + references + readers + trains
+    if not found:
+        raise FileNotFoundError(
+            f"{out_dir}: no bench_pipeline*.json, bench_dali_reference.json, bench_reader.json or bench_train_*.json"
+        )
     sections = []
-    first = json.loads((pipelines + readers + trains)[0].read_text())
+    first = json.loads(found[0].read_text())
     env = first["environment"]
     sections.append(
         f"GPU {env.get('gpu') or 'none'}, {env['cpu_count']} CPU cores, torch {env['torch']}, "
         f"torchvision {env.get('torchvision')}, DALI {env.get('dali')}, CUDA {env.get('cuda')}, Python {env['python']}"
     )
-    for pipeline in pipelines:
-        sections.append("\n".join(pipeline_section(json.loads(pipeline.read_text()))))
+    pipeline_reports = [json.loads(p.read_text()) for p in pipelines]
+    for pipeline in pipeline_reports:
+        sections.append("\n".join(pipeline_section(pipeline)))
+    for reference in references:
+        sections.append("\n".join(reference_section(json.loads(reference.read_text()), pipeline_reports)))
     for reader in readers:
         sections.append("\n".join(reader_section(json.loads(reader.read_text()))))
     if trains:

@@ -1,0 +1,101 @@
+"""The raw DALI rate on the same shards: DALI's own reader and random-crop decoder, no split, cycled.
+
+    python -m tools.bench_dali_reference --shards DIR --batch-size 256 --seconds 8 --workers 8,16
+
+This is the pipeline ../shared/BASELINES.md measured (`fn.readers.webdataset` over the tars and
+their .idx files, `decoders.image_random_crop`, resize, `crop_mirror_normalize` to float16), run
+in the same session as `tools.bench_pipeline` so that the project's `dali-gpu` loader can be
+compared with it on one machine: the target is >= 95% of this rate. It is a yardstick, not a
+loader: it keeps no exact epochs, reads every shard on one rank and drops nothing it should not.
+Without a GPU it decodes on the CPU (`--device cpu`), which is how the tests run it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+from pipeline.dali_pipeline import DALI_MEAN, DALI_STD
+from pipeline.shard_set import open_shard_set
+from tools.bench_common import HW_LOAD_HELP, finish_report, float_list
+
+
+def int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
+@pipeline_def(enable_conditionals=False)
+def reference_pipeline(tars: list[str], index_files: list[str], image_size: int, decoder: str, hw_decoder_load: float):
+    jpegs, labels = fn.readers.webdataset(
+        paths=tars, index_paths=index_files, ext=["jpg", "cls"], random_shuffle=True, name="Reader"
+    )
+    decode_args = {"hw_decoder_load": hw_decoder_load} if decoder == "mixed" else {}
+    images = fn.decoders.image_random_crop(jpegs, device=decoder, output_type=types.RGB, **decode_args)
+    images = fn.resize(images, resize_x=image_size, resize_y=image_size)
+    flip = fn.random.coin_flip()
+    images = fn.crop_mirror_normalize(
+        images, dtype=types.FLOAT16, output_layout="HWC", mean=DALI_MEAN, std=DALI_STD, mirror=flip
+    )
+    return images, labels
+
+
+def reference_rate(args, threads: int, hw_decoder_load: float) -> float:
+    """Images/s of the reference pipeline over `args.seconds`, after 10 warm-up batches."""
+    shard_set = open_shard_set(args.shards, "train")
+    on_gpu = args.device == "gpu"
+    pipe = reference_pipeline(
+        tars=[str(shard_set.tar_path(i)) for i in range(len(shard_set.shards))],
+        index_files=[str(shard_set.directory / s.index_file) for s in shard_set.shards],
+        image_size=args.image_size,
+        decoder="mixed" if on_gpu else "cpu",
+        hw_decoder_load=hw_decoder_load,
+        batch_size=args.batch_size,
+        num_threads=threads,
+        device_id=0 if on_gpu else None,
+        prefetch_queue_depth=2,
+    )
+    pipe.build()
+    batches = DALIGenericIterator([pipe], ["images", "labels"], reader_name="Reader", auto_reset=True)
+    sync = torch.cuda.synchronize if on_gpu else lambda: None
+    done, started = 0, None
+    while True:  # epochs: the iterator resets itself at each end
+        for _ in batches:
+            done += 1
+            if started is None and done == 10:
+                sync()
+                started, done = time.perf_counter(), 0
+            elif started is not None and time.perf_counter() - started >= args.seconds:
+                sync()
+                return done * args.batch_size / (time.perf_counter() - started)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.bench_dali_reference", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shards", required=True, help="a shard directory (tools.make_shards)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--seconds", type=float, default=8)
+    p.add_argument("--workers", type=int_list, default=[8], help="DALI threads; a comma list measures each")
+    p.add_argument("--hw-decoder-load", type=float_list, default=[1.0], help=HW_LOAD_HELP)
+    p.add_argument("--device", choices=["gpu", "cpu"], default="gpu" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    loads = args.hw_decoder_load if args.device == "gpu" else [None]
+    results = []
+    print("pipeline                                  threads  hw_decoder_load  images/s")
+    for threads in args.workers:
+        for load in loads:
+            rate = reference_rate(args, threads, 0.0 if load is None else load)
+            name = f"DALI reader + random-crop decode ({'mixed' if args.device == 'gpu' else 'cpu'})"
+            results.append({"name": name, "threads": threads, "hw_decoder_load": load, "images_per_s": rate})
+            print(f"{name:42s}{threads:7d}  {'-' if load is None else format(load, 'g'):>15s}  {rate:8,.0f}")
+    finish_report("bench_dali_reference", args, results)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -46,7 +46,7 @@ class _Run:
 
     def close(self) -> None:
         del self.batches
-        _shut_down(self.pipe)  # the pipeline goes first: it may still hold the stream's buffers
+        shut_down(self.pipe)  # the pipeline goes first: it may still hold the stream's buffers
         self.stream.close()
 
 
@@ -136,7 +136,7 @@ class DaliLoader(PartLoader):
             batches = DALIGenericIterator([pipe], ["images", "labels"], size=-1)
         except Exception as err:
             named = _name_undecodable(err, stream)
-            _shut_down(pipe)
+            shut_down(pipe)
             stream.close()
             if named is None:
                 raise
@@ -219,7 +219,7 @@ class DaliFolderLoader(DaliLoader):
         self.num_classes = max(labels) + 1
 
 
-def _shut_down(pipe) -> None:
+def shut_down(pipe) -> None:
     """Stop a DALI pipeline and free it now, in this process.
 
     Dropping the last reference is not enough: a pipeline in a reference cycle (an exception's

@@ -6,7 +6,7 @@ This is the pipeline ../shared/BASELINES.md measured (`fn.readers.webdataset` ov
 their .idx files, `decoders.image_random_crop`, resize, `crop_mirror_normalize` to float16), run
 in the same session as `tools.bench_pipeline` so that the project's `dali-gpu` loader can be
 compared with it on one machine: the target is >= 95% of this rate. It is a yardstick, not a
-loader: it keeps no exact epochs, reads every shard on one rank and drops nothing it should not.
+loader: one rank reads every shard, and epochs are not exact (DALI's reader shuffles in a buffer).
 Without a GPU it decodes on the CPU (`--device cpu`), which is how the tests run it.
 """
 
@@ -19,13 +19,10 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
+from pipeline.dali_loader import shut_down
 from pipeline.dali_pipeline import DALI_MEAN, DALI_STD
 from pipeline.shard_set import open_shard_set
-from tools.bench_common import HW_LOAD_HELP, finish_report, float_list
-
-
-def int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",")]
+from tools.bench_common import HW_LOAD_HELP, finish_report, float_list, int_list
 
 
 @pipeline_def(enable_conditionals=False)
@@ -59,11 +56,16 @@ def reference_rate(args, threads: int, hw_decoder_load: float) -> float:
         prefetch_queue_depth=2,
     )
     pipe.build()
-    batches = DALIGenericIterator([pipe], ["images", "labels"], reader_name="Reader", auto_reset=True)
+    batches = DALIGenericIterator([pipe], ["images", "labels"], reader_name="Reader")
     sync = torch.cuda.synchronize if on_gpu else lambda: None
     done, started = 0, None
-    while True:  # epochs: the iterator resets itself at each end
-        for _ in batches:
+    try:
+        while True:
+            try:
+                next(batches)
+            except StopIteration:  # the end of an epoch (iterating with `for` would reset it twice)
+                batches.reset()
+                continue
             done += 1
             if started is None and done == 10:
                 sync()
@@ -71,6 +73,8 @@ def reference_rate(args, threads: int, hw_decoder_load: float) -> float:
             elif started is not None and time.perf_counter() - started >= args.seconds:
                 sync()
                 return done * args.batch_size / (time.perf_counter() - started)
+    finally:
+        shut_down(pipe)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,6 +66,21 @@ def test_bench_train_reports_the_data_stall(bench_out):
     assert "data stall" in stdout
 
 
+def test_bench_train_measures_the_dali_backends_with_each_thread_count(photo_shards, tmp_path):
+    """--workers 1,2: each DALI backend once per count, named by it; synthetic once."""
+    run_tool(
+        "tools.bench_train", "--shards", str(photo_shards), "--backends", "dali-cpu", "--batch-size", "4",
+        "--image-size", "32", "--seconds", "0.2", "--workers", "1,2", "--json", str(tmp_path / "sweep.json"),
+        check=True,
+    )  # fmt: skip
+    results = json.loads((tmp_path / "sweep.json").read_text())["results"]
+    assert [(r["name"], r["workers"]) for r in results] == [
+        ("dali-cpu 1 threads", 1),
+        ("dali-cpu 2 threads", 2),
+        ("synthetic", 1),
+    ]
+
+
 def test_bench_train_profiles_each_backend(bench_out):
     """A table of the busiest operators and a loadable trace, with the loop's wait and step named."""
     import gzip
@@ -78,6 +93,8 @@ def test_bench_train_profiles_each_backend(bench_out):
     for stem in stems:
         table = (out / "profile" / f"{stem}.txt").read_text()
         assert "wait for batch" in table and "step" in table
+        step_ms = re.search(r"^step: ([0-9.]+) ms of host time over 20 steps$", table, re.MULTILINE)
+        assert step_ms and float(step_ms.group(1)) > 0
         trace = json.loads(gzip.decompress((out / "profile" / f"{stem}.json.gz").read_bytes()))
         assert {"wait for batch", "step"} <= {event.get("name") for event in trace["traceEvents"]}
 
@@ -131,6 +148,19 @@ def test_gpu_report_tables_each_pipeline_run(bench_out, tmp_path):
     result = run_tool("tools.gpu_report", str(tmp_path), check=True)
     assert "batch 8, 2 workers/threads" in result.stdout and "batch 8, 8 workers/threads" in result.stdout
     assert result.stdout.count("- dali-gpu train >= 16,500 images/s: ") == 2
+
+
+def test_gpu_report_names_the_compile_mode(bench_out, tmp_path):
+    out, _, _ = bench_out
+    train = json.loads((out / "bench_train_rn18.json").read_text())
+    for mode, label in (
+        (None, "resnet18, batch 4"),
+        (True, "resnet18 compiled, batch 4"),
+        ("reduce-overhead", "resnet18 compiled (reduce-overhead), batch 4"),
+    ):
+        train["args"]["compile"] = mode
+        (tmp_path / "bench_train_rn18.json").write_text(json.dumps(train))
+        assert f"| {label} | synthetic |" in run_tool("tools.gpu_report", str(tmp_path), check=True).stdout
 
 
 def test_gpu_report_names_a_folder_without_results(tmp_path):

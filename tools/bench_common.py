@@ -38,6 +38,11 @@ def bench_shards(workdir: str | Path, copies: int, workers: int) -> Path:
 HW_LOAD_HELP = "dali-gpu: share of JPEGs for the hardware decoder; a comma list measures each (e.g. 0.65,1.0)"
 
 
+def int_list(text: str) -> list[int]:
+    """argparse type for a comma list of whole numbers, e.g. --workers 16,32."""
+    return [int(x) for x in text.split(",")]
+
+
 def float_list(text: str) -> list[float]:
     """argparse type for a comma list of numbers, e.g. --hw-decoder-load 0.65,1.0."""
     return [float(x) for x in text.split(",")]
@@ -56,9 +61,18 @@ def loader_config(args, backend: str, hw_decoder_load: float | None, **settings)
     """The loader settings of one measurement: the benchmarks' shared flags, then `settings`."""
     if hw_decoder_load is not None:
         settings["hw_decoder_load"] = hw_decoder_load
-    return LoaderConfig(
-        backend=backend, batch_size=args.batch_size, image_size=args.image_size, workers=args.workers, **settings
-    )
+    settings.setdefault("workers", args.workers)
+    return LoaderConfig(backend=backend, batch_size=args.batch_size, image_size=args.image_size, **settings)
+
+
+COMPILE_MODES = ["default", "reduce-overhead", "max-autotune-no-cudagraphs"]  # torch.compile's modes
+
+
+def compiled_text(mode: str | bool | None) -> str:
+    """' compiled', ' compiled (reduce-overhead)', or '' (older result files hold True for 'default')."""
+    if not mode:
+        return ""
+    return " compiled" if mode in (True, "default") else f" compiled ({mode})"
 
 
 def default_device() -> torch.device:
@@ -213,20 +227,25 @@ def profile_steps(
         for _ in range(3):  # settle after the (re)build of the pipeline
             work(*next(batches))
         _sync(device)
+        # The ranges' host time is clocked here: the profiler's own totals for them read 0 on a GPU.
+        host_seconds = {"wait for batch": 0.0, "step": 0.0}
         with profile(activities=activities) as profiler:
             for _ in range(steps):
+                started = time.perf_counter()
                 with record_function("wait for batch"):
                     images, labels = next(batches)
+                asked = time.perf_counter()
                 with record_function("step"):
                     work(images, labels)
+                host_seconds["wait for batch"] += asked - started
+                host_seconds["step"] += time.perf_counter() - asked
             _sync(device)
     finally:
         batches.close()
         loader.close()
     averages = profiler.key_averages()
-    ranges = {event.key: event for event in averages if event.key in ("wait for batch", "step")}
     summary = [
-        f"{name}: {ranges[name].cpu_time_total / 1e3:.1f} ms of host time over {steps} steps" for name in sorted(ranges)
+        f"{name}: {seconds * 1e3:.1f} ms of host time over {steps} steps" for name, seconds in host_seconds.items()
     ]
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     out_stem.parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,8 @@ with little wait means the pipeline keeps up but slows the step (it shares the G
 "within epochs" is the same ratio with epoch switches left out, "s/switch" what one switch costs
 (a bench epoch is far shorter than an ImageNet one, so switches weigh more here than in training),
 "loader CPU ms" the CPU time the loop's thread spends in the loader per batch: time it cannot spend
-launching the step's kernels.
+launching the step's kernels. `--workers 16,32` measures the DALI backends with each thread count
+(one compiled model for all), `--compile reduce-overhead` replays the step's CUDA graphs.
 Same step code as the trainer (train.step.train_step), bf16 autocast on GPU.
 """
 
@@ -25,12 +26,15 @@ import torch
 from pipeline.loader import BACKENDS, create_loader
 from shards.manifest import read_manifest
 from tools.bench_common import (
+    COMPILE_MODES,
     HW_LOAD_HELP,
     backend_runs,
     bench_shards,
+    compiled_text,
     default_device,
     finish_report,
     float_list,
+    int_list,
     loader_config,
     measure_rate,
     profile_steps,
@@ -52,9 +56,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--seconds", type=float, default=20)
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument(
+        "--workers",
+        type=int_list,
+        default=[os.cpu_count() or 1],
+        help="DALI threads / DataLoader workers; a comma list measures the DALI backends with each",
+    )
     p.add_argument("--precision", choices=list(AUTOCAST_DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        choices=COMPILE_MODES,
+        help="torch.compile the model, in this mode (default: 'default'); reduce-overhead replays CUDA graphs",
+    )
     p.add_argument("--hw-decoder-load", type=float_list, default=[1.0], help=HW_LOAD_HELP)
     p.add_argument("--prefetch", type=int, default=2, help="batches the pipeline prepares ahead of the step")
     p.add_argument("--copies", type=int, default=4, help="links per sample photograph in the bench shards")
@@ -70,13 +85,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--backends: choose from {list(BACKENDS)}")
     results = []
     with temporary_workdir() as tmp:
-        shards = args.shards or str(bench_shards(tmp, args.copies, args.workers))
+        shards = args.shards or str(bench_shards(tmp, args.copies, max(args.workers)))
         num_classes = len(read_manifest(shards).classes)
         # One model for every backend: compiled once, so each backend is measured on the same code.
         torch.manual_seed(0)
         set_cuda_numerics(device, precision)
         model = build_model(args.model, num_classes).to(device)
-        step_model = torch.compile(model) if args.compile else model
+        step_model = torch.compile(model, mode=args.compile) if args.compile else model
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
 
@@ -87,27 +102,33 @@ def main(argv: list[str] | None = None) -> int:
             if backend == "dali-gpu" and device.type != "cuda":
                 print(f"{name:16s} skipped: no GPU")
                 continue
-            # inputs arrive in the dtype autocast computes in
-            cfg = loader_config(args, backend, load, dtype=precision, prefetch=args.prefetch)
-            loader = create_loader(shards, "train", cfg, device=device)
-            rate = measure_rate(loader, device, args.seconds, WARMUP_STEPS, step)
-            if args.profile:
-                stem = f"{args.model}{'-compiled' if args.compile else ''}-{name.replace(' ', '-')}"
-                profile_steps(loader, device, step, PROFILED_STEPS, Path(args.profile) / stem)
-            results.append({"backend": backend, "hw_decoder_load": load, "name": name, **asdict(rate)})
-            print(f"{name:16s} {rate.images_per_s:10.1f} images/s", flush=True)
+            sweep = args.workers if backend.startswith("dali") else args.workers[:1]
+            for workers in sweep:
+                run_name = f"{name} {workers} threads" if len(sweep) > 1 else name
+                # inputs arrive in the dtype autocast computes in
+                cfg = loader_config(args, backend, load, dtype=precision, prefetch=args.prefetch, workers=workers)
+                loader = create_loader(shards, "train", cfg, device=device)
+                rate = measure_rate(loader, device, args.seconds, WARMUP_STEPS, step)
+                if args.profile:
+                    stem = f"{args.model}{compiled_text(args.compile).replace(' ', '-')}-{run_name.replace(' ', '-')}"
+                    profile_steps(loader, device, step, PROFILED_STEPS, Path(args.profile) / stem)
+                results.append(
+                    {"backend": backend, "hw_decoder_load": load, "workers": workers, "name": run_name, **asdict(rate)}
+                )
+                print(f"{run_name:16s} {rate.images_per_s:10.1f} images/s", flush=True)
     synthetic = results[-1]["images_per_s"]
-    label = f"{args.model}{' compiled' if args.compile else ''}, {precision}, batch {args.batch_size}"
+    label = f"{args.model}{compiled_text(args.compile)}, {precision}, batch {args.batch_size}"
     within_synthetic = results[-1]["within_epoch_images_per_s"]
+    width = max(16, *(len(r["name"]) for r in results))
     print(
-        f"\n{label}\nbackend            images/s  vs synthetic  data stall  host wait  within epochs  s/switch"
+        f"\n{label}\n{'backend':{width}s}   images/s  vs synthetic  data stall  host wait  within epochs  s/switch"
         "  loader CPU ms"
     )
     for r in results:
         r["vs_synthetic"] = r["images_per_s"] / synthetic
         r["within_epoch_vs_synthetic"] = r["within_epoch_images_per_s"] / within_synthetic
         print(
-            f"{r['name']:16s} {r['images_per_s']:10.1f} {r['vs_synthetic']:12.3f} {1 - r['vs_synthetic']:11.1%}"
+            f"{r['name']:{width}s} {r['images_per_s']:10.1f} {r['vs_synthetic']:12.3f} {1 - r['vs_synthetic']:11.1%}"
             f" {r['data_wait_fraction']:10.1%} {r['within_epoch_vs_synthetic']:14.3f}"
             f" {switch_text(r['seconds_per_switch']):>9s} {r['loader_cpu_ms_per_batch']:14.2f}"
         )

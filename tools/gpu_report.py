@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from tools.bench_common import compiled_text
+
 DALI_GPU_TRAIN_MIN_IMAGES_PER_S = 16_500  # >= 95% of the raw DALI rate in ../shared/BASELINES.md
 DALI_GPU_MIN_VS_TORCH = 7.0
 MIN_VS_SYNTHETIC = 0.95
@@ -78,7 +80,7 @@ def train_section(reports: list[dict]) -> list[str]:
     verdicts = []
     for report in reports:
         args = report["args"]
-        model = f"{args['model']}{' compiled' if args['compile'] else ''}, batch {args['batch_size']}"
+        model = f"{args['model']}{compiled_text(args['compile'])}, batch {args['batch_size']}"
         for r in report["results"]:
             lines.append(
                 f"| {model} | {r.get('name', r['backend'])} | {r['images_per_s']:,.0f} | {r['vs_synthetic']:.3f} |"

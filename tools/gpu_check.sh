@@ -76,9 +76,10 @@ step "3r. the raw DALI rate on the same shards: DALI's own reader and random-cro
 limit 60 python -m tools.bench_dali_reference --shards /tmp/gc/bench-shards --batch-size "$batch" --seconds "$seconds" \
   --workers "8,$workers" --json "$results/bench_dali_reference.json"
 
-step "4. training step fed by dali-gpu vs synthetic (ResNet-18 compiled: 20 steps of each profiled too)"
-limit 150 python -m tools.bench_train --shards /tmp/gc/bench-shards --model resnet18 --compile \
-  --backends dali-gpu --batch-size "$batch" --seconds "$seconds" --workers "$workers" \
+step "4. training step fed by dali-gpu vs synthetic (ResNet-18 compiled: DALI threads one and two per core; 20 steps of each profiled)"
+# On 2026-11-27 the pipeline kept up alone but not beside the model, and 16 threads beat 8: is 32 better still?
+limit 170 python -m tools.bench_train --shards /tmp/gc/bench-shards --model resnet18 --compile \
+  --backends dali-gpu --batch-size "$batch" --seconds "$seconds" --workers "$workers,$((2 * workers))" \
   --json "$results/bench_train_rn18c.json" --profile /tmp/gc/diagnostics/profile
 head -n 3 /tmp/gc/diagnostics/profile/*.txt
 limit 90 python -m tools.bench_train --shards /tmp/gc/bench-shards --model resnet50 \
@@ -96,9 +97,9 @@ limit 150 python -m torch.distributed.run --standalone --nproc-per-node 1 -m tra
 limit 90 python -m train.evaluate --checkpoint /tmp/gc/run/last.pt --shards /tmp/gc/shards --workers "$workers"
 ls -la /tmp/gc/run
 
-step "3b. dali-gpu train alone with 8 DALI threads (configs/resnet18.yaml's data.workers; BASELINES.md used 8)"
+step "3b. dali-gpu train alone with two DALI threads per core (one per core: step 3; 8 threads: 17,037 on 2026-11-27)"
 limit 45 python -m tools.bench_pipeline --shards /tmp/gc/bench-shards --backends dali-gpu --splits train \
-  --batch-size "$batch" --seconds "$seconds" --workers 8 --json "$results/bench_pipeline_8threads.json"
+  --batch-size "$batch" --seconds "$seconds" --workers $((2 * workers)) --json "$results/bench_pipeline_2x_threads.json"
 
 step "3c. the DALI loaders' reader thread alone (CPU only): batches/s with the main thread idle or busy in Python"
 limit 30 python -m tools.bench_reader --shards /tmp/gc/bench-shards --batch-size "$batch" --seconds 3 \

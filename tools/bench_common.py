@@ -65,16 +65,6 @@ def loader_config(args, backend: str, hw_decoder_load: float | None, **settings)
     return LoaderConfig(backend=backend, batch_size=args.batch_size, image_size=args.image_size, **settings)
 
 
-COMPILE_MODES = ["default", "reduce-overhead", "max-autotune-no-cudagraphs"]  # torch.compile's modes
-
-
-def compiled_text(mode: str | bool | None) -> str:
-    """' compiled', ' compiled (reduce-overhead)', or '' (older result files hold True for 'default')."""
-    if not mode:
-        return ""
-    return " compiled" if mode in (True, "default") else f" compiled ({mode})"
-
-
 def default_device() -> torch.device:
     return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 

@@ -26,11 +26,9 @@ import torch
 from pipeline.loader import BACKENDS, create_loader
 from shards.manifest import read_manifest
 from tools.bench_common import (
-    COMPILE_MODES,
     HW_LOAD_HELP,
     backend_runs,
     bench_shards,
-    compiled_text,
     default_device,
     finish_report,
     float_list,
@@ -41,6 +39,7 @@ from tools.bench_common import (
     switch_text,
     temporary_workdir,
 )
+from tools.compile_modes import COMPILE_MODES, compiled_text
 from train.model import MODEL_NAMES, build_model
 from train.step import AUTOCAST_DTYPES, set_cuda_numerics, train_step
 

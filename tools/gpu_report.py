@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from tools.bench_common import compiled_text
+from tools.compile_modes import compiled_text
 
 DALI_GPU_TRAIN_MIN_IMAGES_PER_S = 16_500  # >= 95% of the raw DALI rate in ../shared/BASELINES.md
 DALI_GPU_MIN_VS_TORCH = 7.0

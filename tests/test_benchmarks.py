@@ -81,6 +81,30 @@ def test_bench_train_measures_the_dali_backends_with_each_thread_count(photo_sha
     ]
 
 
+def test_bench_train_plans_each_thread_count_and_sm_partition_against_whole_gpu_synthetic():
+    import argparse
+
+    from tools.bench_train import measurement_plan
+
+    args = argparse.Namespace(workers=[16, 32], model_sms=[128], hw_decoder_load=[1.0])
+    plan = measurement_plan(["dali-gpu", "synthetic"], args)
+    assert [(backend, workers, sms, name) for backend, _, workers, sms, name in plan] == [
+        ("dali-gpu", 16, None, "dali-gpu hw=1 16 threads"),
+        ("dali-gpu", 32, None, "dali-gpu hw=1 32 threads"),
+        ("synthetic", 16, None, "synthetic"),
+        ("dali-gpu", 16, 128, "dali-gpu hw=1 16 threads, step on 128 SMs"),
+        ("dali-gpu", 32, 128, "dali-gpu hw=1 32 threads, step on 128 SMs"),
+        ("synthetic", 16, 128, "synthetic, step on 128 SMs"),
+    ]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without a GPU")
+def test_bench_train_refuses_model_sms_without_a_gpu(photo_shards):
+    result = run_tool("tools.bench_train", "--shards", str(photo_shards), "--model-sms", "128")
+    assert result.returncode == 2
+    assert "--model-sms: needs a CUDA GPU" in result.stderr
+
+
 def test_bench_train_profiles_each_backend(bench_out):
     """A table of the busiest operators and a loadable trace, with the loop's wait and step named."""
     import gzip

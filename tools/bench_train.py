@@ -17,6 +17,7 @@ Same step code as the trainer (train.step.train_step), bf16 autocast on GPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -40,11 +41,31 @@ from tools.bench_common import (
     temporary_workdir,
 )
 from tools.compile_modes import COMPILE_MODES, compiled_text
+from tools.sm_partition import partial_gpu_stream
 from train.model import MODEL_NAMES, build_model
 from train.step import AUTOCAST_DTYPES, set_cuda_numerics, train_step
 
 WARMUP_STEPS = 10  # compile, cuDNN autotuning and the first pipeline build happen here
 PROFILED_STEPS = 20  # enough to see a pattern, few enough for a trace of a few MB
+
+
+def measurement_plan(backends: list[str], args) -> list[tuple[str, float | None, int, int | None, str]]:
+    """(backend, hw_decoder_load, workers, model_sms, row name) of each measurement, in order.
+
+    The DALI backends are measured with each --workers count, other backends with the first. With
+    --model-sms, every measurement is repeated with the step confined to that many SMs; synthetic
+    data on the whole GPU stays the denominator of every ratio.
+    """
+    plan = []
+    for model_sms in [None, *(args.model_sms or [])]:
+        for backend, load, name in backend_runs(backends, args.hw_decoder_load):
+            sweep = args.workers if backend.startswith("dali") else args.workers[:1]
+            for workers in sweep:
+                run_name = f"{name} {workers} threads" if len(sweep) > 1 else name
+                if model_sms is not None:
+                    run_name += f", step on {model_sms} SMs"
+                plan.append((backend, load, workers, model_sms, run_name))
+    return plan
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,12 +93,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hw-decoder-load", type=float_list, default=[1.0], help=HW_LOAD_HELP)
     p.add_argument("--prefetch", type=int, default=2, help="batches the pipeline prepares ahead of the step")
     p.add_argument("--copies", type=int, default=4, help="links per sample photograph in the bench shards")
+    p.add_argument(
+        "--model-sms",
+        type=int_list,
+        help="also measure every backend with the step confined to this many SMs (a comma list measures each;"
+        " the rest stay free for DALI's kernels)",
+    )
     p.add_argument("--json", help="write the results here")
     p.add_argument(
         "--profile", metavar="DIR", help=f"after each rate, profile {PROFILED_STEPS} steps into DIR (table and trace)"
     )
     args = p.parse_args(argv)
     device = default_device()
+    if args.model_sms and device.type != "cuda":
+        p.error("--model-sms: needs a CUDA GPU (it confines the step to part of the GPU's SMs)")
     precision = args.precision or ("bfloat16" if device.type == "cuda" else "float32")
     backends = [b for b in args.backends.split(",") if b != "synthetic"] + ["synthetic"]
     if any(b not in BACKENDS for b in backends):
@@ -97,27 +126,37 @@ def main(argv: list[str] | None = None) -> int:
         def step(images, labels):
             train_step(step_model, optimizer, criterion, images, labels, precision)
 
-        for backend, load, name in backend_runs(backends, args.hw_decoder_load):
+        streams = {}  # --model-sms: the step's stream for each SM count
+        for backend, load, workers, model_sms, run_name in measurement_plan(backends, args):
             if backend == "dali-gpu" and device.type != "cuda":
-                print(f"{name:16s} skipped: no GPU")
+                print(f"{run_name:16s} skipped: no GPU")
                 continue
-            sweep = args.workers if backend.startswith("dali") else args.workers[:1]
-            for workers in sweep:
-                run_name = f"{name} {workers} threads" if len(sweep) > 1 else name
-                # inputs arrive in the dtype autocast computes in
-                cfg = loader_config(args, backend, load, dtype=precision, prefetch=args.prefetch, workers=workers)
-                loader = create_loader(shards, "train", cfg, device=device)
+            if model_sms is not None and model_sms not in streams:
+                streams[model_sms] = partial_gpu_stream(device, model_sms)
+            placement = streams.get(model_sms)
+            # inputs arrive in the dtype autocast computes in
+            cfg = loader_config(args, backend, load, dtype=precision, prefetch=args.prefetch, workers=workers)
+            loader = create_loader(shards, "train", cfg, device=device)
+            with torch.cuda.stream(placement.stream) if placement else contextlib.nullcontext():
                 rate = measure_rate(loader, device, args.seconds, WARMUP_STEPS, step)
                 if args.profile:
                     stem = f"{args.model}{compiled_text(args.compile).replace(' ', '-')}-{run_name.replace(' ', '-')}"
                     profile_steps(loader, device, step, PROFILED_STEPS, Path(args.profile) / stem)
-                results.append(
-                    {"backend": backend, "hw_decoder_load": load, "workers": workers, "name": run_name, **asdict(rate)}
-                )
-                print(f"{run_name:16s} {rate.images_per_s:10.1f} images/s", flush=True)
-    synthetic = results[-1]["images_per_s"]
+            results.append(
+                {
+                    "backend": backend,
+                    "hw_decoder_load": load,
+                    "workers": workers,
+                    "model_sms": placement.num_sms if placement else None,
+                    "name": run_name,
+                    **asdict(rate),
+                }
+            )
+            print(f"{run_name:16s} {rate.images_per_s:10.1f} images/s", flush=True)
+    full_gpu_synthetic = next(r for r in results if r["backend"] == "synthetic" and r["model_sms"] is None)
+    synthetic = full_gpu_synthetic["images_per_s"]
     label = f"{args.model}{compiled_text(args.compile)}, {precision}, batch {args.batch_size}"
-    within_synthetic = results[-1]["within_epoch_images_per_s"]
+    within_synthetic = full_gpu_synthetic["within_epoch_images_per_s"]
     width = max(16, *(len(r["name"]) for r in results))
     print(
         f"\n{label}\n{'backend':{width}s}   images/s  vs synthetic  data stall  host wait  within epochs  s/switch"

@@ -7,7 +7,7 @@
 # diagnostics.tgz (nvidia-smi dmon, and the torch.profiler tables and traces of step 4).
 #   SECONDS_PER_RATE (default 8), COPIES (default 200), BATCH (default 256): benchmark length,
 #   bench-shard size and batch (small values make a quick dry run on a CPU machine).
-#   BUDGET_S (default 480): seconds for the whole script; a step that would outlast it is cut short
+#   BUDGET_S (default 540): seconds for the whole script; a step that would outlast it is cut short
 #   or skipped, so the report comes back before the device call's own limit.
 # Device time is short and a hang would lose everything after it, so each step has its own time
 # limit and a failed step does not stop the next. The steps that measure the targets run first;
@@ -26,7 +26,7 @@ if [[ -d /tmp/dv ]] && [[ ! -d /tmp/site/nvidia/dali ]]; then cat /tmp/dv/part* 
 export PYTHONPATH=/tmp/site:$PWD
 export IMAGENET_SAMPLE_DIR=$PWD/.dev/gpu-extra/imagenet-sample
 step() { echo; echo "=== $* ($(date +%T))"; }
-budget=${BUDGET_S:-480}
+budget=${BUDGET_S:-540}
 limit() {  # limit SECONDS COMMAND...: at most SECONDS, and never past the script's budget
   local want=$1 left=$((budget - SECONDS - 15))
   shift
@@ -82,6 +82,11 @@ limit 170 python -m tools.bench_train --shards /tmp/gc/bench-shards --model resn
   --backends dali-gpu --batch-size "$batch" --seconds "$seconds" --workers "$workers,$((2 * workers))" \
   --json "$results/bench_train_rn18c.json" --profile /tmp/gc/diagnostics/profile
 head -n 3 /tmp/gc/diagnostics/profile/*.txt
+
+step "4d. ResNet-18 compiled with the step confined to 128 and 120 of the GPU's SMs (a green context): does DALI keep up on the rest?"
+limit 150 python -m tools.bench_train --shards /tmp/gc/bench-shards --model resnet18 --compile \
+  --backends dali-gpu --batch-size "$batch" --seconds "$seconds" --workers "$workers" --model-sms 128,120 \
+  --json "$results/bench_train_rn18c_sms.json"
 limit 90 python -m tools.bench_train --shards /tmp/gc/bench-shards --model resnet50 \
   --backends dali-gpu --batch-size "$batch" --seconds "$seconds" --workers "$workers" --json "$results/bench_train_rn50.json"
 kill "$dmon" 2>/dev/null

@@ -3,9 +3,8 @@
     python -m tools.gpu_report OUT_DIR [--write OUT_DIR/report.md]
 
 Reads every `bench_pipeline*.json`, `bench_dali_reference.json`, `bench_reader.json` and
-`bench_train_*.json` in OUT_DIR and
-prints the tables that go into docs/PERFORMANCE.md: each rate, its ratio, and whether the GPU
-targets of issues 3 and 5 hold.
+`bench_train_*.json` in OUT_DIR and prints the tables that go into docs/PERFORMANCE.md: each rate,
+its ratio, and whether the GPU targets of issues 3 and 5 hold.
 A figure that is absent (e.g. dali-gpu on a machine without a GPU) is reported as not measured.
 """
 

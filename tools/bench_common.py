@@ -36,6 +36,22 @@ def bench_shards(workdir: str | Path, copies: int, workers: int) -> Path:
 
 
 HW_LOAD_HELP = "dali-gpu: share of JPEGs for the hardware decoder; a comma list measures each (e.g. 0.65,1.0)"
+WORKERS_HELP = "DALI threads (per pipeline) / DataLoader workers; a comma list measures the DALI backends with each"
+CPU_SHARE_HELP = (
+    "DALI backends: share of each batch decoded on the host's CPU cores beside the GPU pipelines;"
+    " a comma list measures each (e.g. 0,0.1,0.2)"
+)
+GPU_PIPELINES_HELP = "DALI backends: pipelines sharing the rest of each batch; a comma list measures each (e.g. 1,2)"
+DALI_SWEEPS = ("workers", "cpu_decode_share", "gpu_pipelines")  # loader settings a benchmark can sweep
+
+
+def add_loader_sweeps(parser) -> None:
+    """The DALI settings every benchmark can sweep, each a comma list: --workers, --hw-decoder-load,
+    --cpu-decode-share, --gpu-pipelines."""
+    parser.add_argument("--workers", type=int_list, default=[os.cpu_count() or 1], help=WORKERS_HELP)
+    parser.add_argument("--hw-decoder-load", type=float_list, default=[1.0], help=HW_LOAD_HELP)
+    parser.add_argument("--cpu-decode-share", type=float_list, default=[0.0], help=CPU_SHARE_HELP)
+    parser.add_argument("--gpu-pipelines", type=int_list, default=[1], help=GPU_PIPELINES_HELP)
 
 
 def int_list(text: str) -> list[int]:
@@ -48,21 +64,39 @@ def float_list(text: str) -> list[float]:
     return [float(x) for x in text.split(",")]
 
 
-def backend_runs(backends: list[str], hw_loads: list[float]) -> list[tuple[str, float | None, str]]:
-    """(backend, hw_decoder_load, row name) per measurement: dali-gpu once for each load in the sweep."""
+def loader_runs(backends: list[str], args) -> list[tuple[str, dict, str]]:
+    """(backend, loader settings, row name) per measurement, in order.
+
+    dali-gpu is measured once per --hw-decoder-load, and every DALI backend once per combination of
+    the swept settings (`DALI_SWEEPS`); other backends once, with the first --workers. A name says
+    the settings that are swept or differ from the default.
+    """
     runs = []
     for backend in backends:
-        for load in hw_loads if backend == "dali-gpu" else [None]:
-            runs.append((backend, load, backend if load is None else f"{backend} hw={load:g}"))
+        dali = backend.startswith("dali") or backend == "folder"
+        for load in args.hw_decoder_load if backend == "dali-gpu" else [None]:
+            combos = [{}]
+            for key in DALI_SWEEPS:
+                values = getattr(args, key) if dali else getattr(args, key)[:1]
+                combos = [{**combo, key: value} for combo in combos for value in values]
+            for settings in combos:
+                name = backend if load is None else f"{backend} hw={load:g}"
+                if dali and len(args.workers) > 1:
+                    name += f" {settings['workers']} threads"
+                if dali and (len(args.cpu_decode_share) > 1 or settings["cpu_decode_share"]):
+                    name += f", {settings['cpu_decode_share']:g} on host"
+                if dali and (len(args.gpu_pipelines) > 1 or settings["gpu_pipelines"] != 1):
+                    count = settings["gpu_pipelines"]
+                    name += f", {count} pipeline{'s' if count > 1 else ''}"
+                if load is not None:
+                    settings["hw_decoder_load"] = load
+                runs.append((backend, settings, name))
     return runs
 
 
-def loader_config(args, backend: str, hw_decoder_load: float | None, **settings) -> LoaderConfig:
-    """The loader settings of one measurement: the benchmarks' shared flags, then `settings`."""
-    if hw_decoder_load is not None:
-        settings["hw_decoder_load"] = hw_decoder_load
-    settings.setdefault("workers", args.workers)
-    return LoaderConfig(backend=backend, batch_size=args.batch_size, image_size=args.image_size, **settings)
+def loader_config(args, backend: str, settings: dict, **more) -> LoaderConfig:
+    """The loader settings of one measurement: the benchmarks' shared flags, its own, then `more`."""
+    return LoaderConfig(backend=backend, batch_size=args.batch_size, image_size=args.image_size, **settings, **more)
 
 
 def default_device() -> torch.device:
@@ -97,12 +131,16 @@ def environment() -> dict:
     return info
 
 
-def finish_report(benchmark: str, args, results: list[dict]) -> None:
-    """Print what produced the numbers and write them, with that, to --json if given."""
+def finish_report(benchmark: str, args, results: list[dict], failed: list[dict] = ()) -> None:
+    """Print what produced the numbers and write them, with that, to --json if given.
+
+    `failed`: measurements that raised ({"name", "error"}), kept in the file beside the rates.
+    """
     env = environment()
     print(f"device: {env['gpu'] or 'CPU'}, {env['cpu_count']} cores, torch {env['torch']}, DALI {env['dali']}")
     if args.json:
         payload = {"benchmark": benchmark, "args": vars(args), "environment": env, "results": results}
+        payload["failed"] = list(failed)
         Path(args.json).write_text(json.dumps(payload, indent=1) + "\n")
         print(f"wrote {args.json}")
 

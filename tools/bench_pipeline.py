@@ -13,18 +13,16 @@ no GPU.
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import asdict
 
 from pipeline.loader import BACKENDS, create_loader
 from tools.bench_common import (
-    HW_LOAD_HELP,
-    backend_runs,
+    add_loader_sweeps,
     bench_shards,
     default_device,
     finish_report,
-    float_list,
     loader_config,
+    loader_runs,
     measure_rate,
     switch_text,
     temporary_workdir,
@@ -41,9 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--seconds", type=float, default=20)
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="DALI threads / DataLoader workers")
     p.add_argument("--dtype", default="float16")
-    p.add_argument("--hw-decoder-load", type=float_list, default=[1.0], help=HW_LOAD_HELP)
+    add_loader_sweeps(p)
     p.add_argument("--copies", type=int, default=4, help="links per sample photograph in the bench shards")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
@@ -54,26 +51,28 @@ def main(argv: list[str] | None = None) -> int:
     device = default_device()
     results = []
     with temporary_workdir() as tmp:
-        shards = args.shards or str(bench_shards(tmp, args.copies, args.workers))
+        shards = args.shards or str(bench_shards(tmp, args.copies, max(args.workers)))
         for split in args.splits.split(","):
-            for backend, load, name in backend_runs(backends, args.hw_decoder_load):
+            for backend, settings, name in loader_runs(backends, args):
                 if backend == "dali-gpu" and device.type != "cuda":
                     print(f"{name:16s} {split:5s} skipped: no GPU")
                     continue
-                cfg = loader_config(args, backend, load, val_image_size=args.image_size, dtype=args.dtype)
+                cfg = loader_config(args, backend, settings, val_image_size=args.image_size, dtype=args.dtype)
                 loader = create_loader(shards, split, cfg, device=device)
                 rate = measure_rate(loader, device, args.seconds, WARMUP_BATCHES)
                 results.append(
-                    {"backend": backend, "hw_decoder_load": load, "name": name, "split": split, **asdict(rate)}
+                    {"backend": backend, "hw_decoder_load": None, **settings, "name": name, "split": split}
+                    | asdict(rate)
                 )
                 print(f"{name:16s} {split:5s} {rate.images_per_s:10.1f} images/s", flush=True)
-    print("\nbackend          split    images/s   vs torch  within epochs  s/switch  images/epoch  loader CPU ms")
+    width = max(16, *(len(r["name"]) for r in results)) if results else 16
+    print(f"\n{'backend':{width}s} split    images/s   vs torch  within epochs  s/switch  images/epoch  loader CPU ms")
     for r in results:
         base = next((x["images_per_s"] for x in results if x["backend"] == "torch" and x["split"] == r["split"]), None)
         r["vs_torch"] = r["images_per_s"] / base if base else None
         ratio = f"{r['vs_torch']:.2f}x" if base else "-"
         print(
-            f"{r['name']:16s} {r['split']:5s} {r['images_per_s']:10.1f} {ratio:>9s}"
+            f"{r['name']:{width}s} {r['split']:5s} {r['images_per_s']:10.1f} {ratio:>9s}"
             f" {r['within_epoch_images_per_s']:14.1f} {switch_text(r['seconds_per_switch']):>9s}"
             f" {r['images_per_epoch']:13d} {r['loader_cpu_ms_per_batch']:14.2f}"
         )

@@ -9,8 +9,9 @@ with little wait means the pipeline keeps up but slows the step (it shares the G
 "within epochs" is the same ratio with epoch switches left out, "s/switch" what one switch costs
 (a bench epoch is far shorter than an ImageNet one, so switches weigh more here than in training),
 "loader CPU ms" the CPU time the loop's thread spends in the loader per batch: time it cannot spend
-launching the step's kernels. `--workers 16,32` measures the DALI backends with each thread count
-(one compiled model for all), `--compile reduce-overhead` replays the step's CUDA graphs.
+launching the step's kernels. `--workers 16,32`, `--cpu-decode-share 0,0.1` and `--gpu-pipelines 1,2`
+measure the DALI backends with each value (every combination, one compiled model for all);
+`--compile reduce-overhead` replays the step's CUDA graphs.
 Same step code as the trainer (train.step.train_step), bf16 autocast on GPU.
 """
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,14 +28,13 @@ import torch
 from pipeline.loader import BACKENDS, create_loader
 from shards.manifest import read_manifest
 from tools.bench_common import (
-    HW_LOAD_HELP,
-    backend_runs,
+    add_loader_sweeps,
     bench_shards,
     default_device,
     finish_report,
-    float_list,
     int_list,
     loader_config,
+    loader_runs,
     measure_rate,
     profile_steps,
     switch_text,
@@ -49,22 +49,19 @@ WARMUP_STEPS = 10  # compile, cuDNN autotuning and the first pipeline build happ
 PROFILED_STEPS = 20  # enough to see a pattern, few enough for a trace of a few MB
 
 
-def measurement_plan(backends: list[str], args) -> list[tuple[str, float | None, int, int | None, str]]:
-    """(backend, hw_decoder_load, workers, model_sms, row name) of each measurement, in order.
+def measurement_plan(backends: list[str], args) -> list[tuple[str, dict, int | None, str]]:
+    """(backend, loader settings, model_sms, row name) of each measurement, in order.
 
-    The DALI backends are measured with each --workers count, other backends with the first. With
-    --model-sms, every measurement is repeated with the step confined to that many SMs; synthetic
-    data on the whole GPU stays the denominator of every ratio.
+    The DALI backends are measured with each combination of the swept loader settings
+    (`bench_common.loader_runs`), other backends once. With --model-sms, every measurement is
+    repeated with the step confined to that many SMs; synthetic data on the whole GPU stays the
+    denominator of every ratio.
     """
     plan = []
     for model_sms in [None, *(args.model_sms or [])]:
-        for backend, load, name in backend_runs(backends, args.hw_decoder_load):
-            sweep = args.workers if backend.startswith("dali") else args.workers[:1]
-            for workers in sweep:
-                run_name = f"{name} {workers} threads" if len(sweep) > 1 else name
-                if model_sms is not None:
-                    run_name += f", step on {model_sms} SMs"
-                plan.append((backend, load, workers, model_sms, run_name))
+        for backend, settings, name in loader_runs(backends, args):
+            run_name = name if model_sms is None else f"{name}, step on {model_sms} SMs"
+            plan.append((backend, settings, model_sms, run_name))
     return plan
 
 
@@ -76,12 +73,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--seconds", type=float, default=20)
-    p.add_argument(
-        "--workers",
-        type=int_list,
-        default=[os.cpu_count() or 1],
-        help="DALI threads / DataLoader workers; a comma list measures the DALI backends with each",
-    )
     p.add_argument("--precision", choices=list(AUTOCAST_DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument(
         "--compile",
@@ -90,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=COMPILE_MODES,
         help="torch.compile the model, in this mode (default: 'default'); reduce-overhead replays CUDA graphs",
     )
-    p.add_argument("--hw-decoder-load", type=float_list, default=[1.0], help=HW_LOAD_HELP)
+    add_loader_sweeps(p)
     p.add_argument("--prefetch", type=int, default=2, help="batches the pipeline prepares ahead of the step")
     p.add_argument("--copies", type=int, default=4, help="links per sample photograph in the bench shards")
     p.add_argument(
@@ -111,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     backends = [b for b in args.backends.split(",") if b != "synthetic"] + ["synthetic"]
     if any(b not in BACKENDS for b in backends):
         p.error(f"--backends: choose from {list(BACKENDS)}")
-    results = []
+    results, failed = [], []
     with temporary_workdir() as tmp:
         shards = args.shards or str(bench_shards(tmp, args.copies, max(args.workers)))
         num_classes = len(read_manifest(shards).classes)
@@ -126,34 +117,49 @@ def main(argv: list[str] | None = None) -> int:
         def step(images, labels):
             train_step(step_model, optimizer, criterion, images, labels, precision)
 
-        streams = {}  # --model-sms: the step's stream for each SM count
-        for backend, load, workers, model_sms, run_name in measurement_plan(backends, args):
-            if backend == "dali-gpu" and device.type != "cuda":
-                print(f"{run_name:16s} skipped: no GPU")
-                continue
-            if model_sms is not None and model_sms not in streams:
-                streams[model_sms] = partial_gpu_stream(device, model_sms)
-            placement = streams.get(model_sms)
+        def measure(backend: str, settings: dict, placement, run_name: str):
+            """One row: the step fed by one loader setting, on `placement`'s stream if given."""
             # inputs arrive in the dtype autocast computes in
-            cfg = loader_config(args, backend, load, dtype=precision, prefetch=args.prefetch, workers=workers)
+            cfg = loader_config(args, backend, settings, dtype=precision, prefetch=args.prefetch)
             loader = create_loader(shards, "train", cfg, device=device)
             with torch.cuda.stream(placement.stream) if placement else contextlib.nullcontext():
                 rate = measure_rate(loader, device, args.seconds, WARMUP_STEPS, step)
                 if args.profile:
                     stem = f"{args.model}{compiled_text(args.compile).replace(' ', '-')}-{run_name.replace(' ', '-')}"
                     profile_steps(loader, device, step, PROFILED_STEPS, Path(args.profile) / stem)
+            return rate
+
+        streams = {}  # --model-sms: the step's stream for each SM count
+        for backend, settings, model_sms, run_name in measurement_plan(backends, args):
+            if backend == "dali-gpu" and device.type != "cuda":
+                print(f"{run_name:16s} skipped: no GPU")
+                continue
+            placement = None
+            try:
+                if model_sms is not None:
+                    if model_sms not in streams:
+                        streams[model_sms] = partial_gpu_stream(device, model_sms)
+                    placement = streams[model_sms]
+                rate = measure(backend, settings, placement, run_name)
+            except Exception as err:  # one setting of a sweep that fails must not lose the others' rates
+                failed.append({"name": run_name, "error": f"{type(err).__name__}: {err}"})
+                print(f"{run_name:16s} FAILED: {failed[-1]['error']}", flush=True)
+                continue
             results.append(
                 {
                     "backend": backend,
-                    "hw_decoder_load": load,
-                    "workers": workers,
+                    "hw_decoder_load": None,
+                    **settings,
                     "model_sms": placement.num_sms if placement else None,
                     "name": run_name,
                     **asdict(rate),
                 }
             )
             print(f"{run_name:16s} {rate.images_per_s:10.1f} images/s", flush=True)
-    full_gpu_synthetic = next(r for r in results if r["backend"] == "synthetic" and r["model_sms"] is None)
+    full_gpu_synthetic = next((r for r in results if r["backend"] == "synthetic" and r["model_sms"] is None), None)
+    if full_gpu_synthetic is None:
+        print("synthetic data on the whole GPU was not measured: no ratio to report", file=sys.stderr)
+        return 1
     synthetic = full_gpu_synthetic["images_per_s"]
     label = f"{args.model}{compiled_text(args.compile)}, {precision}, batch {args.batch_size}"
     within_synthetic = full_gpu_synthetic["within_epoch_images_per_s"]
@@ -170,8 +176,10 @@ def main(argv: list[str] | None = None) -> int:
             f" {r['data_wait_fraction']:10.1%} {r['within_epoch_vs_synthetic']:14.3f}"
             f" {switch_text(r['seconds_per_switch']):>9s} {r['loader_cpu_ms_per_batch']:14.2f}"
         )
-    finish_report("train", args, results)
-    return 0
+    for failure in failed:
+        print(f"FAILED {failure['name']}: {failure['error']}")
+    finish_report("train", args, results, failed)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -35,8 +35,10 @@ def _optional(result: dict, key: str, spec: str) -> str:
 
 def pipeline_section(report: dict) -> list[str]:
     env, args = report["environment"], report["args"]
+    workers = args["workers"]  # a list since --workers sweeps; one number in older files
+    workers = ",".join(map(str, workers)) if isinstance(workers, list) else workers
     lines = [
-        f"### Pipelines (`tools.bench_pipeline`, batch {args['batch_size']}, {args['workers']} workers/threads,"
+        f"### Pipelines (`tools.bench_pipeline`, batch {args['batch_size']}, {workers} workers/threads,"
         f" {args['seconds']} s per rate)",
         "",
         "| backend | split | images/s | vs torch | within epochs | s per epoch switch | images/epoch |"
@@ -86,6 +88,8 @@ def train_section(reports: list[dict]) -> list[str]:
                 f" {r.get('data_wait_fraction', 0.0):.1%} | {_optional(r, 'within_epoch_vs_synthetic', '.3f')} |"
                 f" {_optional(r, 'seconds_per_switch', '.3f')} | {_optional(r, 'loader_cpu_ms_per_batch', '.2f')} |"
             )
+        for failure in report.get("failed", []):
+            lines.append(f"| {model} | {failure['name']} | FAILED: {failure['error']} | | | | | |")
         fed = [r for r in report["results"] if r["backend"] == "dali-gpu"]
         best = max(fed, key=lambda r: r["vs_synthetic"], default=None)
         verdicts.append(

@@ -86,11 +86,12 @@ def test_bench_train_measures_the_dali_backends_with_each_setting_swept(photo_sh
 
 
 def test_bench_train_reports_a_failed_setting_and_measures_the_rest(photo_shards, tmp_path):
-    """A sweep whose second setting cannot be built (a host share under one image of a batch of 2)."""
+    """A sweep whose second setting cannot be built (a host share under one image of a batch of 2).
+    The report also names the CUDA work-queue setting the run had in its environment."""
     result = run_tool(
         "tools.bench_train", "--shards", str(photo_shards), "--backends", "dali-cpu", "--batch-size", "2",
         "--image-size", "32", "--seconds", "0.2", "--workers", "1", "--cpu-decode-share", "0,0.1,0.5",
-        "--json", str(tmp_path / "bench_train_sweep.json"),
+        "--json", str(tmp_path / "bench_train_sweep.json"), env={"CUDA_DEVICE_MAX_CONNECTIONS": "32"},
     )  # fmt: skip
     assert result.returncode == 1
     assert "FAILED dali-cpu, 0.1 on host: ValueError: data.cpu_decode_share 0.1 of a batch of 2" in result.stdout
@@ -99,6 +100,7 @@ def test_bench_train_reports_a_failed_setting_and_measures_the_rest(photo_shards
     assert [f["name"] for f in report["failed"]] == ["dali-cpu, 0.1 on host"]
     tabled = run_tool("tools.gpu_report", str(tmp_path), check=True).stdout
     assert "| dali-cpu, 0.1 on host | FAILED: ValueError: data.cpu_decode_share 0.1" in tabled
+    assert "| resnet18, batch 2, CUDA_DEVICE_MAX_CONNECTIONS=32 | synthetic |" in tabled
 
 
 def test_bench_train_plans_each_loader_setting_and_sm_partition_against_whole_gpu_synthetic():

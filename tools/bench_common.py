@@ -123,6 +123,9 @@ def environment() -> dict:
         info["dali"] = nvidia.dali.__version__
     except ImportError:
         info["dali"] = None
+    # Hardware work queues the CUDA driver gives this process's streams (default 8): streams beyond
+    # that share a queue, and work from two streams in one queue runs in the order it was queued.
+    info["cuda_device_max_connections"] = os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS")
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["cuda"] = torch.version.cuda

@@ -82,6 +82,9 @@ def train_section(reports: list[dict]) -> list[str]:
     for report in reports:
         args = report["args"]
         model = f"{args['model']}{compiled_text(args['compile'])}, batch {args['batch_size']}"
+        connections = report["environment"].get("cuda_device_max_connections")
+        if connections:
+            model += f", CUDA_DEVICE_MAX_CONNECTIONS={connections}"
         for r in report["results"]:
             lines.append(
                 f"| {model} | {r.get('name', r['backend'])} | {r['images_per_s']:,.0f} | {r['vs_synthetic']:.3f} |"

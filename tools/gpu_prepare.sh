@@ -9,8 +9,8 @@
 #   carry .dev/dali1: mkdir -p /tmp/dv && cp .dev/dali1/* /tmp/dv/
 #   carry .dev/dali2: cp .dev/dali2/* /tmp/dv/
 #   carry .dev/dali3 and .dev/gpu-extra: cp .dev/dali3/* /tmp/dv/ && BUDGET_S=540 bash tools/gpu_check.sh
-#   (timeout_s 580: it took 400 s on 2026-11-27; steps 4d and the 32-thread rows add about 100 s,
-#   of a session's 15 minutes of device time)
+#   (timeout_s 580: the 2026-11-27 version took 400 s; the current steps, at 6 s per rate, are
+#   estimated at about 550 s, of a session's 15 minutes of device time; the budget cuts the last one)
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 photos=${PHOTOS:-150}  # with .dev/dali3 (38 MiB) this keeps the third call under 64 MiB

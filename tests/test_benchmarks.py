@@ -2,6 +2,7 @@
 
 import json
 import re
+import threading
 import time
 
 import pytest
@@ -236,10 +237,13 @@ class SlowSwitchLoader:
     optionally spinning the CPU for `spin_ms` before every batch (a loader busy in the caller's thread).
     """
 
-    def __init__(self, pause_s: float, spin_ms: float = 0.0):
+    def __init__(self, pause_s: float, spin_ms: float = 0.0, helper_thread: bool = False):
         cfg = LoaderConfig(backend="synthetic", batch_size=4, image_size=8, synthetic_steps=5, dtype="float32")
         self.inner = create_loader(None, "train", cfg)
         self.pause_s, self.spin_ms = pause_s, spin_ms
+        self.stop = threading.Event()
+        if helper_thread:  # a thread of the loader's own kept busy, as DALI's decoder threads are
+            threading.Thread(target=self._spin, daemon=True).start()
         self.steps_per_epoch, self.batch_size = self.inner.steps_per_epoch, self.inner.batch_size
 
     def set_epoch(self, epoch: int) -> None:
@@ -253,7 +257,12 @@ class SlowSwitchLoader:
                 pass
             yield batch
 
+    def _spin(self) -> None:
+        while not self.stop.is_set():
+            sum(range(1000))
+
     def close(self) -> None:
+        self.stop.set()
         self.inner.close()
 
 
@@ -273,3 +282,13 @@ def test_measure_rate_counts_the_cpu_the_loader_takes_from_the_calling_thread():
     busy = measure_rate(SlowSwitchLoader(0.05, spin_ms=5), torch.device("cpu"), seconds=0.5, warmup_batches=2)
     assert idle.loader_cpu_ms_per_batch < 2
     assert 5 <= busy.loader_cpu_ms_per_batch < 5 + 2
+
+
+def test_measure_rate_counts_the_cores_the_whole_process_keeps_busy():
+    """The calling thread mostly sleeps; a busy helper thread (as DALI's threads are) shows as a core."""
+    idle = measure_rate(SlowSwitchLoader(0.05), torch.device("cpu"), seconds=0.5, warmup_batches=2)
+    helped = measure_rate(
+        SlowSwitchLoader(0.05, helper_thread=True), torch.device("cpu"), seconds=0.5, warmup_batches=2
+    )
+    assert idle.process_cpu_cores < 0.3
+    assert helped.process_cpu_cores > 0.6

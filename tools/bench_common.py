@@ -161,6 +161,9 @@ class Rate:
     seconds_per_switch: float | None  # time an epoch switch costs beyond one step (None: no switch)
     images_per_epoch: int  # so a rate can be extrapolated to another epoch length
     loader_cpu_ms_per_batch: float  # CPU time the calling (training) thread spends getting one batch
+    # CPU cores the whole process kept busy over the timed span: every thread (DALI's too), not
+    # DataLoader worker processes. Shows whether the host has cores left, e.g. for decoding a share.
+    process_cpu_cores: float
 
 
 def measure_rate(
@@ -177,14 +180,15 @@ def measure_rate(
     for batches tells a pipeline that cannot keep up (the wait grows) from one that keeps up but
     slows the step by sharing the GPU (no wait, yet a lower rate than synthetic data). The CPU
     time the calling thread spends in the loader is what the loader takes from the training loop's
-    own thread, which on a GPU must also launch each step's kernels.
+    own thread, which on a GPU must also launch each step's kernels; the CPU time of the whole
+    process (DALI's threads included) says how many of the host's cores the run keeps busy.
     The device is also synced at each epoch's end and after each epoch's first batch, which splits
     the span into epochs and switches: a benchmark epoch is far shorter than an ImageNet one, so the
     rate within epochs and the cost of a switch are reported apart.
     """
     batches, images_done, epoch, started, waited = 0, 0, 0, None, 0.0
     span_start, span_seconds, span_images, switches = None, 0.0, 0, 0
-    loader_cpu, timed_batches = 0.0, 0
+    loader_cpu, timed_batches, process_cpu_started = 0.0, 0, 0.0
     try:
         while True:
             loader.set_epoch(epoch)
@@ -206,6 +210,7 @@ def measure_rate(
                     first_of_epoch = False
                     if batches == warmup_batches:
                         started = span_start = _synced_time(device)
+                        process_cpu_started = time.process_time()
                     continue
                 images_done += len(images)
                 if first_of_epoch:
@@ -216,9 +221,12 @@ def measure_rate(
                 if time.perf_counter() - started >= seconds:
                     ended = _synced_time(device)
                     span_seconds += ended - span_start
-                    loader_cpu_ms = loader_cpu / timed_batches * 1e3
+                    cpu = (
+                        loader_cpu / timed_batches * 1e3,
+                        (time.process_time() - process_cpu_started) / (ended - started),
+                    )
                     return _rate(
-                        loader, ended - started, images_done, waited, span_seconds, span_images, switches, loader_cpu_ms
+                        loader, ended - started, images_done, waited, span_seconds, span_images, switches, *cpu
                     )
             if started is not None:
                 span_seconds += _synced_time(device) - span_start
@@ -228,12 +236,23 @@ def measure_rate(
         loader.close()
 
 
-def _rate(loader, elapsed, images, waited, span_seconds, span_images, switches, loader_cpu_ms) -> Rate:
+def _rate(
+    loader, elapsed, images, waited, span_seconds, span_images, switches, loader_cpu_ms, process_cpu_cores
+) -> Rate:
     within = span_images / span_seconds if span_seconds > 0 and span_images else images / elapsed
     # A switch span holds one step (the new epoch's first batch) besides the switch itself.
     per_switch = (elapsed - span_seconds - (images - span_images) / within) / switches if switches else None
     images_per_epoch = loader.steps_per_epoch * loader.batch_size
-    return Rate(images / elapsed, waited / elapsed, within, switches, per_switch, images_per_epoch, loader_cpu_ms)
+    return Rate(
+        images / elapsed,
+        waited / elapsed,
+        within,
+        switches,
+        per_switch,
+        images_per_epoch,
+        loader_cpu_ms,
+        process_cpu_cores,
+    )
 
 
 def profile_steps(

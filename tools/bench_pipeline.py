@@ -66,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 print(f"{name:16s} {split:5s} {rate.images_per_s:10.1f} images/s", flush=True)
     width = max(16, *(len(r["name"]) for r in results)) if results else 16
-    print(f"\n{'backend':{width}s} split    images/s   vs torch  within epochs  s/switch  images/epoch  loader CPU ms")
+    print(
+        f"\n{'backend':{width}s} split    images/s   vs torch  within epochs  s/switch  images/epoch"
+        "  loader CPU ms  CPU cores"
+    )
     for r in results:
         base = next((x["images_per_s"] for x in results if x["backend"] == "torch" and x["split"] == r["split"]), None)
         r["vs_torch"] = r["images_per_s"] / base if base else None
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{r['name']:{width}s} {r['split']:5s} {r['images_per_s']:10.1f} {ratio:>9s}"
             f" {r['within_epoch_images_per_s']:14.1f} {switch_text(r['seconds_per_switch']):>9s}"
-            f" {r['images_per_epoch']:13d} {r['loader_cpu_ms_per_batch']:14.2f}"
+            f" {r['images_per_epoch']:13d} {r['loader_cpu_ms_per_batch']:14.2f} {r['process_cpu_cores']:10.2f}"
         )
     finish_report("pipeline", args, results)
     return 0

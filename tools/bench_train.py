@@ -9,7 +9,8 @@ with little wait means the pipeline keeps up but slows the step (it shares the G
 "within epochs" is the same ratio with epoch switches left out, "s/switch" what one switch costs
 (a bench epoch is far shorter than an ImageNet one, so switches weigh more here than in training),
 "loader CPU ms" the CPU time the loop's thread spends in the loader per batch: time it cannot spend
-launching the step's kernels. `--workers 16,32`, `--cpu-decode-share 0,0.1` and `--gpu-pipelines 1,2`
+launching the step's kernels; "CPU cores" the host cores the whole process kept busy (DALI's threads
+included). `--workers 16,32`, `--cpu-decode-share 0,0.1` and `--gpu-pipelines 1,2`
 measure the DALI backends with each value (every combination, one compiled model for all);
 `--compile reduce-overhead` replays the step's CUDA graphs.
 Same step code as the trainer (train.step.train_step), bf16 autocast on GPU.
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     width = max(16, *(len(r["name"]) for r in results))
     print(
         f"\n{label}\n{'backend':{width}s}   images/s  vs synthetic  data stall  host wait  within epochs  s/switch"
-        "  loader CPU ms"
+        "  loader CPU ms  CPU cores"
     )
     for r in results:
         r["vs_synthetic"] = r["images_per_s"] / synthetic
@@ -175,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['name']:{width}s} {r['images_per_s']:10.1f} {r['vs_synthetic']:12.3f} {1 - r['vs_synthetic']:11.1%}"
             f" {r['data_wait_fraction']:10.1%} {r['within_epoch_vs_synthetic']:14.3f}"
             f" {switch_text(r['seconds_per_switch']):>9s} {r['loader_cpu_ms_per_batch']:14.2f}"
+            f" {r['process_cpu_cores']:10.2f}"
         )
     for failure in failed:
         print(f"FAILED {failure['name']}: {failure['error']}")

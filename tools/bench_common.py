@@ -9,7 +9,7 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,7 +134,7 @@ def environment() -> dict:
     return info
 
 
-def finish_report(benchmark: str, args, results: list[dict], failed: list[dict] = ()) -> None:
+def finish_report(benchmark: str, args, results: list[dict], failed: Sequence[dict] = ()) -> None:
     """Print what produced the numbers and write them, with that, to --json if given.
 
     `failed`: measurements that raised ({"name", "error"}), kept in the file beside the rates.

@@ -26,7 +26,7 @@ HIGHEST = max((1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=Tr
 # decode identically (libjpeg-turbo); the residue is rounding in the resize. 0.05 is ~3 grey levels.
 VAL_AGREEMENT_MAX_ABS = 0.05
 VAL_AGREEMENT_MEAN_ABS = 0.01
-# Each batch split among four DALI pipelines: two "GPU" parts and the host's part (all on the CPU here).
+# Each batch split among four DALI pipelines: three "GPU" parts and the host's part (all on the CPU here).
 SPLIT_BATCH = {"cpu_decode_share": 0.25, "gpu_pipelines": 3}
 
 

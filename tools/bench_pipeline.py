@@ -60,10 +60,8 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = loader_config(args, backend, settings, val_image_size=args.image_size, dtype=args.dtype)
                 loader = create_loader(shards, split, cfg, device=device)
                 rate = measure_rate(loader, device, args.seconds, WARMUP_BATCHES)
-                results.append(
-                    {"backend": backend, "hw_decoder_load": None, **settings, "name": name, "split": split}
-                    | asdict(rate)
-                )
+                row = {"backend": backend, "hw_decoder_load": None, **settings, "name": name, "split": split}
+                results.append({**row, **asdict(rate)})
                 print(f"{name:16s} {split:5s} {rate.images_per_s:10.1f} images/s", flush=True)
     width = max(16, *(len(r["name"]) for r in results)) if results else 16
     print(

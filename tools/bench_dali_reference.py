@@ -21,7 +21,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from pipeline.dali_loader import shut_down
 from pipeline.dali_pipeline import DALI_MEAN, DALI_STD
-from pipeline.shard_set import open_shard_set
+from pipeline.shard_set import ShardSet, open_shard_set
 from tools.bench_common import HW_LOAD_HELP, finish_report, float_list, int_list
 
 
@@ -40,9 +40,8 @@ def reference_pipeline(tars: list[str], index_files: list[str], image_size: int,
     return images, labels
 
 
-def reference_rate(args, threads: int, hw_decoder_load: float) -> float:
+def reference_rate(args, shard_set: ShardSet, threads: int, hw_decoder_load: float) -> float:
     """Images/s of the reference pipeline over `args.seconds`, after 10 warm-up batches."""
-    shard_set = open_shard_set(args.shards, "train")
     on_gpu = args.device == "gpu"
     pipe = reference_pipeline(
         tars=[str(shard_set.tar_path(i)) for i in range(len(shard_set.shards))],
@@ -89,12 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     loads = args.hw_decoder_load if args.device == "gpu" else [None]
+    shard_set = open_shard_set(args.shards, "train")
+    name = f"DALI reader + random-crop decode ({'mixed' if args.device == 'gpu' else 'cpu'})"
     results = []
     print("pipeline                                  threads  hw_decoder_load  images/s")
     for threads in args.workers:
         for load in loads:
-            rate = reference_rate(args, threads, 0.0 if load is None else load)
-            name = f"DALI reader + random-crop decode ({'mixed' if args.device == 'gpu' else 'cpu'})"
+            rate = reference_rate(args, shard_set, threads, 0.0 if load is None else load)
             results.append({"name": name, "threads": threads, "hw_decoder_load": load, "images_per_s": rate})
             print(f"{name:42s}{threads:7d}  {'-' if load is None else format(load, 'g'):>15s}  {rate:8,.0f}")
     finish_report("bench_dali_reference", args, results)

@@ -43,6 +43,8 @@ CPU_SHARE_HELP = (
 )
 GPU_PIPELINES_HELP = "DALI backends: pipelines sharing the rest of each batch; a comma list measures each (e.g. 1,2)"
 DALI_SWEEPS = ("workers", "cpu_decode_share", "gpu_pipelines")  # loader settings a benchmark can sweep
+# tools.bench_train's name for BASELINES.md's plain DALI pipeline (tools.bench_dali_reference) as a feed
+REFERENCE_BACKEND = "dali-reference"
 
 
 def add_loader_sweeps(parser) -> None:
@@ -64,28 +66,33 @@ def float_list(text: str) -> list[float]:
     return [float(x) for x in text.split(",")]
 
 
-def loader_runs(backends: list[str], args) -> list[tuple[str, dict, str]]:
+def loader_runs(
+    backends: list[str], args, hw_decoder_backends: Sequence[str] = ("dali-gpu",)
+) -> list[tuple[str, dict, str]]:
     """(backend, loader settings, row name) per measurement, in order.
 
-    dali-gpu is measured once per --hw-decoder-load, and every DALI backend once per combination of
-    the swept settings (`DALI_SWEEPS`); other backends once, with the first --workers. A name says
-    the settings that are swept or differ from the default.
+    The backends in `hw_decoder_backends` are measured once per --hw-decoder-load, and every DALI
+    backend once per combination of the swept settings (`DALI_SWEEPS`; only --workers for
+    `REFERENCE_BACKEND`, which has one pipeline); other backends once, with the first --workers. A
+    name says the settings that are swept or differ from the default.
     """
     runs = []
     for backend in backends:
         dali = backend.startswith("dali") or backend == "folder"
-        for load in args.hw_decoder_load if backend == "dali-gpu" else [None]:
+        keys = ("workers",) if backend == REFERENCE_BACKEND else DALI_SWEEPS  # the reference cannot split
+        split = dali and backend != REFERENCE_BACKEND
+        for load in args.hw_decoder_load if backend in hw_decoder_backends else [None]:
             combos = [{}]
-            for key in DALI_SWEEPS:
+            for key in keys:
                 values = getattr(args, key) if dali else getattr(args, key)[:1]
                 combos = [{**combo, key: value} for combo in combos for value in values]
             for settings in combos:
                 name = backend if load is None else f"{backend} hw={load:g}"
                 if dali and len(args.workers) > 1:
                     name += f" {settings['workers']} threads"
-                if dali and (len(args.cpu_decode_share) > 1 or settings["cpu_decode_share"]):
+                if split and (len(args.cpu_decode_share) > 1 or settings["cpu_decode_share"]):
                     name += f", {settings['cpu_decode_share']:g} on host"
-                if dali and (len(args.gpu_pipelines) > 1 or settings["gpu_pipelines"] != 1):
+                if split and (len(args.gpu_pipelines) > 1 or settings["gpu_pipelines"] != 1):
                     count = settings["gpu_pipelines"]
                     name += f", {count} pipeline{'s' if count > 1 else ''}"
                 if load is not None:

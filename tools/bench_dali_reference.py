@@ -13,7 +13,7 @@ Without a GPU it decodes on the CPU (`--device cpu`), which is how the tests run
 from __future__ import annotations
 
 import argparse
-import time
+from collections.abc import Iterator
 
 import torch
 from nvidia.dali import fn, pipeline_def, types
@@ -22,7 +22,9 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from pipeline.dali_loader import shut_down
 from pipeline.dali_pipeline import DALI_MEAN, DALI_STD
 from pipeline.shard_set import ShardSet, open_shard_set
-from tools.bench_common import HW_LOAD_HELP, finish_report, float_list, int_list
+from tools.bench_common import HW_LOAD_HELP, finish_report, float_list, int_list, measure_rate
+
+WARMUP_BATCHES = 10
 
 
 @pipeline_def(enable_conditionals=False)
@@ -40,40 +42,69 @@ def reference_pipeline(tars: list[str], index_files: list[str], image_size: int,
     return images, labels
 
 
-def reference_rate(args, shard_set: ShardSet, threads: int, hw_decoder_load: float) -> float:
-    """Images/s of the reference pipeline over `args.seconds`, after 10 warm-up batches."""
-    on_gpu = args.device == "gpu"
-    pipe = reference_pipeline(
-        tars=[str(shard_set.tar_path(i)) for i in range(len(shard_set.shards))],
-        index_files=[str(shard_set.directory / s.index_file) for s in shard_set.shards],
-        image_size=args.image_size,
-        decoder="mixed" if on_gpu else "cpu",
-        hw_decoder_load=hw_decoder_load,
-        batch_size=args.batch_size,
-        num_threads=threads,
-        device_id=0 if on_gpu else None,
-        prefetch_queue_depth=2,
-    )
-    pipe.build()
-    batches = DALIGenericIterator([pipe], ["images", "labels"], reader_name="Reader")
-    sync = torch.cuda.synchronize if on_gpu else lambda: None
-    done, started = 0, None
-    try:
-        while True:
-            try:
-                next(batches)
-            except StopIteration:  # the end of an epoch (iterating with `for` would reset it twice)
-                batches.reset()
-                continue
-            done += 1
-            if started is None and done == 10:
-                sync()
-                started, done = time.perf_counter(), 0
-            elif started is not None and time.perf_counter() - started >= args.seconds:
-                sync()
-                return done * args.batch_size / (time.perf_counter() - started)
-    finally:
-        shut_down(pipe)
+class ReferenceLoader:
+    """The reference pipeline behind the loader interface `bench_common.measure_rate` and
+    `tools.bench_train` use: NCHW (channels_last) batches of `dtype` and int64 labels on `device`.
+
+    So the training step can be fed by BASELINES.md's plain DALI pipeline in the same run as by the
+    project's `dali-gpu` loader. Its labels come from each sample's `.cls` text (four digits, as
+    `tools.make_shards` writes them), turned into numbers on the device. An "epoch" is the split's
+    whole batches; DALI's reader runs on across epochs, shuffling in its buffer, so `set_epoch`
+    changes nothing.
+    """
+
+    def __init__(
+        self,
+        shard_set: ShardSet,
+        batch_size: int,
+        image_size: int,
+        threads: int,
+        hw_decoder_load: float,
+        device: torch.device,
+        dtype: torch.dtype = torch.float16,
+    ):
+        self.batch_size, self.device, self.dtype = batch_size, device, dtype
+        self.steps_per_epoch = shard_set.num_samples // batch_size
+        on_gpu = device.type == "cuda"
+        self._pipeline_args = dict(
+            tars=[str(shard_set.tar_path(i)) for i in range(len(shard_set.shards))],
+            index_files=[str(shard_set.directory / s.index_file) for s in shard_set.shards],
+            image_size=image_size,
+            decoder="mixed" if on_gpu else "cpu",
+            hw_decoder_load=hw_decoder_load,
+            batch_size=batch_size,
+            num_threads=threads,
+            device_id=device.index if on_gpu else None,
+            prefetch_queue_depth=2,
+        )
+        self._digit_values = torch.tensor([1000, 100, 10, 1], device=device)
+        self._pipe, self._batches = None, None
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def _next(self) -> dict:
+        if self._pipe is None:  # built on first use, and again after `close` (as the project's loaders)
+            self._pipe = reference_pipeline(**self._pipeline_args)
+            self._pipe.build()
+            self._batches = DALIGenericIterator([self._pipe], ["images", "labels"], reader_name="Reader")
+        try:
+            return next(self._batches)[0]
+        except StopIteration:  # the reader's epoch ended (iterating with `for` would reset it twice)
+            self._batches.reset()
+            return next(self._batches)[0]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for _ in range(self.steps_per_epoch):
+            batch = self._next()
+            images = batch["images"].permute(0, 3, 1, 2).to(self.device, dtype=self.dtype, non_blocking=True)
+            digits = batch["labels"].to(self.device, non_blocking=True).long() - ord("0")
+            yield images, (digits * self._digit_values).sum(1)
+
+    def close(self) -> None:
+        if self._pipe is not None:
+            shut_down(self._pipe)
+            self._pipe, self._batches = None, None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,9 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     name = f"DALI reader + random-crop decode ({'mixed' if args.device == 'gpu' else 'cpu'})"
     results = []
     print("pipeline                                  threads  hw_decoder_load  images/s")
+    device = torch.device("cuda", 0) if args.device == "gpu" else torch.device("cpu")
     for threads in args.workers:
         for load in loads:
-            rate = reference_rate(args, shard_set, threads, 0.0 if load is None else load)
+            loader = ReferenceLoader(
+                shard_set, args.batch_size, args.image_size, threads, 0.0 if load is None else load, device
+            )
+            rate = measure_rate(loader, device, args.seconds, WARMUP_BATCHES).images_per_s
             results.append({"name": name, "threads": threads, "hw_decoder_load": load, "images_per_s": rate})
             print(f"{name:42s}{threads:7d}  {'-' if load is None else format(load, 'g'):>15s}  {rate:8,.0f}")
     finish_report("bench_dali_reference", args, results)

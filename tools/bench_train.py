@@ -12,7 +12,9 @@ with little wait means the pipeline keeps up but slows the step (it shares the G
 launching the step's kernels; "CPU cores" the host cores the whole process kept busy (DALI's threads
 included). `--workers 16,32`, `--cpu-decode-share 0,0.1` and `--gpu-pipelines 1,2`
 measure the DALI backends with each value (every combination, one compiled model for all);
-`--compile reduce-overhead` replays the step's CUDA graphs.
+`--compile reduce-overhead` replays the step's CUDA graphs. `--backends dali-reference` feeds the
+step from BASELINES.md's plain DALI pipeline (DALI's own reader and random-crop decoder, one rank
+reading every shard): the project's loader against the straightforward one, in the same run.
 Same step code as the trainer (train.step.train_step), bf16 autocast on GPU.
 """
 
@@ -27,8 +29,10 @@ from pathlib import Path
 import torch
 
 from pipeline.loader import BACKENDS, create_loader
+from pipeline.shard_set import open_shard_set
 from shards.manifest import read_manifest
 from tools.bench_common import (
+    REFERENCE_BACKEND,
     add_loader_sweeps,
     bench_shards,
     default_device,
@@ -41,6 +45,7 @@ from tools.bench_common import (
     switch_text,
     temporary_workdir,
 )
+from tools.bench_dali_reference import ReferenceLoader
 from tools.compile_modes import COMPILE_MODES, compiled_text
 from tools.sm_partition import partial_gpu_stream
 from train.model import MODEL_NAMES, build_model
@@ -59,8 +64,9 @@ def measurement_plan(backends: list[str], args) -> list[tuple[str, dict, int | N
     denominator of every ratio.
     """
     plan = []
+    hw_decoder_backends = ("dali-gpu", REFERENCE_BACKEND) if torch.cuda.is_available() else ("dali-gpu",)
     for model_sms in [None, *(args.model_sms or [])]:
-        for backend, settings, name in loader_runs(backends, args):
+        for backend, settings, name in loader_runs(backends, args, hw_decoder_backends):
             run_name = name if model_sms is None else f"{name}, step on {model_sms} SMs"
             plan.append((backend, settings, model_sms, run_name))
     return plan
@@ -70,7 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.bench_train", description=__doc__.split("\n\n")[0])
     p.add_argument("--shards", help="a shard directory (default: convert the shared sample)")
     p.add_argument("--model", default="resnet18", choices=MODEL_NAMES)
-    p.add_argument("--backends", default="dali-gpu,synthetic", help="always compared with synthetic")
+    p.add_argument(
+        "--backends",
+        default="dali-gpu,synthetic",
+        help=f"always compared with synthetic; {REFERENCE_BACKEND}: BASELINES.md's plain DALI pipeline"
+        " (tools.bench_dali_reference)",
+    )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--seconds", type=float, default=20)
@@ -101,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--model-sms: needs a CUDA GPU (it confines the step to part of the GPU's SMs)")
     precision = args.precision or ("bfloat16" if device.type == "cuda" else "float32")
     backends = [b for b in args.backends.split(",") if b != "synthetic"] + ["synthetic"]
-    if any(b not in BACKENDS for b in backends):
-        p.error(f"--backends: choose from {list(BACKENDS)}")
+    if any(b not in (*BACKENDS, REFERENCE_BACKEND) for b in backends):
+        p.error(f"--backends: choose from {[*BACKENDS, REFERENCE_BACKEND]}")
     results, failed = [], []
     with temporary_workdir() as tmp:
         shards = args.shards or str(bench_shards(tmp, args.copies, max(args.workers)))
@@ -120,9 +131,19 @@ def main(argv: list[str] | None = None) -> int:
 
         def measure(backend: str, settings: dict, placement, run_name: str):
             """One row: the step fed by one loader setting, on `placement`'s stream if given."""
-            # inputs arrive in the dtype autocast computes in
-            cfg = loader_config(args, backend, settings, dtype=precision, prefetch=args.prefetch)
-            loader = create_loader(shards, "train", cfg, device=device)
+            if backend == REFERENCE_BACKEND:
+                loader = ReferenceLoader(
+                    open_shard_set(shards, "train"),
+                    args.batch_size,
+                    args.image_size,
+                    settings["workers"],
+                    settings.get("hw_decoder_load", 0.0),  # absent: decoded on the CPU
+                    device,
+                    getattr(torch, precision),
+                )
+            else:  # inputs arrive in the dtype autocast computes in
+                cfg = loader_config(args, backend, settings, dtype=precision, prefetch=args.prefetch)
+                loader = create_loader(shards, "train", cfg, device=device)
             with torch.cuda.stream(placement.stream) if placement else contextlib.nullcontext():
                 rate = measure_rate(loader, device, args.seconds, WARMUP_STEPS, step)
                 if args.profile:

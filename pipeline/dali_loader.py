@@ -9,7 +9,6 @@ epoch the stream is not at (the first epoch, a resume, or a pass abandoned far f
 from __future__ import annotations
 
 import io
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -19,7 +18,6 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from nvidia.dali.tensors import TensorCPU, TensorListCPU
 from PIL import Image
 
-from pipeline.batch_parts import batch_parts
 from pipeline.batch_stream import BatchStream, EncodedBatch
 from pipeline.dali_pipeline import imagenet_pipeline
 from pipeline.errors import SampleDecodeError
@@ -37,42 +35,19 @@ DRAIN_AT_MOST = 16
 
 @dataclass
 class _Run:
-    """Pipelines at one image size (one per part of a batch), fed by one stream, and the position of
-    their next batch."""
+    """A pipeline at one image size, fed by its stream, and the position of its next batch."""
 
     image_size: int
     stream: BatchStream
-    pipes: list
-    batches: list[DALIGenericIterator]
+    pipe: object
+    batches: DALIGenericIterator
     epoch: int
     step: int
 
     def close(self) -> None:
-        self.batches.clear()
-        for pipe in self.pipes:  # the pipelines go first: they may still hold the stream's buffers
-            shut_down(pipe)
+        del self.batches
+        shut_down(self.pipe)  # the pipeline goes first: it may still hold the stream's buffers
         self.stream.close()
-
-
-class _PartSources:
-    """The source callback of each part's pipeline: that part of the stream's batches, in order.
-
-    Whichever pipeline asks first for a batch takes it from the stream; the other parts of it wait
-    here for their pipelines. DALI calls every source from the thread that runs the pipelines.
-    """
-
-    def __init__(self, stream: BatchStream, parts: int):
-        self.stream = stream
-        self.waiting = [deque() for _ in range(parts)]
-
-    def source(self, part: int):
-        def next_part() -> tuple:
-            if not self.waiting[part]:
-                for waiting, inputs in zip(self.waiting, self.stream(), strict=True):
-                    waiting.append(inputs)
-            return self.waiting[part].popleft()
-
-        return next_part
 
 
 class DaliLoader(PartLoader):
@@ -90,9 +65,8 @@ class DaliLoader(PartLoader):
         super().__init__(table.sizes, split, cfg, rank, world_size, device)
         self.table = table
         self.decode_on_gpu = device.type == "cuda" and cfg.backend != "dali-cpu"
-        self.parts = batch_parts(self.batch_size, cfg.cpu_decode_share, cfg.gpu_pipelines)
         self._run: _Run | None = None
-        self.pipelines_built = 0  # sets of pipelines: one per image size when epochs are read in order
+        self.pipelines_built = 0  # one per image size when epochs are read in order
 
     def _epoch_rows(self, epoch: int) -> np.ndarray:
         """Table rows of the rank's part of `epoch`, in reading order: shuffled per sample for train."""
@@ -121,21 +95,16 @@ class DaliLoader(PartLoader):
         flips = rng.integers(0, 2, len(batch.images), dtype=np.int32)
         return anchors, shapes, flips
 
-    def _pipeline_inputs(self, batch: EncodedBatch) -> tuple[tuple[TensorListCPU, ...], ...]:
-        """What each part's pipeline is handed for a batch: DALI tensor lists over the batch's memory.
+    def _pipeline_inputs(self, batch: EncodedBatch) -> tuple[TensorListCPU, ...]:
+        """What the pipeline is handed for a batch: DALI tensor lists over the batch's own memory.
 
         Made in the stream's reader thread. Handed numpy arrays instead, DALI's source callback
         wraps each sample itself, in the thread that runs the pipeline (the training loop's): 2.2 ms
         per batch of 256 there, against 0.3 ms here and 0.6 ms left there (docs/PERFORMANCE.md).
         """
+        images = TensorListCPU([TensorCPU(image) for image in batch.images], contiguous=False)
         per_sample = (batch.labels, *self._train_crops(batch)) if self.train else (batch.labels,)
-        return tuple(
-            (
-                TensorListCPU([TensorCPU(image) for image in batch.images[part.start : part.stop]], contiguous=False),
-                *(TensorListCPU(values[part.start : part.stop]) for values in per_sample),
-            )
-            for part in self.parts
-        )
+        return images, *(TensorListCPU(values) for values in per_sample)
 
     def _start(self) -> _Run:
         self.pipelines_built += 1
@@ -147,40 +116,32 @@ class DaliLoader(PartLoader):
             read_ahead=max(2, self.cfg.prefetch),
             make_inputs=self._pipeline_inputs,
         )
-        sources = _PartSources(stream, len(self.parts))
-        pipes = [
-            imagenet_pipeline(
-                source=sources.source(index),
-                train=self.train,
-                image_size=self.image_size,
-                val_resize=self.val_resize_for(self.image_size),
-                decode_on_gpu=self.decode_on_gpu and not part.on_host,
-                output_on_gpu=self.decode_on_gpu,
-                hw_decoder_load=self.cfg.hw_decoder_load,
-                # DALI has no bfloat16: half-width float16 out (normalized values fit it easily), cast after.
-                output_float16=self.dtype in (torch.float16, torch.bfloat16),
-                batch_size=part.size,
-                num_threads=self.cfg.workers,
-                device_id=self.device.index if self.decode_on_gpu else None,
-                prefetch_queue_depth=self.cfg.prefetch,
-            )
-            for index, part in enumerate(self.parts)
-        ]
+        pipe = imagenet_pipeline(
+            source=stream,
+            train=self.train,
+            image_size=self.image_size,
+            val_resize=self.val_resize_for(self.image_size),
+            decode_on_gpu=self.decode_on_gpu,
+            hw_decoder_load=self.cfg.hw_decoder_load,
+            # DALI has no bfloat16: half-width float16 out (normalized values fit it easily), cast after.
+            output_float16=self.dtype in (torch.float16, torch.bfloat16),
+            batch_size=self.batch_size,
+            num_threads=self.cfg.workers,
+            device_id=self.device.index if self.decode_on_gpu else None,
+            prefetch_queue_depth=self.cfg.prefetch,
+        )
         try:
-            batches = []
-            for pipe in pipes:
-                pipe.build()
-                # Making the iterator runs the pipeline: decode errors can surface here.
-                batches.append(DALIGenericIterator([pipe], ["images", "labels"], size=-1))
+            pipe.build()
+            # Making the iterator runs the pipeline: decode errors can surface here.
+            batches = DALIGenericIterator([pipe], ["images", "labels"], size=-1)
         except Exception as err:
             named = _name_undecodable(err, stream)
-            for pipe in pipes:
-                shut_down(pipe)
+            shut_down(pipe)
             stream.close()
             if named is None:
                 raise
             raise named from err
-        return _Run(self.image_size, stream, pipes, batches, self.epoch, 0)
+        return _Run(self.image_size, stream, pipe, batches, self.epoch, 0)
 
     def _ready_run(self) -> _Run:
         """A run whose next batch is the first of the wanted pass: kept, drained to it, or new."""
@@ -198,10 +159,9 @@ class DaliLoader(PartLoader):
         self._run = self._start()
         return self._run
 
-    def _next_batch(self, run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next batch's images (NHWC) and labels, its parts joined in order."""
+    def _next_batch(self, run: _Run) -> tuple[dict, EncodedBatch]:
         try:
-            outputs = [next(batches)[0] for batches in run.batches]
+            out = next(run.batches)[0]
         except Exception as err:
             named = _name_undecodable(err, run.stream)
             self._close_run()
@@ -214,17 +174,16 @@ class DaliLoader(PartLoader):
         run.step += 1
         if run.step == self.steps_per_epoch:
             run.epoch, run.step = run.epoch + 1, 0
-        if len(outputs) == 1:
-            return outputs[0]["images"], outputs[0]["labels"]
-        return torch.cat([out["images"] for out in outputs]), torch.cat([out["labels"] for out in outputs])
+        return out, batch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         run = self._ready_run()
         for step in range(self.steps_per_epoch):
-            images, labels = self._next_batch(run)
+            out, _ = self._next_batch(run)
             # DALI gives NHWC; the permuted view is NCHW in channels_last memory format, no copy.
-            images = images.permute(0, 3, 1, 2).to(self.device, dtype=self.dtype, non_blocking=True)
-            labels = labels.view(-1).to(self.device, non_blocking=True)
+            images = out["images"].permute(0, 3, 1, 2)
+            images = images.to(self.device, dtype=self.dtype, non_blocking=True)
+            labels = out["labels"].view(-1).to(self.device, non_blocking=True)
             yield images, self.padding_labels(labels, step)
 
     def _close_run(self) -> None:

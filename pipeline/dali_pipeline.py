@@ -53,15 +53,10 @@ def imagenet_pipeline(
     image_size: int,
     val_resize: int,
     decode_on_gpu: bool,
-    output_on_gpu: bool,
     hw_decoder_load: float,
     output_float16: bool,
 ):
-    """Returns (images HWC normalized, labels), both on the GPU if `output_on_gpu`.
-
-    Decoded on the CPU with the output on the GPU (a host-decoded part of a batch, see
-    `pipeline.batch_parts`), the images are copied to the GPU after resizing, as uint8 at the output
-    size, and normalized there.
+    """Returns (images HWC normalized, labels); labels are moved to the GPU with the images.
 
     `source()` gives one batch per input (DALI tensor lists, or per-sample arrays), which must stay
     unchanged until the batch's outputs are out (no copy is made): the encoded images (uint8) and
@@ -71,7 +66,6 @@ def imagenet_pipeline(
     decoding device.
     """
     decoder_device = "mixed" if decode_on_gpu else "cpu"
-    copy_to_gpu = output_on_gpu and not decode_on_gpu
     # EXIF orientation is ignored, as PIL and torchvision (and so every published ImageNet result)
     # do: DALI's default would rotate such photos and the backends would disagree on them.
     decode_args = {"output_type": types.RGB, "adjust_orientation": False}
@@ -98,7 +92,6 @@ def imagenet_pipeline(
             **decode_args,
         )
         images = fn.resize(images, resize_x=image_size, resize_y=image_size, interp_type=types.INTERP_LINEAR)
-        images = images.gpu() if copy_to_gpu else images
         images = fn.crop_mirror_normalize(
             images, dtype=dtype, output_layout="HWC", mean=DALI_MEAN, std=DALI_STD, mirror=flip
         )
@@ -111,7 +104,6 @@ def imagenet_pipeline(
         images = fn.resize(
             images, resize_x=resize_x, resize_y=resize_y, interp_type=types.INTERP_LINEAR, antialias=True
         )
-        images = images.gpu() if copy_to_gpu else images
         images = fn.crop_mirror_normalize(
             images,
             dtype=dtype,
@@ -122,6 +114,6 @@ def imagenet_pipeline(
             mean=DALI_MEAN,
             std=DALI_STD,
         )
-    if output_on_gpu:
+    if decode_on_gpu:
         labels = labels.gpu()
     return images, labels

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from pipeline.batch_parts import batch_parts
 from pipeline.split import RankPart, split_train, split_val
 from pipeline.transforms import DEFAULT_CROP_PCT, DTYPES, val_resize_size
 
@@ -44,10 +43,6 @@ class LoaderConfig:
     # CUDA kernels that take SMs from the model.
     hw_decoder_load: float = 1.0
     prefetch: int = 2  # batches prepared ahead of the training step
-    # DALI backends, each batch split among pipelines (pipeline/batch_parts.py): a share decoded on
-    # the host's CPU cores beside dali-gpu, and the rest among this many pipelines.
-    cpu_decode_share: float = 0.0
-    gpu_pipelines: int = 1
     seed: int = 0
     synthetic_steps: int = 100  # steps per epoch of the synthetic backend without shards
 
@@ -63,7 +58,6 @@ class LoaderConfig:
             raise ValueError(f"data.hw_decoder_load must be in [0, 1], got {self.hw_decoder_load}")
         if not 0.0 < self.crop_pct <= 1.0:
             raise ValueError(f"data.crop_pct must be in (0, 1], got {self.crop_pct}")
-        batch_parts(self.batch_size, self.cpu_decode_share, self.gpu_pipelines)  # raises if they cannot split it
 
 
 class Loader(ABC):

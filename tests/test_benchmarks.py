@@ -87,40 +87,37 @@ def test_reference_loader_reads_every_sample_with_its_label(photo_shards):
     assert images.shape == (count, 3, 16, 16) and images.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_bench_train_measures_the_dali_backends_with_each_setting_swept(photo_shards, tmp_path):
-    """--workers 1,2 --cpu-decode-share 0,0.25: each DALI backend once per combination, named by it;
-    synthetic once."""
+def test_bench_train_measures_the_dali_backends_with_each_thread_count(photo_shards, tmp_path):
+    """--workers 1,2: each DALI backend once per thread count, named by it; synthetic once."""
     run_tool(
         "tools.bench_train", "--shards", str(photo_shards), "--backends", "dali-cpu", "--batch-size", "4",
-        "--image-size", "32", "--seconds", "0.2", "--workers", "1,2", "--cpu-decode-share", "0,0.25",
-        "--json", str(tmp_path / "sweep.json"), check=True,
+        "--image-size", "32", "--seconds", "0.2", "--workers", "1,2", "--json", str(tmp_path / "sweep.json"),
+        check=True,
     )  # fmt: skip
     results = json.loads((tmp_path / "sweep.json").read_text())["results"]
-    assert [(r["name"], r["workers"], r["cpu_decode_share"]) for r in results] == [
-        ("dali-cpu 1 threads, 0 on host", 1, 0.0),
-        ("dali-cpu 1 threads, 0.25 on host", 1, 0.25),
-        ("dali-cpu 2 threads, 0 on host", 2, 0.0),
-        ("dali-cpu 2 threads, 0.25 on host", 2, 0.25),
-        ("synthetic", 1, 0.0),
+    assert [(r["name"], r["workers"]) for r in results] == [
+        ("dali-cpu 1 threads", 1),
+        ("dali-cpu 2 threads", 2),
+        ("synthetic", 1),
     ]
     assert all(r["images_per_s"] > 0 for r in results)
 
 
 def test_bench_train_reports_a_failed_setting_and_measures_the_rest(photo_shards, tmp_path):
-    """A sweep whose second setting cannot be built (a host share under one image of a batch of 2).
+    """A sweep whose second setting cannot be built (no DALI threads).
     The report also names the CUDA work-queue setting the run had in its environment."""
     result = run_tool(
         "tools.bench_train", "--shards", str(photo_shards), "--backends", "dali-cpu", "--batch-size", "2",
-        "--image-size", "32", "--seconds", "0.2", "--workers", "1", "--cpu-decode-share", "0,0.1,0.5",
+        "--image-size", "32", "--seconds", "0.2", "--workers", "1,0,2",
         "--json", str(tmp_path / "bench_train_sweep.json"), env={"CUDA_DEVICE_MAX_CONNECTIONS": "32"},
     )  # fmt: skip
     assert result.returncode == 1
-    assert "FAILED dali-cpu, 0.1 on host: ValueError: data.cpu_decode_share 0.1 of a batch of 2" in result.stdout
+    assert "FAILED dali-cpu 0 threads: ValueError: data.workers must be at least 1, got 0" in result.stdout
     report = json.loads((tmp_path / "bench_train_sweep.json").read_text())
-    assert [r["name"] for r in report["results"]] == ["dali-cpu, 0 on host", "dali-cpu, 0.5 on host", "synthetic"]
-    assert [f["name"] for f in report["failed"]] == ["dali-cpu, 0.1 on host"]
+    assert [r["name"] for r in report["results"]] == ["dali-cpu 1 threads", "dali-cpu 2 threads", "synthetic"]
+    assert [f["name"] for f in report["failed"]] == ["dali-cpu 0 threads"]
     tabled = run_tool("tools.gpu_report", str(tmp_path), check=True).stdout
-    assert "| dali-cpu, 0.1 on host | FAILED: ValueError: data.cpu_decode_share 0.1" in tabled
+    assert "| dali-cpu 0 threads | FAILED: ValueError: data.workers must be at least 1" in tabled
     assert "| resnet18, batch 2, CUDA_DEVICE_MAX_CONNECTIONS=32 | synthetic |" in tabled
 
 
@@ -129,9 +126,7 @@ def test_bench_train_plans_each_loader_setting_and_sm_partition_against_whole_gp
 
     from tools.bench_train import measurement_plan
 
-    args = argparse.Namespace(
-        workers=[16, 32], model_sms=[128], hw_decoder_load=[1.0], cpu_decode_share=[0.0], gpu_pipelines=[1]
-    )
+    args = argparse.Namespace(workers=[16, 32], model_sms=[128], hw_decoder_load=[1.0])
     plan = measurement_plan(["dali-gpu", "synthetic"], args)
     assert [(backend, settings["workers"], sms, name) for backend, settings, sms, name in plan] == [
         ("dali-gpu", 16, None, "dali-gpu hw=1 16 threads"),
@@ -141,17 +136,10 @@ def test_bench_train_plans_each_loader_setting_and_sm_partition_against_whole_gp
         ("dali-gpu", 32, 128, "dali-gpu hw=1 32 threads, step on 128 SMs"),
         ("synthetic", 16, 128, "synthetic, step on 128 SMs"),
     ]
-    assert plan[0][1] == {"workers": 16, "cpu_decode_share": 0.0, "gpu_pipelines": 1, "hw_decoder_load": 1.0}
-    args = argparse.Namespace(
-        workers=[16], model_sms=None, hw_decoder_load=[1.0], cpu_decode_share=[0.0, 0.1], gpu_pipelines=[2]
-    )
+    assert plan[0][1] == {"workers": 16, "hw_decoder_load": 1.0}
+    args = argparse.Namespace(workers=[16], model_sms=None, hw_decoder_load=[0.65, 1.0])
     names = [name for _, _, _, name in measurement_plan(["dali-gpu", "torch", "synthetic"], args)]
-    assert names == [
-        "dali-gpu hw=1, 0 on host, 2 pipelines",
-        "dali-gpu hw=1, 0.1 on host, 2 pipelines",
-        "torch",
-        "synthetic",
-    ]
+    assert names == ["dali-gpu hw=0.65", "dali-gpu hw=1", "torch", "synthetic"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without a GPU")

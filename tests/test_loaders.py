@@ -26,8 +26,6 @@ HIGHEST = max((1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=Tr
 # decode identically (libjpeg-turbo); the residue is rounding in the resize. 0.05 is ~3 grey levels.
 VAL_AGREEMENT_MAX_ABS = 0.05
 VAL_AGREEMENT_MEAN_ABS = 0.01
-# Each batch split among four DALI pipelines: three "GPU" parts and the host's part (all on the CPU here).
-SPLIT_BATCH = {"cpu_decode_share": 0.25, "gpu_pipelines": 3}
 
 
 def config(backend: str, **overrides) -> LoaderConfig:
@@ -159,42 +157,6 @@ def test_train_batches_do_not_depend_on_where_the_pipeline_started(photo_shards)
         assert torch.equal(labels, labels_again) and torch.equal(images, images_again)
 
 
-@pytest.mark.parametrize("split", ["train", "val"])
-def test_a_batch_split_among_pipelines_is_the_same_batch(photo_shards, split):
-    """cpu_decode_share and gpu_pipelines change which pipeline decodes an image, never the batch:
-    the same images, crops, flips and labels in the same order, epoch after epoch on one set of
-    pipelines, and after a change of image size."""
-    outputs = {}
-    for name, settings in (("one pipeline", {}), ("split", SPLIT_BATCH)):
-        loader = create_loader(str(photo_shards), split, config("dali-cpu", **settings))
-        batches = []
-        for epoch, size in ((0, 64), (1, 64), (2, 48)):
-            loader.set_image_size(size)
-            loader.set_epoch(epoch)
-            batches += list(loader)
-        loader.close()
-        assert loader.pipelines_built == 2, "one set of pipelines per image size"
-        outputs[name] = batches
-    assert len(outputs["split"]) == len(outputs["one pipeline"])
-    for (images, labels), (images_split, labels_split) in zip(outputs["one pipeline"], outputs["split"], strict=True):
-        assert torch.equal(labels, labels_split) and torch.equal(images, images_split)
-        assert images_split.is_contiguous(memory_format=torch.channels_last)
-
-
-@pytest.mark.parametrize(
-    "settings, message",
-    [
-        ({"cpu_decode_share": 1.0}, r"data.cpu_decode_share must be in \[0, 1\), got 1.0"),
-        ({"cpu_decode_share": 0.05}, r"data.cpu_decode_share 0.05 of a batch of 8 is less than one image"),
-        ({"gpu_pipelines": 0}, "data.gpu_pipelines must be at least 1, got 0"),
-        ({"cpu_decode_share": 0.5, "gpu_pipelines": 5}, "data.gpu_pipelines 5: more pipelines than the 4 images"),
-    ],
-)
-def test_a_batch_split_that_cannot_be_made_is_refused(photo_shards, settings, message):
-    with pytest.raises(ValueError, match=message):
-        create_loader(str(photo_shards), "train", config("dali-cpu", **settings))
-
-
 def test_train_order_differs_between_epochs(photo_shards):
     loader = create_loader(str(photo_shards), "train", config("dali-cpu"))
     first = torch.cat([labels for _, labels in collect(loader, 0)])
@@ -286,12 +248,12 @@ def shards_with_a_broken_jpeg(photo_shards: Path, tmp_path: Path, split: str) ->
     return shards, target.file, bad_key
 
 
-@pytest.mark.parametrize("backend, settings", [("dali-cpu", {}), ("torch", {}), ("dali-cpu", SPLIT_BATCH)])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("split", ["train", "val"])
-def test_undecodable_sample_is_named_with_its_shard(tmp_path, photo_shards, backend, settings, split):
+def test_undecodable_sample_is_named_with_its_shard(tmp_path, photo_shards, backend, split):
     """A shard not made by the converter, with one broken JPEG among good ones."""
     shards, tar, bad_key = shards_with_a_broken_jpeg(photo_shards, tmp_path, split)
-    loader = create_loader(str(shards), split, config(backend, **settings))
+    loader = create_loader(str(shards), split, config(backend))
     loader.set_epoch(0)
     with pytest.raises(SampleDecodeError, match=f"{tar}: sample {bad_key}"):
         for _ in loader:
@@ -345,14 +307,13 @@ def test_val_loader_can_be_read_again_after_a_partial_pass(photo_shards):
 
 
 @pytest.mark.parametrize("train", [True, False])
-@pytest.mark.parametrize("decode_on_gpu", [True, False], ids=["dali-gpu", "host part of dali-gpu"])
-def test_dali_gpu_graph_is_accepted_by_dali_without_a_gpu(train, decode_on_gpu):
+def test_dali_gpu_graph_is_accepted_by_dali_without_a_gpu(train):
     """Defining a pipeline checks every operator argument against DALI's schema; only build needs CUDA."""
     from pipeline.dali_pipeline import imagenet_pipeline
 
     imagenet_pipeline(
-        source=lambda: ([], None), train=train, image_size=224, val_resize=256, decode_on_gpu=decode_on_gpu,
-        output_on_gpu=True, hw_decoder_load=0.65, output_float16=True, batch_size=8, num_threads=2, device_id=0,
+        source=lambda: ([], None), train=train, image_size=224, val_resize=256, decode_on_gpu=True,
+        hw_decoder_load=0.65, output_float16=True, batch_size=8, num_threads=2, device_id=0,
         prefetch_queue_depth=2, seed=1,
     )  # fmt: skip
 

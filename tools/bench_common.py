@@ -36,24 +36,15 @@ def bench_shards(workdir: str | Path, copies: int, workers: int) -> Path:
 
 
 HW_LOAD_HELP = "dali-gpu: share of JPEGs for the hardware decoder; a comma list measures each (e.g. 0.65,1.0)"
-WORKERS_HELP = "DALI threads (per pipeline) / DataLoader workers; a comma list measures the DALI backends with each"
-CPU_SHARE_HELP = (
-    "DALI backends: share of each batch decoded on the host's CPU cores beside the GPU pipelines;"
-    " a comma list measures each (e.g. 0,0.1,0.2)"
-)
-GPU_PIPELINES_HELP = "DALI backends: pipelines sharing the rest of each batch; a comma list measures each (e.g. 1,2)"
-DALI_SWEEPS = ("workers", "cpu_decode_share", "gpu_pipelines")  # loader settings a benchmark can sweep
+WORKERS_HELP = "DALI threads / DataLoader workers; a comma list measures the DALI backends with each"
 # tools.bench_train's name for BASELINES.md's plain DALI pipeline (tools.bench_dali_reference) as a feed
 REFERENCE_BACKEND = "dali-reference"
 
 
 def add_loader_sweeps(parser) -> None:
-    """The DALI settings every benchmark can sweep, each a comma list: --workers, --hw-decoder-load,
-    --cpu-decode-share, --gpu-pipelines."""
+    """The DALI settings every benchmark can sweep, each a comma list: --workers, --hw-decoder-load."""
     parser.add_argument("--workers", type=int_list, default=[os.cpu_count() or 1], help=WORKERS_HELP)
     parser.add_argument("--hw-decoder-load", type=float_list, default=[1.0], help=HW_LOAD_HELP)
-    parser.add_argument("--cpu-decode-share", type=float_list, default=[0.0], help=CPU_SHARE_HELP)
-    parser.add_argument("--gpu-pipelines", type=int_list, default=[1], help=GPU_PIPELINES_HELP)
 
 
 def int_list(text: str) -> list[int]:
@@ -71,32 +62,19 @@ def loader_runs(
 ) -> list[tuple[str, dict, str]]:
     """(backend, loader settings, row name) per measurement, in order.
 
-    The backends in `hw_decoder_backends` are measured once per --hw-decoder-load, and every DALI
-    backend once per combination of the swept settings (`DALI_SWEEPS`; only --workers for
-    `REFERENCE_BACKEND`, which has one pipeline); other backends once, with the first --workers. A
-    name says the settings that are swept or differ from the default.
+    The backends in `hw_decoder_backends` are measured once per --hw-decoder-load, and the DALI
+    backends once per --workers; other backends once, with the first --workers. A name says the
+    settings that are swept.
     """
     runs = []
     for backend in backends:
         dali = backend.startswith("dali") or backend == "folder"
-        keys = ("workers",) if backend == REFERENCE_BACKEND else DALI_SWEEPS  # the reference cannot split
-        split = dali and backend != REFERENCE_BACKEND
         for load in args.hw_decoder_load if backend in hw_decoder_backends else [None]:
-            combos = [{}]
-            for key in keys:
-                values = getattr(args, key) if dali else getattr(args, key)[:1]
-                combos = [{**combo, key: value} for combo in combos for value in values]
-            for settings in combos:
+            for workers in args.workers if dali else args.workers[:1]:
                 name = backend if load is None else f"{backend} hw={load:g}"
                 if dali and len(args.workers) > 1:
-                    name += f" {settings['workers']} threads"
-                if split and (len(args.cpu_decode_share) > 1 or settings["cpu_decode_share"]):
-                    name += f", {settings['cpu_decode_share']:g} on host"
-                if split and (len(args.gpu_pipelines) > 1 or settings["gpu_pipelines"] != 1):
-                    count = settings["gpu_pipelines"]
-                    name += f", {count} pipeline{'s' if count > 1 else ''}"
-                if load is not None:
-                    settings["hw_decoder_load"] = load
+                    name += f" {workers} threads"
+                settings = {"workers": workers} if load is None else {"workers": workers, "hw_decoder_load": load}
                 runs.append((backend, settings, name))
     return runs
 

@@ -10,9 +10,9 @@ with little wait means the pipeline keeps up but slows the step (it shares the G
 (a bench epoch is far shorter than an ImageNet one, so switches weigh more here than in training),
 "loader CPU ms" the CPU time the loop's thread spends in the loader per batch: time it cannot spend
 launching the step's kernels; "CPU cores" the host cores the whole process kept busy (DALI's threads
-included). `--workers 16,32`, `--cpu-decode-share 0,0.1` and `--gpu-pipelines 1,2`
-measure the DALI backends with each value (every combination, one compiled model for all);
-`--compile reduce-overhead` replays the step's CUDA graphs. `--backends dali-reference` feeds the
+included). `--workers 8,16` and `--hw-decoder-load 0.65,1` measure the DALI backends with each
+value (every combination, one compiled model for all); `--compile reduce-overhead` replays the
+step's CUDA graphs. `--backends dali-reference` feeds the
 step from BASELINES.md's plain DALI pipeline (DALI's own reader and random-crop decoder, one rank
 reading every shard): the project's loader against the straightforward one, in the same run.
 Same step code as the trainer (train.step.train_step), bf16 autocast on GPU.
@@ -58,8 +58,8 @@ PROFILED_STEPS = 20  # enough to see a pattern, few enough for a trace of a few 
 def measurement_plan(backends: list[str], args) -> list[tuple[str, dict, int | None, str]]:
     """(backend, loader settings, model_sms, row name) of each measurement, in order.
 
-    The DALI backends are measured with each combination of the swept loader settings
-    (`bench_common.loader_runs`), other backends once. With --model-sms, every measurement is
+    The DALI backends are measured with each swept loader setting (`bench_common.loader_runs`),
+    other backends once. With --model-sms, every measurement is
     repeated with the step confined to that many SMs; synthetic data on the whole GPU stays the
     denominator of every ratio.
     """

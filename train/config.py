@@ -15,7 +15,6 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.batch_parts import batch_parts
 from pipeline.loader import BACKENDS, LoaderConfig
 from pipeline.transforms import DEFAULT_CROP_PCT
 from train.model import MODEL_NAMES
@@ -50,8 +49,6 @@ class DataConfig:
     workers: int = option(8, "DALI threads, or DataLoader workers for the torch backend")
     hw_decoder_load: float = option(1.0, "share of JPEGs for the hardware decoder (dali-gpu)")
     prefetch: int = option(2, "batches prepared ahead of the step")
-    cpu_decode_share: float = option(0.0, "DALI: share of each batch decoded on the host's CPU cores, in [0, 1)")
-    gpu_pipelines: int = option(1, "DALI: pipelines (of `workers` threads each) sharing the rest of each batch")
     crop_pct: float = option(DEFAULT_CROP_PCT, "val: resize to size / crop_pct, then center crop")
 
 
@@ -159,8 +156,6 @@ class Config:
             dtype=self.precision_on(device),
             hw_decoder_load=self.data.hw_decoder_load,
             prefetch=self.data.prefetch,
-            cpu_decode_share=self.data.cpu_decode_share,
-            gpu_pipelines=self.data.gpu_pipelines,
             seed=self.train.seed,
         )
 
@@ -272,8 +267,3 @@ def _check(config: Config) -> None:
         raise ConfigError("resolution.min: must not exceed resolution.max")
     if not 0.0 <= config.optim.ema_decay < 1.0:
         raise ConfigError(f"optim.ema_decay: must be in [0, 1), got {config.optim.ema_decay}")
-    for batch_size in (config.data.batch_size, config.eval.batch_size):
-        try:
-            batch_parts(batch_size, config.data.cpu_decode_share, config.data.gpu_pipelines)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None

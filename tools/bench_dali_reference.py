@@ -22,7 +22,14 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from pipeline.dali_loader import shut_down
 from pipeline.dali_pipeline import DALI_MEAN, DALI_STD
 from pipeline.shard_set import ShardSet, open_shard_set
-from tools.bench_common import HW_LOAD_HELP, finish_report, float_list, int_list, measure_rate
+from tools.bench_common import (
+    HW_LOAD_HELP,
+    finish_report,
+    float_list,
+    int_list,
+    measure_rate,
+    stored_short_side,
+)
 
 WARMUP_BATCHES = 10
 
@@ -132,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             rate = measure_rate(loader, device, args.seconds, WARMUP_BATCHES).images_per_s
             results.append({"name": name, "threads": threads, "hw_decoder_load": load, "images_per_s": rate})
             print(f"{name:42s}{threads:7d}  {'-' if load is None else format(load, 'g'):>15s}  {rate:8,.0f}")
-    finish_report("bench_dali_reference", args, results)
+    finish_report("bench_dali_reference", args, results, stored_side=stored_short_side(args.shards))
     return 0
 
 

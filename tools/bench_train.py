@@ -42,6 +42,7 @@ from tools.bench_common import (
     loader_runs,
     measure_rate,
     profile_steps,
+    stored_short_side,
     switch_text,
     temporary_workdir,
 )
@@ -117,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     results, failed = [], []
     with temporary_workdir() as tmp:
         shards = args.shards or str(bench_shards(tmp, args.copies, max(args.workers)))
+        stored_side = stored_short_side(shards)
         num_classes = len(read_manifest(shards).classes)
         # One model for every backend: compiled once, so each backend is measured on the same code.
         torch.manual_seed(0)
@@ -201,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     for failure in failed:
         print(f"FAILED {failure['name']}: {failure['error']}")
-    finish_report("train", args, results, failed)
+    finish_report("train", args, results, failed, stored_side)
     return 1 if failed else 0
 
 

@@ -33,13 +33,19 @@ def _optional(result: dict, key: str, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _stored(report: dict) -> str:
+    """', images stored at short side <= S' for shards converted with --max-short-side, else ''."""
+    side = report.get("stored_short_side_max")
+    return "" if side is None else f", images stored at short side <= {side}"
+
+
 def pipeline_section(report: dict) -> list[str]:
     env, args = report["environment"], report["args"]
     workers = args["workers"]  # a list since --workers sweeps; one number in older files
     workers = ",".join(map(str, workers)) if isinstance(workers, list) else workers
     lines = [
         f"### Pipelines (`tools.bench_pipeline`, batch {args['batch_size']}, {workers} workers/threads,"
-        f" {args['seconds']} s per rate)",
+        f" {args['seconds']} s per rate{_stored(report)})",
         "",
         "| backend | split | images/s | vs torch | within epochs | s per epoch switch | images/epoch |"
         " loader CPU ms/batch | CPU cores |",
@@ -56,6 +62,8 @@ def pipeline_section(report: dict) -> list[str]:
     gpu_train = [r for r in report["results"] if r["backend"] == "dali-gpu" and r["split"] == "train"]
     best = max(gpu_train, key=lambda r: r["images_per_s"], default=None)
     lines.append("")
+    if _stored(report):  # the targets are rates of full-size ImageNet JPEGs (BASELINES.md)
+        return lines + ["- the pipeline targets are for full-size JPEGs: not judged on these shards"]
     if best is None:
         lines.append(f"dali-gpu was not measured (GPU: {env.get('gpu') or 'none'}).")
     lines.append(
@@ -82,7 +90,7 @@ def train_section(reports: list[dict]) -> list[str]:
     verdicts = []
     for report in reports:
         args = report["args"]
-        model = f"{args['model']}{compiled_text(args['compile'])}, batch {args['batch_size']}"
+        model = f"{args['model']}{compiled_text(args['compile'])}, batch {args['batch_size']}{_stored(report)}"
         connections = report["environment"].get("cuda_device_max_connections")
         if connections:
             model += f", CUDA_DEVICE_MAX_CONNECTIONS={connections}"
@@ -108,7 +116,8 @@ def train_section(reports: list[dict]) -> list[str]:
 def reference_section(report: dict, pipelines: list[dict]) -> list[str]:
     """The raw DALI rate of the same run, and the best dali-gpu train rate as a share of it."""
     lines = [
-        f"### Raw DALI rate on the same shards (`tools.bench_dali_reference`, batch {report['args']['batch_size']})",
+        f"### Raw DALI rate on the same shards (`tools.bench_dali_reference`, batch {report['args']['batch_size']}"
+        f"{_stored(report)})",
         "",
         "| pipeline | threads | hw_decoder_load | images/s |",
         "|---|---|---|---|",
@@ -117,7 +126,8 @@ def reference_section(report: dict, pipelines: list[dict]) -> list[str]:
         load = "-" if r["hw_decoder_load"] is None else format(r["hw_decoder_load"], "g")
         lines.append(f"| {r['name']} | {r['threads']} | {load} | {r['images_per_s']:,.0f} |")
     reference = max(r["images_per_s"] for r in report["results"])
-    gpu_train = [r for p in pipelines for r in p["results"] if r["backend"] == "dali-gpu" and r["split"] == "train"]
+    same_shards = [p for p in pipelines if _stored(p) == _stored(report)]
+    gpu_train = [r for p in same_shards for r in p["results"] if r["backend"] == "dali-gpu" and r["split"] == "train"]
     verdict = f"- best dali-gpu train >= {MIN_VS_REFERENCE:.0%} of the best raw rate: "
     if not gpu_train:
         return lines + ["", verdict + _verdict(None)]

@@ -4,7 +4,8 @@
 # whole check costs one device call. Four files come back in $OUT (a device call returns at most 8):
 # gpu_check.log (everything printed), report.md (the tables for docs/PERFORMANCE.md, from
 # tools.gpu_report), results.tgz (the benchmarks' JSON files and the training run's logs) and
-# diagnostics.tgz (nvidia-smi dmon: GPU and JPEG-decoder utilisation each second).
+# diagnostics.tgz (nvidia-smi dmon: GPU and JPEG-decoder utilisation each second; the torch.profiler
+# tables and traces of step 4).
 #   SECONDS_PER_RATE (default 6), COPIES (default 200), BATCH (default 256): benchmark length,
 #   bench-shard size and batch (small values make a quick dry run on a CPU machine).
 #   BUDGET_S (default 540): seconds for the whole script; a step that would outlast it is cut short
@@ -84,10 +85,12 @@ limit 60 python -m tools.bench_pipeline --shards /tmp/gc/small-shards --backends
 
 step "4. ResNet-18 compiled fed by dali-gpu and by BASELINES.md's plain DALI pipeline, vs synthetic, in one process"
 # 2026-11-27: with the plain pipeline at 0.65-0.74 and the project's loader at 0.59-0.74 over three runs,
-# most of the gap is the GPU's (decoding full-size JPEGs beside the model), the rest the loader's.
+# most of the gap is the GPU's (decoding full-size JPEGs beside the model), the rest the loader's. The
+# profiles (20 steps each) show where the two pipelines' GPU work differs (copies, kernels, event waits).
 limit 120 python -m tools.bench_train --shards /tmp/gc/bench-shards --model resnet18 --compile \
   --backends dali-gpu,dali-reference --batch-size "$batch" --seconds "$seconds" --workers "$workers" \
-  --json "$results/bench_train_rn18c.json"
+  --json "$results/bench_train_rn18c.json" --profile /tmp/gc/diagnostics/profile
+head -n 3 /tmp/gc/diagnostics/profile/*.txt
 
 step "4s. the same on the images stored at short side <= 256: does less decoding per image close the gap?"
 limit 120 python -m tools.bench_train --shards /tmp/gc/small-shards --model resnet18 --compile \

@@ -12,9 +12,9 @@ with little wait means the pipeline keeps up but slows the step (it shares the G
 launching the step's kernels; "CPU cores" the host cores the whole process kept busy (DALI's threads
 included). `--workers 8,16` and `--hw-decoder-load 0.65,1` measure the DALI backends with each
 value (every combination, one compiled model for all); `--compile reduce-overhead` replays the
-step's CUDA graphs. `--backends dali-reference` feeds the
-step from BASELINES.md's plain DALI pipeline (DALI's own reader and random-crop decoder, one rank
-reading every shard): the project's loader against the straightforward one, in the same run.
+step's CUDA graphs. `--backends dali-reference` feeds the step from BASELINES.md's plain DALI
+pipeline (DALI's own reader and random-crop decoder, one rank reading every shard): the project's
+loader against the straightforward one, in the same run.
 Same step code as the trainer (train.step.train_step), bf16 autocast on GPU.
 """
 
@@ -60,9 +60,8 @@ def measurement_plan(backends: list[str], args) -> list[tuple[str, dict, int | N
     """(backend, loader settings, model_sms, row name) of each measurement, in order.
 
     The DALI backends are measured with each swept loader setting (`bench_common.loader_runs`),
-    other backends once. With --model-sms, every measurement is
-    repeated with the step confined to that many SMs; synthetic data on the whole GPU stays the
-    denominator of every ratio.
+    other backends once. With --model-sms, every measurement is repeated with the step confined to
+    that many SMs; synthetic data on the whole GPU stays the denominator of every ratio.
     """
     plan = []
     hw_decoder_backends = ("dali-gpu", REFERENCE_BACKEND) if torch.cuda.is_available() else ("dali-gpu",)

@@ -81,7 +81,9 @@ def test_reference_loader_reads_every_sample_with_its_label(photo_shards):
     [(images, labels)] = list(reference)
     reference.close()
     cfg = LoaderConfig(backend="dali-cpu", batch_size=count, image_size=16, workers=2, dtype="float32")
-    [(_, expected)] = list(create_loader(photo_shards, "train", cfg, device=torch.device("cpu")))
+    loader = create_loader(photo_shards, "train", cfg, device=torch.device("cpu"))
+    [(_, expected)] = list(loader)
+    loader.close()  # its reader thread stops (a later test checks that none is left running)
     assert labels.dtype == torch.int64
     assert sorted(labels.tolist()) == sorted(expected.tolist())
     assert images.shape == (count, 3, 16, 16) and images.is_contiguous(memory_format=torch.channels_last)

@@ -14,7 +14,9 @@ included). `--workers 8,16` and `--hw-decoder-load 0.65,1` measure the DALI back
 value (every combination, one compiled model for all); `--compile reduce-overhead` replays the
 step's CUDA graphs. `--backends dali-reference` feeds the step from BASELINES.md's plain DALI
 pipeline (DALI's own reader and random-crop decoder, one rank reading every shard): the project's
-loader against the straightforward one, in the same run.
+loader against the straightforward one, in the same run. `dali-reference-slice` is that pipeline
+decoding DALI-drawn crop windows with `image_slice`, the project's operator: it differs from the
+project's loader only in where the encoded images come from (DALI's reader, not a Python source).
 Same step code as the trainer (train.step.train_step), bf16 autocast on GPU.
 """
 
@@ -32,7 +34,7 @@ from pipeline.loader import BACKENDS, create_loader
 from pipeline.shard_set import open_shard_set
 from shards.manifest import read_manifest
 from tools.bench_common import (
-    REFERENCE_BACKEND,
+    REFERENCE_BACKENDS,
     add_loader_sweeps,
     bench_shards,
     default_device,
@@ -64,7 +66,7 @@ def measurement_plan(backends: list[str], args) -> list[tuple[str, dict, int | N
     that many SMs; synthetic data on the whole GPU stays the denominator of every ratio.
     """
     plan = []
-    hw_decoder_backends = ("dali-gpu", REFERENCE_BACKEND) if torch.cuda.is_available() else ("dali-gpu",)
+    hw_decoder_backends = ("dali-gpu", *REFERENCE_BACKENDS) if torch.cuda.is_available() else ("dali-gpu",)
     for model_sms in [None, *(args.model_sms or [])]:
         for backend, settings, name in loader_runs(backends, args, hw_decoder_backends):
             run_name = name if model_sms is None else f"{name}, step on {model_sms} SMs"
@@ -79,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--backends",
         default="dali-gpu,synthetic",
-        help=f"always compared with synthetic; {REFERENCE_BACKEND}: BASELINES.md's plain DALI pipeline"
-        " (tools.bench_dali_reference)",
+        help="always compared with synthetic; dali-reference: BASELINES.md's plain DALI pipeline"
+        " (tools.bench_dali_reference), dali-reference-slice: the same cropping with image_slice",
     )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--image-size", type=int, default=224)
@@ -112,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--model-sms: needs a CUDA GPU (it confines the step to part of the GPU's SMs)")
     precision = args.precision or ("bfloat16" if device.type == "cuda" else "float32")
     backends = [b for b in args.backends.split(",") if b != "synthetic"] + ["synthetic"]
-    if any(b not in (*BACKENDS, REFERENCE_BACKEND) for b in backends):
-        p.error(f"--backends: choose from {[*BACKENDS, REFERENCE_BACKEND]}")
+    if any(b not in (*BACKENDS, *REFERENCE_BACKENDS) for b in backends):
+        p.error(f"--backends: choose from {[*BACKENDS, *REFERENCE_BACKENDS]}")
     results, failed = [], []
     with temporary_workdir() as tmp:
         shards = args.shards or str(bench_shards(tmp, args.copies, max(args.workers)))
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def measure(backend: str, settings: dict, placement, run_name: str):
             """One row: the step fed by one loader setting, on `placement`'s stream if given."""
-            if backend == REFERENCE_BACKEND:
+            if backend in REFERENCE_BACKENDS:
                 loader = ReferenceLoader(
                     open_shard_set(shards, "train"),
                     args.batch_size,
@@ -141,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                     settings.get("hw_decoder_load", 0.0),  # absent: decoded on the CPU
                     device,
                     getattr(torch, precision),
+                    slice_crop=backend == "dali-reference-slice",
                 )
             else:  # inputs arrive in the dtype autocast computes in
                 cfg = loader_config(args, backend, settings, dtype=precision, prefetch=args.prefetch)

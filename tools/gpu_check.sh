@@ -83,13 +83,14 @@ step "3s. dali-gpu alone on the images stored at short side <= 256 (43% of the s
 limit 60 python -m tools.bench_pipeline --shards /tmp/gc/small-shards --backends dali-gpu --splits train,val \
   --batch-size "$batch" --seconds "$seconds" --workers "$workers" --json "$results/bench_pipeline_small.json"
 
-step "4. ResNet-18 compiled fed by dali-gpu and by BASELINES.md's plain DALI pipeline, vs synthetic, in one process"
+step "4. ResNet-18 compiled fed by dali-gpu and by BASELINES.md's plain DALI pipeline (two crop operators), vs synthetic, in one process"
 # 2026-11-27: with the plain pipeline at 0.65-0.74 and the project's loader at 0.59-0.74 over three runs,
-# most of the gap is the GPU's (decoding full-size JPEGs beside the model), the rest the loader's. The
-# profiles (20 steps each) show where the two pipelines' GPU work differs (copies, kernels, event waits).
-limit 120 python -m tools.bench_train --shards /tmp/gc/bench-shards --model resnet18 --compile \
-  --backends dali-gpu,dali-reference --batch-size "$batch" --seconds "$seconds" --workers "$workers" \
-  --json "$results/bench_train_rn18c.json" --profile /tmp/gc/diagnostics/profile
+# most of the gap is the GPU's (decoding full-size JPEGs beside the model), the rest the loader's. The plain
+# pipeline with image_slice (dali-reference-slice) tells whether that rest is the crop operator or the
+# Python source. The profiles (20 steps each) show where the pipelines' GPU work differs.
+limit 140 python -m tools.bench_train --shards /tmp/gc/bench-shards --model resnet18 --compile \
+  --backends dali-gpu,dali-reference,dali-reference-slice --batch-size "$batch" --seconds "$seconds" \
+  --workers "$workers" --json "$results/bench_train_rn18c.json" --profile /tmp/gc/diagnostics/profile
 head -n 3 /tmp/gc/diagnostics/profile/*.txt
 
 step "4s. the same on the images stored at short side <= 256: does less decoding per image close the gap?"

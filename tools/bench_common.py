@@ -163,7 +163,7 @@ class Rate:
     images_per_epoch: int  # so a rate can be extrapolated to another epoch length
     loader_cpu_ms_per_batch: float  # CPU time the calling (training) thread spends getting one batch
     # CPU cores the whole process kept busy over the timed span: every thread (DALI's too), not
-    # DataLoader worker processes. Shows whether the host has cores left, e.g. for decoding a share.
+    # DataLoader worker processes. Shows whether the host has cores left.
     process_cpu_cores: float
 
 

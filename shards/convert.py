@@ -22,7 +22,7 @@ from tqdm import tqdm
 from shards.classes import ClassInfo, build_class_list, read_class_file
 from shards.image_check import check_image
 from shards.inputs import ScanRejection, SourceImage, fingerprint, list_class_folders, scan_flat, scan_foldered
-from shards.manifest import MANIFEST_NAME, FileNote, Manifest, SplitInfo, read_manifest, write_manifest
+from shards.manifest import MANIFEST_NAME, SPLITS, FileNote, Manifest, SplitInfo, read_manifest, write_manifest
 from shards.tar_writer import (
     TAR_BLOCK_BYTES,
     ShardInfo,
@@ -53,7 +53,9 @@ class ConvertOptions:
     classes: str | None = None
     seed: int = 0
     shard_size_mb: float = DEFAULT_SHARD_SIZE_MB
-    max_short_side: int | None = None
+    max_short_side: int | None = None  # both splits, unless the split's own limit below is given
+    train_max_short_side: int | None = None
+    val_max_short_side: int | None = None
     quality: int = DEFAULT_QUALITY
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     overwrite: bool = False
@@ -65,7 +67,7 @@ class ConvertOptions:
         def absolute(p):
             return str(Path(p).resolve()) if p else None
 
-        return {
+        options = {
             "train": absolute(self.train),
             "val": absolute(self.val),
             "val_labels": absolute(self.val_labels),
@@ -75,6 +77,16 @@ class ConvertOptions:
             "max_short_side": self.max_short_side,
             "quality": self.quality,
         }
+        # Added only when given, so an output of a version without per-split limits still matches.
+        for split in SPLITS:
+            if getattr(self, f"{split}_max_short_side") is not None:
+                options[f"{split}_max_short_side"] = getattr(self, f"{split}_max_short_side")
+        return options
+
+    def short_side_limit(self, split: str) -> int | None:
+        """The shorter side above which `split`'s images are shrunk and re-encoded; None: stored as given."""
+        own = getattr(self, f"{split}_max_short_side")
+        return self.max_short_side if own is None else own
 
 
 @dataclass(frozen=True)
@@ -224,7 +236,7 @@ def convert(opts: ConvertOptions) -> ConvertResult:
     for tmp in out.glob("*.tmp"):
         tmp.unlink()
     tasks = [
-        ShardTask(split, number, shard_images, opts.max_short_side, opts.quality)
+        ShardTask(split, number, shard_images, opts.short_side_limit(split), opts.quality)
         for split, (images, _) in plans.items()
         for number, shard_images in enumerate(plan_shards(images, opts.shard_size_mb))
     ]
@@ -255,7 +267,7 @@ def convert(opts: ConvertOptions) -> ConvertResult:
                 for c in commits:
                     c.result()
 
-    manifest = _build_manifest(classes, plans, tasks, done, options)
+    manifest = _build_manifest(classes, plans, tasks, done, options, opts)
     write_manifest(out, manifest)
     progress.remove()
     resumed = len(todo) < len(tasks)
@@ -272,13 +284,17 @@ def _build_manifest(
     tasks: list[ShardTask],
     done: dict[tuple[str, int], ShardResult],
     options: dict,
+    opts: ConvertOptions,
 ) -> Manifest:
     splits, rejected, converted = {}, [], []
     for split, (_, scan_rejections) in plans.items():
         results = [done[(t.split, t.number)] for t in tasks if t.split == split]
         shards = [r.shard for r in results if r.shard is not None]
         splits[split] = SplitInfo(
-            samples=sum(s.samples for s in shards), shards=shards, resized=sum(r.resized for r in results)
+            samples=sum(s.samples for s in shards),
+            shards=shards,
+            resized=sum(r.resized for r in results),
+            max_short_side=opts.short_side_limit(split),
         )
         rejected += [FileNote(split, r.path, r.reason) for r in scan_rejections]
         rejected += [note for r in results for note in r.rejected]
@@ -385,6 +401,7 @@ def summary(result: ConvertResult) -> str:
         lines.append(
             f"  {split:5s}: {info.samples} samples in {len(info.shards)} shards, {total_bytes / BYTES_PER_MB:.1f} MB;"
             f" {rejected} rejected, {converted} re-encoded, {info.resized} resized"
+            + ("" if info.max_short_side is None else f" to short side {info.max_short_side}")
         )
     for note in m.rejected:
         lines.append(f"  rejected {note.split}/{note.path}: {note.reason}")

@@ -28,7 +28,8 @@ class FileNote:
 class SplitInfo:
     samples: int = 0
     shards: list[ShardInfo] = field(default_factory=list)
-    resized: int = 0  # re-encoded to --max-short-side
+    resized: int = 0  # shrunk to `max_short_side` and re-encoded
+    max_short_side: int | None = None  # images whose shorter side was larger are stored shrunk to it
 
 
 @dataclass
@@ -49,7 +50,11 @@ class Manifest:
             classes=[ClassInfo(**c) for c in data["classes"]],
             splits={
                 name: SplitInfo(
-                    samples=s["samples"], shards=[ShardInfo(**sh) for sh in s["shards"]], resized=s.get("resized", 0)
+                    samples=s["samples"],
+                    shards=[ShardInfo(**sh) for sh in s["shards"]],
+                    resized=s.get("resized", 0),
+                    # manifests written before per-split limits hold one limit for both splits
+                    max_short_side=s.get("max_short_side", data["options"].get("max_short_side")),
                 )
                 for name, s in data["splits"].items()
             },

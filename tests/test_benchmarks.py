@@ -224,25 +224,26 @@ def test_gpu_report_tables_each_pipeline_run(bench_out, tmp_path):
 
 
 def test_reports_name_shards_of_smaller_stored_images(tmp_path, demo_imagenet, bench_out):
-    """Rates of shards made with --max-short-side are labelled so, and not judged against the
-    full-size targets; the full-size shards' files say they were stored as given."""
+    """Rates of shards whose train images were stored small (--train-max-short-side) are labelled so
+    per split, and not judged against the full-size targets; full-size shards' files say so too."""
     shards = tmp_path / "small-shards"
     run_tool(
         "tools.make_shards", "--train", str(demo_imagenet / "train"), "--val", str(demo_imagenet / "train"),
-        "--out", str(shards), "--max-short-side", "64", "--workers", "2", "--no-progress", check=True,
+        "--out", str(shards), "--train-max-short-side", "64", "--workers", "2", "--no-progress", check=True,
     )  # fmt: skip
     out = tmp_path / "out"
     out.mkdir()
     run_tool(
-        "tools.bench_pipeline", "--shards", str(shards), "--backends", "dali-cpu", "--splits", "train",
+        "tools.bench_pipeline", "--shards", str(shards), "--backends", "dali-cpu", "--splits", "train,val",
         "--batch-size", "8", "--image-size", "32", "--seconds", "0.3", "--workers", "2",
         "--json", str(out / "bench_pipeline_small.json"), check=True,
     )  # fmt: skip
-    assert json.loads((out / "bench_pipeline_small.json").read_text())["stored_short_side_max"] == 64
+    small = json.loads((out / "bench_pipeline_small.json").read_text())
+    assert small["stored_short_side_max"] == {"train": 64, "val": None}
     full, _, _ = bench_out
-    assert json.loads((full / "bench_pipeline.json").read_text())["stored_short_side_max"] is None
+    assert not any(json.loads((full / "bench_pipeline.json").read_text())["stored_short_side_max"].values())
     report = run_tool("tools.gpu_report", str(out), check=True).stdout
-    assert "2 workers/threads, 0.3 s per rate, images stored at short side <= 64)" in report
+    assert "2 workers/threads, 0.3 s per rate, train images stored at short side <= 64)" in report
     assert "- the pipeline targets are for full-size JPEGs: not judged on these shards" in report
     assert "16,500" not in report
 

@@ -378,6 +378,45 @@ def test_max_short_side_reencodes_large_images(tmp_path, demo_imagenet):
         assert min(image.size) == 64 and list(image.size) == [meta["width"], meta["height"]]
 
 
+def test_train_max_short_side_shrinks_train_only(tmp_path, demo_imagenet):
+    """Train stored small, val byte for byte; the manifest says so per split, and the same command
+    again finds the output complete."""
+    out = tmp_path / "out"
+    args = [
+        "--train", str(demo_imagenet / "train"), "--val", str(demo_imagenet / "train"), "--out", str(out),
+        "--train-max-short-side", "48", "--no-progress",
+    ]  # fmt: skip
+    first = run_tool("tools.make_shards", *args, check=True)
+    assert "resized to short side 48" in first.stdout
+    manifest = read_manifest(out)
+    assert (manifest.splits["train"].max_short_side, manifest.splits["val"].max_short_side) == (48, None)
+    assert manifest.splits["train"].resized == manifest.splits["train"].samples and manifest.splits["val"].resized == 0
+    for split in ("train", "val"):
+        urls = [str(out / s.file) for s in manifest.splits[split].shards]
+        for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+            source = (demo_imagenet / "train" / json.loads(sample["json"])["path"]).read_bytes()
+            if split == "train":
+                assert min(Image.open(io.BytesIO(sample["jpg"])).size) == 48
+            else:
+                assert sample["jpg"] == source
+    assert "already complete" in run_tool("tools.make_shards", *args, check=True).stdout
+    bad = run_tool("tools.make_shards", *args[:-3], "--val-max-short-side", "0")
+    assert bad.returncode == 2 and "--val-max-short-side must be at least 1" in bad.stderr
+
+
+def test_manifest_of_one_limit_for_both_splits_still_reads(tmp_path, demo_imagenet):
+    """Manifests written before per-split limits hold --max-short-side in their options only."""
+    out = tmp_path / "out"
+    run_tool(
+        "tools.make_shards", "--train", str(demo_imagenet / "train"), "--out", str(out), "--max-short-side", "64",
+        "--no-progress", check=True,
+    )  # fmt: skip
+    data = json.loads((out / "manifest.json").read_text())
+    del data["splits"]["train"]["max_short_side"]
+    (out / "manifest.json").write_text(json.dumps(data))
+    assert read_manifest(out).splits["train"].max_short_side == 64
+
+
 def test_resume_after_kill_gives_the_uninterrupted_result(tmp_path, demo_imagenet):
     reference = tmp_path / "reference"
     base = ["--train", str(demo_imagenet / "train"), "--shard-size-mb", "0.05", "--workers", "1", "--no-progress"]

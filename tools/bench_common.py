@@ -18,6 +18,7 @@ import torch
 from pipeline.loader import LoaderConfig
 from shards.convert import ConvertOptions, convert
 from shards.manifest import read_manifest
+from tools.gpu_report import stored_text
 from tools.make_demo_data import build_demo_imagenet, link_sample_tree
 
 
@@ -122,28 +123,34 @@ def environment() -> dict:
     return info
 
 
-def stored_short_side(shards: str | Path) -> int | None:
-    """The converter's --max-short-side of these shards; None where images were stored as given.
+def stored_short_sides(shards: str | Path, splits: Sequence[str]) -> dict[str, int | None]:
+    """Each split's stored maximum short side (the converter's --max-short-side options); None where
+    images were stored as given.
 
     Smaller stored images decode faster: their rates are not those of full-size ImageNet JPEGs.
     """
-    return read_manifest(shards).options.get("max_short_side")
+    splits_made = read_manifest(shards).splits
+    return {split: splits_made[split].max_short_side if split in splits_made else None for split in splits}
 
 
 def finish_report(
-    benchmark: str, args, results: list[dict], failed: Sequence[dict] = (), stored_side: int | None = None
+    benchmark: str,
+    args,
+    results: list[dict],
+    failed: Sequence[dict] = (),
+    stored_sides: dict[str, int | None] | None = None,
 ) -> None:
     """Print what produced the numbers and write them, with that, to --json if given.
 
     `failed`: measurements that raised ({"name", "error"}), kept in the file beside the rates.
-    `stored_side`: the measured shards' `stored_short_side`, kept in the file.
+    `stored_sides`: the measured splits' `stored_short_sides`, kept in the file.
     """
     env = environment()
-    stored = "" if stored_side is None else f", images stored at short side <= {stored_side}"
+    stored = stored_text(stored_sides or {})
     print(f"device: {env['gpu'] or 'CPU'}, {env['cpu_count']} cores, torch {env['torch']}, DALI {env['dali']}{stored}")
     if args.json:
         payload = {"benchmark": benchmark, "args": vars(args), "environment": env, "results": results}
-        payload["stored_short_side_max"] = stored_side
+        payload["stored_short_side_max"] = stored_sides or {}
         payload["failed"] = list(failed)
         Path(args.json).write_text(json.dumps(payload, indent=1) + "\n")
         print(f"wrote {args.json}")

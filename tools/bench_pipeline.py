@@ -24,7 +24,7 @@ from tools.bench_common import (
     loader_config,
     loader_runs,
     measure_rate,
-    stored_short_side,
+    stored_short_sides,
     switch_text,
     temporary_workdir,
 )
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with temporary_workdir() as tmp:
         shards = args.shards or str(bench_shards(tmp, args.copies, max(args.workers)))
-        stored_side = stored_short_side(shards)
+        stored_sides = stored_short_sides(shards, args.splits.split(","))
         for split in args.splits.split(","):
             for backend, settings, name in loader_runs(backends, args):
                 if backend == "dali-gpu" and device.type != "cuda":
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             f" {r['within_epoch_images_per_s']:14.1f} {switch_text(r['seconds_per_switch']):>9s}"
             f" {r['images_per_epoch']:13d} {r['loader_cpu_ms_per_batch']:14.2f} {r['process_cpu_cores']:10.2f}"
         )
-    finish_report("pipeline", args, results, stored_side=stored_side)
+    finish_report("pipeline", args, results, stored_sides=stored_sides)
     return 0
 
 

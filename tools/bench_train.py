@@ -44,7 +44,7 @@ from tools.bench_common import (
     loader_runs,
     measure_rate,
     profile_steps,
-    stored_short_side,
+    stored_short_sides,
     switch_text,
     temporary_workdir,
 )
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     results, failed = [], []
     with temporary_workdir() as tmp:
         shards = args.shards or str(bench_shards(tmp, args.copies, max(args.workers)))
-        stored_side = stored_short_side(shards)
+        stored_sides = stored_short_sides(shards, ["train"])
         # opened once: it reads and checks every index file, which for ImageNet takes seconds
         reference_shards = open_shard_set(shards, "train") if set(backends) & set(REFERENCE_BACKENDS) else None
         num_classes = len(read_manifest(shards).classes)
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     for failure in failed:
         print(f"FAILED {failure['name']}: {failure['error']}")
-    finish_report("train", args, results, failed, stored_side)
+    finish_report("train", args, results, failed, stored_sides)
     return 1 if failed else 0
 
 

@@ -59,15 +59,15 @@ limit 120 python -m tools.make_shards --train /tmp/gc/src/train --val /tmp/gc/sr
   --workers "$workers" --shard-size-mb 4 --no-progress
 limit 120 python -m tools.verify_shards /tmp/gc/shards --decode
 
-step "bench shards: each photograph linked $copies times; and the same re-encoded at short side <= 256"
+step "bench shards: each photograph linked $copies times; and train alone re-encoded at short side <= 256"
 python - <<PY
 from tools.make_demo_data import link_sample_tree
 link_sample_tree("/tmp/gc/bench-src", copies=$copies)
 PY
 limit 180 python -m tools.make_shards --train /tmp/gc/bench-src/train --val /tmp/gc/bench-src/train \
   --out /tmp/gc/bench-shards --workers "$workers" --no-progress | head -3
-limit 180 python -m tools.make_shards --train /tmp/gc/bench-src/train --val /tmp/gc/bench-src/train \
-  --out /tmp/gc/small-shards --max-short-side 256 --workers "$workers" --no-progress | head -3
+limit 180 python -m tools.make_shards --train /tmp/gc/bench-src/train \
+  --out /tmp/gc/small-shards --train-max-short-side 256 --workers "$workers" --no-progress | head -3
 
 step "3. pipeline throughput, batch $batch (GPU and JPEG-decoder utilisation each second in dmon.log, steps 3-4s)"
 nvidia-smi dmon -s u -d 1 >/tmp/gc/diagnostics/dmon.log 2>&1 &
@@ -80,7 +80,7 @@ limit 60 python -m tools.bench_dali_reference --shards /tmp/gc/bench-shards --ba
   --workers "8,$workers" --json "$results/bench_dali_reference.json"
 
 step "3s. dali-gpu alone on the images stored at short side <= 256 (43% of the sample's pixels)"
-limit 60 python -m tools.bench_pipeline --shards /tmp/gc/small-shards --backends dali-gpu --splits train,val \
+limit 60 python -m tools.bench_pipeline --shards /tmp/gc/small-shards --backends dali-gpu --splits train \
   --batch-size "$batch" --seconds "$seconds" --workers "$workers" --json "$results/bench_pipeline_small.json"
 
 step "4. ResNet-18 compiled fed by dali-gpu and by BASELINES.md's plain DALI pipeline (two crop operators), vs synthetic, in one process"

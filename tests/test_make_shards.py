@@ -394,11 +394,10 @@ def test_train_max_short_side_shrinks_train_only(tmp_path, demo_imagenet):
     for split in ("train", "val"):
         urls = [str(out / s.file) for s in manifest.splits[split].shards]
         for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
-            source = (demo_imagenet / "train" / json.loads(sample["json"])["path"]).read_bytes()
             if split == "train":
                 assert min(Image.open(io.BytesIO(sample["jpg"])).size) == 48
             else:
-                assert sample["jpg"] == source
+                assert sample["jpg"] == (demo_imagenet / "train" / json.loads(sample["json"])["path"]).read_bytes()
     assert "already complete" in run_tool("tools.make_shards", *args, check=True).stdout
     bad = run_tool("tools.make_shards", *args[:-3], "--val-max-short-side", "0")
     assert bad.returncode == 2 and "--val-max-short-side must be at least 1" in bad.stderr

@@ -17,7 +17,7 @@ import torch
 
 from pipeline.loader import LoaderConfig
 from shards.convert import ConvertOptions, convert
-from shards.manifest import read_manifest
+from shards.manifest import Manifest
 from tools.gpu_report import stored_text
 from tools.make_demo_data import build_demo_imagenet, link_sample_tree
 
@@ -123,14 +123,14 @@ def environment() -> dict:
     return info
 
 
-def stored_short_sides(shards: str | Path, splits: Sequence[str]) -> dict[str, int | None]:
+def stored_short_sides(manifest: Manifest, splits: Sequence[str]) -> dict[str, int | None]:
     """Each split's stored maximum short side (the converter's --max-short-side options); None where
     images were stored as given.
 
     Smaller stored images decode faster: their rates are not those of full-size ImageNet JPEGs.
     """
-    splits_made = read_manifest(shards).splits
-    return {split: splits_made[split].max_short_side if split in splits_made else None for split in splits}
+    made = manifest.splits
+    return {split: made[split].max_short_side if split in made else None for split in splits}
 
 
 def finish_report(

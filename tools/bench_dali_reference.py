@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             rate = measure_rate(loader, device, args.seconds, WARMUP_BATCHES).images_per_s
             results.append({"name": name, "threads": threads, "hw_decoder_load": load, "images_per_s": rate})
             print(f"{name:42s}{threads:7d}  {'-' if load is None else format(load, 'g'):>15s}  {rate:8,.0f}")
-    finish_report("bench_dali_reference", args, results, stored_sides=stored_short_sides(args.shards, ["train"]))
+    finish_report("bench_dali_reference", args, results, stored_sides=stored_short_sides(shard_set.manifest, ["train"]))
     return 0
 
 

@@ -16,6 +16,7 @@ import argparse
 from dataclasses import asdict
 
 from pipeline.loader import BACKENDS, create_loader
+from shards.manifest import read_manifest
 from tools.bench_common import (
     add_loader_sweeps,
     bench_shards,
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with temporary_workdir() as tmp:
         shards = args.shards or str(bench_shards(tmp, args.copies, max(args.workers)))
-        stored_sides = stored_short_sides(shards, args.splits.split(","))
+        stored_sides = stored_short_sides(read_manifest(shards), args.splits.split(","))
         for split in args.splits.split(","):
             for backend, settings, name in loader_runs(backends, args):
                 if backend == "dali-gpu" and device.type != "cuda":

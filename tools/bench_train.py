@@ -119,10 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     results, failed = [], []
     with temporary_workdir() as tmp:
         shards = args.shards or str(bench_shards(tmp, args.copies, max(args.workers)))
-        stored_sides = stored_short_sides(shards, ["train"])
+        manifest = read_manifest(shards)
+        stored_sides = stored_short_sides(manifest, ["train"])
         # opened once: it reads and checks every index file, which for ImageNet takes seconds
         reference_shards = open_shard_set(shards, "train") if set(backends) & set(REFERENCE_BACKENDS) else None
-        num_classes = len(read_manifest(shards).classes)
+        num_classes = len(manifest.classes)
         # One model for every backend: compiled once, so each backend is measured on the same code.
         torch.manual_seed(0)
         set_cuda_numerics(device, precision)

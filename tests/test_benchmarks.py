@@ -24,7 +24,7 @@ def bench_out(photo_shards, tmp_path_factory):
     )  # fmt: skip
     train = run_tool(
         "tools.bench_train", "--shards", str(photo_shards),
-        "--backends", "dali-gpu,dali-cpu,dali-reference,dali-reference-slice", "--batch-size", "4",
+        "--backends", "dali-gpu,dali-cpu,dali-reference", "--batch-size", "4",
         "--image-size", "32", "--seconds", "0.3", "--workers", "2", "--json", str(out / "bench_train_rn18.json"),
         "--profile", str(out / "profile"), check=True,
     )  # fmt: skip
@@ -62,24 +62,22 @@ def test_bench_train_reports_the_data_stall(bench_out):
     out, _, stdout = bench_out
     report = json.loads((out / "bench_train_rn18.json").read_text())
     gpu = report["environment"]["gpu"]
-    expected = ["dali-gpu"] * bool(gpu) + ["dali-cpu", "dali-reference", "dali-reference-slice", "synthetic"]
+    expected = ["dali-gpu"] * bool(gpu) + ["dali-cpu", "dali-reference", "synthetic"]
     assert [r["backend"] for r in report["results"]] == expected
     assert report["results"][-1]["vs_synthetic"] == 1.0
     assert all(0.0 <= r["data_wait_fraction"] < 1.0 for r in report["results"])
     assert "data stall" in stdout
 
 
-@pytest.mark.parametrize("slice_crop", [False, True])
-def test_reference_loader_reads_every_sample_with_its_label(photo_shards, slice_crop):
-    """The plain DALI pipeline fed to bench_train, cropping in its decoder or with image_slice: one
-    batch of the whole train split holds the same labels as the project's loader reads in an epoch,
-    as channels_last NCHW images."""
+def test_reference_loader_reads_every_sample_with_its_label(photo_shards):
+    """The plain DALI pipeline fed to bench_train: one batch of the whole train split holds the same
+    labels as the project's loader reads in an epoch, as channels_last NCHW images."""
     from pipeline.shard_set import open_shard_set
     from tools.bench_dali_reference import ReferenceLoader
 
     shard_set = open_shard_set(photo_shards, "train")
     count = shard_set.num_samples
-    reference = ReferenceLoader(shard_set, count, 16, 2, 0.0, torch.device("cpu"), torch.float32, slice_crop)
+    reference = ReferenceLoader(shard_set, count, 16, 2, 0.0, torch.device("cpu"), torch.float32)
     [(images, labels)] = list(reference)
     reference.close()
     cfg = LoaderConfig(backend="dali-cpu", batch_size=count, image_size=16, workers=2, dtype="float32")
@@ -158,10 +156,9 @@ def test_bench_train_profiles_each_backend(bench_out):
     import gzip
 
     out, _, _ = bench_out
-    references = {"resnet18-dali-reference", "resnet18-dali-reference-slice"}
-    stems = {"resnet18-dali-cpu", "resnet18-synthetic"} | references
-    if torch.cuda.is_available():  # on a GPU the references decode with the hardware decoder, at its load
-        stems = (stems - references) | {f"{stem}-hw=1" for stem in [*references, "resnet18-dali-gpu"]}
+    stems = {"resnet18-dali-cpu", "resnet18-dali-reference", "resnet18-synthetic"}
+    if torch.cuda.is_available():  # on a GPU the reference decodes with the hardware decoder, at its load
+        stems = (stems - {"resnet18-dali-reference"}) | {"resnet18-dali-reference-hw=1", "resnet18-dali-gpu-hw=1"}
     assert {path.name.removesuffix(".txt") for path in (out / "profile").glob("*.txt")} == stems
     for stem in stems:
         table = (out / "profile" / f"{stem}.txt").read_text()

@@ -42,7 +42,7 @@ WORKERS_HELP = "DALI threads / DataLoader workers; a comma list measures the DAL
 # tools.bench_train's names for BASELINES.md's plain DALI pipeline (tools.bench_dali_reference) as a
 # feed: as measured there (crops decoded by `image_random_crop`), and with DALI-drawn windows decoded by
 # `image_slice`, the project loader's operator without its Python source
-REFERENCE_BACKENDS = ("dali-reference", "dali-reference-slice")
+REFERENCE_BACKENDS = ("dali-reference",)
 
 
 def add_loader_sweeps(parser) -> None:

@@ -35,22 +35,15 @@ WARMUP_BATCHES = 10
 
 
 @pipeline_def(enable_conditionals=False)
-def reference_pipeline(
-    tars: list[str], index_files: list[str], image_size: int, decoder: str, hw_decoder_load: float, slice_crop: bool
-):
-    """BASELINES.md's pipeline. With `slice_crop`, DALI draws the same crop windows but decodes them
-    with `decoders.image_slice`, the operator the project's loader uses (fed its windows by Python)."""
+def reference_pipeline(tars: list[str], index_files: list[str], image_size: int, decoder: str, hw_decoder_load: float):
+    """BASELINES.md's pipeline."""
     jpegs, labels = fn.readers.webdataset(
         paths=tars, index_paths=index_files, ext=["jpg", "cls"], random_shuffle=True, name="Reader"
     )
     decode_args = {"output_type": types.RGB, "device": decoder}
     if decoder == "mixed":
         decode_args["hw_decoder_load"] = hw_decoder_load
-    if slice_crop:
-        anchor, shape = fn.random_crop_generator(fn.peek_image_shape(jpegs))  # (y, x) and (height, width)
-        images = fn.decoders.image_slice(jpegs, anchor, shape, axis_names="HW", **decode_args)
-    else:
-        images = fn.decoders.image_random_crop(jpegs, **decode_args)
+    images = fn.decoders.image_random_crop(jpegs, **decode_args)
     images = fn.resize(images, resize_x=image_size, resize_y=image_size)
     flip = fn.random.coin_flip()
     images = fn.crop_mirror_normalize(
@@ -79,7 +72,6 @@ class ReferenceLoader:
         hw_decoder_load: float,
         device: torch.device,
         dtype: torch.dtype = torch.float16,
-        slice_crop: bool = False,
     ):
         self.batch_size, self.device, self.dtype = batch_size, device, dtype
         self.steps_per_epoch = shard_set.num_samples // batch_size
@@ -90,7 +82,6 @@ class ReferenceLoader:
             image_size=image_size,
             decoder="mixed" if on_gpu else "cpu",
             hw_decoder_load=hw_decoder_load,
-            slice_crop=slice_crop,
             batch_size=batch_size,
             num_threads=threads,
             device_id=device.index if on_gpu else None,

@@ -14,9 +14,7 @@ included). `--workers 8,16` and `--hw-decoder-load 0.65,1` measure the DALI back
 value (every combination, one compiled model for all); `--compile reduce-overhead` replays the
 step's CUDA graphs. `--backends dali-reference` feeds the step from BASELINES.md's plain DALI
 pipeline (DALI's own reader and random-crop decoder, one rank reading every shard): the project's
-loader against the straightforward one, in the same run. `dali-reference-slice` is that pipeline
-decoding DALI-drawn crop windows with `image_slice`, the project's operator: it differs from the
-project's loader only in where the encoded images come from (DALI's reader, not a Python source).
+loader against the straightforward one, in the same run.
 Same step code as the trainer (train.step.train_step), bf16 autocast on GPU.
 """
 
@@ -82,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         "--backends",
         default="dali-gpu,synthetic",
         help="always compared with synthetic; dali-reference: BASELINES.md's plain DALI pipeline"
-        " (tools.bench_dali_reference), dali-reference-slice: the same cropping with image_slice",
+        " (tools.bench_dali_reference)",
     )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--image-size", type=int, default=224)
@@ -146,7 +144,6 @@ def main(argv: list[str] | None = None) -> int:
                     settings.get("hw_decoder_load", 0.0),  # absent: decoded on the CPU
                     device,
                     getattr(torch, precision),
-                    slice_crop=backend == "dali-reference-slice",
                 )
             else:  # inputs arrive in the dtype autocast computes in
                 cfg = loader_config(args, backend, settings, dtype=precision, prefetch=args.prefetch)

@@ -4,8 +4,8 @@
 # whole check costs one device call. Four files come back in $OUT (a device call returns at most 8):
 # gpu_check.log (everything printed), report.md (the tables for docs/PERFORMANCE.md, from
 # tools.gpu_report), results.tgz (the benchmarks' JSON files and the training run's logs) and
-# diagnostics.tgz (nvidia-smi dmon: GPU and JPEG-decoder utilisation each second; the torch.profiler
-# tables and traces of step 4).
+# diagnostics.tgz (nvidia-smi dmon: power, SM clock, GPU and JPEG-decoder utilisation each second;
+# the torch.profiler tables and traces of step 4).
 #   SECONDS_PER_RATE (default 6), COPIES (default 200), BATCH (default 256): benchmark length,
 #   bench-shard size and batch (small values make a quick dry run on a CPU machine).
 #   BUDGET_S (default 540): seconds for the whole script; a step that would outlast it is cut short
@@ -69,8 +69,9 @@ limit 180 python -m tools.make_shards --train /tmp/gc/bench-src/train --val /tmp
 limit 180 python -m tools.make_shards --train /tmp/gc/bench-src/train \
   --out /tmp/gc/small-shards --train-max-short-side 256 --workers "$workers" --no-progress | head -3
 
-step "3. pipeline throughput, batch $batch (GPU and JPEG-decoder utilisation each second in dmon.log, steps 3-4s)"
-nvidia-smi dmon -s u -d 1 >/tmp/gc/diagnostics/dmon.log 2>&1 &
+step "3. pipeline throughput, batch $batch (power, clocks, GPU and JPEG-decoder utilisation each second in dmon.log, steps 3-4s)"
+# Power and clocks: does the SM clock drop (power cap) while the JPEG decoder and the model run together?
+nvidia-smi dmon -s puc -d 1 >/tmp/gc/diagnostics/dmon.log 2>&1 &
 dmon=$!
 limit 150 python -m tools.bench_pipeline --shards /tmp/gc/bench-shards --backends dali-gpu,torch \
   --batch-size "$batch" --seconds "$seconds" --workers "$workers" --json "$results/bench_pipeline.json"

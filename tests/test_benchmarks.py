@@ -24,7 +24,7 @@ def bench_out(photo_shards, tmp_path_factory):
     )  # fmt: skip
     train = run_tool(
         "tools.bench_train", "--shards", str(photo_shards),
-        "--backends", "dali-gpu,dali-cpu,dali-reference", "--batch-size", "4",
+        "--backends", "dali-gpu,dali-cpu,dali-reference,dali-predecoded", "--batch-size", "4",
         "--image-size", "32", "--seconds", "0.3", "--workers", "2", "--json", str(out / "bench_train_rn18.json"),
         "--profile", str(out / "profile"), check=True,
     )  # fmt: skip
@@ -62,7 +62,7 @@ def test_bench_train_reports_the_data_stall(bench_out):
     out, _, stdout = bench_out
     report = json.loads((out / "bench_train_rn18.json").read_text())
     gpu = report["environment"]["gpu"]
-    expected = ["dali-gpu"] * bool(gpu) + ["dali-cpu", "dali-reference", "synthetic"]
+    expected = ["dali-gpu"] * bool(gpu) + ["dali-cpu", "dali-reference", "dali-predecoded", "synthetic"]
     assert [r["backend"] for r in report["results"]] == expected
     assert report["results"][-1]["vs_synthetic"] == 1.0
     assert all(0.0 <= r["data_wait_fraction"] < 1.0 for r in report["results"])
@@ -87,6 +87,31 @@ def test_reference_loader_reads_every_sample_with_its_label(photo_shards):
     assert labels.dtype == torch.int64
     assert sorted(labels.tolist()) == sorted(expected.tolist())
     assert images.shape == (count, 3, 16, 16) and images.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_predecoded_loader_feeds_the_first_images_of_the_split_with_their_labels(photo_shards):
+    """bench_train's no-decoding feed: normalized channels_last crops drawn from the split's first
+    images (in manifest order), labelled from their labels, and the same batch again from the same seed."""
+    import tarfile
+
+    from pipeline.shard_set import open_shard_set
+    from tools.predecoded_loader import PredecodedLoader
+
+    shard_set = open_shard_set(photo_shards, "train")
+    with tarfile.open(shard_set.tar_path(0)) as tar:
+        labels = [int(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".cls")]
+    first = labels[:3]
+    batches = []
+    for _ in range(2):
+        loader = PredecodedLoader(shard_set, 8, 16, 2, torch.device("cpu"), torch.float32, images=len(first))
+        batches.append(next(iter(loader)))
+        loader.close()
+    (images, batch_labels), (again, again_labels) = batches
+    assert images.shape == (8, 3, 16, 16) and images.is_contiguous(memory_format=torch.channels_last)
+    assert batch_labels.dtype == torch.int64 and set(batch_labels.tolist()) <= set(first)
+    lowest, highest = (0 - 0.485) / 0.229, (1 - 0.406) / 0.225  # the normalized range of RGB 0..255
+    assert lowest - 0.01 <= images.min() < images.max() <= highest + 0.01
+    assert torch.equal(images, again) and torch.equal(batch_labels, again_labels)
 
 
 def test_bench_train_measures_the_dali_backends_with_each_thread_count(photo_shards, tmp_path):
@@ -156,7 +181,7 @@ def test_bench_train_profiles_each_backend(bench_out):
     import gzip
 
     out, _, _ = bench_out
-    stems = {"resnet18-dali-cpu", "resnet18-dali-reference", "resnet18-synthetic"}
+    stems = {"resnet18-dali-cpu", "resnet18-dali-reference", "resnet18-dali-predecoded", "resnet18-synthetic"}
     if torch.cuda.is_available():  # on a GPU the reference decodes with the hardware decoder, at its load
         stems = (stems - {"resnet18-dali-reference"}) | {"resnet18-dali-reference-hw=1", "resnet18-dali-gpu-hw=1"}
     assert {path.name.removesuffix(".txt") for path in (out / "profile").glob("*.txt")} == stems

@@ -14,7 +14,9 @@ included). `--workers 8,16` and `--hw-decoder-load 0.65,1` measure the DALI back
 value (every combination, one compiled model for all); `--compile reduce-overhead` replays the
 step's CUDA graphs. `--backends dali-reference` feeds the step from BASELINES.md's plain DALI
 pipeline (DALI's own reader and random-crop decoder, one rank reading every shard): the project's
-loader against the straightforward one, in the same run.
+loader against the straightforward one, in the same run. `dali-predecoded` feeds it images decoded
+once into host memory and augmented by DALI on the GPU (tools.predecoded_loader): the rate with no
+JPEG decoding at all.
 Same step code as the trainer (train.step.train_step), bf16 autocast on GPU.
 """
 
@@ -32,6 +34,7 @@ from pipeline.loader import BACKENDS, create_loader
 from pipeline.shard_set import open_shard_set
 from shards.manifest import read_manifest
 from tools.bench_common import (
+    PREDECODED_BACKEND,
     REFERENCE_BACKENDS,
     add_loader_sweeps,
     bench_shards,
@@ -48,6 +51,7 @@ from tools.bench_common import (
 )
 from tools.bench_dali_reference import ReferenceLoader
 from tools.compile_modes import COMPILE_MODES, compiled_text
+from tools.predecoded_loader import PredecodedLoader
 from tools.sm_partition import partial_gpu_stream
 from train.model import MODEL_NAMES, build_model
 from train.step import AUTOCAST_DTYPES, set_cuda_numerics, train_step
@@ -80,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         "--backends",
         default="dali-gpu,synthetic",
         help="always compared with synthetic; dali-reference: BASELINES.md's plain DALI pipeline"
-        " (tools.bench_dali_reference)",
+        " (tools.bench_dali_reference); dali-predecoded: images decoded once, augmented on the GPU",
     )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--image-size", type=int, default=224)
@@ -112,15 +116,17 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--model-sms: needs a CUDA GPU (it confines the step to part of the GPU's SMs)")
     precision = args.precision or ("bfloat16" if device.type == "cuda" else "float32")
     backends = [b for b in args.backends.split(",") if b != "synthetic"] + ["synthetic"]
-    if any(b not in (*BACKENDS, *REFERENCE_BACKENDS) for b in backends):
-        p.error(f"--backends: choose from {[*BACKENDS, *REFERENCE_BACKENDS]}")
+    choices = [*BACKENDS, *REFERENCE_BACKENDS, PREDECODED_BACKEND]
+    if any(b not in choices for b in backends):
+        p.error(f"--backends: choose from {choices}")
     results, failed = [], []
     with temporary_workdir() as tmp:
         shards = args.shards or str(bench_shards(tmp, args.copies, max(args.workers)))
         manifest = read_manifest(shards)
         stored_sides = stored_short_sides(manifest, ["train"])
         # opened once: it reads and checks every index file, which for ImageNet takes seconds
-        reference_shards = open_shard_set(shards, "train") if set(backends) & set(REFERENCE_BACKENDS) else None
+        feeds_shards = set(backends) & {*REFERENCE_BACKENDS, PREDECODED_BACKEND}
+        reference_shards = open_shard_set(shards, "train") if feeds_shards else None
         num_classes = len(manifest.classes)
         # One model for every backend: compiled once, so each backend is measured on the same code.
         torch.manual_seed(0)
@@ -142,6 +148,15 @@ def main(argv: list[str] | None = None) -> int:
                     args.image_size,
                     settings["workers"],
                     settings.get("hw_decoder_load", 0.0),  # absent: decoded on the CPU
+                    device,
+                    getattr(torch, precision),
+                )
+            elif backend == PREDECODED_BACKEND:
+                loader = PredecodedLoader(
+                    reference_shards,
+                    args.batch_size,
+                    args.image_size,
+                    settings["workers"],
                     device,
                     getattr(torch, precision),
                 )

@@ -100,7 +100,7 @@ class PredecodedLoader:
         chosen = self._rng.integers(len(self._tensors), size=self.batch_size)
         anchors, shapes = random_resized_crops(self._heights[chosen], self._widths[chosen], self._rng)
         flips = self._rng.integers(0, 2, self.batch_size, dtype=np.int32)
-        images = TensorListCPU([self._tensors[i] for i in chosen.tolist()], layout="HWC")
+        images = TensorListCPU([self._tensors[i] for i in chosen.tolist()], layout="HWC", contiguous=False)
         per_sample = (self._labels[chosen], anchors, shapes, flips)
         return images, *(TensorListCPU(values) for values in per_sample)
 

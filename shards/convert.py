@@ -38,6 +38,12 @@ PROGRESS_NAME = ".make_shards-progress.jsonl"
 MAX_CLASSES = 10_000  # labels are stored as 4 ASCII digits
 BYTES_PER_MB = 1_000_000
 SAMPLE_OVERHEAD_BYTES = 4 * TAR_BLOCK_BYTES  # three headers, label, metadata and padding, roughly
+# Planning shards of raw pixels from source sizes alone: ImageNet's JPEGs average about 110 KB for
+# about 500x375x3 = 562 KB of pixels, so 5 bytes per source byte, and at most a 4:3 photograph at the
+# short-side limit S (S x 4S/3 x 3 bytes).
+RAW_BYTES_PER_SOURCE_BYTE = 5
+RAW_BYTES_PER_SQUARE_SIDE = 4
+FULL_SIZE_RAW_BYTES = {"train": "0.7 TB", "val": "28 GB"}  # 1.28M / 50k images of about 500x375 pixels
 
 
 class OutputMismatchError(RuntimeError):
@@ -56,6 +62,8 @@ class ConvertOptions:
     max_short_side: int | None = None  # both splits, unless the split's own limit below is given
     train_max_short_side: int | None = None
     val_max_short_side: int | None = None
+    train_raw_pixels: bool = False  # store train images as decoded pixels (PPM) instead of JPEG
+    val_raw_pixels: bool = False
     quality: int = DEFAULT_QUALITY
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     overwrite: bool = False
@@ -77,16 +85,31 @@ class ConvertOptions:
             "max_short_side": self.max_short_side,
             "quality": self.quality,
         }
-        # Added only when given, so an output of a version without per-split limits still matches.
+        # Added only when given, so an output of a version without these options still matches.
         for split in SPLITS:
             if getattr(self, f"{split}_max_short_side") is not None:
                 options[f"{split}_max_short_side"] = getattr(self, f"{split}_max_short_side")
+            if self.raw_pixels(split):
+                options[f"{split}_raw_pixels"] = True
         return options
 
     def short_side_limit(self, split: str) -> int | None:
         """The shorter side above which `split`'s images are shrunk and re-encoded; None: stored as given."""
         own = getattr(self, f"{split}_max_short_side")
         return self.max_short_side if own is None else own
+
+    def raw_pixels(self, split: str) -> bool:
+        """Whether `split` stores decoded pixels (PPM) rather than JPEG."""
+        return getattr(self, f"{split}_raw_pixels")
+
+    def check(self) -> None:
+        """Option combinations no single flag can refuse."""
+        for split in SPLITS:
+            if self.raw_pixels(split) and self.short_side_limit(split) is None:
+                raise ValueError(
+                    f"--{split}-raw-pixels needs --{split}-max-short-side (or --max-short-side): ImageNet's"
+                    f" {split} split stored as full-size pixels would take about {FULL_SIZE_RAW_BYTES[split]}"
+                )
 
 
 @dataclass(frozen=True)
@@ -96,6 +119,7 @@ class ShardTask:
     images: list[SourceImage]
     max_short_side: int | None
     quality: int
+    raw_pixels: bool = False
 
     @property
     def stem(self) -> str:
@@ -161,19 +185,25 @@ def plan_splits(
     return plans
 
 
-def plan_shards(images: list[SourceImage], shard_size_mb: float) -> list[list[SourceImage]]:
+def plan_shards(
+    images: list[SourceImage], shard_size_mb: float, raw_short_side: int | None = None
+) -> list[list[SourceImage]]:
     """Cut the ordered inputs into shards of about `shard_size_mb`, counted in source bytes.
 
     Sizes are known before decoding, so the plan is fixed by the inputs alone. With
     --max-short-side the stored images shrink and the shards come out smaller than planned.
+    Images stored as raw pixels, at most `raw_short_side` on the shorter side, are counted at an
+    estimate of their pixel bytes (see RAW_BYTES_PER_SOURCE_BYTE).
     """
     target_bytes = shard_size_mb * BYTES_PER_MB
+    raw_cap = None if raw_short_side is None else RAW_BYTES_PER_SQUARE_SIDE * raw_short_side**2
     shards: list[list[SourceImage]] = []
     current: list[SourceImage] = []
     current_bytes = 0
     for image in images:
         current.append(image)
-        current_bytes += image.size + SAMPLE_OVERHEAD_BYTES
+        stored = image.size if raw_cap is None else min(raw_cap, RAW_BYTES_PER_SOURCE_BYTE * image.size)
+        current_bytes += stored + SAMPLE_OVERHEAD_BYTES
         if current_bytes >= target_bytes:
             shards.append(current)
             current, current_bytes = [], 0
@@ -191,7 +221,7 @@ def write_shard(directory: str, task: ShardTask) -> ShardResult:
     rejected, converted, resized = [], [], 0
     try:
         for image in task.images:
-            checked = check_image(image.path, task.max_short_side, task.quality)
+            checked = check_image(image.path, task.max_short_side, task.quality, task.raw_pixels)
             if checked.rejected:
                 rejected.append(FileNote(task.split, image.relpath, checked.rejected))
                 continue
@@ -201,7 +231,7 @@ def write_shard(directory: str, task: ShardTask) -> ShardResult:
             meta = {"path": image.relpath, "wnid": image.wnid, "width": checked.width, "height": checked.height}
             components = [
                 ("cls", f"{image.label:04d}".encode()),
-                ("jpg", checked.jpeg),
+                ("ppm" if task.raw_pixels else "jpg", checked.encoded),
                 ("json", json.dumps(meta, sort_keys=True, ensure_ascii=True).encode()),
             ]
             writer.add(encode_sample(image.key, components))
@@ -214,6 +244,7 @@ def write_shard(directory: str, task: ShardTask) -> ShardResult:
 def convert(opts: ConvertOptions) -> ConvertResult:
     """Run (or resume) a conversion; returns the manifest it wrote."""
     started = time.monotonic()
+    opts.check()
     classes = resolve_classes(opts)
     plans = plan_splits(opts, classes)
     options = opts.defining_options()
@@ -236,9 +267,11 @@ def convert(opts: ConvertOptions) -> ConvertResult:
     for tmp in out.glob("*.tmp"):
         tmp.unlink()
     tasks = [
-        ShardTask(split, number, shard_images, opts.short_side_limit(split), opts.quality)
+        ShardTask(split, number, shard_images, opts.short_side_limit(split), opts.quality, opts.raw_pixels(split))
         for split, (images, _) in plans.items()
-        for number, shard_images in enumerate(plan_shards(images, opts.shard_size_mb))
+        for number, shard_images in enumerate(
+            plan_shards(images, opts.shard_size_mb, opts.short_side_limit(split) if opts.raw_pixels(split) else None)
+        )
     ]
     todo = [t for t in tasks if (t.split, t.number) not in done]
     total_inputs = sum(len(t.images) for t in tasks)
@@ -295,6 +328,7 @@ def _build_manifest(
             shards=shards,
             resized=sum(r.resized for r in results),
             max_short_side=opts.short_side_limit(split),
+            image_ext="ppm" if opts.raw_pixels(split) else "jpg",
         )
         rejected += [FileNote(split, r.path, r.reason) for r in scan_rejections]
         rejected += [note for r in results for note in r.rejected]
@@ -402,6 +436,7 @@ def summary(result: ConvertResult) -> str:
             f"  {split:5s}: {info.samples} samples in {len(info.shards)} shards, {total_bytes / BYTES_PER_MB:.1f} MB;"
             f" {rejected} rejected, {converted} re-encoded, {info.resized} resized"
             + ("" if info.max_short_side is None else f" to short side {info.max_short_side}")
+            + ("; stored as raw pixels (PPM)" if info.image_ext == "ppm" else "")
         )
     for note in m.rejected:
         lines.append(f"  rejected {note.split}/{note.path}: {note.reason}")

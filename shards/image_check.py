@@ -1,4 +1,4 @@
-"""Decode each source image once: keep it, re-encode it, or reject it with a reason.
+"""Decode each source image once: keep it, re-encode it, store its pixels, or reject it with a reason.
 
 Content is judged by its bytes (PIL sniffs the format), never by the file name.
 """
@@ -16,7 +16,7 @@ KEEP_AS_IS_MODES = {"RGB", "L"}  # grayscale JPEGs are kept; readers expand them
 
 @dataclass(frozen=True)
 class CheckedImage:
-    jpeg: bytes | None  # bytes to store, None when rejected
+    encoded: bytes | None  # bytes to store (JPEG, or PPM with raw_pixels), None when rejected
     width: int = 0
     height: int = 0
     converted: str | None = None  # why the bytes were re-encoded (format or colour space)
@@ -24,17 +24,25 @@ class CheckedImage:
     rejected: str | None = None  # why the file cannot be used
 
 
-def check_image(path: str, max_short_side: int | None = None, quality: int = 90) -> CheckedImage:
-    """Fully decode the file at `path` and return the JPEG bytes to store (or why not)."""
+def check_image(
+    path: str, max_short_side: int | None = None, quality: int = 90, raw_pixels: bool = False
+) -> CheckedImage:
+    """Fully decode the file at `path` and return the bytes to store (or why not).
+
+    With `raw_pixels`, what is stored is the decoded RGB pixels as a binary PPM (a header of about
+    15 bytes, then height x width x 3 bytes): readers then skip JPEG decoding altogether.
+    """
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as err:
         return CheckedImage(None, rejected=f"cannot read file: {err}")
-    return check_image_bytes(data, max_short_side, quality)
+    return check_image_bytes(data, max_short_side, quality, raw_pixels)
 
 
-def check_image_bytes(data: bytes, max_short_side: int | None = None, quality: int = 90) -> CheckedImage:
+def check_image_bytes(
+    data: bytes, max_short_side: int | None = None, quality: int = 90, raw_pixels: bool = False
+) -> CheckedImage:
     if not data:
         return CheckedImage(None, rejected="empty file (0 bytes)")
     source_format = "unknown"
@@ -55,15 +63,18 @@ def check_image_bytes(data: bytes, max_short_side: int | None = None, quality: i
     elif image.mode not in KEEP_AS_IS_MODES:
         converted = f"{image.mode} JPEG re-encoded as RGB"
     resized = max_short_side is not None and min(image.size) > max_short_side
-    if converted is None and not resized:
+    if converted is None and not resized and not raw_pixels:
         return CheckedImage(data, image.width, image.height)
 
-    if image.mode not in KEEP_AS_IS_MODES:
+    if image.mode not in KEEP_AS_IS_MODES or (raw_pixels and image.mode != "RGB"):
         image = image.convert("RGB")
     if resized:
         scale = max_short_side / min(image.size)
         size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
         image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
     out = io.BytesIO()
-    image.save(out, format="JPEG", quality=quality)
+    if raw_pixels:
+        image.save(out, format="PPM")
+    else:
+        image.save(out, format="JPEG", quality=quality)
     return CheckedImage(out.getvalue(), image.width, image.height, converted=converted, resized=resized)

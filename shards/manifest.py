@@ -30,6 +30,7 @@ class SplitInfo:
     shards: list[ShardInfo] = field(default_factory=list)
     resized: int = 0  # shrunk to `max_short_side` and re-encoded
     max_short_side: int | None = None  # images whose shorter side was larger are stored shrunk to it
+    image_ext: str = "jpg"  # each sample's image member: "jpg" (JPEG) or "ppm" (decoded RGB pixels)
 
 
 @dataclass
@@ -55,6 +56,7 @@ class Manifest:
                     resized=s.get("resized", 0),
                     # manifests written before per-split limits hold one limit for both splits
                     max_short_side=s.get("max_short_side", data["options"].get("max_short_side")),
+                    image_ext=s.get("image_ext", "jpg"),
                 )
                 for name, s in data["splits"].items()
             },

@@ -17,8 +17,9 @@ from PIL import Image
 from shards.manifest import Manifest, read_manifest
 from shards.tar_writer import ShardInfo, index_line, index_text
 
-SAMPLE_EXTENSIONS = ("cls", "jpg", "json")
 READ_CHUNK_BYTES = 1 << 20
+# What may precede a stored PPM's pixels: "P6", width, height, 255 and whitespace (comments allowed)
+PPM_HEADER_MAX_BYTES = 256
 
 
 def verify_directory(directory: str | os.PathLike, decode: bool = False, workers: int = 1) -> list[str]:
@@ -29,13 +30,13 @@ def verify_directory(directory: str | os.PathLike, decode: bool = False, workers
     except (FileNotFoundError, ValueError) as err:
         return [str(err)]
     problems = _manifest_problems(directory, manifest)
-    shards = [shard for info in manifest.splits.values() for shard in info.shards]
+    shards = [(shard, info.image_ext) for info in manifest.splits.values() for shard in info.shards]
     check = partial(check_shard, directory, num_classes=len(manifest.classes), decode=decode)
     if workers > 1 and len(shards) > 1:
         with Pool(workers) as pool:
-            per_shard = pool.map(check, shards, chunksize=1)
+            per_shard = pool.starmap(check, shards, chunksize=1)
     else:
-        per_shard = [check(shard) for shard in shards]
+        per_shard = [check(*job) for job in shards]
     for lines in per_shard:
         problems += lines
     return problems
@@ -55,8 +56,13 @@ def _manifest_problems(directory: Path, manifest: Manifest) -> list[str]:
     return problems
 
 
-def check_shard(directory: str | os.PathLike, shard: ShardInfo, num_classes: int, decode: bool = False) -> list[str]:
-    """Problems of one shard: size, checksum, tar structure, index, labels and (optionally) images."""
+def check_shard(
+    directory: str | os.PathLike, shard: ShardInfo, image_ext: str, *, num_classes: int, decode: bool = False
+) -> list[str]:
+    """Problems of one shard: size, checksum, tar structure, index, labels and (optionally) images.
+
+    `image_ext` is the split's image member (manifest.json): "jpg", or "ppm" for raw pixels.
+    """
     tar_path = Path(directory) / shard.file
     name = shard.file
     if not tar_path.is_file():
@@ -70,7 +76,7 @@ def check_shard(directory: str | os.PathLike, shard: ShardInfo, num_classes: int
         samples = 0
         for key, parts in scan.samples():
             samples += 1
-            problems += [f"{name}: sample {key}: {p}" for p in _sample_problems(parts, num_classes, decode)]
+            problems += [f"{name}: sample {key}: {p}" for p in _sample_problems(parts, image_ext, num_classes, decode)]
         if samples != shard.samples:
             problems.append(f"{name}: {samples} samples, manifest says {shard.samples}")
     except (tarfile.TarError, EOFError, OSError) as err:
@@ -142,10 +148,11 @@ class _ShardScan:
         self.index = index_text(lines)
 
 
-def _sample_problems(parts: dict[str, bytes], num_classes: int, decode: bool) -> list[str]:
+def _sample_problems(parts: dict[str, bytes], image_ext: str, num_classes: int, decode: bool) -> list[str]:
     problems = []
-    if sorted(parts) != sorted(SAMPLE_EXTENSIONS):
-        problems.append(f"has components {sorted(parts)}, expected {list(SAMPLE_EXTENSIONS)}")
+    expected = sorted(("cls", image_ext, "json"))
+    if sorted(parts) != expected:
+        problems.append(f"has components {sorted(parts)}, expected {expected}")
     label_text = parts.get("cls", b"")
     if not (len(label_text) == 4 and label_text.isdigit()):
         problems.append(f"label {label_text!r} is not 4 ASCII digits")
@@ -156,11 +163,18 @@ def _sample_problems(parts: dict[str, bytes], num_classes: int, decode: bool) ->
             json.loads(parts["json"])
         except ValueError:
             problems.append("metadata .json does not parse")
-    if decode and "jpg" in parts:
+    if decode and image_ext in parts:
+        data = parts[image_ext]
         try:
-            with Image.open(io.BytesIO(parts["jpg"])) as image:
-                if image.format not in ("JPEG", "MPO"):
+            with Image.open(io.BytesIO(data)) as image:
+                if image_ext == "jpg" and image.format not in ("JPEG", "MPO"):
                     problems.append(f"image is {image.format}, not JPEG")
+                if image_ext == "ppm":
+                    pixel_bytes = image.width * image.height * 3
+                    if image.format != "PPM" or image.mode != "RGB":
+                        problems.append(f"image is {image.format} {image.mode}, not an RGB PPM")
+                    elif not 0 < len(data) - pixel_bytes <= PPM_HEADER_MAX_BYTES:
+                        problems.append(f"PPM of {len(data)} bytes for {image.width}x{image.height} RGB pixels")
                 image.load()
         except Exception as err:  # PIL raises many types for bad data
             problems.append(f"image does not decode: {err}")

@@ -403,6 +403,35 @@ def test_train_max_short_side_shrinks_train_only(tmp_path, demo_imagenet):
     assert bad.returncode == 2 and "--val-max-short-side must be at least 1" in bad.stderr
 
 
+def test_train_raw_pixels_stores_each_train_image_as_its_pixels(tmp_path, demo_imagenet):
+    """--train-raw-pixels: train samples hold an RGB PPM of the shrunk image (the pixels PIL decodes
+    from what would otherwise be re-encoded), val stays JPEG; verify --decode accepts both, and the
+    option needs a short-side limit."""
+    out = tmp_path / "out"
+    args = [
+        "--train", str(demo_imagenet / "train"), "--val", str(demo_imagenet / "train"), "--out", str(out),
+        "--train-raw-pixels", "--train-max-short-side", "40", "--no-progress",
+    ]  # fmt: skip
+    first = run_tool("tools.make_shards", *args, check=True)
+    assert "stored as raw pixels (PPM)" in first.stdout
+    manifest = read_manifest(out)
+    assert (manifest.splits["train"].image_ext, manifest.splits["val"].image_ext) == ("ppm", "jpg")
+    urls = [str(out / s.file) for s in manifest.splits["train"].shards]
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        assert "jpg" not in sample
+        stored = Image.open(io.BytesIO(sample["ppm"]))
+        assert stored.format == "PPM" and stored.mode == "RGB" and min(stored.size) == 40
+        with Image.open(demo_imagenet / "train" / json.loads(sample["json"])["path"]) as source:
+            scale = 40 / min(source.size)
+            size = (max(1, round(source.width * scale)), max(1, round(source.height * scale)))
+            expected = source.convert("RGB").resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+        assert stored.tobytes() == expected.tobytes()
+    assert run_tool("tools.verify_shards", str(out), "--decode").returncode == 0
+    assert "already complete" in run_tool("tools.make_shards", *args, check=True).stdout
+    unlimited = run_tool("tools.make_shards", *args[:-3], "--no-progress")
+    assert unlimited.returncode == 2 and "--train-raw-pixels needs --train-max-short-side" in unlimited.stderr
+
+
 def test_manifest_of_one_limit_for_both_splits_still_reads(tmp_path, demo_imagenet):
     """Manifests written before per-split limits hold --max-short-side in their options only."""
     out = tmp_path / "out"

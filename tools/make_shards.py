@@ -6,6 +6,8 @@
 `--train-max-short-side 256` stores train images at most 256 px on the shorter side (FFCV, too,
 stores ImageNet at a maximum resolution chosen at conversion): on the 1000 sample photographs, 31%
 of the bytes and 43% of the pixels to decode. Val stays full size, for evaluation at 256 px and above.
+`--train-raw-pixels` with such a limit stores the train images decoded (PPM pixels), so that reading
+them decodes no JPEG, at several times the size (docs/shards.md).
 
 Rerun the same command after a kill to resume. Exit status: 0 on success, 1 when --strict and
 some input was rejected, 2 on bad arguments or an output made with other arguments, 3 on an I/O
@@ -58,6 +60,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             metavar="S",
             help=f"the same for {split} only, in place of --max-short-side",
         )
+    for split in SPLITS:
+        p.add_argument(
+            f"--{split}-raw-pixels",
+            action="store_true",
+            help=f"store {split} images decoded, as RGB pixels (PPM), so that reading them decodes no JPEG;"
+            f" needs a {split} short-side limit"
+            + (" (about 335 GB for ImageNet's train split at 256)" if split == "train" else ""),
+        )
     p.add_argument(
         "--quality",
         type=int,
@@ -95,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         max_short_side=args.max_short_side,
         train_max_short_side=args.train_max_short_side,
         val_max_short_side=args.val_max_short_side,
+        train_raw_pixels=args.train_raw_pixels,
+        val_raw_pixels=args.val_raw_pixels,
         quality=args.quality,
         workers=args.workers,
         overwrite=args.overwrite,

@@ -21,7 +21,7 @@ from PIL import Image
 from pipeline.batch_stream import BatchStream, EncodedBatch
 from pipeline.dali_pipeline import imagenet_pipeline
 from pipeline.errors import SampleDecodeError
-from pipeline.image_header import UnreadableHeader, encoded_image_size
+from pipeline.image_header import UnreadableHeader, encoded_image_size, ppm_header
 from pipeline.loader import LoaderConfig, PartLoader
 from pipeline.sample_table import SampleTable, file_table, shard_table
 from pipeline.shard_set import ShardError, ShardSet
@@ -75,21 +75,37 @@ class DaliLoader(PartLoader):
             rows = rows[np.random.default_rng([self.cfg.seed, epoch, self.rank]).permutation(len(rows))]
         return rows
 
-    def _train_crops(self, batch: EncodedBatch) -> tuple[np.ndarray, ...]:
+    def _image_sizes(self, batch: EncodedBatch) -> tuple[np.ndarray, np.ndarray]:
+        """Heights and widths of a batch's images: from the table, or on first read from their headers.
+
+        A stored PPM must hold exactly the pixels its header promises: checked when first read (the
+        tars do not change while they are read: `SampleReader` checks their length).
+        """
+        table, rows = self.table, batch.rows
+        heights, widths = table.height[rows], table.width[rows]
+        for i in np.flatnonzero(heights == 0):  # first read of these samples in this run
+            image = batch.images[i]
+            try:
+                if table.raw_pixels:
+                    heights[i], widths[i], header = ppm_header(image)
+                    if len(image) != header + int(heights[i]) * int(widths[i]) * 3:
+                        raise UnreadableHeader(
+                            f"{len(image) - header} bytes of pixels, its header says {widths[i]}x{heights[i]} RGB"
+                        )
+                else:
+                    heights[i], widths[i] = encoded_image_size(image)
+            except UnreadableHeader as err:
+                raise SampleDecodeError(f"{table.describe(int(rows[i]))}: cannot be decoded ({err})") from None
+        table.height[rows], table.width[rows] = heights, widths
+        return heights, widths
+
+    def _train_crops(self, batch: EncodedBatch, heights: np.ndarray, widths: np.ndarray) -> tuple[np.ndarray, ...]:
         """Crop windows and flips of a train batch, a function of (seed, epoch, rank, step) alone.
 
         Drawn here rather than by DALI's random operators, whose state lives in the pipeline: this
         way resuming at any epoch repeats the crops of a run that never stopped, and dali-gpu and
         dali-cpu crop alike.
         """
-        table, rows = self.table, batch.rows
-        heights, widths = table.height[rows], table.width[rows]
-        for i in np.flatnonzero(heights == 0):  # first read of these samples in this run
-            try:
-                heights[i], widths[i] = encoded_image_size(batch.images[i])
-            except UnreadableHeader as err:
-                raise SampleDecodeError(f"{table.describe(int(rows[i]))}: cannot be decoded ({err})") from None
-        table.height[rows], table.width[rows] = heights, widths
         rng = np.random.default_rng([self.cfg.seed, batch.epoch, self.rank, batch.step])
         anchors, shapes = random_resized_crops(heights, widths, rng)
         flips = rng.integers(0, 2, len(batch.images), dtype=np.int32)
@@ -102,8 +118,16 @@ class DaliLoader(PartLoader):
         wraps each sample itself, in the thread that runs the pipeline (the training loop's): 2.2 ms
         per batch of 256 there, against 0.3 ms here and 0.6 ms left there (docs/PERFORMANCE.md).
         """
-        images = TensorListCPU([TensorCPU(image) for image in batch.images], contiguous=False)
-        per_sample = (batch.labels, *self._train_crops(batch)) if self.train else (batch.labels,)
+        sizes = self._image_sizes(batch) if self.train or self.table.raw_pixels else None
+        if self.table.raw_pixels:  # the pixels are the PPM's last height x width x 3 bytes
+            pixels = [
+                image[len(image) - h * w * 3 :].reshape(h, w, 3)
+                for image, h, w in zip(batch.images, *(s.tolist() for s in sizes), strict=True)
+            ]
+            images = TensorListCPU([TensorCPU(p, "HWC") for p in pixels], layout="HWC", contiguous=False)
+        else:
+            images = TensorListCPU([TensorCPU(image) for image in batch.images], contiguous=False)
+        per_sample = (batch.labels, *self._train_crops(batch, *sizes)) if self.train else (batch.labels,)
         return images, *(TensorListCPU(values) for values in per_sample)
 
     def _start(self) -> _Run:
@@ -122,6 +146,7 @@ class DaliLoader(PartLoader):
             image_size=self.image_size,
             val_resize=self.val_resize_for(self.image_size),
             decode_on_gpu=self.decode_on_gpu,
+            raw_pixels=self.table.raw_pixels,
             hw_decoder_load=self.cfg.hw_decoder_load,
             # DALI has no bfloat16: half-width float16 out (normalized values fit it easily), cast after.
             output_float16=self.dtype in (torch.float16, torch.bfloat16),

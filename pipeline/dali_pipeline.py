@@ -2,7 +2,9 @@
 
 One definition serves GPU decoding (`mixed`: nvJPEG and the hardware JPEG decoder) and CPU decoding
 (no GPU at all), as in DALI's ResNet-50 example. The encoded images come from a Python source (a
-`pipeline.batch_stream.BatchStream`) instead of a DALI reader: see that module for why.
+`pipeline.batch_stream.BatchStream`) instead of a DALI reader: see that module for why. Images
+stored as pixels (`tools.make_shards --train-raw-pixels`) skip the decoder: with a GPU they are
+copied to it and cropped there, in batched operators only.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ def imagenet_pipeline(
     decode_on_gpu: bool,
     hw_decoder_load: float,
     output_float16: bool,
+    raw_pixels: bool = False,
 ):
     """Returns (images HWC normalized, labels); labels are moved to the GPU with the images.
 
@@ -63,7 +66,7 @@ def imagenet_pipeline(
     the labels (int64), and for train also each crop's (x, y) anchor and (width, height) in pixels
     (float32) and whether to flip it (int32). The graph itself draws nothing at random: crops and
     flips come from the source, so they do not depend on the pipeline's lifetime or on the
-    decoding device.
+    decoding device. With `raw_pixels` the images are HWC uint8 pixels, not encoded bytes.
     """
     decoder_device = "mixed" if decode_on_gpu else "cpu"
     # EXIF orientation is ignored, as PIL and torchvision (and so every published ImageNet result)
@@ -73,33 +76,32 @@ def imagenet_pipeline(
         decode_args["hw_decoder_load"] = hw_decoder_load
     dtype = types.FLOAT16 if output_float16 else types.FLOAT
     if train:
-        jpegs, labels, crop_anchor, crop_shape, flip = fn.external_source(
+        stored, labels, crop_anchor, crop_shape, flip = fn.external_source(
             source=source,
             num_outputs=5,
             batch=True,
             no_copy=True,
             dtype=[types.UINT8, types.INT64, types.FLOAT, types.FLOAT, types.INT32],
         )
-        # Only the crop's region of the JPEG is decoded.
-        images = fn.decoders.image_slice(
-            jpegs,
-            crop_anchor,
-            crop_shape,
-            device=decoder_device,
-            axis_names="WH",
-            normalized_anchor=False,
-            normalized_shape=False,
-            **decode_args,
-        )
+        window = dict(axis_names="WH", normalized_anchor=False, normalized_shape=False)
+        if raw_pixels:
+            images = fn.slice(stored.gpu() if decode_on_gpu else stored, crop_anchor, crop_shape, **window)
+        else:  # only the crop's region of the JPEG is decoded
+            images = fn.decoders.image_slice(
+                stored, crop_anchor, crop_shape, device=decoder_device, **window, **decode_args
+            )
         images = fn.resize(images, resize_x=image_size, resize_y=image_size, interp_type=types.INTERP_LINEAR)
         images = fn.crop_mirror_normalize(
             images, dtype=dtype, output_layout="HWC", mean=DALI_MEAN, std=DALI_STD, mirror=flip
         )
     else:
-        jpegs, labels = fn.external_source(
+        stored, labels = fn.external_source(
             source=source, num_outputs=2, batch=True, no_copy=True, dtype=[types.UINT8, types.INT64]
         )
-        images = fn.decoders.image(jpegs, device=decoder_device, **decode_args)
+        if raw_pixels:
+            images = stored.gpu() if decode_on_gpu else stored
+        else:
+            images = fn.decoders.image(stored, device=decoder_device, **decode_args)
         resize_y, resize_x = torchvision_resize_size(images, val_resize)
         images = fn.resize(
             images, resize_x=resize_x, resize_y=resize_y, interp_type=types.INTERP_LINEAR, antialias=True

@@ -3,11 +3,16 @@
 The train crops are drawn on the host before decoding (see `transforms.random_resized_crops`), so
 every image's size is needed for every batch. Hand-written because PIL's lazy open costs about
 20 µs per image in this hot loop; walking the JPEG markers to the frame header costs about 2 µs.
+Images stored as pixels (`tools.make_shards --train-raw-pixels`) are binary PPMs: `ppm_header` also
+says where their pixels start.
 """
 
 from __future__ import annotations
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PPM_SIGNATURE = b"P6"
+PPM_WHITESPACE = b" \t\r\n"
+PPM_HEADER_MAX_BYTES = 256  # signature, three numbers and comments: far more than PIL writes
 JPEG_START = b"\xff\xd8"
 # Start-of-frame markers (baseline, extended, progressive, lossless; Huffman and arithmetic coded):
 # every one but DHT (C4), JPG (C8) and DAC (CC) in C0-CF.
@@ -48,3 +53,30 @@ def encoded_image_size(data) -> tuple[int, int]:
             return height, width
         position += 2 + (data[position + 2] << 8 | data[position + 3])
     raise UnreadableHeader("no JPEG frame header")
+
+
+def ppm_header(data) -> tuple[int, int, int]:
+    """(height, width, header bytes) of a binary PPM of 8-bit RGB: "P6", width, height and 255,
+    separated by whitespace (comments from # to the line's end allowed), then one whitespace byte."""
+    head = bytes(memoryview(data)[:PPM_HEADER_MAX_BYTES])
+    if head[:2] != PPM_SIGNATURE:
+        raise UnreadableHeader("not a binary PPM")
+    numbers, position = [], 2
+    while len(numbers) < 3:
+        while position < len(head) and (head[position] in PPM_WHITESPACE or head[position] == ord("#")):
+            if head[position] == ord("#"):
+                line_end = head.find(b"\n", position)
+                position = len(head) if line_end < 0 else line_end
+            position += 1
+        start = position
+        while position < len(head) and head[position : position + 1].isdigit():
+            position += 1
+        if start == position:
+            raise UnreadableHeader("PPM header: width, height and maximum value expected")
+        numbers.append(int(head[start:position]))
+    if position >= len(head) or head[position] not in PPM_WHITESPACE:
+        raise UnreadableHeader("PPM header: no whitespace before the pixels")
+    width, height, maximum = numbers
+    if width == 0 or height == 0 or maximum != 255:
+        raise UnreadableHeader(f"PPM of {width}x{height} with maximum value {maximum}: 8-bit RGB expected")
+    return height, width, position + 1

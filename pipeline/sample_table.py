@@ -40,6 +40,7 @@ class SampleTable:
     index_lines: list[list[str]] | None  # per shard, its .idx lines: sample keys for messages
     height: np.ndarray  # int32 per row, 0 until read from the image's header
     width: np.ndarray
+    raw_pixels: bool = False  # the images are decoded RGB pixels (binary PPM), not JPEG
 
     def __len__(self) -> int:
         return len(self.offset)
@@ -91,10 +92,10 @@ def shard_table(shard_set: ShardSet) -> SampleTable:
         paths.append(str(shard_set.tar_path(shard)))
         index_path = shard_set.directory / shard_set.shards[shard].index_file
         for line in shard_set.index_lines(shard):
-            members = index_members(line, index_path)
+            members = index_members(line, index_path, shard_set.image_ext)
             path_index.append(shard)
-            offset.append(members["jpg"][0])
-            size.append(members["jpg"][1])
+            offset.append(members[shard_set.image_ext][0])
+            size.append(members[shard_set.image_ext][1])
             label_offset.append(members["cls"][0])
             label_size.append(members["cls"][1])
     table = SampleTable(
@@ -109,6 +110,7 @@ def shard_table(shard_set: ShardSet) -> SampleTable:
         index_lines=shard_set.indexes,
         height=np.zeros(len(offset), np.int32),
         width=np.zeros(len(offset), np.int32),
+        raw_pixels=shard_set.image_ext == "ppm",
     )
     # Every sample must lie inside its tar: the DALI loaders read the tars mapped into memory, where
     # a range past the end would come out short (or, past the last page, kill the process).

@@ -39,6 +39,11 @@ class ShardSet:
     def num_classes(self) -> int:
         return len(self.manifest.classes)
 
+    @property
+    def image_ext(self) -> str:
+        """Each sample's image member: "jpg" (JPEG), or "ppm" (decoded pixels, `--train-raw-pixels`)."""
+        return self.manifest.splits[self.split].image_ext
+
     def tar_path(self, shard: int) -> Path:
         return self.directory / self.shards[shard].file
 
@@ -85,14 +90,15 @@ def _read_index(path: Path, shard: ShardInfo) -> list[str]:
     return body  # each line's offsets are checked against the tar's size by `sample_table.shard_table`
 
 
-def index_members(line: str, index_path: Path) -> dict[str, tuple[int, int, str]]:
-    """{extension: (offset, size, member name)} of one DALI v1.2 index line, which must have jpg and cls."""
+def index_members(line: str, index_path: Path, image_ext: str = "jpg") -> dict[str, tuple[int, int, str]]:
+    """{extension: (offset, size, member name)} of one DALI v1.2 index line, which must have the
+    image member (`image_ext`) and cls."""
     fields = line.split()
     try:
         if len(fields) % 4:
             raise ValueError(f"{len(fields)} fields, not groups of 4")
         members = {fields[i]: (int(fields[i + 1]), int(fields[i + 2]), fields[i + 3]) for i in range(0, len(fields), 4)}
-        missing = {"jpg", "cls"} - members.keys()
+        missing = {image_ext, "cls"} - members.keys()
         if missing:
             raise ValueError(f"no {' or '.join(sorted(missing))} member")
     except ValueError as err:

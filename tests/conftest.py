@@ -78,3 +78,17 @@ def photo_shards(tmp_path_factory, real_photos, demo_imagenet) -> Path:
         "--shard-size-mb", f"{source_mb / 5:.4f}", "--workers", "2", "--no-progress", check=True,
     )  # fmt: skip
     return out
+
+
+@pytest.fixture(scope="session")
+def raw_and_jpeg_shards(tmp_path_factory, real_photos, demo_imagenet) -> tuple[Path, Path]:
+    """The same 16 photographs converted twice, one shard per split: as JPEG, and as raw pixels
+    (`--train-raw-pixels --val-raw-pixels`, with a limit no photograph reaches, so nothing is resized)."""
+    root = tmp_path_factory.mktemp("raw-pixels")
+    tree = make_photo_tree(root / "src", real_photos, demo_imagenet, num_classes=16)
+    common = ["--train", str(tree / "train"), "--val", str(tree / "val"), "--shard-size-mb", "100000"]
+    common += ["--workers", "2", "--no-progress"]
+    run_tool("tools.make_shards", *common, "--out", str(root / "jpeg"), check=True)
+    raw = ["--train-raw-pixels", "--val-raw-pixels", "--max-short-side", "100000"]
+    run_tool("tools.make_shards", *common, *raw, "--out", str(root / "raw"), check=True)
+    return root / "raw", root / "jpeg"

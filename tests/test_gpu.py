@@ -59,3 +59,17 @@ def test_exact_eval_on_gpu_equals_cpu(photo_shards, tmp_path):
     assert results["cuda"]["acc1"] == results["cpu"]["acc1"]
     assert results["cuda"]["acc5"] == results["cpu"]["acc5"]
     assert results["cuda"]["loss"] == pytest.approx(results["cpu"]["loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_raw_pixels_on_dali_gpu_match_dali_cpu(raw_and_jpeg_shards, split):
+    """Stored pixels skip the decoder: copied to the GPU and cropped there, as the CPU graph crops them."""
+    raw, _ = raw_and_jpeg_shards
+    outputs = {}
+    for backend in ("dali-gpu", "dali-cpu"):
+        cfg = LoaderConfig(backend=backend, batch_size=8, workers=4, val_image_size=224, dtype="float32")
+        outputs[backend] = collect(create_loader(str(raw), split, cfg, device="cuda"))
+    for (gpu_images, gpu_labels), (cpu_images, cpu_labels) in zip(*outputs.values(), strict=True):
+        assert gpu_images.is_cuda and gpu_images.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(gpu_labels, cpu_labels)
+        assert (gpu_images - cpu_images).abs().mean() <= GPU_CPU_DECODE_MEAN_ABS

@@ -379,3 +379,46 @@ def test_shard_cut_short_while_training_is_named_not_hung(photo_shards, tmp_path
             pass
     loader.close()
     assert not [t for t in threading.enumerate() if t.name == "batch-stream"], "the reader thread stopped"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_raw_pixel_shards_read_as_their_jpeg_source(raw_and_jpeg_shards, backend, split):
+    """Pixels stored by the converter are what decoding the JPEG gives: the same batches, crops and
+    flips included, within the backends' val tolerance (DALI skips its decoder on them)."""
+    raw, jpeg = raw_and_jpeg_shards
+    assert read_manifest(raw).splits[split].image_ext == "ppm" and read_manifest(jpeg).splits[split].image_ext == "jpg"
+    batches = [collect(create_loader(str(d), split, config(backend)), epoch=1) for d in (raw, jpeg)]
+    assert len(batches[0]) == len(batches[1]) > 0
+    for (raw_images, raw_labels), (jpeg_images, jpeg_labels) in zip(*batches, strict=True):
+        assert torch.equal(raw_labels, jpeg_labels)
+        assert raw_images.is_contiguous(memory_format=torch.channels_last)
+        difference = (raw_images - jpeg_images).abs()
+        assert difference.max() <= VAL_AGREEMENT_MAX_ABS
+        assert difference.mean() <= VAL_AGREEMENT_MEAN_ABS
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_raw_pixel_sample_with_missing_pixels_is_named_with_its_shard(raw_and_jpeg_shards, tmp_path, backend):
+    """A PPM whose pixels stop short of what its header says (a shard not made by the converter)."""
+    raw, _ = raw_and_jpeg_shards
+    shards = copy_shards(raw, tmp_path)
+    target = read_manifest(shards).splits["train"].shards[0]
+    samples = list(wds.WebDataset(str(shards / target.file), shardshuffle=False, empty_check=False))
+    bad_key = samples[5]["__key__"]
+    writer = ShardWriter(tmp_path, "rewritten")
+    for sample in samples:
+        ppm = sample["ppm"][:-300] if sample["__key__"] == bad_key else sample["ppm"]
+        writer.add(encode_sample(sample["__key__"], [("cls", sample["cls"]), ("ppm", ppm), ("json", sample["json"])]))
+    info = writer.close()
+    shutil.move(tmp_path / info.file, shards / target.file)
+    shutil.move(tmp_path / info.index_file, shards / target.index_file)
+    data = json.loads((shards / "manifest.json").read_text())
+    data["splits"]["train"]["shards"][0].update(bytes=info.bytes, sha256=info.sha256)
+    (shards / "manifest.json").write_text(json.dumps(data))
+    loader = create_loader(str(shards), "train", config(backend))
+    loader.set_epoch(0)
+    with pytest.raises(SampleDecodeError, match=f"{target.file}: sample {bad_key}: cannot be decoded"):
+        for _ in loader:
+            pass
+    loader.close()

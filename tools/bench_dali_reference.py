@@ -73,6 +73,11 @@ class ReferenceLoader:
         device: torch.device,
         dtype: torch.dtype = torch.float16,
     ):
+        if shard_set.image_ext != "jpg":
+            raise ValueError(
+                f"{shard_set.directory}: the {shard_set.split} split stores {shard_set.image_ext} images;"
+                " BASELINES.md's pipeline decodes JPEGs"
+            )
         self.batch_size, self.device, self.dtype = batch_size, device, dtype
         self.steps_per_epoch = shard_set.num_samples // batch_size
         on_gpu = device.type == "cuda"
@@ -130,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     loads = args.hw_decoder_load if args.device == "gpu" else [None]
     shard_set = open_shard_set(args.shards, "train")
+    if shard_set.image_ext != "jpg":
+        p.error(
+            f"--shards: the train split stores {shard_set.image_ext} images (raw pixels); this pipeline decodes JPEGs"
+        )
     name = f"DALI reader + random-crop decode ({'mixed' if args.device == 'gpu' else 'cpu'})"
     results = []
     print("pipeline                                  threads  hw_decoder_load  images/s")

@@ -270,6 +270,21 @@ def test_reports_name_shards_of_smaller_stored_images(tmp_path, demo_imagenet, b
     assert "16,500" not in report
 
 
+def test_benchmarks_name_raw_pixel_shards(raw_and_jpeg_shards, tmp_path):
+    """Rates from pixels stored by --train-raw-pixels decode no JPEG: the JSON and the report say so."""
+    raw, _ = raw_and_jpeg_shards
+    run = run_tool(
+        "tools.bench_pipeline", "--shards", str(raw), "--backends", "dali-cpu", "--splits", "train",
+        "--batch-size", "8", "--image-size", "32", "--seconds", "0.3", "--workers", "2",
+        "--json", str(tmp_path / "bench_pipeline_raw.json"), check=True,
+    )  # fmt: skip
+    assert "train images stored as raw pixels" in run.stdout
+    assert json.loads((tmp_path / "bench_pipeline_raw.json").read_text())["stored_image_ext"] == {"train": "ppm"}
+    report = run_tool("tools.gpu_report", str(tmp_path), check=True).stdout
+    assert "train images stored as raw pixels)" in report
+    assert "- the pipeline targets are for full-size JPEGs: not judged on these shards" in report
+
+
 def test_gpu_report_names_the_compile_mode(bench_out, tmp_path):
     out, _, _ = bench_out
     train = json.loads((out / "bench_train_rn18.json").read_text())

@@ -133,24 +133,33 @@ def stored_short_sides(manifest: Manifest, splits: Sequence[str]) -> dict[str, i
     return {split: made[split].max_short_side if split in made else None for split in splits}
 
 
+def stored_image_exts(manifest: Manifest, splits: Sequence[str]) -> dict[str, str]:
+    """Each split's stored image member: "jpg", or "ppm" where the converter stored raw pixels
+    (no JPEG decoding when read: not rates of ImageNet JPEGs either)."""
+    return {split: manifest.splits[split].image_ext for split in splits if split in manifest.splits}
+
+
 def finish_report(
     benchmark: str,
     args,
     results: list[dict],
     failed: Sequence[dict] = (),
     stored_sides: dict[str, int | None] | None = None,
+    stored_exts: dict[str, str] | None = None,
 ) -> None:
     """Print what produced the numbers and write them, with that, to --json if given.
 
     `failed`: measurements that raised ({"name", "error"}), kept in the file beside the rates.
-    `stored_sides`: the measured splits' `stored_short_sides`, kept in the file.
+    `stored_sides`, `stored_exts`: the measured splits' `stored_short_sides` and `stored_image_exts`,
+    kept in the file.
     """
     env = environment()
-    stored = stored_text(stored_sides or {})
+    stored = stored_text(stored_sides or {}, stored_exts)
     print(f"device: {env['gpu'] or 'CPU'}, {env['cpu_count']} cores, torch {env['torch']}, DALI {env['dali']}{stored}")
     if args.json:
         payload = {"benchmark": benchmark, "args": vars(args), "environment": env, "results": results}
         payload["stored_short_side_max"] = stored_sides or {}
+        payload["stored_image_ext"] = stored_exts or {}
         payload["failed"] = list(failed)
         Path(args.json).write_text(json.dumps(payload, indent=1) + "\n")
         print(f"wrote {args.json}")

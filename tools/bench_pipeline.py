@@ -25,6 +25,7 @@ from tools.bench_common import (
     loader_config,
     loader_runs,
     measure_rate,
+    stored_image_exts,
     stored_short_sides,
     switch_text,
     temporary_workdir,
@@ -54,8 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with temporary_workdir() as tmp:
         shards = args.shards or str(bench_shards(tmp, args.copies, max(args.workers)))
-        stored_sides = stored_short_sides(read_manifest(shards), args.splits.split(","))
-        for split in args.splits.split(","):
+        manifest = read_manifest(shards)
+        splits = args.splits.split(",")
+        stored_sides, stored_exts = stored_short_sides(manifest, splits), stored_image_exts(manifest, splits)
+        for split in splits:
             for backend, settings, name in loader_runs(backends, args):
                 if backend == "dali-gpu" and device.type != "cuda":
                     print(f"{name:16s} {split:5s} skipped: no GPU")
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             f" {r['within_epoch_images_per_s']:14.1f} {switch_text(r['seconds_per_switch']):>9s}"
             f" {r['images_per_epoch']:13d} {r['loader_cpu_ms_per_batch']:14.2f} {r['process_cpu_cores']:10.2f}"
         )
-    finish_report("pipeline", args, results, stored_sides=stored_sides)
+    finish_report("pipeline", args, results, stored_sides=stored_sides, stored_exts=stored_exts)
     return 0
 
 

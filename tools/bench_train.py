@@ -45,6 +45,7 @@ from tools.bench_common import (
     loader_runs,
     measure_rate,
     profile_steps,
+    stored_image_exts,
     stored_short_sides,
     switch_text,
     temporary_workdir,
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     with temporary_workdir() as tmp:
         shards = args.shards or str(bench_shards(tmp, args.copies, max(args.workers)))
         manifest = read_manifest(shards)
-        stored_sides = stored_short_sides(manifest, ["train"])
+        stored_sides, stored_exts = stored_short_sides(manifest, ["train"]), stored_image_exts(manifest, ["train"])
         # opened once: it reads and checks every index file, which for ImageNet takes seconds
         feeds_shards = set(backends) & {*REFERENCE_BACKENDS, PREDECODED_BACKEND}
         reference_shards = open_shard_set(shards, "train") if feeds_shards else None
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     for failure in failed:
         print(f"FAILED {failure['name']}: {failure['error']}")
-    finish_report("train", args, results, failed, stored_sides)
+    finish_report("train", args, results, failed, stored_sides, stored_exts)
     return 1 if failed else 0
 
 

@@ -4,8 +4,8 @@
 # whole check costs one device call. Four files come back in $OUT (a device call returns at most 8):
 # gpu_check.log (everything printed), report.md (the tables for docs/PERFORMANCE.md, from
 # tools.gpu_report), results.tgz (the benchmarks' JSON files and the training run's logs) and
-# diagnostics.tgz (nvidia-smi dmon: power, SM clock, GPU and JPEG-decoder utilisation each second;
-# the torch.profiler tables and traces of step 4).
+# diagnostics.tgz (nvidia-smi dmon: power, SM clock, GPU and JPEG-decoder utilisation each second,
+# over steps 3 to 4p).
 #   SECONDS_PER_RATE (default 6), COPIES (default 200), BATCH (default 256): benchmark length,
 #   bench-shard size and batch (small values make a quick dry run on a CPU machine).
 #   BUDGET_S (default 540): seconds for the whole script; a step that would outlast it is cut short
@@ -59,7 +59,7 @@ limit 120 python -m tools.make_shards --train /tmp/gc/src/train --val /tmp/gc/sr
   --workers "$workers" --shard-size-mb 4 --no-progress
 limit 120 python -m tools.verify_shards /tmp/gc/shards --decode
 
-step "bench shards: each photograph linked $copies times; and train alone re-encoded at short side <= 256"
+step "bench shards: each photograph linked $copies times; train alone at short side <= 256, as JPEG and as raw pixels"
 python - <<PY
 from tools.make_demo_data import link_sample_tree
 link_sample_tree("/tmp/gc/bench-src", copies=$copies)
@@ -68,8 +68,10 @@ limit 180 python -m tools.make_shards --train /tmp/gc/bench-src/train --val /tmp
   --out /tmp/gc/bench-shards --workers "$workers" --no-progress | head -3
 limit 180 python -m tools.make_shards --train /tmp/gc/bench-src/train \
   --out /tmp/gc/small-shards --train-max-short-side 256 --workers "$workers" --no-progress | head -3
+limit 180 python -m tools.make_shards --train /tmp/gc/bench-src/train --out /tmp/gc/raw-shards \
+  --train-max-short-side 256 --train-raw-pixels --workers "$workers" --no-progress | head -3
 
-step "3. pipeline throughput, batch $batch (power, clocks, GPU and JPEG-decoder utilisation each second in dmon.log, steps 3-4s)"
+step "3. pipeline throughput, batch $batch (power, clocks, GPU and JPEG-decoder utilisation each second in dmon.log, steps 3-4p)"
 # Power and clocks: does the SM clock drop (power cap) while the JPEG decoder and the model run together?
 nvidia-smi dmon -s puc -d 1 >/tmp/gc/diagnostics/dmon.log 2>&1 &
 dmon=$!
@@ -77,23 +79,25 @@ limit 150 python -m tools.bench_pipeline --shards /tmp/gc/bench-shards --backend
   --batch-size "$batch" --seconds "$seconds" --workers "$workers" --json "$results/bench_pipeline.json"
 
 step "3r. the raw DALI rate on the same shards: DALI's own reader and random-crop decoder (BASELINES.md's pipeline)"
-limit 60 python -m tools.bench_dali_reference --shards /tmp/gc/bench-shards --batch-size "$batch" --seconds "$seconds" \
-  --workers "8,$workers" --json "$results/bench_dali_reference.json"
+limit 45 python -m tools.bench_dali_reference --shards /tmp/gc/bench-shards --batch-size "$batch" --seconds "$seconds" \
+  --workers 8 --json "$results/bench_dali_reference.json"
 
 step "3s. dali-gpu and dali-cpu alone on the images stored at short side <= 256 (43% of the sample's pixels)"
 # dali-cpu: how many of these images the host's cores decode per second. The step beside dali-gpu misses
 # about 5,000 images/s; whole batches decoded on the host (no GPU decoding) is the lever not yet tried.
 limit 75 python -m tools.bench_pipeline --shards /tmp/gc/small-shards --backends dali-gpu,dali-cpu --splits train \
   --batch-size "$batch" --seconds "$seconds" --workers "$workers" --json "$results/bench_pipeline_small.json"
+limit 45 python -m tools.bench_pipeline --shards /tmp/gc/raw-shards --backends dali-gpu --splits train \
+  --batch-size "$batch" --seconds "$seconds" --workers "$workers" --json "$results/bench_pipeline_raw.json"
 
 step "4. ResNet-18 compiled fed by dali-gpu and by BASELINES.md's plain DALI pipeline, vs synthetic, in one process"
 # 2026-11-27, tenth session: dali-gpu 0.663, the plain pipeline 0.672, the plain pipeline cropping with
 # image_slice 0.664 (since removed): the loader feeds the step as fast as the plain pipeline; the gap is
-# DALI's decoding beside the model. The profiles (20 steps each) show where the pipelines' GPU work differs.
-limit 170 python -m tools.bench_train --shards /tmp/gc/bench-shards --model resnet18 --compile \
+# DALI's decoding beside the model, whose per-image kernels queued 0.3-0.6 ms each behind the model's in
+# that run's profiles (not repeated here: bench_train --profile DIR).
+limit 120 python -m tools.bench_train --shards /tmp/gc/bench-shards --model resnet18 --compile \
   --backends dali-gpu,dali-reference --batch-size "$batch" --seconds "$seconds" \
-  --workers "$workers" --json "$results/bench_train_rn18c.json" --profile /tmp/gc/diagnostics/profile
-head -n 3 /tmp/gc/diagnostics/profile/*.txt
+  --workers "$workers" --json "$results/bench_train_rn18c.json"
 
 step "4s. the same on the images stored at short side <= 256: does less decoding per image close the gap?"
 # 2026-11-27, tenth session: dali-gpu 0.669 and the plain pipeline 0.811 here; in a probe on a second
@@ -103,6 +107,12 @@ step "4s. the same on the images stored at short side <= 256: does less decoding
 limit 135 python -m tools.bench_train --shards /tmp/gc/small-shards --model resnet18 --compile \
   --backends dali-gpu,dali-reference,dali-predecoded --batch-size "$batch" --seconds "$seconds" --workers "$workers" \
   --json "$results/bench_train_rn18c_small.json"
+
+step "4p. the same fed by dali-gpu from the train images stored as raw pixels (make_shards --train-raw-pixels)"
+# No JPEG decoding: the loader hands DALI the stored pixels, which it copies to the GPU and crops there.
+limit 100 python -m tools.bench_train --shards /tmp/gc/raw-shards --model resnet18 --compile \
+  --backends dali-gpu --batch-size "$batch" --seconds "$seconds" --workers "$workers" \
+  --json "$results/bench_train_rn18c_raw.json"
 kill "$dmon" 2>/dev/null
 tar czf "$OUT/diagnostics.tgz" -C /tmp/gc diagnostics
 

@@ -33,15 +33,17 @@ def _optional(result: dict, key: str, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def stored_text(sides: dict[str, int | None]) -> str:
+def stored_text(sides: dict[str, int | None], exts: dict[str, str] | None = None) -> str:
     """', images stored at short side <= S' (or per split: ', train images ...') for the splits the
-    converter stored shrunk; '' where every split was stored as given."""
+    converter stored shrunk, then ', train images stored as raw pixels' for each split stored as
+    pixels (`exts`: the splits' image members, "ppm" for pixels); '' where every split is JPEG as given."""
+    raw = "".join(f", {split} images stored as raw pixels" for split, ext in (exts or {}).items() if ext == "ppm")
     shrunk = {split: side for split, side in sides.items() if side is not None}
     if not shrunk:
-        return ""
+        return raw
     if len(shrunk) == len(sides) and len(set(shrunk.values())) == 1:
-        return f", images stored at short side <= {next(iter(shrunk.values()))}"
-    return "".join(f", {split} images stored at short side <= {side}" for split, side in shrunk.items())
+        return f", images stored at short side <= {next(iter(shrunk.values()))}" + raw
+    return "".join(f", {split} images stored at short side <= {side}" for split, side in shrunk.items()) + raw
 
 
 def _stored_sides(report: dict) -> dict[str, int | None]:
@@ -51,7 +53,7 @@ def _stored_sides(report: dict) -> dict[str, int | None]:
 
 
 def _stored(report: dict) -> str:
-    return stored_text(_stored_sides(report))
+    return stored_text(_stored_sides(report), report.get("stored_image_ext"))
 
 
 def pipeline_section(report: dict) -> list[str]:

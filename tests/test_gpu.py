@@ -25,17 +25,21 @@ def collect(loader):
     return batches
 
 
-@pytest.mark.parametrize("split", ["train", "val"])
-def test_dali_gpu_matches_dali_cpu(photo_shards, split):
-    """Val, and train too: crops and flips are drawn on the host, the same for both decoders."""
+def assert_dali_gpu_matches_dali_cpu(shards, split: str) -> None:
     outputs = {}
     for backend in ("dali-gpu", "dali-cpu"):
         cfg = LoaderConfig(backend=backend, batch_size=8, workers=4, val_image_size=224, dtype="float32")
-        outputs[backend] = collect(create_loader(str(photo_shards), split, cfg, device="cuda"))
+        outputs[backend] = collect(create_loader(str(shards), split, cfg, device="cuda"))
     for (gpu_images, gpu_labels), (cpu_images, cpu_labels) in zip(*outputs.values(), strict=True):
         assert gpu_images.is_cuda and gpu_images.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(gpu_labels, cpu_labels)
         assert (gpu_images - cpu_images).abs().mean() <= GPU_CPU_DECODE_MEAN_ABS
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_dali_gpu_matches_dali_cpu(photo_shards, split):
+    """Val, and train too: crops and flips are drawn on the host, the same for both decoders."""
+    assert_dali_gpu_matches_dali_cpu(photo_shards, split)
 
 
 def test_exact_eval_on_gpu_equals_cpu(photo_shards, tmp_path):
@@ -65,11 +69,4 @@ def test_exact_eval_on_gpu_equals_cpu(photo_shards, tmp_path):
 def test_raw_pixels_on_dali_gpu_match_dali_cpu(raw_and_jpeg_shards, split):
     """Stored pixels skip the decoder: copied to the GPU and cropped there, as the CPU graph crops them."""
     raw, _ = raw_and_jpeg_shards
-    outputs = {}
-    for backend in ("dali-gpu", "dali-cpu"):
-        cfg = LoaderConfig(backend=backend, batch_size=8, workers=4, val_image_size=224, dtype="float32")
-        outputs[backend] = collect(create_loader(str(raw), split, cfg, device="cuda"))
-    for (gpu_images, gpu_labels), (cpu_images, cpu_labels) in zip(*outputs.values(), strict=True):
-        assert gpu_images.is_cuda and gpu_images.is_contiguous(memory_format=torch.channels_last)
-        assert torch.equal(gpu_labels, cpu_labels)
-        assert (gpu_images - cpu_images).abs().mean() <= GPU_CPU_DECODE_MEAN_ABS
+    assert_dali_gpu_matches_dali_cpu(raw, split)

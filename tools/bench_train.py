@@ -126,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         manifest = read_manifest(shards)
         stored_sides, stored_exts = stored_short_sides(manifest, ["train"]), stored_image_exts(manifest, ["train"])
         # opened once: it reads and checks every index file, which for ImageNet takes seconds
-        feeds_shards = set(backends) & {*REFERENCE_BACKENDS, PREDECODED_BACKEND}
-        reference_shards = open_shard_set(shards, "train") if feeds_shards else None
+        other_feeds = set(backends) & {*REFERENCE_BACKENDS, PREDECODED_BACKEND}
+        feed_shards = open_shard_set(shards, "train") if other_feeds else None
         num_classes = len(manifest.classes)
         # One model for every backend: compiled once, so each backend is measured on the same code.
         torch.manual_seed(0)
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             """One row: the step fed by one loader setting, on `placement`'s stream if given."""
             if backend in REFERENCE_BACKENDS:
                 loader = ReferenceLoader(
-                    reference_shards,
+                    feed_shards,
                     args.batch_size,
                     args.image_size,
                     settings["workers"],
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             elif backend == PREDECODED_BACKEND:
                 loader = PredecodedLoader(
-                    reference_shards,
+                    feed_shards,
                     args.batch_size,
                     args.image_size,
                     settings["workers"],

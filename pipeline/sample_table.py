@@ -87,15 +87,16 @@ class SampleTable:
 def shard_table(shard_set: ShardSet) -> SampleTable:
     """The rows of a shard split, from the index lines `open_shard_set` has read and checked."""
     paths, path_index, offset, size, label_offset, label_size, first_row = [], [], [], [], [], [], []
+    image_ext = shard_set.image_ext
     for shard in range(len(shard_set.shards)):
         first_row.append(len(offset))
         paths.append(str(shard_set.tar_path(shard)))
         index_path = shard_set.directory / shard_set.shards[shard].index_file
         for line in shard_set.index_lines(shard):
-            members = index_members(line, index_path, shard_set.image_ext)
+            members = index_members(line, index_path, image_ext)
             path_index.append(shard)
-            offset.append(members[shard_set.image_ext][0])
-            size.append(members[shard_set.image_ext][1])
+            offset.append(members[image_ext][0])
+            size.append(members[image_ext][1])
             label_offset.append(members["cls"][0])
             label_size.append(members["cls"][1])
     table = SampleTable(
@@ -110,7 +111,7 @@ def shard_table(shard_set: ShardSet) -> SampleTable:
         index_lines=shard_set.indexes,
         height=np.zeros(len(offset), np.int32),
         width=np.zeros(len(offset), np.int32),
-        raw_pixels=shard_set.image_ext == "ppm",
+        raw_pixels=image_ext == "ppm",
     )
     # Every sample must lie inside its tar: the DALI loaders read the tars mapped into memory, where
     # a range past the end would come out short (or, past the last page, kill the process).

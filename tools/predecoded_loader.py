@@ -3,9 +3,11 @@ cropped, resized, flipped and normalized by DALI on the GPU, batch after batch.
 
 Beside compiled ResNet-18 the step fed by dali-gpu waits for DALI's decoding: each image's GPU work
 after the hardware decoder (a colour-conversion kernel) queues behind the model's kernels, image
-after image (docs/PERFORMANCE.md, tenth session). This feed keeps DALI's batched GPU work and drops
-the per-image decoding, so its rate beside the model bounds what storing decoded pixels (as FFCV can)
-would give. A benchmark yardstick, not a loader: it cycles a few hundred images of the shards.
+after image (docs/PERFORMANCE.md, tenth session). This feed runs the loaders' own train graph on
+pixels (`imagenet_pipeline` with `raw_pixels`, as for `make_shards --train-raw-pixels` shards): it
+keeps DALI's batched GPU work and drops the per-image decoding. Its rate beside the model bounds what
+storing decoded pixels can give, with the shards' reading left out. A benchmark yardstick, not a
+loader: it cycles a few hundred images of the shards.
 """
 
 from __future__ import annotations
@@ -15,39 +17,17 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from nvidia.dali.tensors import TensorCPU, TensorListCPU
 from PIL import Image
 
 from pipeline.dali_loader import shut_down
-from pipeline.dali_pipeline import DALI_MEAN, DALI_STD
+from pipeline.dali_pipeline import imagenet_pipeline
 from pipeline.sample_table import SampleReader, shard_table
 from pipeline.shard_set import ShardSet
 from pipeline.transforms import random_resized_crops
 
 PREDECODED_IMAGES = 512  # distinct images held decoded; each batch draws from them at random
-
-
-@pipeline_def(enable_conditionals=False)
-def predecoded_pipeline(source, image_size: int, on_gpu: bool):
-    """(images HWC float16 normalized, labels) from decoded HWC uint8 images and host-drawn crops."""
-    images, labels, crop_anchor, crop_shape, flip = fn.external_source(
-        source=source,
-        num_outputs=5,
-        batch=True,
-        no_copy=True,
-        layout=["HWC", "", "", "", ""],
-        dtype=[types.UINT8, types.INT64, types.FLOAT, types.FLOAT, types.INT32],
-    )
-    if on_gpu:
-        images, labels = images.gpu(), labels.gpu()
-    images = fn.slice(images, crop_anchor, crop_shape, axis_names="WH", normalized_anchor=False, normalized_shape=False)
-    images = fn.resize(images, resize_x=image_size, resize_y=image_size, interp_type=types.INTERP_LINEAR)
-    images = fn.crop_mirror_normalize(
-        images, dtype=types.FLOAT16, output_layout="HWC", mean=DALI_MEAN, std=DALI_STD, mirror=flip
-    )
-    return images, labels
 
 
 class PredecodedLoader:
@@ -87,8 +67,13 @@ class PredecodedLoader:
         on_gpu = device.type == "cuda"
         self._pipeline_args = dict(
             source=self._next_inputs,
+            train=True,
             image_size=image_size,
-            on_gpu=on_gpu,
+            val_resize=image_size,  # unused by the train graph
+            decode_on_gpu=on_gpu,
+            hw_decoder_load=1.0,  # unused: nothing is decoded
+            output_float16=True,
+            raw_pixels=True,
             batch_size=batch_size,
             num_threads=threads,
             device_id=device.index if on_gpu else None,
@@ -109,7 +94,7 @@ class PredecodedLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self._pipe is None:  # built on first use, and again after `close` (as the project's loaders)
-            self._pipe = predecoded_pipeline(**self._pipeline_args)
+            self._pipe = imagenet_pipeline(**self._pipeline_args)
             self._pipe.build()
             self._batches = DALIGenericIterator([self._pipe], ["images", "labels"], size=-1)
         for _ in range(self.steps_per_epoch):

@@ -3,8 +3,8 @@
 One definition serves GPU decoding (`mixed`: nvJPEG and the hardware JPEG decoder) and CPU decoding
 (no GPU at all), as in DALI's ResNet-50 example. The encoded images come from a Python source (a
 `pipeline.batch_stream.BatchStream`) instead of a DALI reader: see that module for why. Images
-stored as pixels (`tools.make_shards --train-raw-pixels`) skip the decoder: with a GPU they are
-copied to it and cropped there, in batched operators only.
+stored as pixels (`tools.make_shards --train-raw-pixels`) skip the decoder: train crops are cut on
+the host and copied to the GPU, where everything else is batched operators.
 """
 
 from __future__ import annotations
@@ -85,7 +85,13 @@ def imagenet_pipeline(
         )
         window = dict(axis_names="WH", normalized_anchor=False, normalized_shape=False)
         if raw_pixels:
-            images = fn.slice(stored.gpu() if decode_on_gpu else stored, crop_anchor, crop_shape, **window)
+            # Cropped on the host, then copied. DALI's threads read the mapped tars in parallel, and
+            # DALI gives a CPU operator that feeds the GPU a pinned output buffer, so the copy is
+            # asynchronous and about half the bytes. Copied whole from the tars' pageable memory
+            # instead, the step beside compiled ResNet-18 left the SMs 45-80% busy while waiting for
+            # batches (docs/PERFORMANCE.md, eleventh session; this order is not yet measured there).
+            images = fn.slice(stored, crop_anchor, crop_shape, **window)
+            images = images.gpu() if decode_on_gpu else images
         else:  # only the crop's region of the JPEG is decoded
             images = fn.decoders.image_slice(
                 stored, crop_anchor, crop_shape, device=decoder_device, **window, **decode_args

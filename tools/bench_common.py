@@ -40,7 +40,7 @@ def bench_shards(workdir: str | Path, copies: int, workers: int) -> Path:
 HW_LOAD_HELP = "dali-gpu: share of JPEGs for the hardware decoder; a comma list measures each (e.g. 0.65,1.0)"
 WORKERS_HELP = "DALI threads / DataLoader workers; a comma list measures the DALI backends with each"
 # tools.bench_train's feeds besides the project's loaders: BASELINES.md's plain DALI pipeline
-# (tools.bench_dali_reference), and images decoded once, augmented on the GPU (tools.predecoded_loader)
+# (tools.bench_dali_reference), and images decoded once, augmented as raw pixels (tools.predecoded_loader)
 REFERENCE_BACKENDS = ("dali-reference",)
 PREDECODED_BACKEND = "dali-predecoded"
 

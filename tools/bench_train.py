@@ -15,8 +15,8 @@ value (every combination, one compiled model for all); `--compile reduce-overhea
 step's CUDA graphs. `--backends dali-reference` feeds the step from BASELINES.md's plain DALI
 pipeline (DALI's own reader and random-crop decoder, one rank reading every shard): the project's
 loader against the straightforward one, in the same run. `dali-predecoded` feeds it images decoded
-once into host memory and augmented by DALI on the GPU (tools.predecoded_loader): the rate with no
-JPEG decoding at all.
+once into host memory and augmented by DALI as raw-pixel shards are (tools.predecoded_loader): the
+rate with no JPEG decoding at all.
 Same step code as the trainer (train.step.train_step), bf16 autocast on GPU.
 """
 
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         "--backends",
         default="dali-gpu,synthetic",
         help="always compared with synthetic; dali-reference: BASELINES.md's plain DALI pipeline"
-        " (tools.bench_dali_reference); dali-predecoded: images decoded once, augmented on the GPU",
+        " (tools.bench_dali_reference); dali-predecoded: images decoded once, augmented as raw-pixel shards are",
     )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--image-size", type=int, default=224)

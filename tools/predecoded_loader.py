@@ -1,11 +1,11 @@
 """A feed for `tools.bench_train` with no JPEG decoding: images decoded once into host memory, then
-cropped, resized, flipped and normalized by DALI on the GPU, batch after batch.
+cropped (on the host), resized, flipped and normalized (on the GPU) by DALI, batch after batch.
 
 Beside compiled ResNet-18 the step fed by dali-gpu waits for DALI's decoding: each image's GPU work
 after the hardware decoder (a colour-conversion kernel) queues behind the model's kernels, image
 after image (docs/PERFORMANCE.md, tenth session). This feed runs the loaders' own train graph on
 pixels (`imagenet_pipeline` with `raw_pixels`, as for `make_shards --train-raw-pixels` shards): it
-keeps DALI's batched GPU work and drops the per-image decoding. Its rate beside the model bounds what
+keeps DALI's batched work and drops the per-image decoding. Its rate beside the model bounds what
 storing decoded pixels can give, with the shards' reading left out. A benchmark yardstick, not a
 loader: it cycles a few hundred images of the shards.
 """

@@ -5,7 +5,7 @@
 # gpu_check.log (everything printed), report.md (the tables for docs/PERFORMANCE.md, from
 # tools.gpu_report), results.tgz (the benchmarks' JSON files and the training run's logs) and
 # diagnostics.tgz (nvidia-smi dmon: power, SM clock, GPU and JPEG-decoder utilisation each second,
-# over steps 3 to 4p).
+# over steps 3 to 4q).
 #   SECONDS_PER_RATE (default 6), COPIES (default 200), BATCH (default 256): benchmark length,
 #   bench-shard size and batch (small values make a quick dry run on a CPU machine).
 #   BUDGET_S (default 540): seconds for the whole script; a step that would outlast it is cut short
@@ -59,19 +59,17 @@ limit 120 python -m tools.make_shards --train /tmp/gc/src/train --val /tmp/gc/sr
   --workers "$workers" --shard-size-mb 4 --no-progress
 limit 120 python -m tools.verify_shards /tmp/gc/shards --decode
 
-step "bench shards: each photograph linked $copies times; train alone at short side <= 256, as JPEG and as raw pixels"
+step "bench shards: each photograph linked $copies times; train alone at short side <= 256 as raw pixels"
 python - <<PY
 from tools.make_demo_data import link_sample_tree
 link_sample_tree("/tmp/gc/bench-src", copies=$copies)
 PY
 limit 180 python -m tools.make_shards --train /tmp/gc/bench-src/train --val /tmp/gc/bench-src/train \
   --out /tmp/gc/bench-shards --workers "$workers" --no-progress | head -3
-limit 180 python -m tools.make_shards --train /tmp/gc/bench-src/train \
-  --out /tmp/gc/small-shards --train-max-short-side 256 --workers "$workers" --no-progress | head -3
 limit 180 python -m tools.make_shards --train /tmp/gc/bench-src/train --out /tmp/gc/raw-shards \
   --train-max-short-side 256 --train-raw-pixels --workers "$workers" --no-progress | head -3
 
-step "3. pipeline throughput, batch $batch (power, clocks, GPU and JPEG-decoder utilisation each second in dmon.log, steps 3-4p)"
+step "3. pipeline throughput, batch $batch (power, clocks, GPU and JPEG-decoder utilisation each second in dmon.log, steps 3-4q)"
 # Power and clocks: does the SM clock drop (power cap) while the JPEG decoder and the model run together?
 nvidia-smi dmon -s puc -d 1 >/tmp/gc/diagnostics/dmon.log 2>&1 &
 dmon=$!
@@ -82,37 +80,34 @@ step "3r. the raw DALI rate on the same shards: DALI's own reader and random-cro
 limit 45 python -m tools.bench_dali_reference --shards /tmp/gc/bench-shards --batch-size "$batch" --seconds "$seconds" \
   --workers 8 --json "$results/bench_dali_reference.json"
 
-step "3s. dali-gpu and dali-cpu alone on the images stored at short side <= 256 (43% of the sample's pixels)"
-# dali-cpu: how many of these images the host's cores decode per second. The step beside dali-gpu misses
-# about 5,000 images/s; whole batches decoded on the host (no GPU decoding) is the lever not yet tried.
-limit 75 python -m tools.bench_pipeline --shards /tmp/gc/small-shards --backends dali-gpu,dali-cpu --splits train \
-  --batch-size "$batch" --seconds "$seconds" --workers "$workers" --json "$results/bench_pipeline_small.json"
+step "3s. dali-gpu alone on the train images stored as raw pixels at short side <= 256"
+# 2026-11-27, eleventh session: 38,216 images/s with the whole image copied to the GPU before cropping;
+# the crop is now cut on the host first. (On the JPEG images at <= 256 that session: dali-gpu 19,894,
+# dali-cpu 4,640 with the host's 16 cores: whole batches decoded on the host cannot feed the step.)
 limit 45 python -m tools.bench_pipeline --shards /tmp/gc/raw-shards --backends dali-gpu --splits train \
   --batch-size "$batch" --seconds "$seconds" --workers "$workers" --json "$results/bench_pipeline_raw.json"
 
 step "4. ResNet-18 compiled fed by dali-gpu and by BASELINES.md's plain DALI pipeline, vs synthetic, in one process"
-# 2026-11-27, tenth session: dali-gpu 0.663, the plain pipeline 0.672, the plain pipeline cropping with
-# image_slice 0.664 (since removed): the loader feeds the step as fast as the plain pipeline; the gap is
-# DALI's decoding beside the model, whose per-image kernels queued 0.3-0.6 ms each behind the model's in
-# that run's profiles (not repeated here: bench_train --profile DIR).
+# 2026-11-27: dali-gpu 0.663 and 0.546, the plain pipeline 0.672 and 0.704 (tenth, eleventh sessions): the
+# gap is DALI's decoding beside the model, whose per-image kernels queued 0.3-0.6 ms each behind the
+# model's in the tenth session's profiles (not repeated here: bench_train --profile DIR).
 limit 120 python -m tools.bench_train --shards /tmp/gc/bench-shards --model resnet18 --compile \
   --backends dali-gpu,dali-reference --batch-size "$batch" --seconds "$seconds" \
   --workers "$workers" --json "$results/bench_train_rn18c.json"
 
-step "4s. the same on the images stored at short side <= 256: does less decoding per image close the gap?"
-# 2026-11-27, tenth session: dali-gpu 0.669 and the plain pipeline 0.811 here; in a probe on a second
-# machine (.dev, not committed) dali-gpu 0.54-0.71 over nine settings and the plain pipeline 0.617.
-# dali-predecoded: the same images decoded once on the host, cropped and resized by DALI on the GPU in
-# batched kernels, with no per-image GPU work: near 0.95, storing decoded pixels is the way to the target.
-limit 135 python -m tools.bench_train --shards /tmp/gc/small-shards --model resnet18 --compile \
-  --backends dali-gpu,dali-reference,dali-predecoded --batch-size "$batch" --seconds "$seconds" --workers "$workers" \
-  --json "$results/bench_train_rn18c_small.json"
-
-step "4p. the same fed by dali-gpu from the train images stored as raw pixels (make_shards --train-raw-pixels)"
-# No JPEG decoding: the loader hands DALI the stored pixels, which it copies to the GPU and crops there.
-limit 100 python -m tools.bench_train --shards /tmp/gc/raw-shards --model resnet18 --compile \
-  --backends dali-gpu --batch-size "$batch" --seconds "$seconds" --workers "$workers" \
+step "4p. the same fed from the train images stored as raw pixels (make_shards --train-raw-pixels)"
+# 2026-11-27, eleventh session, with the whole image copied to the GPU before cropping: dali-gpu 0.721 here
+# (0.83 and 0.93 in a probe), dali-predecoded (512 images held decoded in memory, the same graph) 0.952
+# and 0.869; the SMs were 45-80% busy while the step waited for batches. The crop is now cut on the host
+# by DALI's threads and copied from DALI's pinned buffer: near 0.95 here, the raw-pixel recipe meets the target.
+limit 130 python -m tools.bench_train --shards /tmp/gc/raw-shards --model resnet18 --compile \
+  --backends dali-gpu,dali-predecoded --batch-size "$batch" --seconds "$seconds" --workers "$workers" \
   --json "$results/bench_train_rn18c_raw.json"
+
+step "4q. ResNet-50 fed by dali-gpu from the raw-pixel train images (from JPEG: 0.896-0.906 in four runs)"
+limit 90 python -m tools.bench_train --shards /tmp/gc/raw-shards --model resnet50 \
+  --backends dali-gpu --batch-size "$batch" --seconds "$seconds" --workers "$workers" \
+  --json "$results/bench_train_rn50_raw.json"
 kill "$dmon" 2>/dev/null
 tar czf "$OUT/diagnostics.tgz" -C /tmp/gc diagnostics
 
@@ -126,7 +121,7 @@ limit 150 python -m torch.distributed.run --standalone --nproc-per-node 1 -m tra
 limit 90 python -m train.evaluate --checkpoint /tmp/gc/run/last.pt --shards /tmp/gc/shards --workers "$workers"
 ls -la /tmp/gc/run
 
-step "4r. ResNet-50 fed by dali-gpu vs synthetic (0.904-0.906 in three runs, 2026-11-27; last, so the budget may skip it)"
+step "4r. ResNet-50 fed by dali-gpu from the full-size JPEGs vs synthetic (0.896-0.906 in four runs; last, so the budget may skip it)"
 limit 90 python -m tools.bench_train --shards /tmp/gc/bench-shards --model resnet50 \
   --backends dali-gpu --batch-size "$batch" --seconds "$seconds" --workers "$workers" --json "$results/bench_train_rn50.json"
 

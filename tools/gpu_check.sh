@@ -99,7 +99,7 @@ step "4p. the same fed from the train images stored as raw pixels (make_shards -
 # 2026-11-27, eleventh session, with the whole image copied to the GPU before cropping: dali-gpu 0.721 here
 # (0.83 and 0.93 in a probe), dali-predecoded (512 images held decoded in memory, the same graph) 0.952
 # and 0.869; the SMs were 45-80% busy while the step waited for batches. The crop is now cut on the host
-# by DALI's threads and copied from DALI's pinned buffer: near 0.95 here, the raw-pixel recipe meets the target.
+# by DALI's threads and copied from DALI's pinned buffer: if dali-gpu is near 0.95 here, raw pixels are the recipe.
 limit 130 python -m tools.bench_train --shards /tmp/gc/raw-shards --model resnet18 --compile \
   --backends dali-gpu,dali-predecoded --batch-size "$batch" --seconds "$seconds" --workers "$workers" \
   --json "$results/bench_train_rn18c_raw.json"

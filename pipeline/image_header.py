@@ -9,10 +9,11 @@ says where their pixels start.
 
 from __future__ import annotations
 
+from shards.image_check import PPM_HEADER_MAX_BYTES
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PPM_SIGNATURE = b"P6"
 PPM_WHITESPACE = b" \t\r\n"
-PPM_HEADER_MAX_BYTES = 256  # signature, three numbers and comments: far more than PIL writes
 JPEG_START = b"\xff\xd8"
 # Start-of-frame markers (baseline, extended, progressive, lossless; Huffman and arithmetic coded):
 # every one but DHT (C4), JPG (C8) and DAC (CC) in C0-CF.

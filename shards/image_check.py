@@ -12,6 +12,9 @@ from PIL import Image
 
 KEEP_AS_IS_FORMATS = {"JPEG", "MPO"}  # MPO is a JPEG with extra camera frames appended
 KEEP_AS_IS_MODES = {"RGB", "L"}  # grayscale JPEGs are kept; readers expand them to 3 channels
+# What may precede a stored PPM's pixels ("P6", width, height, 255, whitespace, comments): far more
+# than the ~15 bytes PIL writes. The verifier and the loaders' header parser hold PPMs to it.
+PPM_HEADER_MAX_BYTES = 256
 
 
 @dataclass(frozen=True)

@@ -14,12 +14,11 @@ from pathlib import Path
 
 from PIL import Image
 
+from shards.image_check import PPM_HEADER_MAX_BYTES
 from shards.manifest import Manifest, read_manifest
 from shards.tar_writer import ShardInfo, index_line, index_text
 
 READ_CHUNK_BYTES = 1 << 20
-# What may precede a stored PPM's pixels: "P6", width, height, 255 and whitespace (comments allowed)
-PPM_HEADER_MAX_BYTES = 256
 
 
 def verify_directory(directory: str | os.PathLike, decode: bool = False, workers: int = 1) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from pipeline.loader import PAD_LABEL, LoaderConfig, create_loader
 from tests.conftest import REPO_ROOT, run_tool, subprocess_env
-from train.checkpoint import load_checkpoint
+from train.checkpoint import CheckpointError, load_checkpoint
 from train.evaluate import model_from_checkpoint
 from train.trainer import _targets_met
 
@@ -159,6 +160,54 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(two_process_ru
     assert "loss became non-finite at step" in result.stderr
     assert "the checkpoint was written by 2 processes, this run has 1" in result.stdout
     assert (run_dir / "last.pt").read_bytes() == before
+
+
+def unusable_checkpoints(good: Path, folder: Path) -> dict[str, tuple[Path, str]]:
+    """Files a user may pass as a checkpoint, with what the error must say about each."""
+    data = good.read_bytes()
+    files = {
+        "missing": (folder / "missing.pt", "checkpoint not found"),
+        "truncated": (folder / "truncated.pt", "unreadable checkpoint, truncated or corrupt"),
+        "empty": (folder / "empty.pt", "unreadable checkpoint, truncated or corrupt"),
+        "foreign": (folder / "foreign.pt", "not a checkpoint of this project"),
+        "other version": (folder / "version.pt", "checkpoint version 99, this code reads 1"),
+    }
+    files["truncated"][0].write_bytes(data[: len(data) // 2])
+    files["empty"][0].write_bytes(b"")
+    # timm's checkpoints, for one, pickle an argparse Namespace: weights_only loading refuses it.
+    torch.save({"args": argparse.Namespace(lr=0.1), "model": {}}, files["foreign"][0])
+    torch.save({**torch.load(good, weights_only=True), "version": 99}, files["other version"][0])
+    return files
+
+
+def test_unusable_checkpoints_are_named_not_loaded(two_process_run, tmp_path):
+    for kind, (path, message) in unusable_checkpoints(two_process_run[0] / "last.pt", tmp_path).items():
+        with pytest.raises(CheckpointError) as caught:
+            load_checkpoint(path)
+        assert str(path) in str(caught.value) and message in str(caught.value), kind
+
+
+def test_resume_evaluate_and_predict_report_a_bad_checkpoint_in_one_line(two_process_run, photo_shards, tmp_path):
+    files = unusable_checkpoints(two_process_run[0] / "last.pt", tmp_path)
+    truncated, foreign = files["truncated"][0], files["foreign"][0]
+    run_dir = tmp_path / "run"
+    runs = {
+        "train": run_tool(*train_args(photo_shards, run_dir)[1:], "--resume", str(truncated)),
+        "evaluate": run_tool("train.evaluate", "--checkpoint", str(foreign), "--shards", str(photo_shards)),
+        "predict": run_tool("tools.predict", "--checkpoint", str(truncated), "README.md"),
+    }
+    for tool, result in runs.items():
+        assert result.returncode == 2, tool + result.stdout + result.stderr
+        assert f"{tool}: checkpoint error: " in result.stderr and "Traceback" not in result.stderr, tool
+    assert str(truncated) in runs["train"].stderr and str(foreign) in runs["evaluate"].stderr
+    assert not (run_dir / "last.pt").exists()
+
+
+def test_resuming_another_model_names_both(two_process_run, photo_shards, tmp_path):
+    last = two_process_run[0] / "last.pt"
+    result = run_tool(*train_args(photo_shards, tmp_path / "run", "model.name=resnet34")[1:], "--resume", str(last))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"{last}: holds resnet18 with" in result.stderr and "this run builds resnet34 with" in result.stderr
 
 
 def start_and_kill_rank_1(torchrun_args: list[str], after_line: str) -> subprocess.Popen:

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from pipeline.transforms import torchvision_val_transform
-from train.checkpoint import load_checkpoint
+from train.checkpoint import CheckpointError, load_checkpoint
 from train.evaluate import model_from_checkpoint
 
 TOP_K = 5
@@ -23,7 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("images", nargs="+")
     args = p.parse_args(argv)
-    checkpoint = load_checkpoint(args.checkpoint)
+    try:
+        checkpoint = load_checkpoint(args.checkpoint)
+    except CheckpointError as err:
+        print(f"predict: checkpoint error: {err}", file=sys.stderr)
+        return 2
     model = model_from_checkpoint(checkpoint).eval()
     config = checkpoint["config"]
     transform = torchvision_val_transform(config["resolution"]["val"], config["data"]["crop_pct"])

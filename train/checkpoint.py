@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import random
 from pathlib import Path
 
@@ -14,6 +15,10 @@ from shards.tar_writer import fsync_dir
 CHECKPOINT_VERSION = 1
 LAST_NAME = "last.pt"
 BEST_NAME = "best.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, of another version or for another model; names the file."""
 
 
 def rng_state() -> dict:
@@ -54,11 +59,33 @@ def save_checkpoint(path: str | Path, payload: dict) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict:
+    """The checkpoint at `path`, or a `CheckpointError` that says what is wrong with the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    version = checkpoint.get("version")
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's own message suggests weights_only=False, which would run the file's code: not here.
+        raise CheckpointError(
+            f"{path}: not a checkpoint of this project (torch.load with weights_only=True refuses it: objects "
+            "other than tensors and plain values, or not a pickle at all)"
+        ) from None
+    except (RuntimeError, EOFError) as err:  # what torch.load raises for a truncated or corrupt file
+        reason = str(err).split(".")[0] or type(err).__name__
+        raise CheckpointError(f"{path}: unreadable checkpoint, truncated or corrupt ({reason})") from None
+    version = checkpoint.get("version") if isinstance(checkpoint, dict) else None
     if version != CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: checkpoint version {version!r}, this code reads {CHECKPOINT_VERSION}")
+        raise CheckpointError(f"{path}: checkpoint version {version!r}, this code reads {CHECKPOINT_VERSION}")
     return checkpoint
+
+
+def check_same_model(checkpoint: dict, path: str | Path, model_name: str, num_classes: int) -> None:
+    """Resuming needs the checkpoint's architecture and class count; say so before load_state_dict's key list."""
+    saved_name = checkpoint["config"]["model"]["name"]
+    saved_classes = checkpoint["model"]["fc.weight"].shape[0]
+    if (saved_name, saved_classes) != (model_name, num_classes):
+        raise CheckpointError(
+            f"{path}: holds {saved_name} with {saved_classes} classes; this run builds {model_name} with "
+            f"{num_classes} (model.name, or the shards' classes)"
+        )

@@ -12,12 +12,15 @@ import sys
 
 import torch
 
+from pipeline.errors import SampleDecodeError
 from pipeline.loader import BACKENDS, LoaderConfig, create_loader
-from train.checkpoint import load_checkpoint
+from pipeline.shard_set import ShardError
+from train.checkpoint import CheckpointError, load_checkpoint
 from train.distributed import setup_distributed, teardown_distributed
 from train.metrics import evaluate
 from train.model import build_model
 from train.step import AUTOCAST_DTYPES, set_cuda_numerics
+from train.trainer import EXIT_CONFIG, EXIT_DATA
 
 
 def model_from_checkpoint(checkpoint: dict, use_ema: bool = False) -> torch.nn.Module:
@@ -26,7 +29,7 @@ def model_from_checkpoint(checkpoint: dict, use_ema: bool = False) -> torch.nn.M
     state = checkpoint["model"]
     if use_ema:
         if not checkpoint.get("ema"):
-            raise ValueError("checkpoint has no EMA weights (optim.ema_decay was 0)")
+            raise CheckpointError("checkpoint has no EMA weights (optim.ema_decay was 0)")
         state = {k.removeprefix("module."): v for k, v in checkpoint["ema"].items() if k.startswith("module.")}
     num_classes = state["fc.weight"].shape[0]
     model = build_model(config["model"]["name"], num_classes)
@@ -66,6 +69,12 @@ def main(argv: list[str] | None = None) -> int:
         loader.close()
         if ctx.is_main:
             print(json.dumps({"checkpoint": args.checkpoint, **metrics}))
+    except CheckpointError as err:
+        print(f"evaluate: checkpoint error: {err}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    except (ShardError, SampleDecodeError, FileNotFoundError) as err:
+        print(f"evaluate: data error: {err}", file=sys.stderr, flush=True)
+        return EXIT_DATA
     finally:
         teardown_distributed(ctx)
     return 0

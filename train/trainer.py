@@ -8,8 +8,8 @@
 
 Reads top to bottom: config, distributed setup, data, model, optimizer, resume, then the loop
 (set lr, forward under autocast, backward, step, log at intervals), evaluation and checkpoints
-per epoch. Exit status: 0 done (or stopped cleanly by a signal), 2 bad config, 3 non-finite loss,
-4 bad data (named in the message); any other failure raises.
+per epoch. Exit status: 0 done (or stopped cleanly by a signal), 2 bad config or resume checkpoint,
+3 non-finite loss, 4 bad data (named in the message); any other failure raises.
 """
 
 from __future__ import annotations
@@ -35,7 +35,16 @@ from pipeline.shard_set import ShardError
 from shards.classes import imagenet_names
 from shards.inputs import list_class_folders
 from shards.manifest import read_manifest
-from train.checkpoint import BEST_NAME, LAST_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from train.checkpoint import (
+    BEST_NAME,
+    LAST_NAME,
+    CheckpointError,
+    check_same_model,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from train.config import STOP_METRICS, Config, ConfigError, load_config
 from train.distributed import DistContext, all_gather_objects, all_reduce_sum, setup_distributed, teardown_distributed
 from train.metrics import evaluate
@@ -88,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_DATA
     except ConfigError as err:
         print(f"train: config error: {err}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    except CheckpointError as err:
+        print(f"train: checkpoint error: {err}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
     finally:
         stop.done()
@@ -154,6 +166,7 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
     checkpoint_path = _resolve_resume(resume, run_dir)
     if checkpoint_path is not None:
         checkpoint = load_checkpoint(checkpoint_path)
+        check_same_model(checkpoint, checkpoint_path, cfg.model.name, num_classes)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         if scaler is not None and checkpoint.get("scaler"):

@@ -248,6 +248,7 @@ def _environ(pid: int) -> dict[str, str]:
         ("data.backend=pillow", "data.backend: 'pillow' is not one of ['dali-gpu', 'dali-cpu'"),
         ("train.stop_when={top1: 70}", "train.stop_when.top1: unknown metric"),
         ("data.batch_size=0", "data.batch_size: must be at least 1"),
+        ("optim.lr=[1,", "override 'optim.lr=[1,': not valid YAML"),
     ],
 )
 def test_config_errors_name_the_key(override, message, tmp_path):
@@ -255,6 +256,17 @@ def test_config_errors_name_the_key(override, message, tmp_path):
     assert result.returncode == 2
     assert message in result.stderr
     assert not (tmp_path / "config.yaml").exists(), "nothing starts before the config is valid"
+
+
+def test_a_broken_yaml_file_or_an_impossible_run_dir_is_a_config_error(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("optim:\n  lr: [0.1,\n")
+    result = run_tool("train", "--config", str(broken))
+    assert result.returncode == 2 and f"{broken}: not valid YAML" in result.stderr, result.stderr
+    in_the_way = tmp_path / "a-file"
+    in_the_way.write_text("")
+    result = run_tool("train", "--config", "configs/demo.yaml", f"run.dir={in_the_way / 'run'}")
+    assert result.returncode == 2 and f"run.dir: cannot create {in_the_way / 'run'}" in result.stderr, result.stderr
 
 
 def test_missing_tensorboard_is_a_config_error(photo_shards, tmp_path):

@@ -174,7 +174,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _parse_yaml(path.read_text(), str(path)) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     for item in overrides:
@@ -185,10 +185,19 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         data.setdefault(section, {})
         if not isinstance(data[section], dict):
             raise ConfigError(f"{section}: expected a mapping")
-        data[section][name] = yaml.safe_load(text)
+        data[section][name] = _parse_yaml(text, f"override {item!r}")
     config = _build(Config, data, "")
     _check(config)
     return config
+
+
+def _parse_yaml(text: str, where: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        place = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{where}: not valid YAML ({getattr(err, 'problem', None) or err}{place})") from None
 
 
 def save_config(config: Config, path: str | Path) -> None:

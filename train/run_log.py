@@ -37,7 +37,10 @@ class SilentLog:
 class RunLog(SilentLog):
     def __init__(self, run_dir: Path, config: Config):
         writer_class = _summary_writer_class() if config.log.tensorboard else None  # fails before any file is made
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # a file in the way, no permission
+            raise ConfigError(f"run.dir: cannot create {run_dir} ({err.strerror})") from None
         save_config(config, run_dir / "config.yaml")
         (run_dir / "code_version.txt").write_text(_code_version() + "\n")
         self.metrics = open(run_dir / METRICS_NAME, "a", buffering=1)

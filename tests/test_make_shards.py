@@ -403,6 +403,14 @@ def test_train_max_short_side_shrinks_train_only(tmp_path, demo_imagenet):
     assert bad.returncode == 2 and "--val-max-short-side must be at least 1" in bad.stderr
 
 
+def test_an_output_path_that_is_a_file_is_refused_before_any_work(tmp_path, demo_imagenet):
+    out = tmp_path / "shards"
+    out.write_text("not a folder")
+    result = run_tool("tools.make_shards", "--train", str(demo_imagenet / "train"), "--out", str(out))
+    assert result.returncode == 2 and f"--out {out}: exists and is not a directory" in result.stderr
+    assert out.read_text() == "not a folder"
+
+
 def test_train_raw_pixels_stores_each_train_image_as_its_pixels(tmp_path, demo_imagenet):
     """--train-raw-pixels: train samples hold an RGB PPM of the shrunk image (the pixels PIL decodes
     from what would otherwise be re-encoded), val stays JPEG; verify --decode accepts both, and the

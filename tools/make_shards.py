@@ -89,6 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{option.replace('_', '-')} must be at least 1")
     if not args.train and not args.val:
         p.error("give --train and/or --val")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out}: exists and is not a directory")
     return args
 
 

@@ -169,6 +169,13 @@ def test_bench_train_plans_each_loader_setting_and_sm_partition_against_whole_gp
     assert names == ["dali-gpu hw=0.65", "dali-gpu hw=1", "torch", "synthetic"]
 
 
+@pytest.mark.parametrize("tool", ["tools.bench_pipeline", "tools.bench_train"])
+def test_benchmarks_refuse_a_folder_without_a_manifest_before_any_work(tool, tmp_path):
+    result = run_tool(tool, "--shards", str(tmp_path))
+    assert result.returncode == 2
+    assert f"argument --shards: {tmp_path}: no manifest.json" in result.stderr
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without a GPU")
 def test_bench_train_refuses_model_sms_without_a_gpu(photo_shards):
     result = run_tool("tools.bench_train", "--shards", str(photo_shards), "--model-sms", "128")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import os
@@ -17,9 +18,18 @@ import torch
 
 from pipeline.loader import LoaderConfig
 from shards.convert import ConvertOptions, convert
-from shards.manifest import Manifest
+from shards.manifest import MANIFEST_NAME, Manifest
 from tools.gpu_report import stored_text
 from tools.make_demo_data import build_demo_imagenet, link_sample_tree
+
+
+def shard_dir(path: str) -> str:
+    """argparse type of `--shards`: a directory written by tools.make_shards, checked before any work."""
+    if not (Path(path) / MANIFEST_NAME).is_file():
+        raise argparse.ArgumentTypeError(
+            f"{path}: no {MANIFEST_NAME} (is this a directory written by tools.make_shards?)"
+        )
+    return path
 
 
 def bench_shards(workdir: str | Path, copies: int, workers: int) -> Path:

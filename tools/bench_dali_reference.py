@@ -28,6 +28,7 @@ from tools.bench_common import (
     float_list,
     int_list,
     measure_rate,
+    shard_dir,
     stored_short_sides,
 )
 
@@ -124,7 +125,7 @@ class ReferenceLoader:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.bench_dali_reference", description=__doc__.split("\n\n")[0])
-    p.add_argument("--shards", required=True, help="a shard directory (tools.make_shards)")
+    p.add_argument("--shards", type=shard_dir, required=True, help="a shard directory (tools.make_shards)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--seconds", type=float, default=8)

@@ -25,6 +25,7 @@ from tools.bench_common import (
     loader_config,
     loader_runs,
     measure_rate,
+    shard_dir,
     stored_image_exts,
     stored_short_sides,
     switch_text,
@@ -36,7 +37,7 @@ WARMUP_BATCHES = 5
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.bench_pipeline", description=__doc__.split("\n\n")[0])
-    p.add_argument("--shards", help="a shard directory (default: convert the shared sample)")
+    p.add_argument("--shards", type=shard_dir, help="a shard directory (default: convert the shared sample)")
     p.add_argument("--backends", default="dali-gpu,dali-cpu,torch,synthetic")
     p.add_argument("--splits", default="train,val")
     p.add_argument("--batch-size", type=int, default=256)

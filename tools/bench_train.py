@@ -45,6 +45,7 @@ from tools.bench_common import (
     loader_runs,
     measure_rate,
     profile_steps,
+    shard_dir,
     stored_image_exts,
     stored_short_sides,
     switch_text,
@@ -79,7 +80,7 @@ def measurement_plan(backends: list[str], args) -> list[tuple[str, dict, int | N
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.bench_train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--shards", help="a shard directory (default: convert the shared sample)")
+    p.add_argument("--shards", type=shard_dir, help="a shard directory (default: convert the shared sample)")
     p.add_argument("--model", default="resnet18", choices=MODEL_NAMES)
     p.add_argument(
         "--backends",

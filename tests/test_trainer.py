@@ -207,7 +207,32 @@ def test_resuming_another_model_names_both(two_process_run, photo_shards, tmp_pa
     last = two_process_run[0] / "last.pt"
     result = run_tool(*train_args(photo_shards, tmp_path / "run", "model.name=resnet34")[1:], "--resume", str(last))
     assert result.returncode == 2, result.stdout + result.stderr
-    assert f"{last}: holds resnet18 with" in result.stderr and "this run builds resnet34 with" in result.stderr
+    assert f"{last}: holds resnet18; this run builds resnet34 (model.name)" in result.stderr
+
+
+def val_shards_of(classes: list[Path], out: Path) -> Path:
+    """Val-only shards of these class folders (each keeps its images)."""
+    tree = out.parent / (out.name + "-src")
+    tree.mkdir()
+    for folder in classes:
+        (tree / folder.name).symlink_to(folder, target_is_directory=True)
+    run_tool("tools.make_shards", "--val", str(tree), "--out", str(out), "--workers", "2", "--no-progress", check=True)
+    return out
+
+
+def test_evaluating_on_shards_of_other_classes_names_the_difference(two_process_run, photo_shards, tmp_path):
+    last = two_process_run[0] / "last.pt"
+    folders = sorted((photo_shards.parent / "src" / "val").iterdir())
+    fewer = val_shards_of(folders[:-1], tmp_path / "fewer")
+    renamed = tmp_path / "n99999999"  # same images, a wnid after every real one: the last label changes class
+    renamed.symlink_to(folders[-1], target_is_directory=True)
+    other = val_shards_of([*folders[:-1], renamed], tmp_path / "other")
+    for shards, message in [
+        (fewer, f"{last}: a model of {len(folders)} classes; {fewer} has {len(folders) - 1}"),
+        (other, f"{last}: class {len(folders) - 1} is {folders[-1].name}; in {other} it is n99999999"),
+    ]:
+        result = run_tool("train.evaluate", "--checkpoint", str(last), "--shards", str(shards), "--workers", "1")
+        assert result.returncode == 2 and message in result.stderr, result.stderr
 
 
 def start_and_kill_rank_1(torchrun_args: list[str], after_line: str) -> subprocess.Popen:

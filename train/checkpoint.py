@@ -80,12 +80,21 @@ def load_checkpoint(path: str | Path) -> dict:
     return checkpoint
 
 
-def check_same_model(checkpoint: dict, path: str | Path, model_name: str, num_classes: int) -> None:
-    """Resuming needs the checkpoint's architecture and class count; say so before load_state_dict's key list."""
+def check_same_model(checkpoint: dict, path: str | Path, model_name: str) -> None:
+    """Resuming needs the checkpoint's architecture; say so before load_state_dict's list of keys."""
     saved_name = checkpoint["config"]["model"]["name"]
+    if saved_name != model_name:
+        raise CheckpointError(f"{path}: holds {saved_name}; this run builds {model_name} (model.name)")
+
+
+def check_same_classes(checkpoint: dict, path: str | Path, num_classes: int, wnids: list[str], data: str) -> None:
+    """Label i must mean the same class to the checkpoint and to `data`: the same count, and the same
+    wnids where both record them. Otherwise a resumed run learns the wrong names, and an evaluation
+    scores against them, without an error."""
     saved_classes = checkpoint["model"]["fc.weight"].shape[0]
-    if (saved_name, saved_classes) != (model_name, num_classes):
-        raise CheckpointError(
-            f"{path}: holds {saved_name} with {saved_classes} classes; this run builds {model_name} with "
-            f"{num_classes} (model.name, or the shards' classes)"
-        )
+    if saved_classes != num_classes:
+        raise CheckpointError(f"{path}: a model of {saved_classes} classes; {data} has {num_classes}")
+    saved_wnids = [wnid for wnid, _ in checkpoint.get("classes") or []]
+    if saved_wnids and wnids and saved_wnids != wnids:
+        first = next(i for i, (a, b) in enumerate(zip(saved_wnids, wnids, strict=True)) if a != b)
+        raise CheckpointError(f"{path}: class {first} is {saved_wnids[first]}; in {data} it is {wnids[first]}")

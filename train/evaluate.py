@@ -15,7 +15,9 @@ import torch
 from pipeline.errors import SampleDecodeError
 from pipeline.loader import BACKENDS, LoaderConfig, create_loader
 from pipeline.shard_set import ShardError
-from train.checkpoint import CheckpointError, load_checkpoint
+from shards.manifest import read_manifest
+from train.checkpoint import CheckpointError, check_same_classes, load_checkpoint
+from train.config import ConfigError
 from train.distributed import setup_distributed, teardown_distributed
 from train.metrics import evaluate
 from train.model import build_model
@@ -64,13 +66,21 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             dtype=precision,
         )
-        loader = create_loader(args.shards, "val", cfg, ctx.rank, ctx.world_size, ctx.device)
+        try:
+            loader = create_loader(args.shards, "val", cfg, ctx.rank, ctx.world_size, ctx.device)
+        except ValueError as err:  # a setting that cannot work here (e.g. dali-gpu without a GPU)
+            raise ConfigError(str(err)) from err
+        wnids = [] if cfg.backend == "folder" else [c.wnid for c in read_manifest(args.shards).classes]
+        check_same_classes(checkpoint, args.checkpoint, loader.num_classes, wnids, args.shards)
         metrics = evaluate(model, loader, ctx, precision)
         loader.close()
         if ctx.is_main:
             print(json.dumps({"checkpoint": args.checkpoint, **metrics}))
     except CheckpointError as err:
         print(f"evaluate: checkpoint error: {err}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    except ConfigError as err:
+        print(f"evaluate: error: {err}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
     except (ShardError, SampleDecodeError, FileNotFoundError) as err:
         print(f"evaluate: data error: {err}", file=sys.stderr, flush=True)

@@ -39,6 +39,7 @@ from train.checkpoint import (
     BEST_NAME,
     LAST_NAME,
     CheckpointError,
+    check_same_classes,
     check_same_model,
     load_checkpoint,
     rng_state,
@@ -166,7 +167,9 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
     checkpoint_path = _resolve_resume(resume, run_dir)
     if checkpoint_path is not None:
         checkpoint = load_checkpoint(checkpoint_path)
-        check_same_model(checkpoint, checkpoint_path, cfg.model.name, num_classes)
+        check_same_model(checkpoint, checkpoint_path, cfg.model.name)
+        wnids = [wnid for wnid, _ in classes]
+        check_same_classes(checkpoint, checkpoint_path, num_classes, wnids, f"data.shards {cfg.data.shards}")
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         if scaler is not None and checkpoint.get("scaler"):

@@ -151,6 +151,16 @@ def test_resume_after_sigterm_gives_identical_weights(photo_shards, tmp_path):
     assert all(torch.equal(expected[k], got[k]) for k in expected), "resume is exact"
 
 
+def test_a_run_dir_with_checkpoints_is_not_started_afresh_over_them(two_process_run, photo_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_process_run[0], run_dir)
+    before = {path.name: path.read_bytes() for path in run_dir.iterdir() if path.is_file()}
+    result = run_tool(*train_args(photo_shards, run_dir, "train.epochs=4")[1:])
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"{run_dir / 'last.pt'} holds an earlier run: continue it with --resume auto" in result.stderr
+    assert {path.name: path.read_bytes() for path in run_dir.iterdir() if path.is_file()} == before
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(two_process_run, photo_shards, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(two_process_run[0], run_dir)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
             "--val-labels", str(data / "val_labels.txt"), "--out", str(shards), "--shard-size-mb", "1",
         )  # fmt: skip
         run_step("tools.verify_shards", str(shards), "--decode")
+        if run.exists():  # the trainer refuses to start afresh over an earlier run's checkpoints
+            print(f"$ rm -r {shlex.quote(str(run))}", flush=True)
+            shutil.rmtree(run)
         run_step("train", "--config", "configs/demo.yaml", f"data.shards={shards}", f"run.dir={run}", *args.overrides)
         run_step("train.evaluate", "--checkpoint", str(run / "best.pt"), "--shards", str(shards), "--workers", "2")
         run_step("tools.predict", "--checkpoint", str(run / "best.pt"), *sorted(map(str, (data / "val").iterdir()))[:2])

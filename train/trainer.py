@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--resume",
         default=None,
         help="'auto': continue from run.dir/last.pt if it exists; or a checkpoint path "
-        "(a torchrun restart resumes automatically)",
+        "(a torchrun restart resumes automatically). Without it, a run.dir holding last.pt is refused",
     )
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=0.2 data.backend=dali-cpu")
     return p.parse_args(argv)
@@ -86,6 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     resume = args.resume
     if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
         resume = "auto"  # torchrun --max-restarts brought us back: continue from the last checkpoint
+    earlier = Path(cfg.run.dir) / LAST_NAME
+    if resume is None and earlier.is_file():
+        # Starting afresh would replace its checkpoints within an epoch: a forgotten --resume in a
+        # requeued job script must not cost the days of training they hold.
+        print(
+            f"train: config error: {earlier} holds an earlier run: continue it with --resume auto, or give another "
+            "run.dir (or remove that one) to start afresh",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
     ctx = setup_distributed()
     stop = StopRequest(cfg.run.signal_grace_s).install()
     try:
@@ -422,7 +432,7 @@ def _targets_met(metrics: dict, targets: dict[str, float]) -> bool:
 
 
 def _resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
-    if resume in (None, "none"):
+    if resume is None:
         return None
     if resume == "auto":
         path = run_dir / LAST_NAME

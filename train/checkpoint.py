@@ -18,7 +18,7 @@ BEST_NAME = "best.pt"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable, of another version or for another model; names the file."""
+    """A checkpoint that is missing, unreadable, of another version, or of another model or classes; names the file."""
 
 
 def rng_state() -> dict:

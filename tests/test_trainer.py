@@ -161,6 +161,18 @@ def test_a_run_dir_with_checkpoints_is_not_started_afresh_over_them(two_process_
     assert {path.name: path.read_bytes() for path in run_dir.iterdir() if path.is_file()} == before
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, a device that is always full")
+def test_a_full_disk_at_a_checkpoint_is_named_and_leaves_no_file(photo_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "last.pt.tmp").symlink_to("/dev/full")  # where the checkpoint is written before its rename
+    result = run_tool(*train_args(photo_shards, run_dir, "train.epochs=1")[1:])
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"checkpoint error: cannot write {run_dir / 'last.pt'} (No space left on device)" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (run_dir / "last.pt").exists() and not (run_dir / "last.pt.tmp").exists()
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(two_process_run, photo_shards, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(two_process_run[0], run_dir)

@@ -18,7 +18,8 @@ BEST_NAME = "best.pt"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable, of another version, or of another model or classes; names the file."""
+    """A checkpoint that is missing, unreadable, of another version, of another model or classes, or
+    cannot be written; the message names the file."""
 
 
 def rng_state() -> dict:
@@ -53,6 +54,10 @@ def save_checkpoint(path: str | Path, payload: dict) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:  # a full disk, a quota: the message alone would not say which file
+        raise CheckpointError(
+            f"cannot write {path} ({err.strerror or err}); the file there, if any, is unchanged"
+        ) from err
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)

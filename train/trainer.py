@@ -8,8 +8,9 @@
 
 Reads top to bottom: config, distributed setup, data, model, optimizer, resume, then the loop
 (set lr, forward under autocast, backward, step, log at intervals), evaluation and checkpoints
-per epoch. Exit status: 0 done (or stopped cleanly by a signal), 2 bad config or resume checkpoint,
-3 non-finite loss, 4 bad data (named in the message); any other failure raises.
+per epoch. Exit status: 0 done (or stopped cleanly by a signal), 2 bad config, or a checkpoint that
+cannot be resumed or written, 3 non-finite loss, 4 bad data (named in the message); any other
+failure raises.
 """
 
 from __future__ import annotations

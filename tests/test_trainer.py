@@ -61,6 +61,7 @@ def test_two_process_run_logs_evaluates_and_checkpoints(two_process_run):
     run_dir, result = two_process_run
     assert "training resnet18 on 2 process(es)" in result.stdout
     assert "epoch 1 val: acc1" in result.stdout
+    assert "epoch 0 took " in result.stdout and " left for 1 epoch(s) at this pace" in result.stdout
     assert (run_dir / "config.yaml").is_file() and (run_dir / "code_version.txt").is_file()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("train/loss" in r for r in records) and sum("val/acc1" in r for r in records) == 2

@@ -255,6 +255,7 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
         train_loader.set_image_size(image_size)
         train_loader.set_epoch(epoch)
         skip_micro = position["step_in_epoch"] * accumulate
+        epoch_started, steps_to_train = time.perf_counter(), steps_per_epoch - position["step_in_epoch"]
         model.train()
         bar = tqdm(
             total=steps_per_epoch,
@@ -340,6 +341,9 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
         save(LAST_NAME, metrics)
         if improved:
             save(BEST_NAME, metrics)
+        _log_epoch_time(
+            log, epoch, time.perf_counter() - epoch_started, steps_to_train, steps_per_epoch, cfg.train.epochs
+        )
         if metrics and _targets_met(metrics, cfg.train.stop_when):
             log.line(f"stop criteria {cfg.train.stop_when} met after epoch {epoch}")
             break
@@ -413,6 +417,26 @@ def _log_train(log, epoch: int, position: dict, steps_per_epoch: int, window: di
             "epoch": epoch,
         },
     )
+
+
+def _log_epoch_time(log, epoch: int, seconds: float, steps_trained: int, steps_per_epoch: int, epochs: int) -> None:
+    """How long the epoch took (training, evaluation, checkpoints) and, at its pace, what is left."""
+    epochs_left = epochs - epoch - 1
+    text = f"epoch {epoch} took {_duration(seconds)}"
+    if epochs_left:
+        # Per step trained, so that an epoch resumed midway does not understate the pace.
+        left_s = seconds / max(steps_trained, 1) * steps_per_epoch * epochs_left
+        text += f"; about {_duration(left_s)} left for {epochs_left} epoch(s) at this pace"
+    log.line(text)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    if days:
+        return f"{days}d {hours:02d}h {minutes:02d}m"
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s"
 
 
 def _stop_requested(stop: StopRequest, ctx: DistContext) -> bool:

@@ -21,7 +21,7 @@ from PIL import Image
 from pipeline.batch_stream import BatchStream, EncodedBatch
 from pipeline.dali_pipeline import imagenet_pipeline
 from pipeline.errors import SampleDecodeError
-from pipeline.image_header import UnreadableHeader, encoded_image_size, ppm_header
+from pipeline.image_header import UnreadableHeader, encoded_image_size, ppm_pixels
 from pipeline.loader import LoaderConfig, PartLoader
 from pipeline.sample_table import SampleTable, file_table, shard_table
 from pipeline.shard_set import ShardError, ShardSet
@@ -70,10 +70,7 @@ class DaliLoader(PartLoader):
 
     def _epoch_rows(self, epoch: int) -> np.ndarray:
         """Table rows of the rank's part of `epoch`, in reading order: shuffled per sample for train."""
-        rows = self.table.rows(self._part(epoch))
-        if self.train:
-            rows = rows[np.random.default_rng([self.cfg.seed, epoch, self.rank]).permutation(len(rows))]
-        return rows
+        return self.table.reading_order(self._part(epoch), self.train, self.cfg.seed, epoch, self.rank)
 
     def _image_sizes(self, batch: EncodedBatch) -> tuple[np.ndarray, np.ndarray]:
         """Heights and widths of a batch's images: from the table, or on first read from their headers.
@@ -87,11 +84,7 @@ class DaliLoader(PartLoader):
             image = batch.images[i]
             try:
                 if table.raw_pixels:
-                    heights[i], widths[i], header = ppm_header(image)
-                    if len(image) != header + int(heights[i]) * int(widths[i]) * 3:
-                        raise UnreadableHeader(
-                            f"{len(image) - header} bytes of pixels, its header says {widths[i]}x{heights[i]} RGB"
-                        )
+                    heights[i], widths[i] = ppm_pixels(image).shape[:2]
                 else:
                     heights[i], widths[i] = encoded_image_size(image)
             except UnreadableHeader as err:

@@ -9,6 +9,8 @@ says where their pixels start.
 
 from __future__ import annotations
 
+import numpy as np
+
 from shards.image_check import PPM_HEADER_MAX_BYTES
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -81,3 +83,15 @@ def ppm_header(data) -> tuple[int, int, int]:
     if width == 0 or height == 0 or maximum != 255:
         raise UnreadableHeader(f"PPM of {width}x{height} with maximum value {maximum}: 8-bit RGB expected")
     return height, width, position + 1
+
+
+def ppm_pixels(data: np.ndarray) -> np.ndarray:
+    """The pixels of a binary PPM held in a uint8 array, as an H x W x 3 view (no copy).
+
+    The pixels must be exactly what the header promises: a shard not made by the converter may hold
+    fewer, or trailing bytes.
+    """
+    height, width, header = ppm_header(data)
+    if len(data) != header + height * width * 3:
+        raise UnreadableHeader(f"{len(data) - header} bytes of pixels, its header says {width}x{height} RGB")
+    return data[header:].reshape(height, width, 3)

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.split import RankPart, split_train, split_val
+from pipeline.split import RankPart, rank_part
 from pipeline.transforms import DEFAULT_CROP_PCT, DTYPES, val_resize_size
 
-BACKENDS = ("dali-gpu", "dali-cpu", "torch", "synthetic", "folder")
+BACKENDS = ("dali-gpu", "dali-cpu", "torch", "torch-uint8", "synthetic", "folder")
 SPLITS = ("train", "val")
 PAD_LABEL = -1
 
@@ -36,7 +36,7 @@ class LoaderConfig:
     image_size: int = 224  # train crop; can change between epochs (set_image_size)
     val_image_size: int = 224
     crop_pct: float = DEFAULT_CROP_PCT  # val: resize shorter side to size / crop_pct, center crop
-    workers: int = 8  # DALI threads, or DataLoader worker processes for `torch`
+    workers: int = 8  # DALI threads, or DataLoader worker processes for `torch` and `torch-uint8`
     dtype: str = "float16"  # one of DTYPES
     # Share of images for the hardware JPEG decoder (dali-gpu). 1.0: on an H100 it beat 0.65 in every
     # measurement, training and pipeline alone (docs/PERFORMANCE.md); the rest would be decoded by
@@ -112,9 +112,7 @@ class PartLoader(Loader):
         self.part = self._part(0)  # raises now if the split cannot feed every rank
 
     def _part(self, epoch: int) -> RankPart:
-        if self.train:
-            return split_train(self.sizes, self.rank, self.world_size, self.batch_size, epoch, self.cfg.seed)
-        return split_val(self.sizes, self.rank, self.world_size, self.batch_size)
+        return rank_part(self.sizes, self.train, self.rank, self.world_size, self.batch_size, epoch, self.cfg.seed)
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
@@ -165,6 +163,11 @@ def create_loader(
         from pipeline.torch_loader import TorchShardLoader
 
         return TorchShardLoader(open_shard_set(data, split), split, cfg, rank, world_size, device)
+    if cfg.backend == "torch-uint8":
+        from pipeline.shard_set import open_shard_set
+        from pipeline.uint8_loader import Uint8Loader
+
+        return Uint8Loader(open_shard_set(data, split), split, cfg, rank, world_size, device)
     if cfg.backend == "folder":
         from pipeline.dali_loader import DaliFolderLoader
         from pipeline.folder import list_image_folder

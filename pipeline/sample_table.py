@@ -76,6 +76,14 @@ class SampleTable:
             [np.arange(p.start, p.stop, dtype=np.int64) + self.first_row[p.shard] for p in part.pieces]
         )
 
+    def reading_order(self, part: RankPart, train: bool, seed: int, epoch: int, rank: int) -> np.ndarray:
+        """Row numbers of a rank's part in the order the DALI and torch-uint8 backends read them:
+        for train shuffled per sample, seeded by (seed, epoch, rank)."""
+        rows = self.rows(part)
+        if train:
+            rows = rows[np.random.default_rng([seed, epoch, rank]).permutation(len(rows))]
+        return rows
+
     def describe(self, row: int) -> str:
         """`<tar>: sample <key>`, or the image file's path: how error messages name a sample."""
         if self.index_lines is None:

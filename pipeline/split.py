@@ -79,6 +79,15 @@ def split_val(shard_sizes: list[int], rank: int, world_size: int, batch_size: in
     return RankPart(pieces, real)
 
 
+def rank_part(
+    shard_sizes: list[int], train: bool, rank: int, world_size: int, batch_size: int, epoch: int, seed: int
+) -> RankPart:
+    """The rank's part of `epoch`: `split_train`'s, or `split_val`'s (the same in every epoch)."""
+    if train:
+        return split_train(shard_sizes, rank, world_size, batch_size, epoch, seed)
+    return split_val(shard_sizes, rank, world_size, batch_size)
+
+
 def _take(sequence: list[tuple[int, int, int]], total: int, start: int, count: int) -> list[Piece]:
     """`count` samples of the concatenated `sequence`, from position `start`, wrapping around."""
     pieces: list[Piece] = []

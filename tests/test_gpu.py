@@ -70,3 +70,26 @@ def test_raw_pixels_on_dali_gpu_match_dali_cpu(raw_and_jpeg_shards, split):
     """Stored pixels skip the decoder: copied to the GPU and cropped there, as the CPU graph crops them."""
     raw, _ = raw_and_jpeg_shards
     assert_dali_gpu_matches_dali_cpu(raw, split)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_torch_uint8_on_gpu_matches_cpu(raw_and_jpeg_shards, split):
+    """The side-stream copy and normalization on the GPU give the CPU loader's batches (same uint8
+    pixels from the workers), over two epochs of one loader (the workers persist)."""
+    raw, _ = raw_and_jpeg_shards
+    cfg = LoaderConfig(backend="torch-uint8", batch_size=8, workers=2, dtype="float32")
+    loaders = {device: create_loader(str(raw), split, cfg, device=device) for device in ("cuda", "cpu")}
+    for epoch in (0, 1):
+        outputs = {}
+        for device, loader in loaders.items():
+            loader.set_epoch(epoch)
+            outputs[device] = []
+            for images, labels in loader:
+                assert images.device.type == device and images.is_contiguous(memory_format=torch.channels_last)
+                outputs[device].append((images.cpu(), labels.cpu()))
+        assert len(outputs["cuda"]) == len(outputs["cpu"]) > 0
+        for (gpu_images, gpu_labels), (cpu_images, cpu_labels) in zip(*outputs.values(), strict=True):
+            assert torch.equal(gpu_labels, cpu_labels)
+            assert (gpu_images - cpu_images).abs().max() <= 1e-5
+    for loader in loaders.values():
+        loader.close()

@@ -72,6 +72,19 @@ def test_two_process_run_logs_evaluates_and_checkpoints(two_process_run):
     assert (run_dir / "best.pt").is_file()
 
 
+def test_two_processes_train_from_raw_pixels_with_torch_uint8(raw_and_jpeg_shards, tmp_path):
+    """The torch-uint8 backend under torchrun: persistent DataLoader workers serve epochs of two sizes
+    (progressive resizing), evaluation and checkpoints follow, and every process exits."""
+    raw, _ = raw_and_jpeg_shards
+    run_dir = tmp_path / "run"
+    args = train_args(raw, run_dir, "data.backend=torch-uint8", "train.epochs=3", "eval.every=1")
+    args += ["resolution.max=64", "resolution.end_ramp=2", "resolution.step=32"]
+    result = torchrun(*args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("image size 32)") == 1 and result.stdout.count("image size 64)") == 2
+    assert load_checkpoint(run_dir / "last.pt")["epoch"] == 3
+
+
 def test_tensorboard_reads_the_event_files(two_process_run):
     run_dir, _ = two_process_run
     events = EventAccumulator(str(run_dir / "tensorboard"))

@@ -7,11 +7,13 @@ import gzip
 import json
 import os
 import platform
+import resource
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from glob import glob
 from pathlib import Path
 
 import torch
@@ -191,6 +193,7 @@ class Rate:
     # CPU cores the whole process kept busy over the timed span: every thread (DALI's too), not
     # DataLoader worker processes. Shows whether the host has cores left.
     process_cpu_cores: float
+    worker_cpu_cores: float  # the same for its child processes (DataLoader workers); 0 for DALI
 
 
 def measure_rate(
@@ -215,7 +218,7 @@ def measure_rate(
     """
     batches, images_done, epoch, started, waited = 0, 0, 0, None, 0.0
     span_start, span_seconds, span_images, switches = None, 0.0, 0, 0
-    loader_cpu, timed_batches, process_cpu_started = 0.0, 0, 0.0
+    loader_cpu, timed_batches, process_cpu_started, workers_cpu_started = 0.0, 0, 0.0, 0.0
     try:
         while True:
             loader.set_epoch(epoch)
@@ -237,7 +240,7 @@ def measure_rate(
                     first_of_epoch = False
                     if batches == warmup_batches:
                         started = span_start = _synced_time(device)
-                        process_cpu_started = time.process_time()
+                        process_cpu_started, workers_cpu_started = time.process_time(), children_cpu_seconds()
                     continue
                 images_done += len(images)
                 if first_of_epoch:
@@ -251,6 +254,7 @@ def measure_rate(
                     cpu = (
                         loader_cpu / timed_batches * 1e3,
                         (time.process_time() - process_cpu_started) / (ended - started),
+                        (children_cpu_seconds() - workers_cpu_started) / (ended - started),
                     )
                     return _rate(
                         loader, ended - started, images_done, waited, span_seconds, span_images, switches, *cpu
@@ -263,8 +267,38 @@ def measure_rate(
         loader.close()
 
 
+def children_cpu_seconds() -> float:
+    """CPU seconds used so far by this process's child processes (DataLoader workers), on Linux.
+
+    Ended children count through getrusage once reaped; live ones (persistent workers) are read
+    from /proc. The difference of two readings is the children's CPU time between them.
+    """
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    seconds, ticks = usage.ru_utime + usage.ru_stime, os.sysconf("SC_CLK_TCK")
+    for children in glob("/proc/self/task/*/children"):
+        with open(children) as listing:
+            pids = listing.read().split()
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()  # after "pid (name)": state, ppid, ...
+            except OSError:  # ended since it was listed: its time is in getrusage once reaped
+                continue
+            seconds += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime (fields 14 and 15)
+    return seconds
+
+
 def _rate(
-    loader, elapsed, images, waited, span_seconds, span_images, switches, loader_cpu_ms, process_cpu_cores
+    loader,
+    elapsed,
+    images,
+    waited,
+    span_seconds,
+    span_images,
+    switches,
+    loader_cpu_ms,
+    process_cpu_cores,
+    worker_cpu_cores,
 ) -> Rate:
     within = span_images / span_seconds if span_seconds > 0 and span_images else images / elapsed
     # A switch span holds one step (the new epoch's first batch) besides the switch itself.
@@ -279,6 +313,7 @@ def _rate(
         images_per_epoch,
         loader_cpu_ms,
         process_cpu_cores,
+        worker_cpu_cores,
     )
 
 

@@ -5,7 +5,8 @@
 
 Without --shards it converts the 1000 real photographs of ../shared/data/imagenet-sample, each
 linked --copies times. Prints each rate and its ratio to `torch`, and the CPU time the loop's own
-thread spends in the loader per batch (what the loader takes from a training loop's thread); --json
+thread spends in the loader per batch (what the loader takes from a training loop's thread), and the
+host cores the process and its DataLoader worker processes kept busy; --json
 saves them with the device and library versions. `dali-gpu` is skipped (and said so) where there is
 no GPU.
 """
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     width = max(16, *(len(r["name"]) for r in results)) if results else 16
     print(
         f"\n{'backend':{width}s} split    images/s   vs torch  within epochs  s/switch  images/epoch"
-        "  loader CPU ms  CPU cores"
+        "  loader CPU ms  CPU cores  worker cores"
     )
     for r in results:
         base = next((x["images_per_s"] for x in results if x["backend"] == "torch" and x["split"] == r["split"]), None)
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['name']:{width}s} {r['split']:5s} {r['images_per_s']:10.1f} {ratio:>9s}"
             f" {r['within_epoch_images_per_s']:14.1f} {switch_text(r['seconds_per_switch']):>9s}"
             f" {r['images_per_epoch']:13d} {r['loader_cpu_ms_per_batch']:14.2f} {r['process_cpu_cores']:10.2f}"
+            f" {r['worker_cpu_cores']:13.2f}"
         )
     finish_report("pipeline", args, results, stored_sides=stored_sides, stored_exts=stored_exts)
     return 0

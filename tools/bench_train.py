@@ -6,17 +6,18 @@
 The data-stall fraction is 1 - rate(backend) / rate(synthetic): the share of step rate lost to
 the pipeline. "host wait" is the share of the time the loop waited for the next batch: a stall
 with little wait means the pipeline keeps up but slows the step (it shares the GPU with the model).
-"within epochs" is the same ratio with epoch switches left out, "s/switch" what one switch costs
-(a bench epoch is far shorter than an ImageNet one, so switches weigh more here than in training),
+"within epochs" is the same ratio with epoch switches left out, "s/switch" what one switch costs (a
+bench epoch is far shorter than an ImageNet one, so switches weigh more here than in training),
 "loader CPU ms" the CPU time the loop's thread spends in the loader per batch: time it cannot spend
 launching the step's kernels; "CPU cores" the host cores the whole process kept busy (DALI's threads
-included). `--workers 8,16` and `--hw-decoder-load 0.65,1` measure the DALI backends with each
-value (every combination, one compiled model for all); `--compile reduce-overhead` replays the
-step's CUDA graphs. `--backends dali-reference` feeds the step from BASELINES.md's plain DALI
-pipeline (DALI's own reader and random-crop decoder, one rank reading every shard): the project's
-loader against the straightforward one, in the same run. `dali-predecoded` feeds it images decoded
-once into host memory and augmented by DALI as raw-pixel shards are (tools.predecoded_loader): the
-rate with no JPEG decoding at all.
+included), "worker cores" those its DataLoader worker processes kept busy (`torch`, `torch-uint8`).
+`--workers 8,16` and `--hw-decoder-load 0.65,1` measure the DALI backends with each value (every
+combination, one compiled model for all); `--compile reduce-overhead` replays the step's CUDA
+graphs. `--backends dali-reference` feeds the step from BASELINES.md's plain DALI pipeline (DALI's
+own reader and random-crop decoder, one rank reading every shard): the project's loader against the
+straightforward one, in the same run. `dali-predecoded` feeds it images decoded once into host
+memory and augmented by DALI as raw-pixel shards are (tools.predecoded_loader): the rate with no
+JPEG decoding at all.
 Same step code as the trainer (train.step.train_step), bf16 autocast on GPU.
 """
 
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     width = max(16, *(len(r["name"]) for r in results))
     print(
         f"\n{label}\n{'backend':{width}s}   images/s  vs synthetic  data stall  host wait  within epochs  s/switch"
-        "  loader CPU ms  CPU cores"
+        "  loader CPU ms  CPU cores  worker cores"
     )
     for r in results:
         r["vs_synthetic"] = r["images_per_s"] / synthetic
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['name']:{width}s} {r['images_per_s']:10.1f} {r['vs_synthetic']:12.3f} {1 - r['vs_synthetic']:11.1%}"
             f" {r['data_wait_fraction']:10.1%} {r['within_epoch_vs_synthetic']:14.3f}"
             f" {switch_text(r['seconds_per_switch']):>9s} {r['loader_cpu_ms_per_batch']:14.2f}"
-            f" {r['process_cpu_cores']:10.2f}"
+            f" {r['process_cpu_cores']:10.2f} {r['worker_cpu_cores']:13.2f}"
         )
     for failure in failed:
         print(f"FAILED {failure['name']}: {failure['error']}")

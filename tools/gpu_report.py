@@ -65,8 +65,8 @@ def pipeline_section(report: dict) -> list[str]:
         f" {args['seconds']} s per rate{_stored(report)})",
         "",
         "| backend | split | images/s | vs torch | within epochs | s per epoch switch | images/epoch |"
-        " loader CPU ms/batch | CPU cores |",
-        "|---|---|---|---|---|---|---|---|---|",
+        " loader CPU ms/batch | CPU cores | worker cores |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         ratio = f"{r['vs_torch']:.2f}x" if r.get("vs_torch") else "-"
@@ -74,7 +74,7 @@ def pipeline_section(report: dict) -> list[str]:
             f"| {r.get('name', r['backend'])} | {r['split']} | {r['images_per_s']:,.0f} | {ratio} |"
             f" {_optional(r, 'within_epoch_images_per_s', ',.0f')} | {_optional(r, 'seconds_per_switch', '.3f')} |"
             f" {_optional(r, 'images_per_epoch', ',')} | {_optional(r, 'loader_cpu_ms_per_batch', '.2f')} |"
-            f" {_optional(r, 'process_cpu_cores', '.2f')} |"
+            f" {_optional(r, 'process_cpu_cores', '.2f')} | {_optional(r, 'worker_cpu_cores', '.2f')} |"
         )
     gpu_train = [r for r in report["results"] if r["backend"] == "dali-gpu" and r["split"] == "train"]
     best = max(gpu_train, key=lambda r: r["images_per_s"], default=None)
@@ -101,8 +101,8 @@ def train_section(reports: list[dict]) -> list[str]:
         "### Training step fed by each pipeline (`tools.bench_train`)",
         "",
         "| model | backend | images/s | vs synthetic | host wait | within epochs vs synthetic | s per epoch switch |"
-        " loader CPU ms/batch | CPU cores |",
-        "|---|---|---|---|---|---|---|---|---|",
+        " loader CPU ms/batch | CPU cores | worker cores |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     verdicts = []
     for report in reports:
@@ -116,10 +116,10 @@ def train_section(reports: list[dict]) -> list[str]:
                 f"| {model} | {r.get('name', r['backend'])} | {r['images_per_s']:,.0f} | {r['vs_synthetic']:.3f} |"
                 f" {r.get('data_wait_fraction', 0.0):.1%} | {_optional(r, 'within_epoch_vs_synthetic', '.3f')} |"
                 f" {_optional(r, 'seconds_per_switch', '.3f')} | {_optional(r, 'loader_cpu_ms_per_batch', '.2f')} |"
-                f" {_optional(r, 'process_cpu_cores', '.2f')} |"
+                f" {_optional(r, 'process_cpu_cores', '.2f')} | {_optional(r, 'worker_cpu_cores', '.2f')} |"
             )
         for failure in report.get("failed", []):
-            lines.append(f"| {model} | {failure['name']} | FAILED: {failure['error']} | | | | | | |")
+            lines.append(f"| {model} | {failure['name']} | FAILED: {failure['error']} | | | | | | | |")
         fed = [r for r in report["results"] if r["backend"] == "dali-gpu"]
         best = max(fed, key=lambda r: r["vs_synthetic"], default=None)
         verdicts.append(

@@ -80,11 +80,13 @@ step "3r. the raw DALI rate on the same shards: DALI's own reader and random-cro
 limit 45 python -m tools.bench_dali_reference --shards /tmp/gc/bench-shards --batch-size "$batch" --seconds "$seconds" \
   --workers 8 --json "$results/bench_dali_reference.json"
 
-step "3s. dali-gpu alone on the train images stored as raw pixels at short side <= 256"
+step "3s. dali-gpu and torch-uint8 alone on the train images stored as raw pixels at short side <= 256"
 # 2026-11-27, eleventh session: 38,216 images/s with the whole image copied to the GPU before cropping;
 # the crop is now cut on the host first. (On the JPEG images at <= 256 that session: dali-gpu 19,894,
 # dali-cpu 4,640 with the host's 16 cores: whole batches decoded on the host cannot feed the step.)
-limit 45 python -m tools.bench_pipeline --shards /tmp/gc/raw-shards --backends dali-gpu --splits train \
+# torch-uint8 (new in the thirteenth session, unmeasured on a GPU): crops resized as uint8 in DataLoader
+# workers, one copy and a normalization per batch on the GPU. Its "worker cores" say what the host pays.
+limit 70 python -m tools.bench_pipeline --shards /tmp/gc/raw-shards --backends dali-gpu,torch-uint8 --splits train \
   --batch-size "$batch" --seconds "$seconds" --workers "$workers" --json "$results/bench_pipeline_raw.json"
 
 step "4. ResNet-18 compiled fed by dali-gpu and by BASELINES.md's plain DALI pipeline, vs synthetic, in one process"
@@ -100,13 +102,14 @@ step "4p. the same fed from the train images stored as raw pixels (make_shards -
 # (0.83 and 0.93 in a probe), dali-predecoded (512 images held decoded in memory, the same graph) 0.952
 # and 0.869; the SMs were 45-80% busy while the step waited for batches. The crop is now cut on the host
 # by DALI's threads and copied from DALI's pinned buffer: if dali-gpu is near 0.95 here, raw pixels are the recipe.
-limit 130 python -m tools.bench_train --shards /tmp/gc/raw-shards --model resnet18 --compile \
-  --backends dali-gpu,dali-predecoded --batch-size "$batch" --seconds "$seconds" --workers "$workers" \
+# torch-uint8 leaves the GPU nothing per image (see 3s): the candidate if DALI's GPU work is what costs the step.
+limit 150 python -m tools.bench_train --shards /tmp/gc/raw-shards --model resnet18 --compile \
+  --backends dali-gpu,torch-uint8,dali-predecoded --batch-size "$batch" --seconds "$seconds" --workers "$workers" \
   --json "$results/bench_train_rn18c_raw.json"
 
-step "4q. ResNet-50 fed by dali-gpu from the raw-pixel train images (from JPEG: 0.896-0.906 in four runs)"
-limit 90 python -m tools.bench_train --shards /tmp/gc/raw-shards --model resnet50 \
-  --backends dali-gpu --batch-size "$batch" --seconds "$seconds" --workers "$workers" \
+step "4q. ResNet-50 fed by dali-gpu and torch-uint8 from the raw-pixel train images (from JPEG: 0.896-0.906 in four runs)"
+limit 110 python -m tools.bench_train --shards /tmp/gc/raw-shards --model resnet50 \
+  --backends dali-gpu,torch-uint8 --batch-size "$batch" --seconds "$seconds" --workers "$workers" \
   --json "$results/bench_train_rn50_raw.json"
 kill "$dmon" 2>/dev/null
 tar czf "$OUT/diagnostics.tgz" -C /tmp/gc diagnostics

@@ -8,6 +8,7 @@ streams whole tars, and an exact per-rank split needs sample ranges inside them.
 from __future__ import annotations
 
 import io
+import signal
 from collections.abc import Iterator
 
 import numpy as np
@@ -20,6 +21,19 @@ from pipeline.loader import LoaderConfig, PartLoader
 from pipeline.sample_table import SampleReader, SampleTable, shard_table
 from pipeline.shard_set import ShardSet
 from pipeline.transforms import to_training_layout, torchvision_train_transform, torchvision_val_transform
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: the worker ignores SIGTERM and SIGINT.
+
+    A scheduler's SIGTERM (Slurm signals every process of a job step) or a terminal's Ctrl-C reaches
+    the workers too. torch's workers die of it, and the trainer, which checkpoints and stops on that
+    signal, would then fail at its next batch ("DataLoader worker exited unexpectedly"). The workers
+    still stop when their loader shuts them down, or when the main process dies (the DataLoader's
+    watchdog).
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class ShardSampleDataset(Dataset):
@@ -69,6 +83,7 @@ class TorchShardLoader(PartLoader):
             pin_memory=self.device.type == "cuda",
             prefetch_factor=self.cfg.prefetch if self.cfg.workers > 0 else None,
             generator=generator,
+            worker_init_fn=ignore_stop_signals,
         )
         for step, (images, labels) in enumerate(batches):
             labels = labels.to(self.device, non_blocking=True)

@@ -32,6 +32,7 @@ from pipeline.loader import LoaderConfig, PartLoader
 from pipeline.sample_table import SampleReader, SampleTable, shard_table
 from pipeline.shard_set import ShardSet
 from pipeline.split import rank_part
+from pipeline.torch_loader import ignore_stop_signals
 from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, random_resized_crops, val_resize_size
 
 
@@ -161,6 +162,7 @@ class Uint8Loader(PartLoader):
             pin_memory=device.type == "cuda",
             prefetch_factor=cfg.prefetch,
             persistent_workers=True,
+            worker_init_fn=ignore_stop_signals,
         )
         shape = (1, 3, 1, 1)
         self._mean = torch.tensor([m * 255 for m in IMAGENET_MEAN], device=device).view(shape)

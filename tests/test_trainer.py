@@ -165,6 +165,23 @@ def test_resume_after_sigterm_gives_identical_weights(photo_shards, tmp_path):
     assert all(torch.equal(expected[k], got[k]) for k in expected), "resume is exact"
 
 
+@pytest.mark.parametrize("backend", ["torch", "torch-uint8"])
+def test_sigterm_to_the_whole_process_group_still_saves(photo_shards, tmp_path, backend):
+    """Slurm's scancel (and a terminal's Ctrl-C) signals every process, DataLoader workers included:
+    the workers must outlive the signal so the trainer can read its next batch, checkpoint and stop."""
+    run_dir = tmp_path / "run"
+    args = train_args(photo_shards, run_dir, f"data.backend={backend}", "train.epochs=2")
+    process = popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    for line in process.stdout:
+        if line.startswith("epoch 0 step 4/"):
+            os.killpg(process.pid, signal.SIGTERM)
+            break
+    rest = process.communicate(timeout=120)[0]
+    assert process.returncode == 0, rest
+    assert "stopped by SIGTERM at epoch 0 step 6" in rest
+    assert load_checkpoint(run_dir / "last.pt")["step_in_epoch"] == 6
+
+
 def test_a_run_dir_with_checkpoints_is_not_started_afresh_over_them(two_process_run, photo_shards, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(two_process_run[0], run_dir)

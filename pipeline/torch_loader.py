@@ -7,7 +7,10 @@ streams whole tars, and an exact per-rank split needs sample ranges inside them.
 
 from __future__ import annotations
 
+import atexit
 import io
+import multiprocessing
+import os
 import signal
 from collections.abc import Iterator
 
@@ -22,18 +25,45 @@ from pipeline.sample_table import SampleReader, SampleTable, shard_table
 from pipeline.shard_set import ShardSet
 from pipeline.transforms import to_training_layout, torchvision_train_transform, torchvision_val_transform
 
+# Set by the main process as it exits; its forked DataLoader workers see it. multiprocessing's own
+# exit handler, which runs after this one (atexit runs handlers in reverse order of registration),
+# then stops any worker still alive with SIGTERM: see `outlive_job_signals`.
+_MAIN_PROCESS_EXITING = multiprocessing.Event()
+atexit.register(_MAIN_PROCESS_EXITING.set)
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: the worker ignores SIGTERM and SIGINT.
+
+def outlive_job_signals(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: the worker survives a SIGTERM or SIGINT sent to the whole job.
 
     A scheduler's SIGTERM (Slurm signals every process of a job step) or a terminal's Ctrl-C reaches
     the workers too. torch's workers die of it, and the trainer, which checkpoints and stops on that
-    signal, would then fail at its next batch ("DataLoader worker exited unexpectedly"). The workers
-    still stop when their loader shuts them down, or when the main process dies (the DataLoader's
-    watchdog).
+    signal, would then fail at its next batch ("DataLoader worker exited unexpectedly"). So SIGINT is
+    ignored, and SIGTERM too unless the main process is exiting (then it is multiprocessing stopping
+    the workers it left running, which must not hang the exit). Otherwise workers stop when their
+    loader shuts them down, or when the main process dies (the DataLoader's watchdog).
     """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _on_sigterm(signum: int, frame) -> None:
+    if _MAIN_PROCESS_EXITING.is_set():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def stop_workers_on_error(batches: Iterator) -> Iterator:
+    """The batches of a DataLoader iterator; if it raises, its worker processes are stopped at once.
+
+    The exception's traceback holds the iterator, so its workers would otherwise live as long as the
+    exception is kept (pytest keeps it; so may a caller that reports it and goes on), then be
+    stopped by the garbage collector, which waited 5 s per worker in the test suite.
+    """
+    try:
+        yield from batches
+    except Exception:
+        batches._shutdown_workers()  # what the iterator's own __del__ calls: torch has no public way
+        raise
 
 
 class ShardSampleDataset(Dataset):
@@ -83,8 +113,8 @@ class TorchShardLoader(PartLoader):
             pin_memory=self.device.type == "cuda",
             prefetch_factor=self.cfg.prefetch if self.cfg.workers > 0 else None,
             generator=generator,
-            worker_init_fn=ignore_stop_signals,
+            worker_init_fn=outlive_job_signals,
         )
-        for step, (images, labels) in enumerate(batches):
+        for step, (images, labels) in enumerate(stop_workers_on_error(iter(batches))):
             labels = labels.to(self.device, non_blocking=True)
             yield to_training_layout(images, self.device, self.dtype), self.padding_labels(labels, step)

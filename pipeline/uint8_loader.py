@@ -32,7 +32,7 @@ from pipeline.loader import LoaderConfig, PartLoader
 from pipeline.sample_table import SampleReader, SampleTable, shard_table
 from pipeline.shard_set import ShardSet
 from pipeline.split import rank_part
-from pipeline.torch_loader import ignore_stop_signals
+from pipeline.torch_loader import outlive_job_signals, stop_workers_on_error
 from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, random_resized_crops, val_resize_size
 
 
@@ -162,7 +162,7 @@ class Uint8Loader(PartLoader):
             pin_memory=device.type == "cuda",
             prefetch_factor=cfg.prefetch,
             persistent_workers=True,
-            worker_init_fn=ignore_stop_signals,
+            worker_init_fn=outlive_job_signals,
         )
         shape = (1, 3, 1, 1)
         self._mean = torch.tensor([m * 255 for m in IMAGENET_MEAN], device=device).view(shape)
@@ -175,15 +175,24 @@ class Uint8Loader(PartLoader):
         return images, self.padding_labels(labels.to(self.device, non_blocking=True), step)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self._batches is None:
+            raise RuntimeError("this torch-uint8 loader is closed (by close(), or by an error in its workers)")
+        try:
+            yield from self._on_device_ahead(stop_workers_on_error(iter(self._batches)))
+        except Exception:
+            self._batches = None  # its workers are stopped: a later pass must not wait for them
+            raise
+
+    def _on_device_ahead(self, batches: Iterator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.device.type != "cuda":
-            for step, (images, labels) in enumerate(self._batches):
+            for step, (images, labels) in enumerate(batches):
                 yield self._on_device(images, labels, step)
             return
         # Batch k+1 is copied and normalized on a side stream while the caller's stream runs step k,
         # as timm's PrefetchLoader does: on the caller's stream the copy would wait behind the step.
         side, caller = torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device)
         ready = None
-        for step, (images, labels) in enumerate(self._batches):
+        for step, (images, labels) in enumerate(batches):
             with torch.cuda.stream(side):
                 upcoming = self._on_device(images, labels, step)
             if ready is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -276,6 +277,10 @@ def test_undecodable_sample_is_named_with_its_shard(tmp_path, photo_shards, back
     with pytest.raises(SampleDecodeError, match=f"{tar}: sample {bad_key}"):
         for _ in loader:
             pass
+    assert not multiprocessing.active_children(), "DataLoader workers are stopped with the error, not left running"
+    if backend == "torch-uint8":  # its workers persisted across passes: a new pass is refused, not left waiting
+        with pytest.raises(RuntimeError, match="loader is closed"):
+            next(iter(loader))
     loader.close()
 
 

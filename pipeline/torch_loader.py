@@ -8,6 +8,7 @@ streams whole tars, and an exact per-rank split needs sample ranges inside them.
 from __future__ import annotations
 
 import atexit
+import functools
 import io
 import multiprocessing
 import os
@@ -25,31 +26,34 @@ from pipeline.sample_table import SampleReader, SampleTable, shard_table
 from pipeline.shard_set import ShardSet
 from pipeline.transforms import to_training_layout, torchvision_train_transform, torchvision_val_transform
 
-# Set by the main process as it exits; its forked DataLoader workers see it. multiprocessing's own
-# exit handler, which runs after this one (atexit runs handlers in reverse order of registration),
-# then stops any worker still alive with SIGTERM: see `outlive_job_signals`.
+# Set by the main process as it exits; handed to its DataLoader workers by `outlive_job_signals`
+# (explicitly, so that it is the same event whatever the start method).
+# multiprocessing's own exit handler, which runs after this one (atexit runs handlers in reverse order
+# of registration), then stops any worker still alive with SIGTERM.
 _MAIN_PROCESS_EXITING = multiprocessing.Event()
 atexit.register(_MAIN_PROCESS_EXITING.set)
 
 
-def outlive_job_signals(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: the worker survives a SIGTERM or SIGINT sent to the whole job.
-
-    A scheduler's SIGTERM (Slurm signals every process of a job step) or a terminal's Ctrl-C reaches
-    the workers too. torch's workers die of it, and the trainer, which checkpoints and stops on that
-    signal, would then fail at its next batch ("DataLoader worker exited unexpectedly"). So SIGINT is
-    ignored, and SIGTERM too unless the main process is exiting (then it is multiprocessing stopping
-    the workers it left running, which must not hang the exit). Otherwise workers stop when their
-    loader shuts them down, or when the main process dies (the DataLoader's watchdog).
-    """
+def _outlive_job_signals(main_process_exiting, worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, functools.partial(_on_sigterm, main_process_exiting))
 
 
-def _on_sigterm(signum: int, frame) -> None:
-    if _MAIN_PROCESS_EXITING.is_set():
+def _on_sigterm(main_process_exiting, signum: int, frame) -> None:
+    if main_process_exiting.is_set():
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+# DataLoader `worker_init_fn`: the worker survives a SIGTERM or SIGINT sent to the whole job.
+#
+# A scheduler's SIGTERM (Slurm signals every process of a job step) or a terminal's Ctrl-C reaches the
+# workers too. torch's workers die of it, and the trainer, which checkpoints and stops on that signal,
+# would then fail at its next batch ("DataLoader worker exited unexpectedly"). So SIGINT is ignored,
+# and SIGTERM too unless the main process is exiting (then it is multiprocessing stopping the workers
+# it left running, which must not hang the exit). Otherwise workers stop when their loader shuts them
+# down, or when the main process dies (the DataLoader's watchdog).
+outlive_job_signals = functools.partial(_outlive_job_signals, _MAIN_PROCESS_EXITING)
 
 
 def stop_workers_on_error(batches: Iterator) -> Iterator:
@@ -62,7 +66,9 @@ def stop_workers_on_error(batches: Iterator) -> Iterator:
     try:
         yield from batches
     except Exception:
-        batches._shutdown_workers()  # what the iterator's own __del__ calls: torch has no public way
+        shutdown = getattr(batches, "_shutdown_workers", None)  # what the iterator's __del__ calls
+        if shutdown is not None:  # torch has no public way; a loader without workers has none to stop
+            shutdown()
         raise
 
 

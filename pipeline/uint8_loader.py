@@ -134,17 +134,20 @@ def _new_batch(shape: tuple[int, ...]) -> torch.Tensor:
 
 
 class EpochSteps(Sampler):
-    """The keys of one pass: (epoch, image size, step) for each step, read from the loader when iterated."""
+    """The keys of one pass, (epoch, image size, step) for each step, as the loader last set them.
 
-    def __init__(self, loader: Uint8Loader):
-        self.loader = loader
+    Holds the values, not the loader: a loader that is dropped (after an error, say) is then freed at
+    once, and its DataLoader with it, which stops the workers.
+    """
+
+    def __init__(self):
+        self.epoch, self.image_size, self.steps = 0, 0, 0
 
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
-        loader = self.loader
-        return ((loader.epoch, loader.image_size, step) for step in range(loader.steps_per_epoch))
+        return ((self.epoch, self.image_size, step) for step in range(self.steps))
 
     def __len__(self) -> int:
-        return self.loader.steps_per_epoch
+        return self.steps
 
 
 class Uint8Loader(PartLoader):
@@ -154,10 +157,11 @@ class Uint8Loader(PartLoader):
         self.table = shard_table(shard_set)
         super().__init__(self.table.sizes, split, cfg, rank, world_size, device)
         self.num_classes = shard_set.num_classes
+        self._pass = EpochSteps()
         self._batches = DataLoader(
             Uint8Batches(self.table, self.train, cfg, rank, world_size, self.batch_size),
             batch_size=None,
-            sampler=EpochSteps(self),
+            sampler=self._pass,
             num_workers=cfg.workers,
             pin_memory=device.type == "cuda",
             prefetch_factor=cfg.prefetch,
@@ -177,6 +181,7 @@ class Uint8Loader(PartLoader):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self._batches is None:
             raise RuntimeError("this torch-uint8 loader is closed (by close(), or by an error in its workers)")
+        self._pass.epoch, self._pass.image_size, self._pass.steps = self.epoch, self.image_size, self.steps_per_epoch
         try:
             yield from self._on_device_ahead(stop_workers_on_error(iter(self._batches)))
         except Exception:

@@ -3,8 +3,8 @@
 One definition serves GPU decoding (`mixed`: nvJPEG and the hardware JPEG decoder) and CPU decoding
 (no GPU at all), as in DALI's ResNet-50 example. The encoded images come from a Python source (a
 `pipeline.batch_stream.BatchStream`) instead of a DALI reader: see that module for why. Images
-stored as pixels (`tools.make_shards --train-raw-pixels`) skip the decoder: train crops are cut on
-the host and copied to the GPU, where everything else is batched operators.
+stored as pixels (`tools.make_shards --train-raw-pixels`) skip the decoder: with a GPU they are
+copied to it and cropped there, in batched operators only.
 """
 
 from __future__ import annotations
@@ -85,13 +85,11 @@ def imagenet_pipeline(
         )
         window = dict(axis_names="WH", normalized_anchor=False, normalized_shape=False)
         if raw_pixels:
-            # Cropped on the host, then copied. DALI's threads read the mapped tars in parallel, and
-            # DALI gives a CPU operator that feeds the GPU a pinned output buffer, so the copy is
-            # asynchronous and about half the bytes. Copied whole from the tars' pageable memory
-            # instead, the step beside compiled ResNet-18 left the SMs 45-80% busy while waiting for
-            # batches (docs/PERFORMANCE.md, eleventh session; this order is not yet measured there).
-            images = fn.slice(stored, crop_anchor, crop_shape, **window)
-            images = images.gpu() if decode_on_gpu else images
+            # Copied whole to the GPU, then cropped there. Cutting the crop on the host first (DALI's
+            # threads, pinned output) fed compiled ResNet-18 on an H100 no faster (0.951-0.952 of
+            # synthetic against 0.959 on one machine, 0.866-0.877 against 0.855-0.879 on another) and
+            # kept 1.2 more host cores busy (docs/PERFORMANCE.md, fourteenth session).
+            images = fn.slice(stored.gpu() if decode_on_gpu else stored, crop_anchor, crop_shape, **window)
         else:  # only the crop's region of the JPEG is decoded
             images = fn.decoders.image_slice(
                 stored, crop_anchor, crop_shape, device=decoder_device, **window, **decode_args

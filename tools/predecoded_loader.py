@@ -1,5 +1,5 @@
 """A feed for `tools.bench_train` with no JPEG decoding: images decoded once into host memory, then
-cropped (on the host), resized, flipped and normalized (on the GPU) by DALI, batch after batch.
+cropped, resized, flipped and normalized by DALI on the GPU, batch after batch.
 
 Beside compiled ResNet-18 the step fed by dali-gpu waits for DALI's decoding: each image's GPU work
 after the hardware decoder (a colour-conversion kernel) queues behind the model's kernels, image

@@ -11,19 +11,19 @@ loaders (uint8 batches, normalization on the GPU) over this project's shards and
 Train crop windows and flips are drawn exactly as the DALI backends draw them, from
 (seed, epoch, rank, step) with `transforms.random_resized_crops`, so the batches match `dali-cpu`'s
 up to the resize's rounding (tested). The workers persist across epochs: each batch is requested
-as (epoch, image size, step).
+as (epoch, image size, step, slot), and written into that slot of a `BatchSlots` ring.
 """
 
 from __future__ import annotations
 
 import io
-import math
+import weakref
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.v2 import functional as F
 
 from pipeline.errors import SampleDecodeError
@@ -36,15 +36,101 @@ from pipeline.torch_loader import outlive_job_signals, stop_workers_on_error
 from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, random_resized_crops, val_resize_size
 
 
+class BatchSlots:
+    """A ring of batch buffers in shared memory: workers write uint8 batches into it, the main process
+    copies them to the device from it, and on a GPU the whole ring is pinned once.
+
+    Hand-written because a DataLoader hands each batch over in a new shared-memory segment, which
+    the worker must fault in and the main process must map and, on a GPU, copy into pinned memory in
+    its one pin-memory thread: about 6-8 ms of that thread per batch of 256 at 224 px on the CPU
+    machine. On an H100's host torch-uint8 alone made 70-80 batches/s with 10 of its 16 worker cores
+    idle, which that serial stage would explain (docs/PERFORMANCE.md, fourteenth session). Here only
+    the slot's number and the labels cross between processes, and the GPU copies from the ring.
+    The ring holds workers x prefetch + 2 batches: 1.3 GiB for 16 workers, prefetch 2, 256 x 224 px.
+
+    A slot is reused only after the device has finished copying out of it: `claim` waits for that,
+    and runs in the main process when the DataLoader hands a worker its next key.
+    """
+
+    def __init__(self, count: int, batch_size: int, image_size: int, device: torch.device):
+        self.count, self.image_size, self.device = count, image_size, device
+        self.buffer = torch.empty((count, batch_size * image_size * image_size * 3), dtype=torch.uint8)
+        try:
+            self.buffer.share_memory_()
+        except RuntimeError as err:  # e.g. a container's small /dev/shm
+            raise RuntimeError(
+                f"torch-uint8: cannot place its {count} batch buffers ({self.buffer.numel() / 2**30:.2f} GiB)"
+                f" in shared memory ({err}); lower data.workers or data.prefetch, or enlarge /dev/shm"
+            ) from err
+        self._copied: list[torch.cuda.Event | None] = [None] * count  # each slot's last copy to the device
+        self._claimed = 0
+        self._unpin = None
+
+    def pin(self) -> None:
+        """Page-lock the ring for asynchronous copies to the GPU (once). Called after the workers are
+        started: the CUDA driver may keep page-locked memory out of processes forked later."""
+        if self._unpin is not None:
+            return
+        pointer, size = self.buffer.data_ptr(), self.buffer.numel()
+        error = int(torch.cuda.cudart().cudaHostRegister(pointer, size, 0))
+        if error:
+            raise RuntimeError(
+                f"torch-uint8: page-locking its {size / 2**30:.2f} GiB of batch buffers failed"
+                f" (cudaHostRegister error {error}); lower data.workers or data.prefetch"
+            )
+        self._unpin = weakref.finalize(self, _unpin, self.buffer, self.device)  # before the ring is freed
+
+    def claim(self) -> int:
+        """The next slot in turn, once the device has finished copying the batch it held before."""
+        slot = self._claimed % self.count
+        self._claimed += 1
+        if self._copied[slot] is not None:
+            self._copied[slot].synchronize()
+        return slot
+
+    def batch(self, slot: int, length: int, size: int) -> torch.Tensor:
+        return slot_batch(self.buffer, slot, length, size)
+
+    def copied_on(self, slot: int, stream: torch.cuda.Stream) -> None:
+        """Mark slot `slot` in use until the work queued on `stream` so far is done."""
+        event = torch.cuda.Event()
+        event.record(stream)
+        self._copied[slot] = event
+
+    def close(self) -> None:
+        if self._unpin is not None:
+            self._unpin()
+
+
+def slot_batch(buffer: torch.Tensor, slot: int, length: int, size: int) -> torch.Tensor:
+    """Slot `slot` of a `BatchSlots` buffer seen as `length` uint8 images of `size` x `size` x 3."""
+    return buffer[slot, : length * size * size * 3].view(length, size, size, 3)
+
+
+def _unpin(buffer: torch.Tensor, device: torch.device) -> None:
+    torch.cuda.synchronize(device)  # no copy may still read the ring
+    torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
+
+
 class Uint8Batches(Dataset):
-    """Batch `(epoch, image_size, step)` of one rank's part as (uint8 N x S x S x 3, int64 labels).
+    """Batch `(epoch, image_size, step, slot)` of one rank's part, written into `slot` of the ring
+    as uint8 N x S x S x 3; returns (slot, int64 labels).
 
     Runs in worker processes: everything it needs to find a batch's rows is a pure function of the
     split's parameters, so persistent workers serve epoch after epoch.
     """
 
-    def __init__(self, table: SampleTable, train: bool, cfg: LoaderConfig, rank: int, world_size: int, batch_size: int):
-        self.table, self.train, self.cfg = table, train, cfg
+    def __init__(
+        self,
+        table: SampleTable,
+        train: bool,
+        cfg: LoaderConfig,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        slots: torch.Tensor,
+    ):
+        self.table, self.train, self.cfg, self.slots = table, train, cfg, slots
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self._reader: SampleReader | None = None  # opened in each worker, on first use
         self._rows_epoch: int | None = None
@@ -60,14 +146,14 @@ class Uint8Batches(Dataset):
             self._rows_epoch = epoch
         return self._rows
 
-    def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        epoch, size, step = key
+    def __getitem__(self, key: tuple[int, int, int, int]) -> tuple[int, np.ndarray]:
+        epoch, size, step, slot = key
         if self._reader is None:
             self._reader = SampleReader(self.table)
         rows = self.epoch_rows(epoch)[step * self.batch_size : (step + 1) * self.batch_size].tolist()
         stored = [self._stored(row) for row in rows]
-        labels = torch.tensor([self._reader.label(row) for row in rows], dtype=torch.int64)
-        images = _new_batch((len(rows), size, size, 3))
+        labels = np.array([self._reader.label(row) for row in rows], dtype=np.int64)
+        images = slot_batch(self.slots, slot, len(rows), size)
         if self.train:
             heights, widths = np.array([self._height_width(row, s) for row, s in zip(rows, stored, strict=True)]).T
             rng = np.random.default_rng([self.cfg.seed, epoch, self.rank, step])
@@ -83,7 +169,7 @@ class Uint8Batches(Dataset):
             for i, (row, s) in enumerate(zip(rows, stored, strict=True)):
                 image = F.resize(_channels_first(self._pixels(row, s)), [resize], antialias=True)
                 images[i] = F.center_crop(image, [size, size]).permute(1, 2, 0)
-        return images, labels
+        return slot, labels
 
     def _stored(self, row: int) -> np.ndarray:
         """Sample `row` as stored, read from the mapped tar with no copy: for raw pixels the H x W x 3
@@ -123,28 +209,25 @@ def _channels_first(pixels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(pixels)).permute(2, 0, 1)
 
 
-def _new_batch(shape: tuple[int, ...]) -> torch.Tensor:
-    """An uninitialized uint8 tensor; in a worker process, in shared memory, so that handing it to
-    the main process copies nothing (what `default_collate` does: 10 ms per batch of 256 at 224 px
-    on the CPU machine)."""
-    if get_worker_info() is None:
-        return torch.empty(shape, dtype=torch.uint8)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape))  # private, but what default_collate calls
-    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+def _as_returned(batch):
+    """The DataLoader's collate function: a worker's (slot, labels) as it is, with no tensor to share."""
+    return batch
 
 
 class EpochSteps(Sampler):
-    """The keys of one pass, (epoch, image size, step) for each step, as the loader last set them.
+    """The keys of one pass, (epoch, image size, step, slot) for each step, as the loader last set them.
 
-    Holds the values, not the loader: a loader that is dropped (after an error, say) is then freed at
-    once, and its DataLoader with it, which stops the workers.
+    Iterated in the main process, one key as a worker is handed its next batch, so a slot is claimed
+    then. Holds values and the ring, not the loader: a loader that is dropped (after an error, say)
+    is then freed at once, and its DataLoader with it, which stops the workers.
     """
 
-    def __init__(self):
+    def __init__(self, slots: BatchSlots):
+        self.slots = slots
         self.epoch, self.image_size, self.steps = 0, 0, 0
 
-    def __iter__(self) -> Iterator[tuple[int, int, int]]:
-        return ((self.epoch, self.image_size, step) for step in range(self.steps))
+    def __iter__(self) -> Iterator[tuple[int, int, int, int]]:
+        return ((self.epoch, self.image_size, step, self.slots.claim()) for step in range(self.steps))
 
     def __len__(self) -> int:
         return self.steps
@@ -157,49 +240,68 @@ class Uint8Loader(PartLoader):
         self.table = shard_table(shard_set)
         super().__init__(self.table.sizes, split, cfg, rank, world_size, device)
         self.num_classes = shard_set.num_classes
-        self._pass = EpochSteps()
-        self._batches = DataLoader(
-            Uint8Batches(self.table, self.train, cfg, rank, world_size, self.batch_size),
-            batch_size=None,
-            sampler=self._pass,
-            num_workers=cfg.workers,
-            pin_memory=device.type == "cuda",
-            prefetch_factor=cfg.prefetch,
-            persistent_workers=True,
-            worker_init_fn=outlive_job_signals,
-        )
         shape = (1, 3, 1, 1)
         self._mean = torch.tensor([m * 255 for m in IMAGENET_MEAN], device=device).view(shape)
         self._inverse_std = torch.tensor([1 / (s * 255) for s in IMAGENET_STD], device=device).view(shape)
+        self._slots: BatchSlots | None = None
+        self._start_workers(self.image_size)
 
-    def _on_device(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 N x H x W x 3 -> normalized N x 3 x H x W on the device, channels_last, `dtype`."""
-        images = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # channels_last as it lies
-        images = images.to(torch.float32).sub_(self._mean).mul_(self._inverse_std).to(self.dtype)
-        return images, self.padding_labels(labels.to(self.device, non_blocking=True), step)
+    def _start_workers(self, image_size: int) -> None:
+        """A ring for batches of `image_size` and the persistent workers that fill it (replacing any)."""
+        self.close()
+        # every batch a worker may hold or the DataLoader may have returned, and the one being copied
+        count = self.cfg.workers * self.cfg.prefetch + 2
+        self._slots = BatchSlots(count, self.batch_size, image_size, self.device)
+        self._pass = EpochSteps(self._slots)
+        dataset = Uint8Batches(
+            self.table, self.train, self.cfg, self.rank, self.world_size, self.batch_size, self._slots.buffer
+        )
+        self._batches = DataLoader(
+            dataset,
+            batch_size=None,
+            sampler=self._pass,
+            num_workers=self.cfg.workers,
+            collate_fn=_as_returned,
+            prefetch_factor=self.cfg.prefetch,
+            persistent_workers=True,
+            worker_init_fn=outlive_job_signals,
+        )
+
+    def _normalized(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 N x H x W x 3 on the device -> normalized N x 3 x H x W, channels_last, `dtype`."""
+        images = images.permute(0, 3, 1, 2)  # channels_last as it lies
+        return images.to(torch.float32).sub_(self._mean).mul_(self._inverse_std).to(self.dtype)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self._batches is None:
             raise RuntimeError("this torch-uint8 loader is closed (by close(), or by an error in its workers)")
+        if self.image_size > self._slots.image_size:  # progressive resizing grew the crops: a larger ring
+            self._start_workers(self.image_size)
         self._pass.epoch, self._pass.image_size, self._pass.steps = self.epoch, self.image_size, self.steps_per_epoch
         try:
             yield from self._on_device_ahead(stop_workers_on_error(iter(self._batches)))
         except Exception:
-            self._batches = None  # its workers are stopped: a later pass must not wait for them
+            self.close()  # its workers are stopped: a later pass must not wait for them
             raise
 
     def _on_device_ahead(self, batches: Iterator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        slots, size = self._slots, self.image_size
         if self.device.type != "cuda":
-            for step, (images, labels) in enumerate(batches):
-                yield self._on_device(images, labels, step)
+            for step, (slot, labels) in enumerate(batches):
+                images = self._normalized(slots.batch(slot, len(labels), size))  # a new tensor: the slot is free
+                yield images, self.padding_labels(torch.from_numpy(labels), step)
             return
         # Batch k+1 is copied and normalized on a side stream while the caller's stream runs step k,
         # as timm's PrefetchLoader does: on the caller's stream the copy would wait behind the step.
+        slots.pin()  # the workers exist by now (iter() started them)
         side, caller = torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device)
         ready = None
-        for step, (images, labels) in enumerate(batches):
+        for step, (slot, labels) in enumerate(batches):
             with torch.cuda.stream(side):
-                upcoming = self._on_device(images, labels, step)
+                images = slots.batch(slot, len(labels), size).to(self.device, non_blocking=True)  # the ring is pinned
+                slots.copied_on(slot, side)
+                labels = torch.from_numpy(labels).pin_memory().to(self.device, non_blocking=True)
+                upcoming = self._normalized(images), self.padding_labels(labels, step)
             if ready is not None:
                 yield ready
             caller.wait_stream(side)
@@ -210,5 +312,8 @@ class Uint8Loader(PartLoader):
             yield ready
 
     def close(self) -> None:
-        """Stop the worker processes (they persist across epochs): dropping the DataLoader shuts them down."""
-        self._batches = None
+        """Stop the worker processes (they persist across epochs) and free the ring."""
+        self._batches = None  # dropping the DataLoader shuts its workers down
+        if self._slots is not None:
+            self._slots.close()
+            self._slots = None

@@ -75,9 +75,11 @@ def test_raw_pixels_on_dali_gpu_match_dali_cpu(raw_and_jpeg_shards, split):
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_torch_uint8_on_gpu_matches_cpu(raw_and_jpeg_shards, split):
     """The side-stream copy and normalization on the GPU give the CPU loader's batches (same uint8
-    pixels from the workers), over two epochs of one loader (the workers persist)."""
+    pixels from the workers), over two epochs of one loader (the workers persist). One worker and a
+    prefetch of one leave three batch buffers for eight steps an epoch: each is refilled while
+    copies from the others may still be queued on the GPU."""
     raw, _ = raw_and_jpeg_shards
-    cfg = LoaderConfig(backend="torch-uint8", batch_size=8, workers=2, dtype="float32")
+    cfg = LoaderConfig(backend="torch-uint8", batch_size=2, workers=1, prefetch=1, dtype="float32")
     loaders = {device: create_loader(str(raw), split, cfg, device=device) for device in ("cuda", "cpu")}
     for epoch in (0, 1):
         outputs = {}

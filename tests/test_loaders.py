@@ -113,8 +113,32 @@ def test_torch_uint8_train_batches_are_dali_cpus(raw_and_jpeg_shards, shards):
     about 0.3, 17 grey levels, on the sample photographs; 0.01 or less on average over the batch)."""
     data = raw_and_jpeg_shards[0 if shards == "raw" else 1]
     batches = [collect(create_loader(str(data), "train", config(b)), epoch=2) for b in ("dali-cpu", "torch-uint8")]
-    assert len(batches[0]) == len(batches[1]) > 0
-    for (dali_images, dali_labels), (uint8_images, uint8_labels) in zip(*batches, strict=True):
+    assert_train_batches_agree(*batches)
+
+
+def test_torch_uint8_refills_its_batch_buffers_in_turn(raw_and_jpeg_shards):
+    """One worker and a prefetch of one leave torch-uint8 three batch buffers in shared memory; at
+    batch 2 an epoch of the 16 photographs takes 8 steps, so each buffer is refilled again and again
+    (and across the epoch switch) while others are being read: every batch is still dali-cpu's."""
+    raw, _ = raw_and_jpeg_shards
+    loaders = [
+        create_loader(str(raw), "train", config(b, batch_size=2, workers=1, prefetch=1))
+        for b in ("dali-cpu", "torch-uint8")
+    ]
+    for epoch in (0, 1):  # one loader throughout: its workers and buffers persist across the switch
+        for loader in loaders:
+            loader.set_epoch(epoch)
+        batches = [list(loader) for loader in loaders]
+        assert len(batches[0]) == 8
+        assert_train_batches_agree(*batches)
+    for loader in loaders:
+        loader.close()
+
+
+def assert_train_batches_agree(dali_batches: list, uint8_batches: list) -> None:
+    """dali-cpu's and torch-uint8's train batches: same labels, same pixels up to the two resizes."""
+    assert len(dali_batches) == len(uint8_batches) > 0
+    for (dali_images, dali_labels), (uint8_images, uint8_labels) in zip(dali_batches, uint8_batches, strict=True):
         assert torch.equal(dali_labels, uint8_labels)
         difference = (dali_images - uint8_images).abs()
         assert difference[..., TRAIN_EDGE:-TRAIN_EDGE, TRAIN_EDGE:-TRAIN_EDGE].max() <= VAL_AGREEMENT_MAX_ABS
@@ -159,6 +183,9 @@ def test_image_size_changes_between_epochs(photo_shards, backend):
     loader.set_image_size(32)
     loader.set_epoch(1)
     assert next(iter(loader))[0].shape[-1] == 32
+    loader.set_image_size(96)  # larger than the first: torch-uint8 needs larger batch buffers
+    loader.set_epoch(2)
+    assert next(iter(loader))[0].shape[-1] == 96
     loader.close()
 
 

@@ -81,11 +81,11 @@ limit 45 python -m tools.bench_dali_reference --shards /tmp/gc/bench-shards --ba
   --workers 8 --json "$results/bench_dali_reference.json"
 
 step "3s. dali-gpu and torch-uint8 alone on the train images stored as raw pixels at short side <= 256"
-# 2026-11-27, eleventh session: 38,216 images/s with the whole image copied to the GPU before cropping;
-# the crop is now cut on the host first. (On the JPEG images at <= 256 that session: dali-gpu 19,894,
-# dali-cpu 4,640 with the host's 16 cores: whole batches decoded on the host cannot feed the step.)
-# torch-uint8 (new in the thirteenth session, unmeasured on a GPU): crops resized as uint8 in DataLoader
-# workers, one copy and a normalization per batch on the GPU. Its "worker cores" say what the host pays.
+# 2026-11-27: dali-gpu 38,216 (eleventh session) and 50,959 (fourteenth) images/s. torch-uint8 17,751 (fourteenth
+# session, 20,813 within epochs) with 6.2 of 16 worker cores busy: then each batch crossed to the main process
+# in a new shared-memory segment and was copied into pinned memory by one thread. Since then the workers
+# write into a pinned ring of batch buffers (pipeline/uint8_loader.py BatchSlots): is it faster now?
+# (On the JPEG images at <= 256, eleventh session: dali-gpu 19,894, dali-cpu 4,640 with the host's 16 cores.)
 limit 70 python -m tools.bench_pipeline --shards /tmp/gc/raw-shards --backends dali-gpu,torch-uint8 --splits train \
   --batch-size "$batch" --seconds "$seconds" --workers "$workers" --json "$results/bench_pipeline_raw.json"
 
@@ -98,16 +98,16 @@ limit 120 python -m tools.bench_train --shards /tmp/gc/bench-shards --model resn
   --workers "$workers" --json "$results/bench_train_rn18c.json"
 
 step "4p. the same fed from the train images stored as raw pixels (make_shards --train-raw-pixels)"
-# 2026-11-27, eleventh session, with the whole image copied to the GPU before cropping: dali-gpu 0.721 here
-# (0.83 and 0.93 in a probe), dali-predecoded (512 images held decoded in memory, the same graph) 0.952
-# and 0.869; the SMs were 45-80% busy while the step waited for batches. The crop is now cut on the host
-# by DALI's threads and copied from DALI's pinned buffer: if dali-gpu is near 0.95 here, raw pixels are the recipe.
-# torch-uint8 leaves the GPU nothing per image (see 3s): the candidate if DALI's GPU work is what costs the step.
+# 2026-11-27, compiled ResNet-18 (each figure one 6-s measurement): dali-gpu 0.721 (eleventh session), 0.928
+# (fourteenth: first in line, the model compiled in its warm-up; synthetic runs first now), 0.830 and 0.857
+# (fourteenth, a second machine); in probes 0.83-0.96. dali-predecoded (512 images held decoded in memory,
+# the same graph) 0.869-0.958. torch-uint8 0.772 and 0.613 with its old hand-over (see 3s). Each backend
+# runs twice: one measurement per backend did not tell them apart across machines.
 limit 150 python -m tools.bench_train --shards /tmp/gc/raw-shards --model resnet18 --compile \
-  --backends dali-gpu,torch-uint8,dali-predecoded --batch-size "$batch" --seconds "$seconds" --workers "$workers" \
-  --json "$results/bench_train_rn18c_raw.json"
+  --backends dali-gpu,torch-uint8,dali-predecoded,dali-gpu,torch-uint8 --batch-size "$batch" --seconds "$seconds" \
+  --workers "$workers" --json "$results/bench_train_rn18c_raw.json"
 
-step "4q. ResNet-50 fed by dali-gpu and torch-uint8 from the raw-pixel train images (from JPEG: 0.896-0.906 in four runs)"
+step "4q. ResNet-50 fed by dali-gpu and torch-uint8 from the raw-pixel train images (fourteenth session: 0.994, 0.996)"
 limit 110 python -m tools.bench_train --shards /tmp/gc/raw-shards --model resnet50 \
   --backends dali-gpu,torch-uint8 --batch-size "$batch" --seconds "$seconds" --workers "$workers" \
   --json "$results/bench_train_rn50_raw.json"
@@ -124,7 +124,7 @@ limit 150 python -m torch.distributed.run --standalone --nproc-per-node 1 -m tra
 limit 90 python -m train.evaluate --checkpoint /tmp/gc/run/last.pt --shards /tmp/gc/shards --workers "$workers"
 ls -la /tmp/gc/run
 
-step "4r. ResNet-50 fed by dali-gpu from the full-size JPEGs vs synthetic (0.896-0.906 in four runs; last, so the budget may skip it)"
+step "4r. ResNet-50 fed by dali-gpu from the full-size JPEGs vs synthetic (0.896-0.908 in five runs; last, so the budget may skip it)"
 limit 90 python -m tools.bench_train --shards /tmp/gc/bench-shards --model resnet50 \
   --backends dali-gpu --batch-size "$batch" --seconds "$seconds" --workers "$workers" --json "$results/bench_train_rn50.json"
 

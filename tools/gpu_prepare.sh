@@ -10,8 +10,8 @@
 #   carry .dev/dali2: cp .dev/dali2/* /tmp/dv/
 #   carry .dev/dali3 and .dev/gpu-extra: cp .dev/dali3/* /tmp/dv/ && BUDGET_S=540 bash tools/gpu_check.sh
 #   (timeout_s 580: the first call starts the machine, 30-70 s of the session's 15 minutes of
-#   device time; on 2026-11-27 the script took 400 s, 507 s, 496 s and 542 s, and the current steps
-#   are estimated at about 480 s; the budget cuts the last step, ResNet-50 from JPEGs, if it must)
+#   device time; on 2026-11-27 the script took 400 s, 507 s, 496 s, 542 s and 371 s, and with step 4p's
+#   two more measurements about 400 s; the budget cuts the last step, ResNet-50 from JPEGs, if it must)
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 photos=${PHOTOS:-150}  # with .dev/dali3 (38 MiB) this keeps the third call under 64 MiB

@@ -128,9 +128,9 @@ class Uint8Batches(Dataset):
         rank: int,
         world_size: int,
         batch_size: int,
-        slots: torch.Tensor,
+        ring: torch.Tensor,
     ):
-        self.table, self.train, self.cfg, self.slots = table, train, cfg, slots
+        self.table, self.train, self.cfg, self.ring = table, train, cfg, ring  # BatchSlots.buffer
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self._reader: SampleReader | None = None  # opened in each worker, on first use
         self._rows_epoch: int | None = None
@@ -153,7 +153,7 @@ class Uint8Batches(Dataset):
         rows = self.epoch_rows(epoch)[step * self.batch_size : (step + 1) * self.batch_size].tolist()
         stored = [self._stored(row) for row in rows]
         labels = np.array([self._reader.label(row) for row in rows], dtype=np.int64)
-        images = slot_batch(self.slots, slot, len(rows), size)
+        images = slot_batch(self.ring, slot, len(rows), size)
         if self.train:
             heights, widths = np.array([self._height_width(row, s) for row, s in zip(rows, stored, strict=True)]).T
             rng = np.random.default_rng([self.cfg.seed, epoch, self.rank, step])

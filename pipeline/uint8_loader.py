@@ -46,7 +46,7 @@ class BatchSlots:
     machine. On an H100's host torch-uint8 alone made 70-80 batches/s with 10 of its 16 worker cores
     idle, which that serial stage would explain (docs/PERFORMANCE.md, fourteenth session). Here only
     the slot's number and the labels cross between processes, and the GPU copies from the ring.
-    The ring holds workers x prefetch + 2 batches: 1.3 GiB for 16 workers, prefetch 2, 256 x 224 px.
+    The ring holds workers x prefetch + 2 batches: 1.2 GiB for 16 workers, prefetch 2, 256 x 224 px.
 
     A slot is reused only after the device has finished copying out of it: `claim` waits for that,
     and runs in the main process when the DataLoader hands a worker its next key.

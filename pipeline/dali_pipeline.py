@@ -14,10 +14,7 @@ from collections.abc import Callable
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 
-from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD
-
-DALI_MEAN = [m * 255 for m in IMAGENET_MEAN]
-DALI_STD = [s * 255 for s in IMAGENET_STD]
+from pipeline.transforms import PIXEL_MEAN, PIXEL_STD
 
 
 def torchvision_resize_size(images, shorter: int):
@@ -96,7 +93,7 @@ def imagenet_pipeline(
             )
         images = fn.resize(images, resize_x=image_size, resize_y=image_size, interp_type=types.INTERP_LINEAR)
         images = fn.crop_mirror_normalize(
-            images, dtype=dtype, output_layout="HWC", mean=DALI_MEAN, std=DALI_STD, mirror=flip
+            images, dtype=dtype, output_layout="HWC", mean=list(PIXEL_MEAN), std=list(PIXEL_STD), mirror=flip
         )
     else:
         stored, labels = fn.external_source(
@@ -117,8 +114,8 @@ def imagenet_pipeline(
             crop=(image_size, image_size),
             crop_pos_x=torchvision_center(resize_x, image_size),
             crop_pos_y=torchvision_center(resize_y, image_size),
-            mean=DALI_MEAN,
-            std=DALI_STD,
+            mean=list(PIXEL_MEAN),
+            std=list(PIXEL_STD),
         )
     if decode_on_gpu:
         labels = labels.gpu()

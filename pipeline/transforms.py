@@ -14,6 +14,9 @@ from torchvision import transforms
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# the same on the 0-255 scale of uint8 pixels, for the loaders that normalize after the resize
+PIXEL_MEAN = tuple(m * 255 for m in IMAGENET_MEAN)
+PIXEL_STD = tuple(s * 255 for s in IMAGENET_STD)
 DEFAULT_CROP_PCT = 0.875  # 224 / 256, the usual ImageNet eval crop
 RRC_AREA = (0.08, 1.0)
 RRC_ASPECT_RATIO = (3 / 4, 4 / 3)

@@ -33,7 +33,7 @@ from pipeline.sample_table import SampleReader, SampleTable, shard_table
 from pipeline.shard_set import ShardSet
 from pipeline.split import rank_part
 from pipeline.torch_loader import outlive_job_signals, stop_workers_on_error
-from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, random_resized_crops, val_resize_size
+from pipeline.transforms import PIXEL_MEAN, PIXEL_STD, random_resized_crops, val_resize_size
 
 
 class BatchSlots:
@@ -241,8 +241,8 @@ class Uint8Loader(PartLoader):
         super().__init__(self.table.sizes, split, cfg, rank, world_size, device)
         self.num_classes = shard_set.num_classes
         shape = (1, 3, 1, 1)
-        self._mean = torch.tensor([m * 255 for m in IMAGENET_MEAN], device=device).view(shape)
-        self._inverse_std = torch.tensor([1 / (s * 255) for s in IMAGENET_STD], device=device).view(shape)
+        self._mean = torch.tensor(PIXEL_MEAN, device=device).view(shape)
+        self._inverse_std = torch.tensor([1 / s for s in PIXEL_STD], device=device).view(shape)
         self._slots: BatchSlots | None = None
         self._start_workers(self.image_size)
 

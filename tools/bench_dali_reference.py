@@ -20,8 +20,8 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from pipeline.dali_loader import shut_down
-from pipeline.dali_pipeline import DALI_MEAN, DALI_STD
 from pipeline.shard_set import ShardSet, open_shard_set
+from pipeline.transforms import PIXEL_MEAN, PIXEL_STD
 from tools.bench_common import (
     HW_LOAD_HELP,
     finish_report,
@@ -48,7 +48,7 @@ def reference_pipeline(tars: list[str], index_files: list[str], image_size: int,
     images = fn.resize(images, resize_x=image_size, resize_y=image_size)
     flip = fn.random.coin_flip()
     images = fn.crop_mirror_normalize(
-        images, dtype=types.FLOAT16, output_layout="HWC", mean=DALI_MEAN, std=DALI_STD, mirror=flip
+        images, dtype=types.FLOAT16, output_layout="HWC", mean=list(PIXEL_MEAN), std=list(PIXEL_STD), mirror=flip
     )
     return images, labels
 

@@ -273,9 +273,9 @@ class Uint8Loader(PartLoader):
         return images.to(torch.float32).sub_(self._mean).mul_(self._inverse_std).to(self.dtype)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self._batches is None:
-            raise RuntimeError("this torch-uint8 loader is closed (by close(), or by an error in its workers)")
-        if self.image_size > self._slots.image_size:  # progressive resizing grew the crops: a larger ring
+        # Closed (by close() or an error in its workers): new workers, as a DataLoader starts new ones
+        # for each pass. Progressive resizing grew the crops: a larger ring.
+        if self._batches is None or self.image_size > self._slots.image_size:
             self._start_workers(self.image_size)
         self._pass.epoch, self._pass.image_size, self._pass.steps = self.epoch, self.image_size, self.steps_per_epoch
         try:

@@ -24,7 +24,7 @@ def bench_out(photo_shards, tmp_path_factory):
     )  # fmt: skip
     train = run_tool(
         "tools.bench_train", "--shards", str(photo_shards),
-        "--backends", "dali-gpu,dali-cpu,dali-reference,dali-predecoded", "--batch-size", "4",
+        "--backends", "dali-gpu,dali-cpu,dali-reference,dali-predecoded,torch-uint8", "--batch-size", "4",
         "--image-size", "32", "--seconds", "0.3", "--workers", "2", "--json", str(out / "bench_train_rn18.json"),
         "--profile", str(out / "profile"), check=True,
     )  # fmt: skip
@@ -63,7 +63,9 @@ def test_bench_train_reports_the_data_stall(bench_out):
     report = json.loads((out / "bench_train_rn18.json").read_text())
     gpu = report["environment"]["gpu"]
     # synthetic first: the model is compiled during its warm-up, not during a backend's measurement
-    expected = ["synthetic"] + ["dali-gpu"] * bool(gpu) + ["dali-cpu", "dali-reference", "dali-predecoded"]
+    expected = (
+        ["synthetic"] + ["dali-gpu"] * bool(gpu) + ["dali-cpu", "dali-reference", "dali-predecoded", "torch-uint8"]
+    )
     assert [r["backend"] for r in report["results"]] == expected
     assert report["results"][0]["vs_synthetic"] == 1.0
     assert all(0.0 <= r["data_wait_fraction"] < 1.0 for r in report["results"])
@@ -190,6 +192,7 @@ def test_bench_train_profiles_each_backend(bench_out):
 
     out, _, _ = bench_out
     stems = {"resnet18-dali-cpu", "resnet18-dali-reference", "resnet18-dali-predecoded", "resnet18-synthetic"}
+    stems.add("resnet18-torch-uint8")  # closed after its rate, it starts new workers for the profile
     if torch.cuda.is_available():  # on a GPU the reference decodes with the hardware decoder, at its load
         stems = (stems - {"resnet18-dali-reference"}) | {"resnet18-dali-reference-hw=1", "resnet18-dali-gpu-hw=1"}
     assert {path.name.removesuffix(".txt") for path in (out / "profile").glob("*.txt")} == stems

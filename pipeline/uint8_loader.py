@@ -17,6 +17,7 @@ as (epoch, image size, step, slot), and written into that slot of a `BatchSlots`
 from __future__ import annotations
 
 import io
+import itertools
 import weakref
 from collections.abc import Iterator
 
@@ -215,7 +216,10 @@ def _as_returned(batch):
 
 
 class EpochSteps(Sampler):
-    """The keys of one pass, (epoch, image size, step, slot) for each step, as the loader last set them.
+    """The keys (epoch, image size, step, slot) of the pass the loader last set, then of the epochs
+    after it, on and on: the workers go on into the next epoch while this one's last batches are
+    used, so an epoch starts without waiting for one worker to make its first batch (about 0.15 s
+    beside ResNet-18 on an H100, 7% of the benchmark's 2-s epochs).
 
     Iterated in the main process, one key as a worker is handed its next batch, so a slot is claimed
     then. Holds values and the ring, not the loader: a loader that is dropped (after an error, say)
@@ -227,10 +231,11 @@ class EpochSteps(Sampler):
         self.epoch, self.image_size, self.steps = 0, 0, 0
 
     def __iter__(self) -> Iterator[tuple[int, int, int, int]]:
-        return ((self.epoch, self.image_size, step, self.slots.claim()) for step in range(self.steps))
-
-    def __len__(self) -> int:
-        return self.steps
+        epoch, size, steps = self.epoch, self.image_size, self.steps
+        while True:
+            for step in range(steps):
+                yield epoch, size, step, self.slots.claim()
+            epoch += 1
 
 
 class Uint8Loader(PartLoader):
@@ -244,6 +249,7 @@ class Uint8Loader(PartLoader):
         self._mean = torch.tensor(PIXEL_MEAN, device=device).view(shape)
         self._inverse_std = torch.tensor([1 / s for s in PIXEL_STD], device=device).view(shape)
         self._slots: BatchSlots | None = None
+        self._stream = self._streamed_next = None  # the workers' batches, and the pass they go on to
         self._start_workers(self.image_size)
 
     def _start_workers(self, image_size: int) -> None:
@@ -277,12 +283,18 @@ class Uint8Loader(PartLoader):
         # for each pass. Progressive resizing grew the crops: a larger ring.
         if self._batches is None or self.image_size > self._slots.image_size:
             self._start_workers(self.image_size)
-        self._pass.epoch, self._pass.image_size, self._pass.steps = self.epoch, self.image_size, self.steps_per_epoch
+        this_pass = (self.epoch, self.image_size, self.steps_per_epoch)
+        if this_pass != self._streamed_next:  # not the pass the workers went on to: start this one
+            self._pass.epoch, self._pass.image_size, self._pass.steps = this_pass
+            self._stream = stop_workers_on_error(iter(self._batches))  # drops the batches made ahead
+        self._streamed_next = None  # until this pass is read to its end
         try:
-            yield from self._on_device_ahead(stop_workers_on_error(iter(self._batches)))
+            yield from self._on_device_ahead(itertools.islice(self._stream, self.steps_per_epoch))
         except Exception:
             self.close()  # its workers are stopped: a later pass must not wait for them
             raise
+        epoch, size, steps = this_pass
+        self._streamed_next = (epoch + 1, size, steps)
 
     def _on_device_ahead(self, batches: Iterator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         slots, size = self._slots, self.image_size
@@ -313,7 +325,7 @@ class Uint8Loader(PartLoader):
 
     def close(self) -> None:
         """Stop the worker processes (they persist across epochs) and free the ring."""
-        self._batches = None  # dropping the DataLoader shuts its workers down
+        self._batches = self._stream = self._streamed_next = None  # dropping the DataLoader stops its workers
         if self._slots is not None:
             self._slots.close()
             self._slots = None

@@ -137,6 +137,32 @@ def test_torch_uint8_refills_its_batch_buffers_in_turn(raw_and_jpeg_shards):
             loader.close()
 
 
+def test_torch_uint8_starts_afresh_whenever_a_pass_is_not_the_one_its_workers_went_on_to(raw_and_jpeg_shards):
+    """Its workers go on into the next epoch at the same size; a pass left unfinished, an epoch
+    skipped or a new image size must not be served from those batches made ahead."""
+    raw, _ = raw_and_jpeg_shards
+    loader = create_loader(str(raw), "train", config("torch-uint8", batch_size=2, workers=1, prefetch=1))
+
+    def dali_cpus(epoch: int, size: int = 64) -> list:
+        dali = create_loader(str(raw), "train", config("dali-cpu", batch_size=2, image_size=size))
+        dali.set_epoch(epoch)
+        try:
+            return list(dali)
+        finally:
+            dali.close()
+
+    try:
+        loader.set_epoch(0)
+        for _ in loader:  # left after one batch: the workers are a prefetch ahead, in this epoch
+            break
+        for epoch, size in [(0, 64), (1, 64), (3, 64), (4, 48), (5, 48)]:
+            loader.set_epoch(epoch)
+            loader.set_image_size(size)
+            assert_train_batches_agree(dali_cpus(epoch, size), list(loader))
+    finally:
+        loader.close()
+
+
 def assert_train_batches_agree(dali_batches: list, uint8_batches: list) -> None:
     """dali-cpu's and torch-uint8's train batches: same labels, same pixels up to the two resizes."""
     assert len(dali_batches) == len(uint8_batches) > 0

@@ -74,13 +74,15 @@ def test_two_process_run_logs_evaluates_and_checkpoints(two_process_run):
 
 def test_two_processes_train_from_raw_pixels_with_torch_uint8(raw_and_jpeg_shards, tmp_path):
     """The torch-uint8 backend under torchrun: persistent DataLoader workers serve epochs of two sizes
-    (progressive resizing), evaluation and checkpoints follow, and every process exits."""
+    (progressive resizing), evaluation (from the JPEG val split, by DALI) and checkpoints follow, and
+    every process exits."""
     raw, _ = raw_and_jpeg_shards
     run_dir = tmp_path / "run"
-    args = train_args(raw, run_dir, "data.backend=torch-uint8", "train.epochs=3", "eval.every=1")
-    args += ["resolution.max=64", "resolution.end_ramp=2", "resolution.step=32"]
+    args = train_args(raw, run_dir, "data.backend=torch-uint8", "data.val_backend=dali-cpu", "train.epochs=3")
+    args += ["eval.every=1", "resolution.max=64", "resolution.end_ramp=2", "resolution.step=32"]
     result = torchrun(*args)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "data torch-uint8 (val dali-cpu)" in result.stdout
     assert result.stdout.count("image size 32)") == 1 and result.stdout.count("image size 64)") == 2
     assert load_checkpoint(run_dir / "last.pt")["epoch"] == 3
 
@@ -324,6 +326,7 @@ def _environ(pid: int) -> dict[str, str]:
         ("optim.lrr=0.1", "unknown key 'optim.lrr'; valid keys: lr, lr_batch"),
         ("optim.lr=fast", "optim.lr: expected float, got 'fast'"),
         ("data.backend=pillow", "data.backend: 'pillow' is not one of ['dali-gpu', 'dali-cpu'"),
+        ("data.val_backend=folder", "data.val_backend: 'folder' cannot read what data.backend 'dali-cpu' reads"),
         ("train.stop_when={top1: 70}", "train.stop_when.top1: unknown metric"),
         ("data.batch_size=0", "data.batch_size: must be at least 1"),
         ("optim.lr=[1,", "override 'optim.lr=[1,': not valid YAML"),

@@ -45,6 +45,9 @@ class ModelConfig:
 class DataConfig:
     shards: str | None = option(None, "shard directory written by tools.make_shards")
     backend: str = option("dali-gpu", "data pipeline", BACKENDS)
+    val_backend: str | None = option(
+        None, "data pipeline for the val split (none: data.backend), e.g. dali-gpu beside torch-uint8", BACKENDS
+    )
     batch_size: int = option(256, "images per step on each rank (per micro-batch with accumulation)")
     workers: int = option(8, "DALI threads, or DataLoader workers for the torch backend")
     hw_decoder_load: float = option(1.0, "share of JPEGs for the hardware decoder (dali-gpu)")
@@ -144,10 +147,14 @@ class Config:
         """The autocast precision actually used: mixed precision is for GPUs; CPUs compute in float32."""
         return self.optim.precision if device.type == "cuda" else "float32"
 
+    @property
+    def val_backend(self) -> str:
+        return self.data.val_backend or self.data.backend
+
     def loader_config(self, split: str, device) -> LoaderConfig:
         """Batches arrive in the dtype autocast computes in (float32 without autocast)."""
         return LoaderConfig(
-            backend=self.data.backend,
+            backend=self.data.backend if split == "train" else self.val_backend,
             batch_size=self.data.batch_size if split == "train" else self.eval.batch_size,
             image_size=self.resolution.min,
             val_image_size=self.resolution.val,
@@ -272,6 +279,11 @@ def _check(config: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: must be at least 1, got {value}")
+    if (config.data.backend == "folder") != (config.val_backend == "folder"):  # a folder tree, or shards
+        raise ConfigError(
+            f"data.val_backend: {config.val_backend!r} cannot read what data.backend {config.data.backend!r} reads"
+            " (the folder backend reads an ImageNet folder tree, the others shards)"
+        )
     if config.resolution.min > config.resolution.max:
         raise ConfigError("resolution.min: must not exceed resolution.max")
     if not 0.0 <= config.optim.ema_decay < 1.0:

@@ -230,6 +230,7 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
     log.line(
         f"training {cfg.model.name} on {ctx.world_size} process(es), {ctx.device.type}, {precision}; "
         f"global batch {global_batch}, peak lr {peak_lr:.4g}, {steps_per_epoch} steps/epoch, data {cfg.data.backend}"
+        + (f" (val {cfg.val_backend})" if cfg.val_backend != cfg.data.backend else "")
     )
     timer = PhaseTimer(ctx.device)
     window = LogWindow(cfg.log.every, ctx, position["global_step"])

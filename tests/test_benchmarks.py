@@ -231,6 +231,12 @@ def test_gpu_report_tables_every_figure_and_each_target(bench_out, tmp_path):
         assert f"| {r['loader_cpu_ms_per_batch']:.2f} |" in result.stdout
     assert "- dali-gpu train >= 16,500 images/s: " in result.stdout
     assert "- resnet18, batch 4 fed by dali-gpu >= 95% of synthetic: " in result.stdout
+    uint8 = next(
+        r for r in json.loads((out / "bench_train_rn18.json").read_text())["results"] if r["name"] == "torch-uint8"
+    )
+    verdict = "met" if uint8["vs_synthetic"] >= 0.95 else "NOT met"
+    best = f"best {uint8['vs_synthetic']:.3f}, torch-uint8"
+    assert f"- resnet18, batch 4 fed by torch-uint8 >= 95% of synthetic: {verdict} ({best})" in result.stdout
     reference = json.loads((out / "bench_dali_reference.json").read_text())
     for r in reference["results"]:
         assert (

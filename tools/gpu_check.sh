@@ -81,10 +81,10 @@ limit 45 python -m tools.bench_dali_reference --shards /tmp/gc/bench-shards --ba
   --workers 8 --json "$results/bench_dali_reference.json"
 
 step "3s. dali-gpu and torch-uint8 alone on the train images stored as raw pixels at short side <= 256"
-# 2026-11-27: dali-gpu 38,216 (eleventh session) and 50,959 (fourteenth) images/s. torch-uint8 17,751 (fourteenth
-# session, 20,813 within epochs) with 6.2 of 16 worker cores busy: then each batch crossed to the main process
-# in a new shared-memory segment and was copied into pinned memory by one thread. Since then the workers
-# write into a pinned ring of batch buffers (pipeline/uint8_loader.py BatchSlots): is it faster now?
+# 2026-11-27: dali-gpu 38,216 (eleventh session), 50,959 (fourteenth) and 45,393 (fifteenth) images/s. torch-uint8
+# 17,751 (fourteenth session, 6.2 of 16 worker cores busy: each batch crossed to the main process in a new
+# shared-memory segment, copied into pinned memory by one thread), 28,571 with its pinned ring of batch
+# buffers (fifteenth session, 32,031 within epochs, 13.7 worker cores).
 # (On the JPEG images at <= 256, eleventh session: dali-gpu 19,894, dali-cpu 4,640 with the host's 16 cores.)
 limit 70 python -m tools.bench_pipeline --shards /tmp/gc/raw-shards --backends dali-gpu,torch-uint8 --splits train \
   --batch-size "$batch" --seconds "$seconds" --workers "$workers" --json "$results/bench_pipeline_raw.json"
@@ -101,13 +101,15 @@ step "4p. the same fed from the train images stored as raw pixels (make_shards -
 # 2026-11-27, compiled ResNet-18 (each figure one 6-s measurement): dali-gpu 0.721 (eleventh session), 0.928
 # (fourteenth: first in line, the model compiled in its warm-up; synthetic runs first now), 0.830 and 0.857
 # (fourteenth, a second machine); in probes 0.83-0.96. dali-predecoded (512 images held decoded in memory,
-# the same graph) 0.869-0.958. torch-uint8 0.772 and 0.613 with its old hand-over (see 3s). Each backend
-# runs twice: one measurement per backend did not tell them apart across machines.
+# the same graph) 0.869-0.958. torch-uint8 0.772 and 0.613 with its old hand-over (see 3s); with its ring 0.900
+# and 0.899 (0.969 within epochs, 0.146 s per epoch switch), and since its workers go on into the next epoch
+# 0.965 and 0.966 (fifteenth session, two machines). Each backend runs twice: one measurement per backend did
+# not tell them apart across machines. The fifteenth session's machine gave dali-gpu 0.768 and 0.773.
 limit 150 python -m tools.bench_train --shards /tmp/gc/raw-shards --model resnet18 --compile \
   --backends dali-gpu,torch-uint8,dali-predecoded,dali-gpu,torch-uint8 --batch-size "$batch" --seconds "$seconds" \
   --workers "$workers" --json "$results/bench_train_rn18c_raw.json"
 
-step "4q. ResNet-50 fed by dali-gpu and torch-uint8 from the raw-pixel train images (fourteenth session: 0.994, 0.996)"
+step "4q. ResNet-50 fed by dali-gpu and torch-uint8 from the raw-pixel train images (fourteenth session: 0.994, 0.996; fifteenth: 0.993, 0.994)"
 limit 110 python -m tools.bench_train --shards /tmp/gc/raw-shards --model resnet50 \
   --backends dali-gpu,torch-uint8 --batch-size "$batch" --seconds "$seconds" --workers "$workers" \
   --json "$results/bench_train_rn50_raw.json"
@@ -124,11 +126,19 @@ limit 150 python -m torch.distributed.run --standalone --nproc-per-node 1 -m tra
 limit 90 python -m train.evaluate --checkpoint /tmp/gc/run/last.pt --shards /tmp/gc/shards --workers "$workers"
 ls -la /tmp/gc/run
 
+step "5b. the same from raw-pixel train shards: torch-uint8 for train, dali-gpu for the JPEG val split"
+limit 60 python -m tools.make_shards --train /tmp/gc/src/train --val /tmp/gc/src/train --out /tmp/gc/shards-raw \
+  --train-max-short-side 256 --train-raw-pixels --workers "$workers" --no-progress | head -3
+limit 150 python -m torch.distributed.run --standalone --nproc-per-node 1 -m train --config configs/demo.yaml \
+  data.shards=/tmp/gc/shards-raw data.backend=torch-uint8 data.val_backend=dali-gpu data.workers="$workers" \
+  data.batch_size=64 resolution.min=128 resolution.max=128 resolution.val=128 train.epochs=2 eval.every=1 log.every=2 \
+  log.tensorboard="$tensorboard_ok" run.dir=/tmp/gc/run-raw
+
 step "4r. ResNet-50 fed by dali-gpu from the full-size JPEGs vs synthetic (0.896-0.908 in five runs; last, so the budget may skip it)"
 limit 90 python -m tools.bench_train --shards /tmp/gc/bench-shards --model resnet50 \
   --backends dali-gpu --batch-size "$batch" --seconds "$seconds" --workers "$workers" --json "$results/bench_train_rn50.json"
 
 step "report: the tables for docs/PERFORMANCE.md"
 python -m tools.gpu_report "$results" --write "$OUT/report.md"
-tar czf "$OUT/results.tgz" --exclude='*.pt' -C /tmp/gc results run  # the run's logs, not its weights
+tar czf "$OUT/results.tgz" --exclude='*.pt' -C /tmp/gc results run run-raw  # the runs' logs, not their weights
 step "done"

@@ -216,18 +216,19 @@ def _as_returned(batch):
 
 
 class EpochSteps(Sampler):
-    """The keys (epoch, image size, step, slot) of the pass the loader last set, then of the epochs
-    after it, on and on: the workers go on into the next epoch while this one's last batches are
-    used, so an epoch starts without waiting for one worker to make its first batch (about 0.15 s
-    beside ResNet-18 on an H100, 7% of the benchmark's 2-s epochs).
+    """The keys (epoch, image size, step, slot) of the pass the loader last set, then of the passes
+    after it, on and on (train: the next epochs; val, the same in every epoch: the same pass again):
+    the workers go on into the next pass while this one's last batches are used, so a pass starts
+    without waiting for one worker to make its first batch (about 0.15 s beside ResNet-18 on an H100,
+    7% of the benchmark's 2-s epochs).
 
     Iterated in the main process, one key as a worker is handed its next batch, so a slot is claimed
     then. Holds values and the ring, not the loader: a loader that is dropped (after an error, say)
     is then freed at once, and its DataLoader with it, which stops the workers.
     """
 
-    def __init__(self, slots: BatchSlots):
-        self.slots = slots
+    def __init__(self, slots: BatchSlots, train: bool):
+        self.slots, self.epochs_apart = slots, int(train)  # epochs from one pass to the next
         self.epoch, self.image_size, self.steps = 0, 0, 0
 
     def __iter__(self) -> Iterator[tuple[int, int, int, int]]:
@@ -235,7 +236,7 @@ class EpochSteps(Sampler):
         while True:
             for step in range(steps):
                 yield epoch, size, step, self.slots.claim()
-            epoch += 1
+            epoch += self.epochs_apart
 
 
 class Uint8Loader(PartLoader):
@@ -258,7 +259,7 @@ class Uint8Loader(PartLoader):
         # every batch a worker may hold or the DataLoader may have returned, and the one being copied
         count = self.cfg.workers * self.cfg.prefetch + 2
         self._slots = BatchSlots(count, self.batch_size, image_size, self.device)
-        self._pass = EpochSteps(self._slots)
+        self._pass = EpochSteps(self._slots, self.train)
         dataset = Uint8Batches(
             self.table, self.train, self.cfg, self.rank, self.world_size, self.batch_size, self._slots.buffer
         )
@@ -283,18 +284,21 @@ class Uint8Loader(PartLoader):
         # for each pass. Progressive resizing grew the crops: a larger ring.
         if self._batches is None or self.image_size > self._slots.image_size:
             self._start_workers(self.image_size)
-        this_pass = (self.epoch, self.image_size, self.steps_per_epoch)
+        this_pass = (self.epoch if self.train else 0, self.image_size, self.steps_per_epoch)
         if this_pass != self._streamed_next:  # not the pass the workers went on to: start this one
             self._pass.epoch, self._pass.image_size, self._pass.steps = this_pass
             self._stream = stop_workers_on_error(iter(self._batches))  # drops the batches made ahead
-        self._streamed_next = None  # until this pass is read to its end
+        self._streamed_next = None  # until this pass's last batch is handed out
+        epoch, size, steps = this_pass
         try:
-            yield from self._on_device_ahead(itertools.islice(self._stream, self.steps_per_epoch))
+            batches = self._on_device_ahead(itertools.islice(self._stream, steps))
+            for step, batch in enumerate(batches, start=1):
+                if step == steps:  # the stream is at the next pass now; the trainer asks no further
+                    self._streamed_next = (epoch + self._pass.epochs_apart, size, steps)
+                yield batch
         except Exception:
             self.close()  # its workers are stopped: a later pass must not wait for them
             raise
-        epoch, size, steps = this_pass
-        self._streamed_next = (epoch + 1, size, steps)
 
     def _on_device_ahead(self, batches: Iterator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         slots, size = self._slots, self.image_size

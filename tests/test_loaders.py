@@ -155,10 +155,31 @@ def test_torch_uint8_starts_afresh_whenever_a_pass_is_not_the_one_its_workers_we
         loader.set_epoch(0)
         for _ in loader:  # left after one batch: the workers are a prefetch ahead, in this epoch
             break
+        loader.set_epoch(0)
+        batches = iter(loader)  # read as the trainer reads: its steps' batches and not one more
+        assert_train_batches_agree(dali_cpus(0), [next(batches) for _ in range(loader.steps_per_epoch)])
+        assert loader._streamed_next == (1, 64, loader.steps_per_epoch), "the workers go on into epoch 1"
         for epoch, size in [(0, 64), (1, 64), (3, 64), (4, 48), (5, 48)]:
             loader.set_epoch(epoch)
             loader.set_image_size(size)
             assert_train_batches_agree(dali_cpus(epoch, size), list(loader))
+    finally:
+        loader.close()
+
+
+def test_torch_uint8_val_workers_go_on_into_the_same_pass_again(photo_shards):
+    """Val batches are the same in every epoch: after a pass the workers start the next one at once,
+    and every epoch's pass equals the first."""
+    loader = create_loader(str(photo_shards), "val", config("torch-uint8", batch_size=2, workers=1, prefetch=1))
+    try:
+        first = list(loader)
+        assert loader._streamed_next == (0, 64, loader.steps_per_epoch), "the workers go on into the next pass"
+        for epoch in (1, 2):
+            loader.set_epoch(epoch)
+            again = list(loader)
+            assert len(again) == len(first) == loader.steps_per_epoch
+            for (images, labels), (first_images, first_labels) in zip(again, first, strict=True):
+                assert torch.equal(images, first_images) and torch.equal(labels, first_labels)
     finally:
         loader.close()
 

@@ -172,6 +172,12 @@ class Uint8Batches(Dataset):
                 images[i] = F.center_crop(image, [size, size]).permute(1, 2, 0)
         return slot, labels
 
+    def close(self) -> None:
+        """Unmap the tars this process has read from (a worker's are unmapped as it exits)."""
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
     def _stored(self, row: int) -> np.ndarray:
         """Sample `row` as stored, read from the mapped tar with no copy: for raw pixels the H x W x 3
         pixels (their header checked), else the encoded image."""

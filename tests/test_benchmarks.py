@@ -221,6 +221,33 @@ def test_bench_reader_measures_shards_and_a_folder_with_the_main_thread_idle_and
     assert f"| shards (mapped) | {report['results'][0]['batches_per_s_main_idle']:,.1f} |" in tabled
 
 
+def test_bench_cold_read_times_torch_uint8_workers_from_an_emptied_then_full_page_cache(raw_and_jpeg_shards, tmp_path):
+    raw, _ = raw_and_jpeg_shards
+    result = run_tool(
+        "tools.bench_cold_read", "--shards", str(raw), "--workers", "2", "--batch-size", "4", "--image-size", "32",
+        "--steps", "3", "--passes", "2", "--json", str(tmp_path / "bench_cold_read.json"), check=True,
+    )  # fmt: skip
+    report = json.loads((tmp_path / "bench_cold_read.json").read_text())
+    assert report["benchmark"] == "cold_read" and report["stored_image_ext"] == {"train": "ppm"}
+    assert [r["epoch"] for r in report["results"]] == [0, 1]
+    for r in report["results"]:
+        assert r["images"] == 3 * 4 and r["cold_images_per_s"] > 0 and r["warm_images_per_s"] > 0
+        assert r["mean_sample_kb"] > 32 * 32 * 3 / 1e3  # the stored photographs are larger than the crops
+        assert re.search(
+            rf"^ +{r['epoch']} +{r['cold_images_per_s']:.0f} +{r['warm_images_per_s']:.0f} ", result.stdout, re.M
+        )
+    assert "3 of 4 steps per pass" in result.stdout  # 16 samples, batch 4
+    tabled = run_tool("tools.gpu_report", str(tmp_path), check=True).stdout
+    assert "### torch-uint8's workers from a cold page cache" in tabled
+    assert f"| 0 | 12 | {report['results'][0]['cold_images_per_s']:,.0f} |" in tabled
+
+
+def test_bench_cold_read_refuses_a_batch_larger_than_the_split(raw_and_jpeg_shards):
+    raw, _ = raw_and_jpeg_shards
+    result = run_tool("tools.bench_cold_read", "--shards", str(raw), "--batch-size", "64")
+    assert result.returncode == 2 and "--batch-size 64: the train split has only 16 samples" in result.stderr
+
+
 def test_gpu_report_tables_every_figure_and_each_target(bench_out, tmp_path):
     out, _, _ = bench_out
     result = run_tool("tools.gpu_report", str(out), "--write", str(tmp_path / "report.md"), check=True)
@@ -319,8 +346,8 @@ def test_gpu_report_names_a_folder_without_results(tmp_path):
     result = run_tool("tools.gpu_report", str(tmp_path))
     assert result.returncode == 1
     assert (
-        f"{tmp_path}: no bench_pipeline*.json, bench_dali_reference.json, bench_reader.json or bench_train_*.json"
-        in (result.stderr)
+        f"{tmp_path}: no bench_pipeline*.json, bench_dali_reference.json, bench_reader.json, bench_cold_read.json"
+        " or bench_train_*.json" in result.stderr
     )
 
 

@@ -89,6 +89,12 @@ step "3s. dali-gpu and torch-uint8 alone on the train images stored as raw pixel
 limit 70 python -m tools.bench_pipeline --shards /tmp/gc/raw-shards --backends dali-gpu,torch-uint8 --splits train \
   --batch-size "$batch" --seconds "$seconds" --workers "$workers" --json "$results/bench_pipeline_raw.json"
 
+step "3c. torch-uint8's workers from a cold page cache (the raw-pixel tars evicted first) against a warm one"
+# ImageNet's train split as raw pixels is about 335 GB: a node's page cache may not hold it. Does this disk keep
+# up? 40 batches (about 2.7 GB) per pass. CPU machine (virtio disk, 2 workers, batch 128): cold 0.36-0.65 of warm.
+limit 45 python -m tools.bench_cold_read --shards /tmp/gc/raw-shards --workers "$workers" --batch-size "$batch" \
+  --steps 40 --passes 2 --json "$results/bench_cold_read.json"
+
 step "4. ResNet-18 compiled fed by dali-gpu and by BASELINES.md's plain DALI pipeline, vs synthetic, in one process"
 # 2026-11-27: dali-gpu 0.663 and 0.546, the plain pipeline 0.672 and 0.704 (tenth, eleventh sessions): the
 # gap is DALI's decoding beside the model, whose per-image kernels queued 0.3-0.6 ms each behind the

@@ -11,7 +11,8 @@
 #   carry .dev/dali3 and .dev/gpu-extra: cp .dev/dali3/* /tmp/dv/ && BUDGET_S=560 bash tools/gpu_check.sh
 #   (timeout_s 600: the first call starts the machine, 30-70 s of the session's 15 minutes of
 #   device time; on 2026-11-27 the script took 400 s, 507 s, 496 s, 542 s, 371 s and 490 s, and step 5b
-#   (fifteenth session) adds about 45 s; the budget cuts the last step, ResNet-50 from JPEGs, if it must)
+#   (fifteenth session) adds about 45 s, step 3c (sixteenth) up to 45 s more; the budget cuts the last step,
+#   ResNet-50 from JPEGs, if it must)
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 photos=${PHOTOS:-150}  # with .dev/dali3 (38 MiB) this keeps the third call under 64 MiB

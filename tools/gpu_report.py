@@ -2,9 +2,9 @@
 
     python -m tools.gpu_report OUT_DIR [--write OUT_DIR/report.md]
 
-Reads every `bench_pipeline*.json`, `bench_dali_reference.json`, `bench_reader.json` and
-`bench_train_*.json` in OUT_DIR and prints the tables that go into docs/PERFORMANCE.md: each rate,
-its ratio, and whether the GPU targets of issues 3 and 5 hold.
+Reads every `bench_pipeline*.json`, `bench_dali_reference.json`, `bench_reader.json`,
+`bench_cold_read.json` and `bench_train_*.json` in OUT_DIR and prints the tables that go into
+docs/PERFORMANCE.md: each rate, its ratio, and whether the GPU targets of issues 3 and 5 hold.
 A figure that is absent (e.g. dali-gpu on a machine without a GPU) is reported as not measured.
 """
 
@@ -173,15 +173,34 @@ def reader_section(report: dict) -> list[str]:
     return lines
 
 
+def cold_read_section(report: dict) -> list[str]:
+    args = report["args"]
+    lines = [
+        f"### torch-uint8's workers from a cold page cache (`tools.bench_cold_read`, {args['workers']} processes,"
+        f" batch {args['batch_size']}, {args['image_size']} px{_stored(report)})",
+        "",
+        "| epoch | images | cold images/s | warm images/s | cold / warm | cold read MB/s | KB per sample |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        lines.append(
+            f"| {r['epoch']} | {r['images']:,} | {r['cold_images_per_s']:,.0f} | {r['warm_images_per_s']:,.0f}"
+            f" | {r['cold_over_warm']:.3f} | {r['cold_read_mb_per_s']:,.0f} | {r['mean_sample_kb']:,.0f} |"
+        )
+    return lines
+
+
 def build_report(out_dir: Path) -> str:
     pipelines = sorted(out_dir.glob("bench_pipeline*.json"))
     references = sorted(out_dir.glob("bench_dali_reference.json"))
     readers = sorted(out_dir.glob("bench_reader.json"))
+    cold_reads = sorted(out_dir.glob("bench_cold_read.json"))
     trains = sorted(out_dir.glob("bench_train_*.json"))
-    found = pipelines + references + readers + trains
+    found = pipelines + references + readers + cold_reads + trains
     if not found:
         raise FileNotFoundError(
-            f"{out_dir}: no bench_pipeline*.json, bench_dali_reference.json, bench_reader.json or bench_train_*.json"
+            f"{out_dir}: no bench_pipeline*.json, bench_dali_reference.json, bench_reader.json,"
+            " bench_cold_read.json or bench_train_*.json"
         )
     sections = []
     first = json.loads(found[0].read_text())
@@ -197,6 +216,8 @@ def build_report(out_dir: Path) -> str:
         sections.append("\n".join(reference_section(json.loads(reference.read_text()), pipeline_reports)))
     for reader in readers:
         sections.append("\n".join(reader_section(json.loads(reader.read_text()))))
+    for cold_read in cold_reads:
+        sections.append("\n".join(cold_read_section(json.loads(cold_read.read_text()))))
     if trains:
         sections.append("\n".join(train_section([json.loads(p.read_text()) for p in trains])))
     return "\n\n".join(sections) + "\n"

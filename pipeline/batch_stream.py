@@ -107,26 +107,15 @@ class BatchStream:
                     rows[i : i + self.batch_size] for i in range(0, len(rows) - self.batch_size + 1, self.batch_size)
                 ]
                 for ahead in batches[:ADVISE_BATCHES_AHEAD]:
-                    self._advise(ahead)
+                    self._reader.advise_rows(ahead)
                 for step, batch_rows in enumerate(batches):
                     if step + ADVISE_BATCHES_AHEAD < len(batches):
-                        self._advise(batches[step + ADVISE_BATCHES_AHEAD])
+                        self._reader.advise_rows(batches[step + ADVISE_BATCHES_AHEAD])
                     if not self._put(self._read_batch(epoch, step, batch_rows)):
                         return
                 epoch += 1
         except BaseException as err:  # handed to the consumer, raised where it asks for a batch
             self._put(err)
-
-    def _advise(self, rows: np.ndarray) -> None:
-        """Ask the kernel to start reading these samples now.
-
-        They are read in random order, so its own readahead does not help; from a cold page cache
-        the reads then overlap instead of waiting one after another where the bytes are used.
-        """
-        table = self.table
-        places = (table.path_index[rows].tolist(), table.sample_starts(rows).tolist(), table.sample_ends(rows).tolist())
-        for path, start, end in zip(*places, strict=True):
-            self._reader.advise(path, start, end - start)
 
     def _put(self, item) -> bool:
         while not self._stop.is_set():

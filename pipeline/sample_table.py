@@ -216,6 +216,18 @@ class SampleReader:
         except OSError:
             pass
 
+    def advise_rows(self, rows: np.ndarray) -> None:
+        """Ask the kernel to start reading these samples (image and label bytes) now.
+
+        Samples are read in random order, so the kernel's own readahead does not help a cold page
+        cache; with this the reads overlap instead of waiting one after another where the bytes are
+        used.
+        """
+        table = self.table
+        places = (table.path_index[rows].tolist(), table.sample_starts(rows).tolist(), table.sample_ends(rows).tolist())
+        for path, start, end in zip(*places, strict=True):
+            self.advise(path, start, end - start)
+
     def _mapping(self, path: int) -> tuple[mmap.mmap, np.ndarray]:
         mapped = self._maps.get(path)
         if mapped is None:

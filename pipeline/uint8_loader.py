@@ -151,7 +151,9 @@ class Uint8Batches(Dataset):
         epoch, size, step, slot = key
         if self._reader is None:
             self._reader = SampleReader(self.table)
-        rows = self.epoch_rows(epoch)[step * self.batch_size : (step + 1) * self.batch_size].tolist()
+        rows = self.epoch_rows(epoch)[step * self.batch_size : (step + 1) * self.batch_size]
+        self._reader.advise_rows(rows)  # from a cold page cache the batch's reads then overlap
+        rows = rows.tolist()
         stored = [self._stored(row) for row in rows]
         labels = np.array([self._reader.label(row) for row in rows], dtype=np.int64)
         images = slot_batch(self.ring, slot, len(rows), size)

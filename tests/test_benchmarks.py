@@ -242,10 +242,20 @@ def test_bench_cold_read_times_torch_uint8_workers_from_an_emptied_then_full_pag
     assert f"| 0 | 12 | {report['results'][0]['cold_images_per_s']:,.0f} |" in tabled
 
 
-def test_bench_cold_read_refuses_a_batch_larger_than_the_split(raw_and_jpeg_shards):
+def test_bench_cold_read_refuses_a_batch_larger_than_the_split_and_shards_without_train(raw_and_jpeg_shards, tmp_path):
     raw, _ = raw_and_jpeg_shards
     result = run_tool("tools.bench_cold_read", "--shards", str(raw), "--batch-size", "64")
     assert result.returncode == 2 and "--batch-size 64: the train split has only 16 samples" in result.stderr
+    val_only = tmp_path / "val-only"
+    val_only.mkdir()
+    for name in ("val-000000.tar", "val-000000.idx"):
+        (val_only / name).symlink_to(raw / name)
+    manifest = json.loads((raw / "manifest.json").read_text())
+    del manifest["splits"]["train"]
+    (val_only / "manifest.json").write_text(json.dumps(manifest))
+    result = run_tool("tools.bench_cold_read", "--shards", str(val_only))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{val_only / 'manifest.json'}: no 'train' split" in result.stderr
 
 
 def test_gpu_report_tables_every_figure_and_each_target(bench_out, tmp_path):

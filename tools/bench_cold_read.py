@@ -26,7 +26,7 @@ import torch
 
 from pipeline.loader import LoaderConfig
 from pipeline.sample_table import SampleTable, shard_table
-from pipeline.shard_set import open_shard_set
+from pipeline.shard_set import ShardError, open_shard_set
 from pipeline.uint8_loader import Uint8Batches
 from shards.manifest import read_manifest
 from tools.bench_common import finish_report, shard_dir, stored_image_exts
@@ -83,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.workers, args.batch_size, args.image_size, args.passes) < 1 or args.steps < 0:
         p.error("--workers, --batch-size, --image-size and --passes must be at least 1, --steps at least 0")
 
-    _TABLE = shard_table(open_shard_set(args.shards, SPLIT))
+    try:
+        _TABLE = shard_table(open_shard_set(args.shards, SPLIT))
+    except ShardError as err:  # e.g. no train split, or an index that does not match its tar
+        p.error(str(err))
     epoch_steps = len(_TABLE) // args.batch_size
     steps = min(args.steps or epoch_steps, epoch_steps)
     if steps == 0:

@@ -10,6 +10,7 @@ import torch
 
 from pipeline.loader import LoaderConfig, create_loader
 from tests.conftest import run_tool
+from tests.test_loaders import shards_with_a_broken_jpeg
 from tools.bench_common import measure_rate
 
 
@@ -256,6 +257,13 @@ def test_bench_cold_read_refuses_a_batch_larger_than_the_split_and_shards_withou
     result = run_tool("tools.bench_cold_read", "--shards", str(val_only))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"{val_only / 'manifest.json'}: no 'train' split" in result.stderr
+
+
+def test_bench_cold_read_names_an_undecodable_sample(photo_shards, tmp_path):
+    shards, tar, bad_key = shards_with_a_broken_jpeg(photo_shards, tmp_path, "train")
+    result = run_tool("tools.bench_cold_read", "--shards", str(shards), "--workers", "2", "--batch-size", "4")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert re.search(rf"bench_cold_read: data error: .*{tar}: sample {bad_key}: cannot be decoded", result.stderr)
 
 
 def test_gpu_report_tables_every_figure_and_each_target(bench_out, tmp_path):

@@ -16,14 +16,15 @@ workers then decode with PIL).
 from __future__ import annotations
 
 import argparse
-import glob
 import multiprocessing
 import os
+import sys
 import time
 
 import numpy as np
 import torch
 
+from pipeline.errors import SampleDecodeError
 from pipeline.loader import LoaderConfig
 from pipeline.sample_table import SampleTable, shard_table
 from pipeline.shard_set import ShardError, open_shard_set
@@ -35,9 +36,9 @@ SPLIT = "train"
 WARM_ENOUGH = 0.9  # cold/warm above this: the disk kept up, or the pages were not evicted
 
 
-def evict(directory: str) -> None:
-    """Drop the split's tars from the page cache (their clean pages that no process has mapped)."""
-    for path in glob.glob(os.path.join(directory, f"{SPLIT}-*.tar")):
+def evict(paths: list[str]) -> None:
+    """Drop these files from the page cache (their clean pages that no process has mapped)."""
+    for path in paths:
         fd = os.open(path, os.O_RDONLY)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -69,6 +70,37 @@ def timed_pass(pool, workers: int, epoch: int, steps: int, cfg: LoaderConfig) ->
     return time.perf_counter() - started
 
 
+def measure_passes(workers: int, passes: int, steps: int, cfg: LoaderConfig) -> list[dict]:
+    """Per pass (epoch 0, 1, ...): evict the split's tars, time the pass cold, then time it again warm."""
+    results = []
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        order = Uint8Batches(_TABLE, True, cfg, 0, 1, cfg.batch_size, torch.empty(0))  # the workers' rows
+        for epoch in range(passes):
+            rows = order.epoch_rows(epoch)[: steps * cfg.batch_size]
+            stored_bytes = int((_TABLE.sample_ends(rows) - _TABLE.sample_starts(rows)).sum())
+            evict(_TABLE.paths)
+            cold = timed_pass(pool, workers, epoch, steps, cfg)
+            warm = timed_pass(pool, workers, epoch, steps, cfg)
+            images = steps * cfg.batch_size
+            results.append(
+                {
+                    "epoch": epoch,
+                    "images": images,
+                    "cold_images_per_s": images / cold,
+                    "warm_images_per_s": images / warm,
+                    "cold_over_warm": warm / cold,
+                    "cold_read_mb_per_s": stored_bytes / cold / 1e6,
+                    "mean_sample_kb": stored_bytes / images / 1e3,
+                }
+            )
+            r = results[-1]
+            print(
+                f"epoch {epoch}: cold {r['cold_images_per_s']:8.0f}  warm {r['warm_images_per_s']:8.0f} images/s",
+                flush=True,
+            )
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     global _TABLE
     p = argparse.ArgumentParser(prog="python -m tools.bench_cold_read", description=__doc__.split("\n\n")[0])
@@ -92,32 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     if steps == 0:
         p.error(f"--batch-size {args.batch_size}: the train split has only {len(_TABLE)} samples")
     cfg = LoaderConfig(backend="torch-uint8", batch_size=args.batch_size, image_size=args.image_size)
-    results = []
-    with multiprocessing.get_context("fork").Pool(args.workers) as pool:
-        order = Uint8Batches(_TABLE, True, cfg, 0, 1, args.batch_size, torch.empty(0))  # the workers' rows
-        for epoch in range(args.passes):
-            rows = order.epoch_rows(epoch)[: steps * args.batch_size]
-            stored_bytes = int((_TABLE.sample_ends(rows) - _TABLE.sample_starts(rows)).sum())
-            evict(args.shards)
-            cold = timed_pass(pool, args.workers, epoch, steps, cfg)
-            warm = timed_pass(pool, args.workers, epoch, steps, cfg)
-            images = steps * args.batch_size
-            results.append(
-                {
-                    "epoch": epoch,
-                    "images": images,
-                    "cold_images_per_s": images / cold,
-                    "warm_images_per_s": images / warm,
-                    "cold_over_warm": warm / cold,
-                    "cold_read_mb_per_s": stored_bytes / cold / 1e6,
-                    "mean_sample_kb": stored_bytes / images / 1e3,
-                }
-            )
-            r = results[-1]
-            print(
-                f"epoch {epoch}: cold {r['cold_images_per_s']:8.0f}  warm {r['warm_images_per_s']:8.0f} images/s",
-                flush=True,
-            )
+    try:
+        results = measure_passes(args.workers, args.passes, steps, cfg)
+    except (ShardError, SampleDecodeError) as err:  # raised in a worker, raised again here by the pool
+        print(f"bench_cold_read: data error: {err}", file=sys.stderr)
+        return 1
 
     print(
         f"\ntorch-uint8 workers from the page cache emptied / full: {args.workers} processes, batch"

@@ -237,7 +237,8 @@ def test_bench_cold_read_times_torch_uint8_workers_from_an_emptied_then_full_pag
         assert re.search(
             rf"^ +{r['epoch']} +{r['cold_images_per_s']:.0f} +{r['warm_images_per_s']:.0f} ", result.stdout, re.M
         )
-    assert "3 of 4 steps per pass" in result.stdout  # 16 samples, batch 4
+    samples = json.loads((raw / "manifest.json").read_text())["splits"]["train"]["samples"]
+    assert f"3 of {samples // 4} steps per pass" in result.stdout
     tabled = run_tool("tools.gpu_report", str(tmp_path), check=True).stdout
     assert "### torch-uint8's workers from a cold page cache" in tabled
     assert f"| 0 | 12 | {report['results'][0]['cold_images_per_s']:,.0f} |" in tabled
@@ -245,8 +246,10 @@ def test_bench_cold_read_times_torch_uint8_workers_from_an_emptied_then_full_pag
 
 def test_bench_cold_read_refuses_a_batch_larger_than_the_split_and_shards_without_train(raw_and_jpeg_shards, tmp_path):
     raw, _ = raw_and_jpeg_shards
-    result = run_tool("tools.bench_cold_read", "--shards", str(raw), "--batch-size", "64")
-    assert result.returncode == 2 and "--batch-size 64: the train split has only 16 samples" in result.stderr
+    samples = json.loads((raw / "manifest.json").read_text())["splits"]["train"]["samples"]
+    result = run_tool("tools.bench_cold_read", "--shards", str(raw), "--batch-size", str(samples + 1))
+    assert result.returncode == 2
+    assert f"--batch-size {samples + 1}: the train split has only {samples} samples" in result.stderr
     val_only = tmp_path / "val-only"
     val_only.mkdir()
     for name in ("val-000000.tar", "val-000000.idx"):

@@ -149,7 +149,7 @@ def test_bench_train_reports_a_failed_setting_and_measures_the_rest(photo_shards
     assert [f["name"] for f in report["failed"]] == ["dali-cpu 0 threads"]
     tabled = run_tool("tools.gpu_report", str(tmp_path), check=True).stdout
     assert "| dali-cpu 0 threads | FAILED: ValueError: data.workers must be at least 1" in tabled
-    assert "| resnet18, batch 2, CUDA_DEVICE_MAX_CONNECTIONS=32 | synthetic |" in tabled
+    assert "| resnet18, batch 2, 32 px, CUDA_DEVICE_MAX_CONNECTIONS=32 | synthetic |" in tabled
 
 
 def test_bench_train_plans_each_loader_setting_and_sm_partition_against_whole_gpu_synthetic():
@@ -278,13 +278,13 @@ def test_gpu_report_tables_every_figure_and_each_target(bench_out, tmp_path):
         assert f"| {r['name']} | {r['split']} | {r['images_per_s']:,.0f} |" in result.stdout
         assert f"| {r['loader_cpu_ms_per_batch']:.2f} |" in result.stdout
     assert "- dali-gpu train >= 16,500 images/s: " in result.stdout
-    assert "- resnet18, batch 4 fed by dali-gpu >= 95% of synthetic: " in result.stdout
+    assert "- resnet18, batch 4, 32 px fed by dali-gpu >= 95% of synthetic: " in result.stdout
     uint8 = next(
         r for r in json.loads((out / "bench_train_rn18.json").read_text())["results"] if r["name"] == "torch-uint8"
     )
     verdict = "met" if uint8["vs_synthetic"] >= 0.95 else "NOT met"
     best = f"best {uint8['vs_synthetic']:.3f}, torch-uint8"
-    assert f"- resnet18, batch 4 fed by torch-uint8 >= 95% of synthetic: {verdict} ({best})" in result.stdout
+    assert f"- resnet18, batch 4, 32 px fed by torch-uint8 >= 95% of synthetic: {verdict} ({best})" in result.stdout
     reference = json.loads((out / "bench_dali_reference.json").read_text())
     for r in reference["results"]:
         assert (
@@ -354,9 +354,9 @@ def test_gpu_report_names_the_compile_mode(bench_out, tmp_path):
     out, _, _ = bench_out
     train = json.loads((out / "bench_train_rn18.json").read_text())
     for mode, label in (
-        (None, "resnet18, batch 4"),
-        (True, "resnet18 compiled, batch 4"),
-        ("reduce-overhead", "resnet18 compiled (reduce-overhead), batch 4"),
+        (None, "resnet18, batch 4, 32 px"),
+        (True, "resnet18 compiled, batch 4, 32 px"),
+        ("reduce-overhead", "resnet18 compiled (reduce-overhead), batch 4, 32 px"),
     ):
         train["args"]["compile"] = mode
         (tmp_path / "bench_train_rn18.json").write_text(json.dumps(train))

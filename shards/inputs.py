@@ -51,12 +51,15 @@ def scan_foldered(
 
     Files are taken whatever their extension (content is checked later, by bytes). A folder whose
     name is not a known class is an error; a file directly under `root` is rejected, not dropped.
+    A folder with no class folders (ImageNet's flat val given without its labels) or no files in
+    them is an error too: converting it would write an empty split and report success.
     """
     root = Path(root).resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"input folder not found: {root}")
     found: list[tuple[str, str]] = []
     rejected: list[ScanRejection] = []
+    folders = 0
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
         if entry.is_dir():
             if entry.name.startswith("."):
@@ -65,6 +68,7 @@ def scan_foldered(
                 raise ValueError(
                     f"{entry.path}: folder {entry.name!r} is not one of the {len(class_index)} known classes"
                 )
+            folders += 1
             for dirpath, dirnames, filenames in os.walk(entry.path):
                 dirnames.sort()
                 folder = os.path.relpath(dirpath, root).replace(os.sep, "/")
@@ -72,6 +76,14 @@ def scan_foldered(
                     found.append((f"{folder}/{name}", entry.name))
         else:
             rejected.append(ScanRejection(entry.name, "file outside any class folder"))
+    if not folders:
+        flat = (
+            f"; {len(rejected)} file(s) directly in it, e.g. {[r.path for r in rejected[:3]]}: "
+            "a flat folder such as ImageNet's val needs --val-labels FILE"
+        )
+        raise ValueError(f"{root}: no class folders (expected {root}/<wnid>/*.JPEG){flat if rejected else ''}")
+    if not found:
+        raise ValueError(f"{root}: no files in its {folders} class folder(s)")
     return _with_keys(root, found, class_index), rejected
 
 
@@ -104,7 +116,7 @@ def read_val_labels(path: str | os.PathLike) -> dict[str, str]:
 def scan_flat(
     root: str | os.PathLike, labels_file: str | os.PathLike, class_index: dict[str, int]
 ) -> tuple[list[SourceImage], list[ScanRejection]]:
-    """Files directly in `root`, labelled by `labels_file`; an unlabelled file or unknown wnid is an error."""
+    """Files directly in `root`, labelled by `labels_file`; an unlabelled file, unknown wnid or no file is an error."""
     root = Path(root).resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"input folder not found: {root}")
@@ -124,6 +136,8 @@ def scan_flat(
             found.append((entry.name, wnid))
     if unlabelled:
         raise ValueError(f"{root}: {len(unlabelled)} image(s) have no label in {labels_file}, e.g. {unlabelled[:5]}")
+    if not found:
+        raise ValueError(f"{root}: no image files directly in it (a foldered {root}/<wnid>/ needs no labels file)")
     return _with_keys(root, found, class_index), []
 
 

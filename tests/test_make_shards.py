@@ -351,6 +351,30 @@ def test_label_errors_stop_before_any_shard_is_written(tmp_path, demo_imagenet):
     assert not list(out.glob("*.tar"))
 
 
+def test_a_split_that_would_be_empty_stops_before_any_shard_is_written(tmp_path, demo_imagenet):
+    out = tmp_path / "out"
+    train, val = demo_imagenet / "train", demo_imagenet / "val"
+    flat_val_without_labels = run_tool("tools.make_shards", "--train", str(train), "--val", str(val), "--out", str(out))
+    assert flat_val_without_labels.returncode == 2
+    assert f"{val}: no class folders" in flat_val_without_labels.stderr
+    assert "--val-labels" in flat_val_without_labels.stderr
+
+    labels = demo_imagenet / "val_labels.txt"
+    foldered_val_with_labels = run_tool(
+        "tools.make_shards", "--train", str(train), "--val", str(train), "--val-labels", str(labels), "--out", str(out)
+    )
+    assert foldered_val_with_labels.returncode == 2
+    assert f"{train}: no image files directly in it" in foldered_val_with_labels.stderr
+
+    empty_classes = tmp_path / "empty"
+    for wnid in sorted(p.name for p in train.iterdir())[:3]:
+        (empty_classes / wnid).mkdir(parents=True)
+    no_files = run_tool("tools.make_shards", "--train", str(empty_classes), "--out", str(out))
+    assert no_files.returncode == 2
+    assert f"{empty_classes}: no files in its 3 class folder(s)" in no_files.stderr
+    assert not out.exists()
+
+
 def test_other_arguments_on_existing_output_need_overwrite(tmp_path, demo_imagenet):
     out = tmp_path / "out"
     base = ["--train", str(demo_imagenet / "train"), "--out", str(out), "--no-progress"]

@@ -83,7 +83,9 @@ def test_two_processes_train_from_raw_pixels_with_torch_uint8(raw_and_jpeg_shard
     result = torchrun(*args)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "data torch-uint8 (val dali-cpu)" in result.stdout
-    assert result.stdout.count("image size 32)") == 1 and result.stdout.count("image size 64)") == 2
+    assert "epoch 0: train images at 32 px" in result.stdout and "epoch 1: train images at 64 px" in result.stdout
+    assert "epoch 2: train images" not in result.stdout, "logged when the size changes"
+    assert result.stdout.count("images at 32 px)") == 3, "val stays at resolution.val (32)"
     assert load_checkpoint(run_dir / "last.pt")["epoch"] == 3
 
 

@@ -251,8 +251,11 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
     stopped_by_signal = False
     final_metrics: dict = {}
 
+    image_size = None
     for epoch in range(position["epoch"], cfg.train.epochs):
-        image_size = train_image_size(epoch, cfg.resolution)
+        if train_image_size(epoch, cfg.resolution) != image_size:
+            image_size = train_image_size(epoch, cfg.resolution)
+            log.line(f"epoch {epoch}: train images at {image_size} px")
         train_loader.set_image_size(image_size)
         train_loader.set_epoch(epoch)
         skip_micro = position["step_in_epoch"] * accumulate
@@ -333,7 +336,7 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
             log.histograms(position["global_step"], model)
             log.line(
                 f"epoch {epoch} val: acc1 {metrics['acc1']:.2f} acc5 {metrics['acc5']:.2f} "
-                f"loss {metrics['loss']:.4f} ({metrics['samples']} images, image size {image_size})"
+                f"loss {metrics['loss']:.4f} ({metrics['samples']} images at {cfg.resolution.val} px)"
             )
             final_metrics = metrics
         improved = bool(metrics) and metrics["acc1"] > position["best_acc1"]

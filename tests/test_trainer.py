@@ -174,15 +174,16 @@ def test_sigterm_to_the_whole_process_group_still_saves(photo_shards, tmp_path, 
     """Slurm's scancel (and a terminal's Ctrl-C) signals every process, DataLoader workers included:
     the workers must outlive the signal so the trainer can read its next batch, checkpoint and stop."""
     run_dir = tmp_path / "run"
-    args = train_args(photo_shards, run_dir, f"data.backend={backend}", "train.epochs=2")
+    args = train_args(photo_shards, run_dir, f"data.backend={backend}", "train.epochs=3", "eval.every=1")
     process = popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     for line in process.stdout:
-        if line.startswith("epoch 0 step 4/"):
+        if line.startswith("epoch 1 step 4/"):
             os.killpg(process.pid, signal.SIGTERM)
             break
     rest = process.communicate(timeout=120)[0]
     assert process.returncode == 0, rest
-    assert "stopped by SIGTERM at epoch 0 step 6" in rest
+    assert "stopped by SIGTERM at epoch 1 step 6" in rest
+    assert "done:" not in rest, "a stopped run does not report itself finished (epoch 0 was evaluated)"
     assert load_checkpoint(run_dir / "last.pt")["step_in_epoch"] == 6
 
 

@@ -33,7 +33,12 @@ class StopRequest:
         if self.requested:  # a second signal: stop now
             os._exit(FORCED_EXIT_STATUS)
         self.signal_name = signal.Signals(signum).name
-        print(f"received {self.signal_name}: checkpointing at the next step boundary", file=sys.stderr, flush=True)
+        print(
+            f"received {self.signal_name}: saving and stopping at the next log interval "
+            f"(forced exit in {self.grace_s:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
         self._timer = threading.Timer(self.grace_s, self._force_exit)
         self._timer.daemon = True
         self._timer.start()

@@ -352,12 +352,16 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
             log.line(f"stop criteria {cfg.train.stop_when} met after epoch {epoch}")
             break
         if _stop_requested(stop, ctx):
-            log.line(f"stopped by {stop.signal_name or 'a signal on another rank'} after epoch {epoch}")
+            stopped_by_signal = True
+            log.line(
+                f"stopped by {stop.signal_name or 'a signal on another rank'} after epoch {epoch}; "
+                f"saved {run_dir / LAST_NAME}; resume with --resume auto"
+            )
             break
 
     train_loader.close()
     val_loader.close()
-    if final_metrics:
+    if final_metrics and not stopped_by_signal:
         log.line(f"done: acc1 {final_metrics['acc1']:.2f} acc5 {final_metrics['acc5']:.2f}; run in {run_dir}")
     log.close()
     return EXIT_OK

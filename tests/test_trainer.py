@@ -52,7 +52,7 @@ def model_weights(path: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def two_process_run(photo_shards, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ddp") / "run"
-    result = torchrun(*train_args(photo_shards, run_dir, "train.epochs=2", "eval.every=1")[0:])
+    result = torchrun(*train_args(photo_shards, run_dir, "train.epochs=2", "eval.every=1", "optim.ema_decay=0.9"))
     assert result.returncode == 0, result.stdout + result.stderr
     return run_dir, result
 
@@ -122,6 +122,8 @@ def straightforward_eval(checkpoint: Path, shards: Path) -> dict:
 
 
 def test_evaluation_is_identical_for_1_2_and_3_processes(two_process_run, photo_shards):
+    """...and equal to the trainer's own evaluation of the model it saved (every rank scores rank 0's
+    BatchNorm statistics, not those its own last batch left)."""
     run_dir, _ = two_process_run
     args = ["-m", "train.evaluate", "--checkpoint", str(run_dir / "last.pt"), "--shards", str(photo_shards),
             "--batch-size", "8", "--workers", "1"]  # fmt: skip
@@ -137,6 +139,13 @@ def test_evaluation_is_identical_for_1_2_and_3_processes(two_process_run, photo_
         assert result["acc1"] == reference["acc1"] and result["acc5"] == reference["acc5"]
         # Per-sample losses are bitwise equal; only the float64 summation order differs by world size.
         assert result["loss"] == pytest.approx(reference["loss"], rel=1e-12)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in records if "val/acc1" in r][-1]
+    assert (trained["val/acc1"], trained["val/acc5"]) == (reference["acc1"], reference["acc5"])
+    assert trained["val/loss"] == pytest.approx(reference["loss"], rel=1e-12)
+    ema = json.loads(run_tool(*args[1:], "--ema", check=True).stdout.strip().splitlines()[-1])
+    assert (trained["val/ema_acc1"], trained["val/ema_acc5"]) == (ema["acc1"], ema["acc5"])
+    assert trained["val/ema_loss"] == pytest.approx(ema["loss"], rel=1e-12)
 
 
 def read_val_count(shards: Path) -> int:

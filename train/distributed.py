@@ -67,6 +67,18 @@ def all_reduce_sum(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return tensor
 
 
+def broadcast_buffers(module: torch.nn.Module, ctx: DistContext) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics), in place.
+
+    DDP broadcasts them only at the start of each training forward, so after an epoch's last step
+    each rank holds statistics updated by its own last batch. Evaluated as they are, the ranks would
+    be scoring slightly different models, none of them the one rank 0 checkpoints.
+    """
+    if ctx.distributed:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def all_gather_objects(obj, ctx: DistContext) -> list:
     if not ctx.distributed:
         return [obj]

@@ -48,7 +48,14 @@ from train.checkpoint import (
     set_rng_state,
 )
 from train.config import STOP_METRICS, Config, ConfigError, load_config
-from train.distributed import DistContext, all_gather_objects, all_reduce_sum, setup_distributed, teardown_distributed
+from train.distributed import (
+    DistContext,
+    all_gather_objects,
+    all_reduce_sum,
+    broadcast_buffers,
+    setup_distributed,
+    teardown_distributed,
+)
 from train.metrics import evaluate
 from train.model import build_model
 from train.run_log import create_run_log
@@ -328,8 +335,10 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
         last_epoch = epoch + 1 == cfg.train.epochs
         metrics = {}
         if (epoch + 1) % cfg.eval.every == 0 or last_epoch:
+            broadcast_buffers(model, ctx)  # evaluate the model rank 0 checkpoints, on every rank
             metrics = evaluate(model, val_loader, ctx, precision)
             if ema is not None:
+                broadcast_buffers(ema, ctx)
                 ema_metrics = evaluate(ema.module, val_loader, ctx, precision)
                 metrics.update({f"ema_{k}": v for k, v in ema_metrics.items() if k != "samples"})
             log.scalars(position["global_step"], {f"val/{k}": v for k, v in metrics.items()} | {"epoch": epoch})

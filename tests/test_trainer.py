@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -19,6 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from pipeline.loader import PAD_LABEL, LoaderConfig, create_loader
 from tests.conftest import REPO_ROOT, run_tool, subprocess_env
+from tests.test_loaders import shards_with_a_broken_jpeg
 from train.checkpoint import CheckpointError, load_checkpoint
 from train.evaluate import model_from_checkpoint
 from train.trainer import _targets_met
@@ -194,6 +196,34 @@ def test_sigterm_to_the_whole_process_group_still_saves(photo_shards, tmp_path, 
     assert "stopped by SIGTERM at epoch 1 step 6" in rest
     assert "done:" not in rest, "a stopped run does not report itself finished (epoch 0 was evaluated)"
     assert load_checkpoint(run_dir / "last.pt")["step_in_epoch"] == 6
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali-cpu"])
+def test_an_undecodable_sample_stops_training_with_one_line_naming_it(two_process_run, photo_shards, tmp_path, backend):
+    """Exit status 4 and the shard and sample in one line, also when a DataLoader worker met it
+    (PyTorch raises it again with the worker's traceback as its message)."""
+    shards, tar, bad_key = shards_with_a_broken_jpeg(photo_shards, tmp_path, "train")
+    result = run_tool(*train_args(shards, tmp_path / "run", f"data.backend={backend}", "train.epochs=1")[1:])
+    assert result.returncode == 4, result.stderr
+    assert re.search(rf"^train: data error: \S*{tar}: sample {bad_key}: cannot be decoded", result.stderr, re.M)
+    assert "Traceback" not in result.stderr, result.stderr
+
+    shards, tar, bad_key = shards_with_a_broken_jpeg(photo_shards, tmp_path / "val", "val")
+    checkpoint = two_process_run[0] / "last.pt"
+    result = run_tool(
+        "train.evaluate",
+        "--checkpoint",
+        str(checkpoint),
+        "--shards",
+        str(shards),
+        "--backend",
+        backend,
+        "--workers",
+        "1",
+    )
+    assert result.returncode == 4, result.stderr
+    assert re.search(rf"^evaluate: data error: \S*{tar}: sample {bad_key}: cannot be decoded", result.stderr, re.M)
+    assert "Traceback" not in result.stderr, result.stderr
 
 
 def test_a_run_dir_with_checkpoints_is_not_started_afresh_over_them(two_process_run, photo_shards, tmp_path):

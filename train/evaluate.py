@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from pipeline.errors import SampleDecodeError
+from pipeline.errors import SampleDecodeError, data_error_message
 from pipeline.loader import BACKENDS, LoaderConfig, create_loader
 from pipeline.shard_set import ShardError
 from shards.manifest import read_manifest
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"evaluate: error: {err}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
     except (ShardError, SampleDecodeError, FileNotFoundError) as err:
-        print(f"evaluate: data error: {err}", file=sys.stderr, flush=True)
+        print(f"evaluate: data error: {data_error_message(err)}", file=sys.stderr, flush=True)
         return EXIT_DATA
     finally:
         teardown_distributed(ctx)

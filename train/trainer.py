@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from pipeline.errors import SampleDecodeError
+from pipeline.errors import SampleDecodeError, data_error_message
 from pipeline.loader import create_loader
 from pipeline.shard_set import ShardError
 from shards.classes import imagenet_names
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train: {err}", file=sys.stderr, flush=True)
         return EXIT_NONFINITE
     except (ShardError, SampleDecodeError, FileNotFoundError) as err:
-        print(f"train: data error: {err}", file=sys.stderr, flush=True)
+        print(f"train: data error: {data_error_message(err)}", file=sys.stderr, flush=True)
         return EXIT_DATA
     except ConfigError as err:
         print(f"train: config error: {err}", file=sys.stderr, flush=True)

@@ -111,7 +111,9 @@ class DaliLoader(PartLoader):
         wraps each sample itself, in the thread that runs the pipeline (the training loop's): 2.2 ms
         per batch of 256 there, against 0.3 ms here and 0.6 ms left there (docs/PERFORMANCE.md).
         """
-        sizes = self._image_sizes(batch) if self.train or self.table.raw_pixels else None
+        # Val needs no sizes, but reading them checks each header on first read: DALI would crash on
+        # some damaged ones (pipeline/image_header.py).
+        sizes = self._image_sizes(batch)
         if self.table.raw_pixels:  # the pixels are the PPM's last height x width x 3 bytes
             pixels = [
                 image[len(image) - h * w * 3 :].reshape(h, w, 3)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import json
 import multiprocessing
 import shutil
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from PIL import Image
 
 from pipeline.errors import SampleDecodeError
 from pipeline.loader import PAD_LABEL, LoaderConfig, create_loader
@@ -324,7 +327,22 @@ def test_manifest_problems_are_named(photo_shards, tmp_path):
         create_loader(str(shards), "val", config("torch"))
 
 
-def shards_with_a_broken_jpeg(photo_shards: Path, tmp_path: Path, split: str) -> tuple[Path, str, str]:
+def damaged_jpeg(jpeg: bytes, damage: str) -> bytes:
+    """'header': garbage where a marker should be, between the frame header and the scan data (DALI
+    2.4 crashes on that in a batch of 32 or more: the loaders must name it first); 'scan': a JPEG of
+    noise cut halfway through its scan data (DALI's decoder raises an error for it)."""
+    if damage == "header":
+        scan = jpeg.rindex(b"\xff\xda")  # the last start of scan: no 0xFFDA inside scan data
+        return jpeg[:scan] + b"\x00garbage" * 50 + jpeg[scan:]
+    noise = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(noise, "JPEG")
+    whole = noise.getvalue()
+    return whole[: (whole.index(b"\xff\xda") + len(whole)) // 2]
+
+
+def shards_with_a_broken_jpeg(
+    photo_shards: Path, tmp_path: Path, split: str, damage: str = "header"
+) -> tuple[Path, str, str]:
     """A copy of the shards whose first `split` shard was rewritten with one broken JPEG: (dir, tar, key)."""
     shards = copy_shards(photo_shards, tmp_path)
     target = read_manifest(shards).splits[split].shards[0]
@@ -332,7 +350,7 @@ def shards_with_a_broken_jpeg(photo_shards: Path, tmp_path: Path, split: str) ->
     bad_key = samples[3]["__key__"]
     writer = ShardWriter(tmp_path, "rewritten")
     for sample in samples:
-        jpg = sample["jpg"][:200] + b"\x00garbage" * 50 if sample["__key__"] == bad_key else sample["jpg"]
+        jpg = damaged_jpeg(sample["jpg"], damage) if sample["__key__"] == bad_key else sample["jpg"]
         writer.add(encode_sample(sample["__key__"], [("cls", sample["cls"]), ("jpg", jpg), ("json", sample["json"])]))
     info = writer.close()
     shutil.move(tmp_path / info.file, shards / target.file)
@@ -347,7 +365,7 @@ def shards_with_a_broken_jpeg(photo_shards: Path, tmp_path: Path, split: str) ->
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_undecodable_sample_is_named_with_its_shard(tmp_path, photo_shards, backend, split):
     """A shard not made by the converter, with one broken JPEG among good ones."""
-    shards, tar, bad_key = shards_with_a_broken_jpeg(photo_shards, tmp_path, split)
+    shards, tar, bad_key = shards_with_a_broken_jpeg(photo_shards, tmp_path, split, damage="scan")
     loader = create_loader(str(shards), split, config(backend))
     loader.set_epoch(0)
     with pytest.raises(SampleDecodeError, match=f"{tar}: sample {bad_key}"):
@@ -362,6 +380,21 @@ def test_undecodable_sample_is_named_with_its_shard(tmp_path, photo_shards, back
     loader.close()
 
 
+@pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.parametrize("batch_size", [8, 32])
+def test_a_jpeg_header_dali_cannot_parse_is_named_not_a_crash(tmp_path, photo_shards, split, batch_size):
+    """Garbage between a JPEG's markers before its scan data: DALI 2.4 killed the process (SIGSEGV)
+    on it in a batch of 32 or more. The loader checks each header on first read and names the
+    sample. (PIL's libjpeg skips such bytes with a warning, so the torch backends decode it.)"""
+    shards, tar, bad_key = shards_with_a_broken_jpeg(photo_shards, tmp_path, split, damage="header")
+    loader = create_loader(str(shards), split, config("dali-cpu", batch_size=batch_size))
+    loader.set_epoch(0)
+    with pytest.raises(SampleDecodeError, match=f"{tar}: sample {bad_key}: cannot be decoded \\(JPEG marker expected"):
+        for _ in loader:
+            pass
+    loader.close()
+
+
 def test_a_failed_dali_pipeline_cannot_hang_a_forked_process(tmp_path, photo_shards):
     """DataLoader workers are forked. A DALI pipeline left in a reference cycle (an exception's traceback
     holds one) and finalized in the child, where its threads do not exist, hung the child (seen in CI)."""
@@ -369,7 +402,7 @@ def test_a_failed_dali_pipeline_cannot_hang_a_forked_process(tmp_path, photo_sha
     import os
     import time
 
-    shards, _, _ = shards_with_a_broken_jpeg(photo_shards, tmp_path, "val")
+    shards, _, _ = shards_with_a_broken_jpeg(photo_shards, tmp_path, "val", damage="scan")  # DALI's decoder fails
     gc.disable()  # keep the cycle for the child to collect, as an unlucky fork would
     try:
         loader = create_loader(str(shards), "val", config("dali-cpu"))

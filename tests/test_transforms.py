@@ -55,6 +55,41 @@ def test_unreadable_headers_are_errors(data):
         encoded_image_size(data)
 
 
+def noise_image(seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 80, 3), dtype=np.uint8))
+
+
+def test_a_jpeg_is_checked_up_to_its_scan_data():
+    """DALI 2.4 crashes the process on a batch of 32 or more holding a JPEG whose markers before the
+    scan cannot be parsed (pipeline/image_header.py), so the walk goes on past the frame header."""
+    for options in ({}, {"progressive": True}):
+        jpeg = encoded(noise_image(), "JPEG", **options)
+        scan = jpeg.index(b"\xff\xda")
+        garbage_before_scan = jpeg[:scan] + b"\x00garbage" + jpeg[scan:]
+        with pytest.raises(UnreadableHeader, match=f"JPEG marker expected at byte {scan}"):
+            encoded_image_size(garbage_before_scan)
+        with pytest.raises(UnreadableHeader, match="runs past the end"):
+            encoded_image_size(jpeg[: scan - 10])  # cut inside the segment before the scan
+        with pytest.raises(UnreadableHeader, match="ends before its scan data"):
+            encoded_image_size(jpeg[:scan])
+        # Damage inside the scan data is the decoder's to report (DALI raises an error for it).
+        assert encoded_image_size(jpeg[: (scan + len(jpeg)) // 2]) == (64, 80)
+
+
+def test_a_png_is_checked_chunk_by_chunk():
+    """DALI 2.4 crashes on any PNG it cannot decode in a batch of 32 or more: every chunk's CRC is checked."""
+    png = encoded(noise_image(), "PNG")
+    assert encoded_image_size(png) == (64, 80)
+    flipped = bytearray(png)
+    flipped[len(png) // 2] ^= 0xFF
+    with pytest.raises(UnreadableHeader, match="IDAT.*CRC mismatch"):
+        encoded_image_size(bytes(flipped))
+    with pytest.raises(UnreadableHeader, match="runs past the end"):
+        encoded_image_size(png[:100])
+    with pytest.raises(UnreadableHeader, match="before its IEND"):
+        encoded_image_size(png[:-12])
+
+
 @pytest.mark.parametrize("height, width", [(375, 500), (500, 333), (100, 400), (64, 64)])
 def test_crop_windows_follow_torchvision(height, width):
     """Same distribution as torchvision's RandomResizedCrop.get_params, and always inside the image."""

@@ -21,11 +21,11 @@ from PIL import Image
 from pipeline.batch_stream import BatchStream, EncodedBatch
 from pipeline.dali_pipeline import imagenet_pipeline
 from pipeline.errors import SampleDecodeError
-from pipeline.image_header import UnreadableHeader, encoded_image_size, ppm_pixels
 from pipeline.loader import LoaderConfig, PartLoader
 from pipeline.sample_table import SampleTable, file_table, shard_table
 from pipeline.shard_set import ShardError, ShardSet
 from pipeline.transforms import random_resized_crops
+from shards.image_header import UnreadableHeader, encoded_image_size, ppm_pixels
 
 # A pass left this close to its end is read to the end (decoded, not used) rather than replaced by a
 # new pipeline: a build costs about a second of GPU time on an H100, 16 batches less than that. The
@@ -112,7 +112,7 @@ class DaliLoader(PartLoader):
         per batch of 256 there, against 0.3 ms here and 0.6 ms left there (docs/PERFORMANCE.md).
         """
         # Val needs no sizes, but reading them checks each header on first read: DALI would crash on
-        # some damaged ones (pipeline/image_header.py).
+        # some damaged ones (shards/image_header.py).
         sizes = self._image_sizes(batch)
         if self.table.raw_pixels:  # the pixels are the PPM's last height x width x 3 bytes
             pixels = [

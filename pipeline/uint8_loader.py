@@ -28,13 +28,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.v2 import functional as F
 
 from pipeline.errors import SampleDecodeError
-from pipeline.image_header import UnreadableHeader, encoded_image_size, ppm_pixels
 from pipeline.loader import LoaderConfig, PartLoader
 from pipeline.sample_table import SampleReader, SampleTable, shard_table
 from pipeline.shard_set import ShardSet
 from pipeline.split import rank_part
 from pipeline.torch_loader import outlive_job_signals, stop_workers_on_error
 from pipeline.transforms import PIXEL_MEAN, PIXEL_STD, random_resized_crops, val_resize_size
+from shards.image_header import UnreadableHeader, encoded_image_size, ppm_pixels
 
 
 class BatchSlots:

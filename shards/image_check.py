@@ -10,11 +10,10 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from shards.image_header import UnreadableHeader, encoded_image_size
+
 KEEP_AS_IS_FORMATS = {"JPEG", "MPO"}  # MPO is a JPEG with extra camera frames appended
 KEEP_AS_IS_MODES = {"RGB", "L"}  # grayscale JPEGs are kept; readers expand them to 3 channels
-# What may precede a stored PPM's pixels ("P6", width, height, 255, whitespace, comments): far more
-# than the ~15 bytes PIL writes. The verifier and the loaders' header parser hold PPMs to it.
-PPM_HEADER_MAX_BYTES = 256
 
 
 @dataclass(frozen=True)
@@ -66,6 +65,11 @@ def check_image_bytes(
     elif image.mode not in KEEP_AS_IS_MODES:
         converted = f"{image.mode} JPEG re-encoded as RGB"
     resized = max_short_side is not None and min(image.size) > max_short_side
+    if converted is None and not resized and not raw_pixels:
+        try:  # PIL's libjpeg skips stray bytes between markers; DALI cannot parse such a header
+            encoded_image_size(data)
+        except UnreadableHeader as err:
+            converted = f"JPEG re-encoded: its header cannot be parsed by DALI ({err})"
     if converted is None and not resized and not raw_pixels:
         return CheckedImage(data, image.width, image.height)
 

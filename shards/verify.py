@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from shards.image_check import PPM_HEADER_MAX_BYTES
+from shards.image_header import PPM_HEADER_MAX_BYTES, UnreadableHeader, encoded_image_size
 from shards.manifest import Manifest, read_manifest
 from shards.tar_writer import ShardInfo, index_line, index_text
 
@@ -162,6 +162,11 @@ def _sample_problems(parts: dict[str, bytes], image_ext: str, num_classes: int, 
             json.loads(parts["json"])
         except ValueError:
             problems.append("metadata .json does not parse")
+    if image_ext == "jpg" and "jpg" in parts:
+        try:
+            encoded_image_size(parts["jpg"])
+        except UnreadableHeader as err:
+            problems.append(f"JPEG header that DALI cannot parse: {err}")
     if decode and image_ext in parts:
         data = parts[image_ext]
         try:

@@ -323,6 +323,32 @@ def test_bad_inputs_are_reencoded_or_rejected_and_listed(tmp_path, real_photos, 
     assert all(image.shape[2] == 3 for image, _, _ in decoded)
 
 
+def test_a_jpeg_header_dali_cannot_parse_is_reencoded_and_verify_names_one(tmp_path, demo_imagenet):
+    """Stray bytes between a JPEG's markers: PIL's libjpeg decodes past them with a warning, DALI 2.4
+    cannot parse the header (and crashes on it in a batch of 32 or more). The converter stores such
+    an image re-encoded; verify_shards names one found in a shard made otherwise."""
+    train = tmp_path / "train"
+    shutil.copytree(demo_imagenet / "train", train)
+    victim = sorted(train.rglob("*.JPEG"))[0]
+    jpeg = victim.read_bytes()
+    scan = jpeg.rindex(b"\xff\xda")
+    victim.write_bytes(jpeg[:scan] + b"\x00stray" * 20 + jpeg[scan:])
+    Image.open(victim).load()  # PIL accepts it
+    out = tmp_path / "out"
+    run_tool("tools.make_shards", "--train", str(train), "--out", str(out), "--no-progress", check=True)
+    converted = {Path(c.path).name: c.reason for c in read_manifest(out).converted}
+    assert converted[victim.name].startswith("JPEG re-encoded: its header cannot be parsed by DALI (JPEG marker")
+    assert run_tool("tools.verify_shards", str(out)).returncode == 0
+    assert len(read_with_dali(out, "train")) == read_manifest(out).splits["train"].samples
+
+    from tests.test_loaders import shards_with_a_broken_jpeg
+
+    shards, tar, bad_key = shards_with_a_broken_jpeg(out, tmp_path / "broken", "train", damage="header")
+    result = run_tool("tools.verify_shards", str(shards))
+    assert result.returncode == 1
+    assert f"{tar}: sample {bad_key}: JPEG header that DALI cannot parse: JPEG marker expected" in result.stdout
+
+
 def test_strict_exits_nonzero_after_finishing(tmp_path, demo_imagenet):
     train = tmp_path / "train"
     shutil.copytree(demo_imagenet / "train", train)

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 
-from pipeline.image_header import UnreadableHeader, encoded_image_size
 from pipeline.transforms import RRC_AREA, RRC_ASPECT_RATIO, random_resized_crops
+from shards.image_header import UnreadableHeader, encoded_image_size
 
 
 def encoded(image: Image.Image, format: str, **options) -> bytes:
@@ -61,7 +61,7 @@ def noise_image(seed: int = 0) -> Image.Image:
 
 def test_a_jpeg_is_checked_up_to_its_scan_data():
     """DALI 2.4 crashes the process on a batch of 32 or more holding a JPEG whose markers before the
-    scan cannot be parsed (pipeline/image_header.py), so the walk goes on past the frame header."""
+    scan cannot be parsed (shards/image_header.py), so the walk goes on past the frame header."""
     for options in ({}, {"progressive": True}):
         jpeg = encoded(noise_image(), "JPEG", **options)
         scan = jpeg.index(b"\xff\xda")

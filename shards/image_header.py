@@ -6,7 +6,8 @@ every image's size is needed for every batch. Hand-written because PIL's lazy op
 Images stored as pixels (`tools.make_shards --train-raw-pixels`) are binary PPMs: `ppm_header` also
 says where their pixels start.
 
-The walk also checks what DALI cannot be handed: DALI 2.4's decoder kills the process (SIGSEGV)
+The converter uses it too (`image_check`): a JPEG whose header DALI could not parse is re-encoded.
+The walk checks what DALI cannot be handed: DALI 2.4's decoder kills the process (SIGSEGV)
 when, in a batch of 32 or more, a JPEG's markers before its scan data cannot be parsed, or a PNG
 cannot be decoded at all (a batch of fewer raises an error; damage inside a JPEG's scan data raises
 one at any size). So a JPEG is walked to its start of scan and a PNG's chunks are checked against
@@ -19,8 +20,9 @@ import zlib
 
 import numpy as np
 
-from shards.image_check import PPM_HEADER_MAX_BYTES
-
+# What may precede a stored PPM's pixels ("P6", width, height, 255, whitespace, comments): far more
+# than the ~15 bytes PIL writes. The converter, the verifier and the loaders hold PPMs to it.
+PPM_HEADER_MAX_BYTES = 256
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PPM_SIGNATURE = b"P6"
 PPM_WHITESPACE = b" \t\r\n"

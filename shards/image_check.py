@@ -66,12 +66,11 @@ def check_image_bytes(
         converted = f"{image.mode} JPEG re-encoded as RGB"
     resized = max_short_side is not None and min(image.size) > max_short_side
     if converted is None and not resized and not raw_pixels:
-        try:  # PIL's libjpeg skips stray bytes between markers; DALI cannot parse such a header
+        try:
             encoded_image_size(data)
-        except UnreadableHeader as err:
+            return CheckedImage(data, image.width, image.height)
+        except UnreadableHeader as err:  # PIL's libjpeg skips stray bytes between markers; DALI cannot
             converted = f"JPEG re-encoded: its header cannot be parsed by DALI ({err})"
-    if converted is None and not resized and not raw_pixels:
-        return CheckedImage(data, image.width, image.height)
 
     if image.mode not in KEEP_AS_IS_MODES or (raw_pixels and image.mode != "RGB"):
         image = image.convert("RGB")

@@ -21,6 +21,7 @@ from PIL import Image
 from shards.convert import PROGRESS_NAME, ProgressLog, load_progress
 from shards.manifest import read_manifest
 from tests.conftest import REPO_ROOT, run_tool, subprocess_env
+from tests.test_loaders import shards_with_a_broken_jpeg
 
 WDS2IDX = Path(sys.executable).with_name("wds2idx")
 
@@ -340,8 +341,6 @@ def test_a_jpeg_header_dali_cannot_parse_is_reencoded_and_verify_names_one(tmp_p
     assert converted[victim.name].startswith("JPEG re-encoded: its header cannot be parsed by DALI (JPEG marker")
     assert run_tool("tools.verify_shards", str(out)).returncode == 0
     assert len(read_with_dali(out, "train")) == read_manifest(out).splits["train"].samples
-
-    from tests.test_loaders import shards_with_a_broken_jpeg
 
     shards, tar, bad_key = shards_with_a_broken_jpeg(out, tmp_path / "broken", "train", damage="header")
     result = run_tool("tools.verify_shards", str(shards))

@@ -172,12 +172,32 @@ def test_resume_after_sigterm_gives_identical_weights(photo_shards, tmp_path):
     checkpoint = load_checkpoint(interrupted / "last.pt")
     assert (checkpoint["epoch"], checkpoint["step_in_epoch"]) == (0, 6), "saved mid-epoch with its data position"
 
-    resumed = popen([sys.executable, *train_args(photo_shards, interrupted, *overrides), "--resume", "auto"],
-                    stdout=subprocess.PIPE)  # fmt: skip
-    assert "resumed from" in resumed.communicate(timeout=300)[0] and resumed.returncode == 0
-    expected, got = model_weights(straight / "last.pt"), model_weights(interrupted / "last.pt")
+    # Resumed in the straight run's directory, as if that run had died after its step-6 checkpoint:
+    # it logged steps the resumed run trains again, and only the resumed run's records may remain.
+    expected = model_weights(straight / "last.pt")
+    straight_records = read_metrics(straight)
+    shutil.copy(interrupted / "last.pt", tmp_path / "at-step-6.pt")
+    resumed = popen([sys.executable, *train_args(photo_shards, straight, *overrides), "--resume",
+                     str(tmp_path / "at-step-6.pt")], stdout=subprocess.PIPE)  # fmt: skip
+    output = resumed.communicate(timeout=300)[0]
+    assert "resumed from" in output and resumed.returncode == 0
+    got = model_weights(straight / "last.pt")
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected), "resume is exact"
+
+    after_step_6 = sum(r["step"] > 6 for r in straight_records)
+    assert f"dropped {after_step_6} record(s) of {straight / 'metrics.jsonl'} logged after step 6" in output
+    records = read_metrics(straight)
+    assert [r["step"] for r in records] == [r["step"] for r in straight_records], "each step once, in order"
+    assert [r.get("train/loss") for r in records] == [r.get("train/loss") for r in straight_records]
+    events = EventAccumulator(str(straight / "tensorboard"))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert logged == [(r["step"], pytest.approx(r["train/loss"])) for r in records if "train/loss" in r]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("backend", ["torch", "torch-uint8"])

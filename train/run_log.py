@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from shards.tar_writer import write_atomically
 from train.config import Config, ConfigError, save_config
 
 METRICS_NAME = "metrics.jsonl"
@@ -22,6 +23,9 @@ class SilentLog:
     """What ranks other than 0 log: nothing."""
 
     def line(self, text: str) -> None:
+        pass
+
+    def start_at(self, global_step: int) -> None:
         pass
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
@@ -43,9 +47,31 @@ class RunLog(SilentLog):
             raise ConfigError(f"run.dir: cannot create {run_dir} ({err.strerror})") from None
         save_config(config, run_dir / "config.yaml")
         (run_dir / "code_version.txt").write_text(_code_version() + "\n")
-        self.metrics = open(run_dir / METRICS_NAME, "a", buffering=1)
-        self.tensorboard = writer_class(str(run_dir / "tensorboard")) if writer_class else None
+        self.run_dir = run_dir
+        self.writer_class = writer_class
+        self.metrics = None  # opened by start_at, once the first step is known
+        self.tensorboard = None
         self.histograms_enabled = config.log.histograms
+
+    def start_at(self, global_step: int) -> None:
+        """Record from `global_step` on, dropping what an earlier attempt in this run.dir logged after it.
+
+        A run that died after its last checkpoint (a lost node, kill -9) logged steps that the resumed
+        run trains again; kept, they would appear twice in metrics.jsonl and double back in TensorBoard.
+        """
+        metrics_path = self.run_dir / METRICS_NAME
+        if metrics_path.is_file():
+            kept, dropped = _records_up_to(metrics_path.read_text(), global_step)
+            if dropped:
+                write_atomically(metrics_path, "".join(kept).encode())
+                self.line(
+                    f"dropped {dropped} record(s) of {metrics_path} logged after step {global_step} by an earlier "
+                    "attempt (TensorBoard hides its events after that step too)"
+                )
+        self.metrics = open(metrics_path, "a", buffering=1)
+        if self.writer_class is not None:
+            # purge_step: TensorBoard hides the earlier event files' events at this step and after.
+            self.tensorboard = self.writer_class(str(self.run_dir / "tensorboard"), purge_step=global_step + 1)
 
     def line(self, text: str) -> None:
         print(text, flush=True)
@@ -62,13 +88,31 @@ class RunLog(SilentLog):
                 self.tensorboard.add_histogram(f"weights/{name}", param.detach().float().cpu(), step)
 
     def close(self) -> None:
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
 
 
 def create_run_log(run_dir: str | Path, config: Config, is_main: bool) -> SilentLog:
     return RunLog(Path(run_dir), config) if is_main else SilentLog()
+
+
+def _records_up_to(text: str, global_step: int) -> tuple[list[str], int]:
+    """The lines of a metrics.jsonl logged at `global_step` or before, and how many others there were.
+
+    A line cut short by a crash (no valid JSON) counts among the others."""
+    kept, dropped = [], 0
+    for line in text.splitlines(keepends=True):
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            step = None
+        if isinstance(step, int) and step <= global_step and line.endswith("\n"):
+            kept.append(line)
+        else:
+            dropped += 1
+    return kept, dropped
 
 
 def _code_version() -> str:

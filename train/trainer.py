@@ -204,6 +204,7 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
                 f"{ctx.world_size}: random streams start afresh, the data split changes (a resume mid-epoch "
                 "no longer continues the same sample order) and the global batch, and with it the lr, is this run's"
             )
+    log.start_at(position["global_step"])
 
     train_model: torch.nn.Module = model
     sync_timer = None

@@ -432,3 +432,24 @@ def test_measure_rate_counts_the_cores_the_whole_process_keeps_busy():
     )
     assert idle.process_cpu_cores < 0.3
     assert helped.process_cpu_cores > 0.6
+
+
+def test_bench_pipeline_reports_an_undecodable_sample_and_measures_the_rest(photo_shards, tmp_path):
+    """A val split with one cut JPEG: each backend's val rate fails naming the sample, in one line
+    (no DataLoader worker traceback); the run goes on to the next and exits 1."""
+    shards, tar, bad_key = shards_with_a_broken_jpeg(photo_shards, tmp_path, "val", damage="scan")
+    result = run_tool(
+        "tools.bench_pipeline", "--shards", str(shards), "--backends", "dali-cpu,torch", "--splits", "val",
+        "--batch-size", "8", "--image-size", "32", "--seconds", "60", "--workers", "1",
+        "--json", str(tmp_path / "bench_pipeline.json"),
+    )  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
+    report = json.loads((tmp_path / "bench_pipeline.json").read_text())
+    assert [(f["name"], f["split"]) for f in report["failed"]] == [("dali-cpu", "val"), ("torch", "val")]
+    for failure in report["failed"]:
+        assert re.fullmatch(
+            rf"SampleDecodeError: [^\n]*{tar}: sample {bad_key}: cannot be decoded[^\n]*", failure["error"]
+        )
+        assert f"FAILED {failure['name']} val: {failure['error']}" in result.stdout
+    tabled = run_tool("tools.gpu_report", str(tmp_path), check=True).stdout
+    assert f"| dali-cpu | val | FAILED: {report['failed'][0]['error']} |" in tabled

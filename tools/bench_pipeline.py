@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict
 
+from pipeline.errors import data_error_message
 from pipeline.loader import BACKENDS, create_loader
 from shards.manifest import read_manifest
 from tools.bench_common import (
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"--backends: {unknown} not in {[b for b in BACKENDS if b != 'folder']}")
     device = default_device()
-    results = []
+    results, failed = [], []
     with temporary_workdir() as tmp:
         shards = args.shards or str(bench_shards(tmp, args.copies, max(args.workers)))
         manifest = read_manifest(shards)
@@ -66,8 +67,14 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{name:16s} {split:5s} skipped: no GPU")
                     continue
                 cfg = loader_config(args, backend, settings, val_image_size=args.image_size, dtype=args.dtype)
-                loader = create_loader(shards, split, cfg, device=device)
-                rate = measure_rate(loader, device, args.seconds, WARMUP_BATCHES)
+                try:
+                    loader = create_loader(shards, split, cfg, device=device)
+                    rate = measure_rate(loader, device, args.seconds, WARMUP_BATCHES)
+                except Exception as err:  # a bad sample, one setting that fails: keep the others' rates
+                    error = f"{type(err).__name__}: {data_error_message(err)}"
+                    failed.append({"name": name, "split": split, "error": error})
+                    print(f"{name:16s} {split:5s} FAILED: {failed[-1]['error']}", flush=True)
+                    continue
                 row = {"backend": backend, "hw_decoder_load": None, **settings, "name": name, "split": split}
                 results.append({**row, **asdict(rate)})
                 print(f"{name:16s} {split:5s} {rate.images_per_s:10.1f} images/s", flush=True)
@@ -86,8 +93,10 @@ def main(argv: list[str] | None = None) -> int:
             f" {r['images_per_epoch']:13d} {r['loader_cpu_ms_per_batch']:14.2f} {r['process_cpu_cores']:10.2f}"
             f" {r['worker_cpu_cores']:13.2f}"
         )
-    finish_report("pipeline", args, results, stored_sides=stored_sides, stored_exts=stored_exts)
-    return 0
+    for failure in failed:
+        print(f"FAILED {failure['name']} {failure['split']}: {failure['error']}")
+    finish_report("pipeline", args, results, failed, stored_sides, stored_exts)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.errors import data_error_message
 from pipeline.loader import BACKENDS, create_loader
 from pipeline.shard_set import open_shard_set
 from shards.manifest import read_manifest
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                     placement = streams[model_sms]
                 rate = measure(backend, settings, placement, run_name)
             except Exception as err:  # one setting of a sweep that fails must not lose the others' rates
-                failed.append({"name": run_name, "error": f"{type(err).__name__}: {err}"})
+                failed.append({"name": run_name, "error": f"{type(err).__name__}: {data_error_message(err)}"})
                 print(f"{run_name:16s} FAILED: {failed[-1]['error']}", flush=True)
                 continue
             results.append(

@@ -76,6 +76,8 @@ def pipeline_section(report: dict) -> list[str]:
             f" {_optional(r, 'images_per_epoch', ',')} | {_optional(r, 'loader_cpu_ms_per_batch', '.2f')} |"
             f" {_optional(r, 'process_cpu_cores', '.2f')} | {_optional(r, 'worker_cpu_cores', '.2f')} |"
         )
+    for failure in report.get("failed", []):
+        lines.append(f"| {failure['name']} | {failure['split']} | FAILED: {failure['error']} | | | | | | | |")
     gpu_train = [r for r in report["results"] if r["backend"] == "dali-gpu" and r["split"] == "train"]
     best = max(gpu_train, key=lambda r: r["images_per_s"], default=None)
     lines.append("")

@@ -433,7 +433,8 @@ def summary(result: ConvertResult) -> str:
         rejected = sum(1 for r in m.rejected if r.split == split)
         converted = sum(1 for c in m.converted if c.split == split)
         lines.append(
-            f"  {split:5s}: {info.samples} samples in {len(info.shards)} shards, {total_bytes / BYTES_PER_MB:.1f} MB;"
+            f"  {split:5s}: {info.samples} samples in {_count(len(info.shards), 'shard')},"
+            f" {total_bytes / BYTES_PER_MB:.1f} MB;"
             f" {rejected} rejected, {converted} re-encoded, {info.resized} resized"
             + ("" if info.max_short_side is None else f" to short side {info.max_short_side}")
             + ("; stored as raw pixels (PPM)" if info.image_ext == "ppm" else "")
@@ -441,3 +442,7 @@ def summary(result: ConvertResult) -> str:
     for note in m.rejected:
         lines.append(f"  rejected {note.split}/{note.path}: {note.reason}")
     return "\n".join(lines)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")

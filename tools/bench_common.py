@@ -303,6 +303,8 @@ def _rate(
     within = span_images / span_seconds if span_seconds > 0 and span_images else images / elapsed
     # A switch span holds one step (the new epoch's first batch) besides the switch itself.
     per_switch = (elapsed - span_seconds - (images - span_images) / within) / switches if switches else None
+    if per_switch is not None:
+        per_switch = max(per_switch, 0.0)  # below zero only by step-time noise: no measurable cost
     images_per_epoch = loader.steps_per_epoch * loader.batch_size
     return Rate(
         images / elapsed,

@@ -22,6 +22,7 @@ from pipeline.loader import PAD_LABEL, LoaderConfig, create_loader
 from tests.conftest import REPO_ROOT, run_tool, subprocess_env
 from tests.test_loaders import shards_with_a_broken_jpeg
 from train.checkpoint import CheckpointError, load_checkpoint
+from train.config import config_changes, load_config
 from train.evaluate import model_from_checkpoint
 from train.trainer import _targets_met
 from train.trainer import main as train_main
@@ -182,6 +183,7 @@ def test_resume_after_sigterm_gives_identical_weights(photo_shards, tmp_path):
                      str(tmp_path / "at-step-6.pt")], stdout=subprocess.PIPE)  # fmt: skip
     output = resumed.communicate(timeout=300)[0]
     assert "resumed from" in output and resumed.returncode == 0
+    assert f"settings that differ from the checkpoint's: run.dir: {interrupted} -> {straight}\n" in output
     got = model_weights(straight / "last.pt")
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected), "resume is exact"
@@ -432,6 +434,18 @@ def test_missing_tensorboard_is_a_config_error(photo_shards, tmp_path):
     assert result.returncode == 2, result.stderr
     assert "log.tensorboard is true but TensorBoard cannot be imported" in result.stderr
     assert not run_dir.exists(), "nothing is written before the check"
+
+
+def test_config_changes_name_each_changed_and_each_new_setting():
+    before = load_config(REPO_ROOT / "configs/demo.yaml").to_dict()
+    after = load_config(REPO_ROOT / "configs/demo.yaml", ["data.batch_size=7", "train.stop_when={acc1: 50}"]).to_dict()
+    del before["optim"]["ema_decay"]  # as in a checkpoint written before that setting existed
+    assert config_changes(before, after) == [
+        f"data.batch_size: {before['data']['batch_size']} -> 7",
+        "optim.ema_decay: (not set) -> 0.0",
+        f"train.stop_when: {before['train']['stop_when']} -> {{'acc1': 50.0}}",
+    ]
+    assert config_changes(after, after) == []
 
 
 def test_stop_criteria_compare_in_the_right_direction():

@@ -207,6 +207,18 @@ def _parse_yaml(text: str, where: str):
         raise ConfigError(f"{where}: not valid YAML ({getattr(err, 'problem', None) or err}{place})") from None
 
 
+def config_changes(before: dict, after: dict) -> list[str]:
+    """`section.key: old -> new` for each setting of `after` that differs in `before` (both
+    `Config.to_dict()`s; a key an older checkpoint lacks counts as changed)."""
+    changes = []
+    for section, values in after.items():
+        earlier = before.get(section, {})
+        for key, value in values.items():
+            if key not in earlier or earlier[key] != value:
+                changes.append(f"{section}.{key}: {earlier.get(key, '(not set)')} -> {value}")
+    return changes
+
+
 def save_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 

@@ -47,7 +47,7 @@ from train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from train.config import STOP_METRICS, Config, ConfigError, load_config
+from train.config import STOP_METRICS, Config, ConfigError, config_changes, load_config
 from train.distributed import (
     DistContext,
     all_gather_objects,
@@ -196,6 +196,9 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
             ema.load_state_dict(checkpoint["ema"])
         position = {k: checkpoint[k] for k in position}
         log.line(f"resumed from {checkpoint_path}: epoch {position['epoch']} step {position['step_in_epoch']}")
+        changes = config_changes(checkpoint["config"], cfg.to_dict())
+        if changes:
+            log.line(f"settings that differ from the checkpoint's: {'; '.join(changes)}")
         if checkpoint["world_size"] == ctx.world_size:
             set_rng_state(checkpoint["rng"][ctx.rank])
         else:

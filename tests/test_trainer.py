@@ -56,7 +56,8 @@ def model_weights(path: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def two_process_run(photo_shards, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ddp") / "run"
-    result = torchrun(*train_args(photo_shards, run_dir, "train.epochs=2", "eval.every=1", "optim.ema_decay=0.9"))
+    overrides = ("train.epochs=2", "eval.every=1", "optim.ema_decay=0.9", "model.blurpool=true", "eval.flip=true")
+    result = torchrun(*train_args(photo_shards, run_dir, *overrides))
     assert result.returncode == 0, result.stdout + result.stderr
     return run_dir, result
 
@@ -64,7 +65,7 @@ def two_process_run(photo_shards, tmp_path_factory):
 def test_two_process_run_logs_evaluates_and_checkpoints(two_process_run):
     run_dir, result = two_process_run
     assert "training resnet18 on 2 process(es)" in result.stdout
-    assert "epoch 1 val: acc1" in result.stdout
+    assert "epoch 1 val: acc1" in result.stdout and " px, each also mirrored)" in result.stdout
     assert "epoch 0 took " in result.stdout and " left for 1 epoch(s) at this pace" in result.stdout
     assert (run_dir / "config.yaml").is_file() and (run_dir / "code_version.txt").is_file()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -104,7 +105,8 @@ def test_tensorboard_reads_the_event_files(two_process_run):
 
 
 def straightforward_eval(checkpoint: Path, shards: Path) -> dict:
-    """One process, one loop, argmax and a plain sum: the reference the distributed eval must equal."""
+    """One process, one loop, argmax and a plain sum: the reference the distributed eval must equal.
+    Each image is scored as it is and mirrored (the run's eval.flip), with BlurPool (model.blurpool)."""
     model = model_from_checkpoint(load_checkpoint(checkpoint)).eval()
     cfg = LoaderConfig(backend="dali-cpu", batch_size=8, val_image_size=32, workers=1, dtype="float32")
     loader = create_loader(str(shards), "val", cfg)
@@ -113,7 +115,7 @@ def straightforward_eval(checkpoint: Path, shards: Path) -> dict:
     with torch.no_grad():
         for images, labels in loader:
             keep = labels != PAD_LABEL
-            logits = model(images)[keep]
+            logits = ((model(images) + model(torch.flip(images, dims=[3]))) / 2)[keep]
             labels = labels[keep]
             top5 = logits.topk(5, dim=1).indices
             correct1 += int((top5[:, 0] == labels).sum())
@@ -139,7 +141,7 @@ def test_evaluation_is_identical_for_1_2_and_3_processes(two_process_run, photo_
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     reference = straightforward_eval(run_dir / "last.pt", photo_shards)
     for result in results:
-        assert result["samples"] == reference["samples"] == read_val_count(photo_shards)
+        assert result["samples"] == reference["samples"] == read_val_count(photo_shards) and result["flip"]
         assert result["acc1"] == reference["acc1"] and result["acc5"] == reference["acc5"]
         # Per-sample losses are bitwise equal; only the float64 summation order differs by world size.
         assert result["loss"] == pytest.approx(reference["loss"], rel=1e-12)
@@ -150,6 +152,8 @@ def test_evaluation_is_identical_for_1_2_and_3_processes(two_process_run, photo_
     ema = json.loads(run_tool(*args[1:], "--ema", check=True).stdout.strip().splitlines()[-1])
     assert (trained["val/ema_acc1"], trained["val/ema_acc5"]) == (ema["acc1"], ema["acc5"])
     assert trained["val/ema_loss"] == pytest.approx(ema["loss"], rel=1e-12)
+    unflipped = json.loads(run_tool(*args[1:], "--no-flip", check=True).stdout.strip().splitlines()[-1])
+    assert not unflipped["flip"] and unflipped["loss"] != reference["loss"]
 
 
 def read_val_count(shards: Path) -> int:
@@ -278,7 +282,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(two_process_ru
     run_dir = tmp_path / "run"
     shutil.copytree(two_process_run[0], run_dir)
     before = (run_dir / "last.pt").read_bytes()
-    result = run_tool(*train_args(photo_shards, run_dir, "train.epochs=4", "optim.lr=1e30")[1:], "--resume", "auto")
+    overrides = ("train.epochs=4", "optim.lr=1e30", "model.blurpool=true")
+    result = run_tool(*train_args(photo_shards, run_dir, *overrides)[1:], "--resume", "auto")
     assert result.returncode == 3, result.stdout + result.stderr
     assert "loss became non-finite at step" in result.stderr
     assert "the checkpoint was written by 2 processes, this run has 1" in result.stdout
@@ -330,7 +335,8 @@ def test_resuming_another_model_names_both(two_process_run, photo_shards, tmp_pa
     last = two_process_run[0] / "last.pt"
     result = run_tool(*train_args(photo_shards, tmp_path / "run", "model.name=resnet34")[1:], "--resume", str(last))
     assert result.returncode == 2, result.stdout + result.stderr
-    assert f"{last}: holds resnet18; this run builds resnet34 (model.name)" in result.stderr
+    expected = "holds resnet18 with BlurPool; this run builds resnet34 without BlurPool (model.name, model.blurpool)"
+    assert f"{last}: {expected}" in result.stderr
 
 
 def val_shards_of(classes: list[Path], out: Path) -> Path:

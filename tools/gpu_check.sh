@@ -125,10 +125,11 @@ tar czf "$OUT/diagnostics.tgz" -C /tmp/gc diagnostics
 step "2. GPU-marked tests"
 limit 180 python -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
 
-step "5. short real training run under torchrun (python -m torch.distributed.run), dali-gpu"
+step "5. short real training run under torchrun (python -m torch.distributed.run), dali-gpu, BlurPool, eval flips"
 limit 150 python -m torch.distributed.run --standalone --nproc-per-node 1 -m train --config configs/demo.yaml data.shards=/tmp/gc/shards \
   data.backend=dali-gpu data.workers="$workers" data.batch_size=64 resolution.min=128 resolution.max=128 \
-  resolution.val=128 train.epochs=2 eval.every=1 log.every=2 log.tensorboard="$tensorboard_ok" run.dir=/tmp/gc/run
+  resolution.val=128 train.epochs=2 eval.every=1 log.every=2 log.tensorboard="$tensorboard_ok" run.dir=/tmp/gc/run \
+  model.blurpool=true eval.flip=true
 limit 90 python -m train.evaluate --checkpoint /tmp/gc/run/last.pt --shards /tmp/gc/shards --workers "$workers"
 ls -la /tmp/gc/run
 

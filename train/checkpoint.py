@@ -85,11 +85,19 @@ def load_checkpoint(path: str | Path) -> dict:
     return checkpoint
 
 
-def check_same_model(checkpoint: dict, path: str | Path, model_name: str) -> None:
+def check_same_model(checkpoint: dict, path: str | Path, model_name: str, blurpool: bool) -> None:
     """Resuming needs the checkpoint's architecture; say so before load_state_dict's list of keys."""
-    saved_name = checkpoint["config"]["model"]["name"]
-    if saved_name != model_name:
-        raise CheckpointError(f"{path}: holds {saved_name}; this run builds {model_name} (model.name)")
+    saved = checkpoint["config"]["model"]
+    saved_blurpool = saved.get("blurpool", False)
+    if (saved["name"], saved_blurpool) != (model_name, blurpool):
+        raise CheckpointError(
+            f"{path}: holds {_model_text(saved['name'], saved_blurpool)}; this run builds "
+            f"{_model_text(model_name, blurpool)} (model.name, model.blurpool)"
+        )
+
+
+def _model_text(name: str, blurpool: bool) -> str:
+    return f"{name} {'with' if blurpool else 'without'} BlurPool"
 
 
 def check_same_classes(checkpoint: dict, path: str | Path, num_classes: int, wnids: list[str], data: str) -> None:

@@ -39,6 +39,7 @@ class ModelConfig:
     name: str = option("resnet18", "torchvision classification model", MODEL_NAMES)
     zero_init_residual: bool = option(True, "zero the last BatchNorm of each residual block")
     compile: bool = option(False, "torch.compile the model")
+    blurpool: bool = option(False, "blur the input of each strided convolution (FFCV's BlurPool; costs step time)")
 
 
 @dataclass
@@ -105,6 +106,7 @@ class TrainConfig:
 class EvalConfig:
     every: int = option(1, "evaluate every this many epochs (and after the last)")
     batch_size: int = option(256, "images per eval step on each rank")
+    flip: bool = option(False, "also score each image mirrored and average the logits (FFCV's lr_tta)")
 
 
 @dataclass

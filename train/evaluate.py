@@ -34,7 +34,7 @@ def model_from_checkpoint(checkpoint: dict, use_ema: bool = False) -> torch.nn.M
             raise CheckpointError("checkpoint has no EMA weights (optim.ema_decay was 0)")
         state = {k.removeprefix("module."): v for k, v in checkpoint["ema"].items() if k.startswith("module.")}
     num_classes = state["fc.weight"].shape[0]
-    model = build_model(config["model"]["name"], num_classes)
+    model = build_model(config["model"]["name"], num_classes, blurpool=config["model"].get("blurpool", False))
     model.load_state_dict(state)
     return model
 
@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--precision", choices=list(AUTOCAST_DTYPES), default="bfloat16", help="on GPU; CPU uses float32")
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+    flip_help = "also score each image mirrored, mean of the logits (default: the checkpoint's eval.flip)"
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, help=flip_help)
     args = p.parse_args(argv)
 
     ctx = setup_distributed()
@@ -72,10 +74,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(str(err)) from err
         wnids = [] if cfg.backend == "folder" else [c.wnid for c in read_manifest(args.shards).classes]
         check_same_classes(checkpoint, args.checkpoint, loader.num_classes, wnids, args.shards)
-        metrics = evaluate(model, loader, ctx, precision)
+        flip = checkpoint["config"]["eval"].get("flip", False) if args.flip is None else args.flip
+        metrics = evaluate(model, loader, ctx, precision, flip)
         loader.close()
         if ctx.is_main:
-            print(json.dumps({"checkpoint": args.checkpoint, **metrics}))
+            print(json.dumps({"checkpoint": args.checkpoint, **metrics, "flip": flip}))
     except CheckpointError as err:
         print(f"evaluate: checkpoint error: {err}", file=sys.stderr, flush=True)
         return EXIT_CONFIG

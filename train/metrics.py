@@ -51,14 +51,19 @@ class EvalCounts:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, ctx: DistContext, precision: str) -> dict[str, float]:
-    """Top-1/top-5 accuracy and mean cross-entropy of `model` over the whole val split."""
+def evaluate(model: torch.nn.Module, loader, ctx: DistContext, precision: str, flip: bool = False) -> dict[str, float]:
+    """Top-1/top-5 accuracy and mean cross-entropy of `model` over the whole val split.
+
+    `flip`: the logits are the mean of the image's and its mirror's (test-time augmentation).
+    """
     was_training = model.training
     model.eval()
     counts = EvalCounts(ctx.device)
     for images, labels in loader:
         with autocast(ctx.device, precision):
             logits = model(images)
+            if flip:
+                logits = (logits.float() + model(images.flip(3)).float()) / 2
         counts.update(logits, labels)
     model.train(was_training)
     return counts.reduce(ctx)

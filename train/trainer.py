@@ -164,7 +164,7 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
     num_classes = train_loader.num_classes
 
     # model, optimizer, precision
-    model = build_model(cfg.model.name, num_classes, cfg.model.zero_init_residual).to(ctx.device)
+    model = build_model(cfg.model.name, num_classes, cfg.model.zero_init_residual, cfg.model.blurpool).to(ctx.device)
     accumulate = cfg.optim.accumulate
     global_batch = cfg.data.batch_size * ctx.world_size * accumulate
     peak_lr = cfg.peak_lr(global_batch)
@@ -185,7 +185,7 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
     checkpoint_path = _resolve_resume(resume, run_dir)
     if checkpoint_path is not None:
         checkpoint = load_checkpoint(checkpoint_path)
-        check_same_model(checkpoint, checkpoint_path, cfg.model.name)
+        check_same_model(checkpoint, checkpoint_path, cfg.model.name, cfg.model.blurpool)
         wnids = [wnid for wnid, _ in classes]
         check_same_classes(checkpoint, checkpoint_path, num_classes, wnids, f"data.shards {cfg.data.shards}")
         model.load_state_dict(checkpoint["model"])
@@ -340,16 +340,17 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
         metrics = {}
         if (epoch + 1) % cfg.eval.every == 0 or last_epoch:
             broadcast_buffers(model, ctx)  # evaluate the model rank 0 checkpoints, on every rank
-            metrics = evaluate(model, val_loader, ctx, precision)
+            metrics = evaluate(model, val_loader, ctx, precision, cfg.eval.flip)
             if ema is not None:
                 broadcast_buffers(ema, ctx)
-                ema_metrics = evaluate(ema.module, val_loader, ctx, precision)
+                ema_metrics = evaluate(ema.module, val_loader, ctx, precision, cfg.eval.flip)
                 metrics.update({f"ema_{k}": v for k, v in ema_metrics.items() if k != "samples"})
             log.scalars(position["global_step"], {f"val/{k}": v for k, v in metrics.items()} | {"epoch": epoch})
             log.histograms(position["global_step"], model)
             log.line(
                 f"epoch {epoch} val: acc1 {metrics['acc1']:.2f} acc5 {metrics['acc5']:.2f} "
-                f"loss {metrics['loss']:.4f} ({metrics['samples']} images at {cfg.resolution.val} px)"
+                f"loss {metrics['loss']:.4f} ({metrics['samples']} images at {cfg.resolution.val} px"
+                + (", each also mirrored)" if cfg.eval.flip else ")")
             )
             final_metrics = metrics
         improved = bool(metrics) and metrics["acc1"] > position["best_acc1"]

@@ -14,13 +14,17 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pipeline.loader import PAD_LABEL, LoaderConfig, create_loader
+from pipeline.transforms import torchvision_val_transform
 from tests.conftest import REPO_ROOT, run_tool, subprocess_env
 from tests.test_loaders import shards_with_a_broken_jpeg
+from tools.predict import main as predict_main
 from train.checkpoint import CheckpointError, load_checkpoint
 from train.config import config_changes, load_config
 from train.evaluate import model_from_checkpoint
@@ -154,6 +158,28 @@ def test_evaluation_is_identical_for_1_2_and_3_processes(two_process_run, photo_
     assert trained["val/ema_loss"] == pytest.approx(ema["loss"], rel=1e-12)
     unflipped = json.loads(run_tool(*args[1:], "--no-flip", check=True).stdout.strip().splitlines()[-1])
     assert not unflipped["flip"] and unflipped["loss"] != reference["loss"]
+
+
+def test_predict_scores_an_image_as_the_run_evaluated_it(two_process_run, tmp_path, capsys):
+    """The fixture's run has BlurPool and evaluates with flips: tools.predict rebuilds that model
+    and scores each image with its mirror (the mean of both logits), as a plain computation here does."""
+    last = two_process_run[0] / "last.pt"
+    picture = tmp_path / "picture.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(picture)
+    assert predict_main(["--checkpoint", str(last), str(picture)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+
+    checkpoint = load_checkpoint(last)
+    model = model_from_checkpoint(checkpoint).eval()
+    config = checkpoint["config"]
+    transform = torchvision_val_transform(config["resolution"]["val"], config["data"]["crop_pct"])
+    image = transform(Image.open(picture).convert("RGB"))[None]
+    with torch.no_grad():
+        top = ((model(image) + model(torch.flip(image, dims=[3]))) / 2).softmax(dim=1)[0].topk(5)
+    assert printed[0] == str(picture)
+    assert [line.split()[0] for line in printed[1:]] == [f"{p:.1%}" for p in top.values.tolist()]
+    wnids = [wnid for wnid, _ in checkpoint["classes"]]
+    assert [line.rsplit("(", 1)[1].rstrip(")") for line in printed[1:]] == [wnids[i] for i in top.indices.tolist()]
 
 
 def read_val_count(shards: Path) -> int:

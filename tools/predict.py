@@ -1,4 +1,4 @@
-"""Top-5 classes of images, from a training checkpoint.
+"""Top-5 classes of images, from a training checkpoint, scored as its run evaluated them.
 
 python -m tools.predict --checkpoint runs/resnet18/best.pt photo1.jpg photo2.jpg
 """
@@ -16,6 +16,17 @@ from train.checkpoint import CheckpointError, load_checkpoint
 from train.evaluate import model_from_checkpoint
 
 TOP_K = 5
+
+
+@torch.no_grad()
+def class_probabilities(model: torch.nn.Module, image: torch.Tensor, flip: bool) -> torch.Tensor:
+    """Softmax over the classes for one transformed image, scored as the run evaluated it (with
+    `flip`, from the mean of its and its mirror's logits)."""
+    batch = image[None]
+    logits = model(batch)
+    if flip:
+        logits = (logits + model(batch.flip(3))) / 2
+    return logits.softmax(dim=1)[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,8 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{path}: cannot read image ({err})", file=sys.stderr)
             status = 1
             continue
-        with torch.no_grad():
-            probabilities = model(transform(image)[None]).softmax(dim=1)[0]
+        probabilities = class_probabilities(model, transform(image), config["eval"].get("flip", False))
         top = probabilities.topk(min(TOP_K, len(probabilities)))
         print(path)
         for probability, index in zip(top.values.tolist(), top.indices.tolist(), strict=True):

@@ -25,7 +25,7 @@ from pipeline.transforms import torchvision_val_transform
 from tests.conftest import REPO_ROOT, run_tool, subprocess_env
 from tests.test_loaders import shards_with_a_broken_jpeg
 from tools.predict import main as predict_main
-from train.checkpoint import CheckpointError, load_checkpoint
+from train.checkpoint import CheckpointError, keep_copy, load_checkpoint, save_checkpoint
 from train.config import config_changes, load_config
 from train.evaluate import model_from_checkpoint
 from train.trainer import _targets_met
@@ -61,7 +61,7 @@ def model_weights(path: Path) -> dict[str, torch.Tensor]:
 def two_process_run(photo_shards, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ddp") / "run"
     overrides = ("train.epochs=2", "eval.every=1", "optim.ema_decay=0.9", "model.blurpool=true", "eval.flip=true")
-    result = torchrun(*train_args(photo_shards, run_dir, *overrides))
+    result = torchrun(*train_args(photo_shards, run_dir, *overrides, "checkpoint.keep_every_epochs=1"))
     assert result.returncode == 0, result.stdout + result.stderr
     return run_dir, result
 
@@ -79,6 +79,10 @@ def test_two_process_run_logs_evaluates_and_checkpoints(two_process_run):
     assert not any(key.startswith("module.") for key in checkpoint["model"])
     assert {"optimizer", "scaler", "ema", "global_step", "step_in_epoch", "best_acc1", "config"} <= set(checkpoint)
     assert (run_dir / "best.pt").is_file()
+    kept = sorted(p.name for p in run_dir.glob("epoch-*"))
+    assert kept == ["epoch-1.pt", "epoch-2.pt"], "checkpoint.keep_every_epochs=1 keeps each epoch's last.pt"
+    assert load_checkpoint(run_dir / "epoch-1.pt")["epoch"] == 1, "not replaced when last.pt is"
+    assert (run_dir / "epoch-2.pt").read_bytes() == (run_dir / "last.pt").read_bytes()
 
 
 def test_two_processes_train_from_raw_pixels_with_torch_uint8(raw_and_jpeg_shards, tmp_path):
@@ -429,6 +433,7 @@ def _environ(pid: int) -> dict[str, str]:
         ("data.val_backend=folder", "data.val_backend: 'folder' cannot read what data.backend 'dali-cpu' reads"),
         ("train.stop_when={top1: 70}", "train.stop_when.top1: unknown metric"),
         ("data.batch_size=0", "data.batch_size: must be at least 1"),
+        ("checkpoint.every_steps=-1", "checkpoint.every_steps: must be 0 (off) or more, got -1"),
         ("optim.lr=[1,", "override 'optim.lr=[1,': not valid YAML"),
     ],
 )
@@ -466,6 +471,23 @@ def test_missing_tensorboard_is_a_config_error(photo_shards, tmp_path):
     assert result.returncode == 2, result.stderr
     assert "log.tensorboard is true but TensorBoard cannot be imported" in result.stderr
     assert not run_dir.exists(), "nothing is written before the check"
+
+
+@pytest.mark.parametrize("links", ["allowed", "refused"])
+def test_a_kept_checkpoint_stays_as_it_was_when_last_pt_is_replaced(tmp_path, monkeypatch, links):
+    """A hard link where the filesystem allows one, else a copy; either way a complete file."""
+
+    def refuse(*args):  # as a filesystem without hard links does
+        raise PermissionError(1, "Operation not permitted")
+
+    if links == "refused":
+        monkeypatch.setattr(os, "link", refuse)
+    last = tmp_path / "last.pt"
+    save_checkpoint(last, {"epoch": 1})
+    keep_copy(last, tmp_path / "epoch-1.pt")
+    save_checkpoint(last, {"epoch": 2})
+    assert load_checkpoint(tmp_path / "epoch-1.pt")["epoch"] == 1 and load_checkpoint(last)["epoch"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-1.pt", "last.pt"]
 
 
 def test_config_changes_name_each_changed_and_each_new_setting():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,26 @@ def save_checkpoint(path: str | Path, payload: dict) -> None:
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
+
+
+def keep_copy(path: Path, copy: Path) -> None:
+    """Keep the checkpoint at `path` also as `copy`: a hard link (no bytes written; `path` is only
+    ever replaced by a rename, so the copy keeps this version), or a copy where links are refused."""
+    tmp = copy.with_name(copy.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(path, tmp)
+        except OSError:  # a filesystem without hard links
+            shutil.copyfile(path, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, copy)
+    except OSError as err:
+        raise CheckpointError(f"cannot write {copy} ({err.strerror or err}); {path} is unchanged") from err
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(copy.parent)
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -119,6 +119,7 @@ class LogConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = option(0, "also save last.pt every this many optimizer steps (0: only per epoch)")
+    keep_every_epochs: int = option(0, "keep last.pt of every this many epochs as epoch-N.pt (0: none kept)")
 
 
 @dataclass
@@ -293,6 +294,10 @@ def _check(config: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: must be at least 1, got {value}")
+    for key in ("checkpoint.every_steps", "checkpoint.keep_every_epochs"):
+        value = getattr(config.checkpoint, key.split(".")[1])
+        if value < 0:
+            raise ConfigError(f"{key}: must be 0 (off) or more, got {value}")
     if (config.data.backend == "folder") != (config.val_backend == "folder"):  # a folder tree, or shards
         raise ConfigError(
             f"data.val_backend: {config.val_backend!r} cannot read what data.backend {config.data.backend!r} reads"

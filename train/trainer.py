@@ -42,6 +42,7 @@ from train.checkpoint import (
     CheckpointError,
     check_same_classes,
     check_same_model,
+    keep_copy,
     load_checkpoint,
     rng_state,
     save_checkpoint,
@@ -359,6 +360,9 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
         save(LAST_NAME, metrics)
         if improved:
             save(BEST_NAME, metrics)
+        keep_every = cfg.checkpoint.keep_every_epochs
+        if ctx.is_main and keep_every and (epoch + 1) % keep_every == 0:
+            keep_copy(run_dir / LAST_NAME, run_dir / f"epoch-{epoch + 1}.pt")
         _log_epoch_time(
             log, epoch, time.perf_counter() - epoch_started, steps_to_train, steps_per_epoch, cfg.train.epochs
         )

@@ -292,13 +292,20 @@ def convert(opts: ConvertOptions) -> ConvertResult:
                 progress.append(result)
 
             # One thread makes finished shards durable, so no worker sits in fsync.
-            with Pool(min(max(1, opts.workers), len(todo))) as pool, ThreadPoolExecutor(1) as committer:
-                commits = []
-                for result in pool.imap_unordered(_write_shard_in_worker, [(str(out), t) for t in todo]):
-                    commits.append(committer.submit(commit, result))
-                    bar.update(result.inputs)
-                for c in commits:
-                    c.result()
+            try:
+                with Pool(min(max(1, opts.workers), len(todo))) as pool, ThreadPoolExecutor(1) as committer:
+                    commits = []
+                    for result in pool.imap_unordered(_write_shard_in_worker, [(str(out), t) for t in todo]):
+                        commits.append(committer.submit(commit, result))
+                        bar.update(result.inputs)
+                    for c in commits:
+                        c.result()
+            except OSError as err:  # a full disk: the workers are stopped, committed shards kept for a rerun
+                for tmp in out.glob("*.tmp"):  # unfinished shards would hold on to space the rerun needs
+                    tmp.unlink(missing_ok=True)
+                if err.filename is None:  # a failed write or fsync names no file
+                    raise OSError(err.errno, f"{err.strerror} (writing shards to {out})") from err
+                raise
 
     manifest = _build_manifest(classes, plans, tasks, done, options, opts)
     write_manifest(out, manifest)

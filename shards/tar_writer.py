@@ -127,7 +127,10 @@ class ShardWriter:
     def abort(self) -> None:
         """Drop an unfinished shard (does nothing after `close()`)."""
         if not self._file.closed:
-            self._file.close()
+            try:
+                self._file.close()  # flushes: after a failed write (a full disk) it fails again, and closes
+            except OSError:
+                pass  # the first failure is the one being raised
             self._tmp_path.unlink(missing_ok=True)
             self._tmp_index_path.unlink(missing_ok=True)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -572,3 +573,25 @@ def test_verify_catches_a_truncated_shard_and_a_wrong_index(tmp_path, demo_image
     assert f"{first.file}: {first.bytes // 2} bytes, manifest says {first.bytes}" in bad.stdout
     assert f"{first.file}: sha256 differs" in bad.stdout
     assert f"{second.index_file}: does not match {second.file}" in bad.stdout
+
+
+def test_a_full_disk_is_named_leaves_no_unfinished_shard_and_the_rerun_finishes(tmp_path, demo_imagenet):
+    """Files may not grow past 30 kB (RLIMIT_FSIZE: writes then fail as on a full disk, with EFBIG):
+    exit 3 naming the output folder, no temporary file holding on to space, and the same command
+    finishes once there is room."""
+    base = ["--train", str(demo_imagenet / "train"), "--shard-size-mb", "0.05", "--workers", "1", "--no-progress"]
+    out = tmp_path / "out"
+
+    def limit_file_size() -> None:  # in the child, before it runs make_shards
+        resource.setrlimit(resource.RLIMIT_FSIZE, (30_000, 30_000))
+
+    full = subprocess.run(
+        [sys.executable, "-m", "tools.make_shards", *base, "--out", str(out)], cwd=REPO_ROOT, env=subprocess_env(),
+        capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size,
+    )  # fmt: skip
+    assert full.returncode == 3, full.stdout + full.stderr
+    assert f"File too large (writing shards to {out}); run the same command again to resume" in full.stderr
+    assert "Traceback" not in full.stderr
+    assert not list(out.glob("*.tmp")) and not (out / "manifest.json").exists()
+    finished = run_tool("tools.make_shards", *base, "--out", str(out), check=True)
+    assert read_manifest(out).splits["train"].samples > 0, finished.stdout

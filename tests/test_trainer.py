@@ -308,6 +308,16 @@ def test_a_full_disk_at_a_checkpoint_is_named_and_leaves_no_file(photo_shards, t
     assert not (run_dir / "last.pt").exists() and not (run_dir / "last.pt.tmp").exists()
 
 
+def test_a_full_disk_at_a_log_line_is_named_in_one_line(photo_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").symlink_to("/dev/full")
+    result = run_tool(*train_args(photo_shards, run_dir, "train.epochs=1")[1:])
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"train: log error: cannot write {run_dir / 'metrics.jsonl'} (No space left on device)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(two_process_run, photo_shards, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(two_process_run[0], run_dir)

@@ -19,6 +19,17 @@ from train.config import Config, ConfigError, save_config
 METRICS_NAME = "metrics.jsonl"
 
 
+class RunLogError(RuntimeError):
+    """A record of the run that cannot be written (a full disk); the message names the file."""
+
+
+def _cannot_write(path: Path, err: OSError) -> RunLogError:
+    return RunLogError(
+        f"cannot write {path} ({err.strerror or err}); the checkpoints beside it are kept: "
+        "free space, then continue with --resume auto"
+    )
+
+
 class SilentLog:
     """What ranks other than 0 log: nothing."""
 
@@ -45,8 +56,14 @@ class RunLog(SilentLog):
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:  # a file in the way, no permission
             raise ConfigError(f"run.dir: cannot create {run_dir} ({err.strerror})") from None
-        save_config(config, run_dir / "config.yaml")
-        (run_dir / "code_version.txt").write_text(_code_version() + "\n")
+        for name, write in (
+            ("config.yaml", lambda path: save_config(config, path)),
+            ("code_version.txt", lambda path: path.write_text(_code_version() + "\n")),
+        ):
+            try:
+                write(run_dir / name)
+            except OSError as err:
+                raise _cannot_write(run_dir / name, err) from err
         self.run_dir = run_dir
         self.writer_class = writer_class
         self.metrics = None  # opened by start_at, once the first step is known
@@ -63,7 +80,10 @@ class RunLog(SilentLog):
         if metrics_path.is_file():
             kept, dropped = _records_up_to(metrics_path.read_text(), global_step)
             if dropped:
-                write_atomically(metrics_path, "".join(kept).encode())
+                try:
+                    write_atomically(metrics_path, "".join(kept).encode())
+                except OSError as err:
+                    raise _cannot_write(metrics_path, err) from err
                 self.line(
                     f"dropped {dropped} record(s) of {metrics_path} logged after step {global_step} by an earlier "
                     "attempt (TensorBoard hides its events after that step too)"
@@ -77,7 +97,10 @@ class RunLog(SilentLog):
         print(text, flush=True)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        self.metrics.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+        try:
+            self.metrics.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+        except OSError as err:
+            raise _cannot_write(self.run_dir / METRICS_NAME, err) from err
         if self.tensorboard is not None:
             for tag, value in values.items():
                 self.tensorboard.add_scalar(tag, value, step)

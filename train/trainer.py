@@ -8,9 +8,9 @@
 
 Reads top to bottom: config, distributed setup, data, model, optimizer, resume, then the loop
 (set lr, forward under autocast, backward, step, log at intervals), evaluation and checkpoints
-per epoch. Exit status: 0 done (or stopped cleanly by a signal), 2 bad config, or a checkpoint that
-cannot be resumed or written, 3 non-finite loss, 4 bad data (named in the message); any other
-failure raises.
+per epoch. Exit status: 0 done (or stopped cleanly by a signal), 2 bad config, a checkpoint that
+cannot be resumed or written, or a log that cannot be written, 3 non-finite loss, 4 bad data (named
+in the message); any other failure raises.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ from train.distributed import (
 )
 from train.metrics import evaluate
 from train.model import build_model
-from train.run_log import create_run_log
+from train.run_log import RunLogError, create_run_log
 from train.schedule import learning_rate, train_image_size
 from train.signals import StopRequest
 from train.step import backward, compute_loss, optimizer_step, set_cuda_numerics
@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     except CheckpointError as err:
         print(f"train: checkpoint error: {err}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    except RunLogError as err:
+        print(f"train: log error: {err}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
     finally:
         stop.done()

@@ -297,6 +297,21 @@ def test_a_run_dir_with_checkpoints_is_not_started_afresh_over_them(two_process_
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, a device that is always full")
+def test_a_second_run_in_a_run_dir_in_use_is_refused(photo_shards, tmp_path):
+    """A job submitted twice: the second is refused, naming the first, which goes on untouched."""
+    run_dir = tmp_path / "run"
+    first = popen([sys.executable, *train_args(photo_shards, run_dir, "train.epochs=50")], stdout=subprocess.PIPE)
+    for line in first.stdout:
+        if line.startswith("training resnet18"):
+            break
+    second = run_tool(*train_args(photo_shards, run_dir, "train.epochs=50")[1:], "--resume", "auto")
+    first.send_signal(signal.SIGTERM)
+    rest = first.communicate(timeout=120)[0]
+    assert second.returncode == 2, second.stdout + second.stderr
+    assert f"run.dir: {run_dir} is in use by another run (pid {first.pid} on " in second.stderr
+    assert first.returncode == 0 and "stopped by SIGTERM" in rest
+
+
 def test_a_full_disk_at_a_checkpoint_is_named_and_leaves_no_file(photo_shards, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()

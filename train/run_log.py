@@ -1,15 +1,20 @@
-"""The run's record: console lines, TensorBoard event files, metrics.jsonl. Rank 0 only.
+"""The run's record: console lines, TensorBoard event files, metrics.jsonl, and the run.dir's lock.
+Rank 0 only.
 
 Other ranks get a `SilentLog`, so no code path on them can write by accident.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
 import torch
 
@@ -17,6 +22,7 @@ from shards.tar_writer import write_atomically
 from train.config import Config, ConfigError, save_config
 
 METRICS_NAME = "metrics.jsonl"
+LOCK_NAME = ".run.lock"  # held by rank 0 of the run writing here
 
 
 class RunLogError(RuntimeError):
@@ -56,6 +62,7 @@ class RunLog(SilentLog):
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:  # a file in the way, no permission
             raise ConfigError(f"run.dir: cannot create {run_dir} ({err.strerror})") from None
+        self.lock = _lock_run_dir(run_dir)
         for name, write in (
             ("config.yaml", lambda path: save_config(config, path)),
             ("code_version.txt", lambda path: path.write_text(_code_version() + "\n")),
@@ -115,10 +122,35 @@ class RunLog(SilentLog):
             self.metrics.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
+        self.lock.close()
 
 
 def create_run_log(run_dir: str | Path, config: Config, is_main: bool) -> SilentLog:
     return RunLog(Path(run_dir), config) if is_main else SilentLog()
+
+
+def _lock_run_dir(run_dir: Path) -> TextIO:
+    """Hold an exclusive lock on `run_dir` while this process lives, so that a second run started
+    there (a job submitted twice) is refused instead of overwriting this one's checkpoints. The
+    kernel drops the lock when the process ends, however it ends: no stale lock to clear."""
+    path = run_dir / LOCK_NAME
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "a process that has not said which"
+        handle.close()
+        raise ConfigError(
+            f"run.dir: {run_dir} is in use by another run ({holder}): wait for it to end, or give another run.dir"
+        ) from None
+    except OSError as err:  # a filesystem without locks
+        print(f"note: cannot lock {path} ({err.strerror}): a second run in this run.dir would go unnoticed")
+        return handle
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    return handle
 
 
 def _records_up_to(text: str, global_step: int) -> tuple[list[str], int]:

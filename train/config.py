@@ -222,8 +222,9 @@ def config_changes(before: dict, after: dict) -> list[str]:
     return changes
 
 
-def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+def config_yaml(config: Config) -> str:
+    """The resolved config as YAML, in the order of its sections and keys."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
 
 
 def _build(cls, data, prefix: str):

@@ -19,7 +19,7 @@ from typing import TextIO
 import torch
 
 from shards.tar_writer import write_atomically
-from train.config import Config, ConfigError, save_config
+from train.config import Config, ConfigError, config_yaml
 
 METRICS_NAME = "metrics.jsonl"
 LOCK_NAME = ".run.lock"  # held by rank 0 of the run writing here
@@ -27,6 +27,13 @@ LOCK_NAME = ".run.lock"  # held by rank 0 of the run writing here
 
 class RunLogError(RuntimeError):
     """A record of the run that cannot be written (a full disk); the message names the file."""
+
+
+def _write_record(path: Path, text: str) -> None:
+    try:
+        path.write_text(text)
+    except OSError as err:
+        raise _cannot_write(path, err) from err
 
 
 def _cannot_write(path: Path, err: OSError) -> RunLogError:
@@ -63,14 +70,8 @@ class RunLog(SilentLog):
         except OSError as err:  # a file in the way, no permission
             raise ConfigError(f"run.dir: cannot create {run_dir} ({err.strerror})") from None
         self.lock = _lock_run_dir(run_dir)
-        for name, write in (
-            ("config.yaml", lambda path: save_config(config, path)),
-            ("code_version.txt", lambda path: path.write_text(_code_version() + "\n")),
-        ):
-            try:
-                write(run_dir / name)
-            except OSError as err:
-                raise _cannot_write(run_dir / name, err) from err
+        _write_record(run_dir / "config.yaml", config_yaml(config))
+        _write_record(run_dir / "code_version.txt", _code_version() + "\n")
         self.run_dir = run_dir
         self.writer_class = writer_class
         self.metrics = None  # opened by start_at, once the first step is known

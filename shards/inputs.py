@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from shards.devkit import is_devkit, read_devkit_labels
+
 MAX_KEY_CHARS = 64  # keeps "<key>.json" well inside USTAR's 100-byte name field
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -79,7 +81,7 @@ def scan_foldered(
     if not folders:
         flat = (
             f"; {len(rejected)} file(s) directly in it, e.g. {[r.path for r in rejected[:3]]}: "
-            "a flat folder such as ImageNet's val needs --val-labels FILE"
+            "a flat folder such as ImageNet's val needs --val-labels (a labels file or ImageNet's devkit)"
         )
         raise ValueError(f"{root}: no class folders (expected {root}/<wnid>/*.JPEG){flat if rejected else ''}")
     if not found:
@@ -88,7 +90,10 @@ def scan_foldered(
 
 
 def read_val_labels(path: str | os.PathLike) -> dict[str, str]:
-    """Map image stem -> wnid from Kaggle's LOC_val_solution.csv or plain 'filename wnid' lines."""
+    """Map image stem -> wnid from Kaggle's LOC_val_solution.csv, plain 'filename wnid' lines, or
+    ImageNet's devkit (a folder or ILSVRC2012_devkit_t12.tar.gz)."""
+    if is_devkit(path):
+        return read_devkit_labels(path)
     path = Path(path)
     text = path.read_text(encoding="utf-8")
     labels: dict[str, str] = {}

@@ -2,6 +2,8 @@
 
     python -m tools.make_shards --train /data/imagenet/train --val /data/imagenet/val \
         --val-labels LOC_val_solution.csv --out /data/imagenet-shards
+    python -m tools.make_shards --train /data/ILSVRC2012/train --val /data/ILSVRC2012/val \
+        --val-labels ILSVRC2012_devkit_t12.tar.gz --out /data/imagenet-shards
 
 `--train-max-short-side 256` stores train images at most 256 px on the shorter side (FFCV, too,
 stores ImageNet at a maximum resolution chosen at conversion): on the 1000 sample photographs, 31%
@@ -31,7 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--val-labels",
         metavar="FILE",
-        help="labels of a flat --val: Kaggle LOC_val_solution.csv or 'filename wnid' lines",
+        help="labels of a flat --val: Kaggle LOC_val_solution.csv, 'filename wnid' lines, or image-net.org's "
+        "devkit (ILSVRC2012_devkit_t12.tar.gz or its folder; needs scipy)",
     )
     p.add_argument(
         "--classes",

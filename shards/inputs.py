@@ -17,6 +17,7 @@ from shards.devkit import is_devkit, read_devkit_labels
 
 MAX_KEY_CHARS = 64  # keeps "<key>.json" well inside USTAR's 100-byte name field
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
+_CLASS_TAR = re.compile(r"n\d{8}\.tar")
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,9 @@ def list_class_folders(root: str | os.PathLike) -> list[str]:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"input folder not found: {root}")
-    wnids = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
+    entries = list(os.scandir(root))
+    _refuse_class_tars(root, [entry.name for entry in entries if not entry.is_dir()])
+    wnids = sorted(entry.name for entry in entries if entry.is_dir() and not entry.name.startswith("."))
     if not wnids:
         raise ValueError(f"{root}: no class folders found (expected {root}/<wnid>/*.JPEG)")
     return wnids
@@ -78,6 +81,7 @@ def scan_foldered(
                     found.append((f"{folder}/{name}", entry.name))
         else:
             rejected.append(ScanRejection(entry.name, "file outside any class folder"))
+    _refuse_class_tars(root, [r.path for r in rejected])
     if not folders:
         flat = (
             f"; {len(rejected)} file(s) directly in it, e.g. {[r.path for r in rejected[:3]]}: "
@@ -87,6 +91,19 @@ def scan_foldered(
     if not found:
         raise ValueError(f"{root}: no files in its {folders} class folder(s)")
     return _with_keys(root, found, class_index), rejected
+
+
+def _refuse_class_tars(root: Path, loose_files: list[str]) -> None:
+    """Stop on `<wnid>.tar` files beside the class folders: ILSVRC2012_img_train.tar unpacks to one
+    tar per class, and converting without them would silently leave those classes out."""
+    class_tars = [name for name in loose_files if _CLASS_TAR.fullmatch(name)]
+    if class_tars:
+        raise ValueError(
+            f"{root}: {len(class_tars)} class(es) still packed as tar files, e.g. {class_tars[:3]} (as "
+            "ILSVRC2012_img_train.tar unpacks); unpack each into a folder of its name first: "
+            f'cd {root} && for f in n*.tar; do mkdir "${{f%.tar}}" && tar xf "$f" -C "${{f%.tar}}" '
+            '&& rm "$f"; done'
+        )
 
 
 def read_val_labels(path: str | os.PathLike) -> dict[str, str]:

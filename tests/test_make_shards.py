@@ -595,3 +595,25 @@ def test_a_full_disk_is_named_leaves_no_unfinished_shard_and_the_rerun_finishes(
     assert not list(out.glob("*.tmp")) and not (out / "manifest.json").exists()
     finished = run_tool("tools.make_shards", *base, "--out", str(out), check=True)
     assert read_manifest(out).splits["train"].samples > 0, finished.stdout
+
+
+def test_classes_still_packed_as_tars_stop_the_run(tmp_path, demo_imagenet):
+    """ILSVRC2012_img_train.tar unpacks to one tar per class; a class left packed is not dropped silently."""
+    train = tmp_path / "train"
+    shutil.copytree(demo_imagenet / "train", train)
+    packed = sorted(train.iterdir())[-2:]
+    for folder in packed:
+        with tarfile.open(train / f"{folder.name}.tar", "w") as tar:
+            for image in sorted(folder.iterdir()):
+                tar.add(image, arcname=image.name)
+        shutil.rmtree(folder)
+    out = tmp_path / "out"
+    for extra in ([], ["--classes", str(tmp_path / "classes.txt")]):
+        (tmp_path / "classes.txt").write_text(
+            "".join(f"{d.name}\n" for d in sorted(demo_imagenet.joinpath("train").iterdir()))
+        )
+        result = run_tool("tools.make_shards", "--train", str(train), "--out", str(out), *extra)
+        assert result.returncode == 2
+        assert f"{train}: 2 class(es) still packed as tar files" in result.stderr
+        assert f"{packed[0].name}.tar" in result.stderr and "tar xf" in result.stderr
+        assert not out.exists() or not list(out.glob("*.tar"))

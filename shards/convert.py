@@ -174,6 +174,7 @@ def plan_splits(
     plans = {}
     if opts.train:
         images, rejected = scan_foldered(opts.train, class_index)
+        _require_every_class(opts.train, images, classes)
         # DALI's reader shuffles only inside a small buffer, so the global mix happens here.
         random.Random(opts.seed).shuffle(images)
         plans["train"] = (images, rejected)
@@ -183,6 +184,19 @@ def plan_splits(
         else:
             plans["val"] = scan_foldered(opts.val, class_index)
     return plans
+
+
+def _require_every_class(root: str, images: list[SourceImage], classes: list[ClassInfo]) -> None:
+    """A class with no training image is an incomplete copy or unpacking, not a choice: stop (as
+    torchvision's ImageFolder does) rather than train a classifier on classes it never sees."""
+    present = {image.wnid for image in images}
+    empty = [c.wnid for c in classes if c.wnid not in present]
+    if empty:
+        raise ValueError(
+            f"{root}: no images for {len(empty)} of the {len(classes)} classes, e.g. {empty[:5]} (an empty or "
+            "missing class folder): complete the copy; to train without them, remove their folders "
+            "(and their lines in --classes)"
+        )
 
 
 def plan_shards(

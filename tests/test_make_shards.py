@@ -617,3 +617,23 @@ def test_classes_still_packed_as_tars_stop_the_run(tmp_path, demo_imagenet):
         assert f"{train}: 2 class(es) still packed as tar files" in result.stderr
         assert f"{packed[0].name}.tar" in result.stderr and "tar xf" in result.stderr
         assert not out.exists() or not list(out.glob("*.tar"))
+
+
+def test_a_class_without_train_images_stops_the_run(tmp_path, demo_imagenet):
+    """An empty class folder (a copy cut short), or a --classes line with no folder, is not trained on blind."""
+    train = tmp_path / "train"
+    shutil.copytree(demo_imagenet / "train", train)
+    wnids = sorted(d.name for d in train.iterdir())
+    for image in (train / wnids[3]).iterdir():
+        image.unlink()
+    out = tmp_path / "out"
+    result = run_tool("tools.make_shards", "--train", str(train), "--out", str(out))
+    assert result.returncode == 2
+    assert f"{train}: no images for 1 of the {len(wnids)} classes, e.g. ['{wnids[3]}']" in result.stderr
+    (train / wnids[3]).rmdir()
+    classes = tmp_path / "classes.txt"
+    classes.write_text("".join(f"{w}\n" for w in wnids))
+    result = run_tool("tools.make_shards", "--train", str(train), "--classes", str(classes), "--out", str(out))
+    assert result.returncode == 2
+    assert f"e.g. ['{wnids[3]}']" in result.stderr
+    assert not out.exists() or not list(out.glob("*.tar"))

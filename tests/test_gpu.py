@@ -50,6 +50,9 @@ def test_exact_eval_on_gpu_equals_cpu(photo_shards, tmp_path):
         "train.epochs=1", "data.backend=dali-gpu", "resolution.min=64", "resolution.max=64", "resolution.val=64",
         "log.tensorboard=false", check=True,
     )  # fmt: skip
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    peaks = [r["train/gpu_memory_gib"] for r in records if "train/loss" in r]
+    assert peaks and all(0 < peak < torch.cuda.get_device_properties(0).total_memory / 2**30 for peak in peaks)
     results = {}
     for device in ("cuda", "cpu"):
         env_device = {} if device == "cuda" else {"CUDA_VISIBLE_DEVICES": ""}

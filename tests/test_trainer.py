@@ -109,6 +109,7 @@ def test_tensorboard_reads_the_event_files(two_process_run):
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/lr", "train/images_per_s", "train/data_time_fraction", "val/acc1", "val/acc5"} <= tags
     assert len(events.Scalars("val/acc1")) == 2
+    assert "train/gpu_memory_gib" not in tags, "GPU memory is logged on GPUs only"
     assert len(list((run_dir / "tensorboard").iterdir())) == 1, "only rank 0 writes"
 
 

@@ -427,6 +427,10 @@ class LogWindow:
             "stop": stop_votes > 0,
             "images_per_s": self.images / max(seconds, 1e-9),  # all ranks together
             "step_ms": 1000.0 * seconds / max(steps, 1),
+            # This rank's peak since the start: what decides whether a larger batch or image fits.
+            "gpu_memory_gib": torch.cuda.max_memory_allocated(self.ctx.device) / 2**30
+            if self.ctx.device.type == "cuda"
+            else None,
         }
 
 
@@ -435,17 +439,18 @@ def _log_train(log, epoch: int, position: dict, steps_per_epoch: int, window: di
         f"epoch {epoch} step {position['step_in_epoch']}/{steps_per_epoch} | loss {window['loss']:.4f} | "
         f"data {phases['data']:.1f} fwd {phases['forward']:.1f} bwd {phases['backward']:.1f} "
         f"sync {sync_ms:.1f} opt {phases['optimizer']:.1f} ms | lr {lr:.4g} | {window['images_per_s']:.0f} img/s"
+        + (f" | peak mem {window['gpu_memory_gib']:.1f} GiB" if window["gpu_memory_gib"] is not None else "")
     )
-    log.scalars(
-        position["global_step"],
-        {
-            "train/loss": window["loss"],
-            "train/lr": lr,
-            "train/images_per_s": window["images_per_s"],
-            "train/data_time_fraction": min(1.0, phases["data"] / max(window["step_ms"], 1e-9)),  # rank 0's
-            "epoch": epoch,
-        },
-    )
+    scalars = {
+        "train/loss": window["loss"],
+        "train/lr": lr,
+        "train/images_per_s": window["images_per_s"],
+        "train/data_time_fraction": min(1.0, phases["data"] / max(window["step_ms"], 1e-9)),  # rank 0's
+        "epoch": epoch,
+    }
+    if window["gpu_memory_gib"] is not None:
+        scalars["train/gpu_memory_gib"] = window["gpu_memory_gib"]  # rank 0's
+    log.scalars(position["global_step"], scalars)
 
 
 def _log_epoch_time(log, epoch: int, seconds: float, steps_trained: int, steps_per_epoch: int, epochs: int) -> None:

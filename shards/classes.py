@@ -28,20 +28,21 @@ def imagenet_names() -> dict[str, str]:
 
 
 def read_class_file(path: str | os.PathLike) -> list[tuple[str, str | None]]:
-    """Read `--classes FILE`: one wnid per line, optionally a name after a tab."""
+    """Read `--classes FILE`: one wnid per line, optionally a name after a tab or space.
+
+    So Kaggle's LOC_synset_mapping.txt and Caffe's synset_words.txt (`n01440764 tench, Tinca tinca`)
+    serve as they are.
+    """
     entries: list[tuple[str, str | None]] = []
     seen: set[str] = set()
     for line_no, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip() or line.startswith("#"):
             continue
-        wnid, _, name = line.partition("\t")
-        wnid = wnid.strip()
-        if not wnid or any(ch.isspace() for ch in wnid):
-            raise ValueError(f"{path}:{line_no}: expected '<wnid>[<TAB>name]', got {line!r}")
+        wnid, *name = line.split(maxsplit=1)
         if wnid in seen:
             raise ValueError(f"{path}:{line_no}: class {wnid!r} listed twice")
         seen.add(wnid)
-        entries.append((wnid, name.strip() or None))
+        entries.append((wnid, name[0].strip() if name else None))
     if not entries:
         raise ValueError(f"{path}: no classes listed")
     return entries

@@ -544,7 +544,10 @@ def test_classes_file_sets_order_and_names(tmp_path, demo_imagenet):
     wnids = sorted(p.name for p in (demo_imagenet / "train").iterdir())
     reordered = list(reversed(wnids))
     classes = tmp_path / "classes.txt"
-    classes.write_text("".join(f"{w}\tclass {i}\n" if i % 2 else f"{w}\n" for i, w in enumerate(reordered)))
+    # A name after a tab, after a space (Kaggle's LOC_synset_mapping.txt), or none.
+    lines = [f"{w}\tclass {i}\n" if i % 3 == 1 else f"{w} class {i}, kaggle\n" if i % 3 == 2 else f"{w}\n"
+             for i, w in enumerate(reordered)]  # fmt: skip
+    classes.write_text("".join(lines))
     out = tmp_path / "out"
     run_tool(
         "tools.make_shards", "--train", str(demo_imagenet / "train"), "--classes", str(classes), "--out", str(out),
@@ -553,6 +556,7 @@ def test_classes_file_sets_order_and_names(tmp_path, demo_imagenet):
     manifest = read_manifest(out)
     assert [c.wnid for c in manifest.classes] == reordered
     assert manifest.classes[1].name == "class 1"
+    assert manifest.classes[2].name == "class 2, kaggle"
     assert manifest.classes[0].name, "a wnid without a name in the file gets ImageNet's readable name"
     urls = [str(out / s.file) for s in manifest.splits["train"].shards]
     for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):

@@ -39,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--classes",
         metavar="FILE",
-        help="class order, one wnid per line (optional name after a tab); default: sorted folders",
+        help="class order, one wnid per line, optional name after a tab or space (Kaggle's LOC_synset_mapping.txt); "
+        "default: sorted folders",
     )
     p.add_argument("--out", metavar="DIR", required=True, help="output directory for shards and manifest.json")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes (default: all cores)")

@@ -1,0 +1,52 @@
+"""The shipped recipes: they follow the FFCV configs they cite, and each one trains and evaluates."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import REPO_ROOT, run_tool
+from train.config import load_config
+from train.schedule import learning_rate, train_image_size
+
+# From libffcv/ffcv-imagenet's rn18_configs/rn18_16_epochs.yaml and rn50_configs/rn50_40_epochs.yaml:
+# global batch, lr for that batch, epochs, and the train size of each epoch by FFCV's get_resolution
+# (160 px, then 192 px once the ramp's midpoint rounds to it: "160px until 75% of training").
+FFCV_RUNS = {
+    "resnet18": {"global_batch": 1024, "lr": 0.5, "epochs": 16, "sizes": [160] * 12 + [192] * 4},
+    "resnet50": {"global_batch": 4096, "lr": 1.7, "epochs": 40, "sizes": [160] * 32 + [192] * 8},
+}
+
+
+@pytest.mark.parametrize("name", sorted(FFCV_RUNS))
+def test_a_recipe_follows_the_ffcv_run_it_cites(name):
+    cfg = load_config(REPO_ROOT / "configs" / f"{name}.yaml")
+    ffcv = FFCV_RUNS[name]
+    assert cfg.model.name == name and cfg.model.blurpool and cfg.eval.flip
+    assert not cfg.model.zero_init_residual, "FFCV builds torchvision's models with their default init"
+    assert cfg.train.epochs == ffcv["epochs"]
+    assert [train_image_size(epoch, cfg.resolution) for epoch in range(cfg.train.epochs)] == ffcv["sizes"]
+    assert cfg.resolution.val == 256 and cfg.optim.label_smoothing == 0.1
+
+    peak = cfg.peak_lr(ffcv["global_batch"])
+    assert peak == pytest.approx(ffcv["lr"])
+    steps = 100  # per epoch; the schedule is per iteration
+    lrs = [learning_rate(s, steps, cfg.train.epochs, peak, cfg.schedule) for s in range(steps * cfg.train.epochs)]
+    assert lrs[0] == 0.0 and max(lrs) == pytest.approx(ffcv["lr"])
+    assert lrs.index(max(lrs)) == 2 * steps, "peak after 2 epochs (FFCV's lr_peak_epoch)"
+    assert lrs[-1] == pytest.approx(ffcv["lr"] / (steps * (cfg.train.epochs - 2)))  # linear to zero at the end
+
+
+@pytest.mark.parametrize("name", sorted(FFCV_RUNS))
+def test_a_recipe_trains_and_evaluates(name, photo_shards, tmp_path):
+    """The recipe's own options together (BlurPool, flips, label smoothing, warmup), on DALI's CPU path."""
+    run_dir = tmp_path / "run"
+    result = run_tool(
+        "train", "--config", f"configs/{name}.yaml", f"data.shards={photo_shards}", f"run.dir={run_dir}",
+        "data.backend=dali-cpu", "model.compile=false", "data.batch_size=8", "eval.batch_size=8", "data.workers=2",
+        "resolution.min=32", "resolution.max=32", "resolution.val=32", "train.epochs=1", "log.every=2",
+        "log.tensorboard=false",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"training {name} on 1 process(es), cpu" in result.stdout
+    assert "epoch 0 val: acc1" in result.stdout
+    assert (run_dir / "last.pt").is_file() and (run_dir / "best.pt").is_file()

@@ -585,6 +585,26 @@ def test_two_nodes_on_one_machine_train_together(photo_shards, tmp_path):
     assert load_checkpoint(tmp_path / "run" / "last.pt")["world_size"] == 2
 
 
+def test_nodes_that_see_different_run_dirs_stop_at_once_instead_of_hanging(two_process_run, photo_shards, tmp_path):
+    """A run.dir on each node's own disk: one node finds last.pt, the other none. Before the check the
+    ranks trained from different positions and hung at a collective for minutes."""
+    (tmp_path / "node-a").mkdir()
+    shutil.copy(two_process_run[0] / "last.pt", tmp_path / "node-a" / "last.pt")
+    port = _free_port()
+    launchers = []
+    for node in ("node-a", "node-b"):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+                   "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=local-run-dirs",
+                   *train_args(photo_shards, tmp_path / node, "train.epochs=3"), "--resume", "auto"]  # fmt: skip
+        launchers.append(popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    outputs = [launcher.communicate(timeout=120)[0] for launcher in launchers]
+    assert all(launcher.returncode != 0 for launcher in launchers), outputs
+    for output in outputs:
+        assert "train: checkpoint error: the ranks would not resume from the same checkpoint" in output
+        assert f"{tmp_path / 'node-a' / 'last.pt'}" in output and ": no checkpoint" in output
+        assert "must be on a filesystem that every node sees" in output
+
+
 def test_torchrun_restart_resumes_from_the_last_checkpoint(photo_shards, tmp_path):
     run_dir = tmp_path / "run"
     overrides = ("train.epochs=2", "checkpoint.every_steps=2")

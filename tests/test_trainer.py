@@ -600,7 +600,7 @@ def test_nodes_that_see_different_run_dirs_stop_at_once_instead_of_hanging(two_p
     outputs = [launcher.communicate(timeout=120)[0] for launcher in launchers]
     assert all(launcher.returncode != 0 for launcher in launchers), outputs
     for output in outputs:
-        assert "train: checkpoint error: the ranks would not resume from the same checkpoint" in output
+        assert "train: checkpoint error: the ranks would not start from the same checkpoint" in output
         assert f"{tmp_path / 'node-a' / 'last.pt'}" in output and ": no checkpoint" in output
         assert "must be on a filesystem that every node sees" in output
 

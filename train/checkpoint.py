@@ -6,12 +6,14 @@ import os
 import pickle
 import random
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from shards.tar_writer import fsync_dir
+from train.distributed import DistContext, all_gather_objects
 
 CHECKPOINT_VERSION = 1
 LAST_NAME = "last.pt"
@@ -132,3 +134,28 @@ def check_same_classes(checkpoint: dict, path: str | Path, num_classes: int, wni
     if saved_wnids and wnids and saved_wnids != wnids:
         first = next(i for i, (a, b) in enumerate(zip(saved_wnids, wnids, strict=True)) if a != b)
         raise CheckpointError(f"{path}: class {first} is {saved_wnids[first]}; in {data} it is {wnids[first]}")
+
+
+def check_ranks_agree_on_checkpoint(path: Path | None, checkpoint: dict | None, ctx: DistContext) -> None:
+    """Raise on every rank, naming each one's view, unless all would read the same checkpoint.
+
+    Each rank reads the checkpoint itself, so run.dir must be a directory every node sees. On a
+    node's own disk the other nodes find no last.pt and start afresh while rank 0 resumes: their
+    step counts differ and they hang at a collective (4.5 minutes, then a gloo error, before this
+    check). Called before loading (is there a file?) and after (which position does it hold?).
+    Every rank reaches the same all-gather, so none is left waiting.
+    """
+    if not ctx.distributed:
+        return
+    if checkpoint is None:
+        agreed = path is not None and path.is_file()
+        view = f"{path}" if agreed else "no checkpoint" if path is None else f"no file at {path}"
+    else:
+        agreed = (checkpoint["epoch"], checkpoint["step_in_epoch"], checkpoint["global_step"])
+        view = f"{path} at epoch {agreed[0]} step {agreed[1]}"
+    views = all_gather_objects((agreed, f"rank {ctx.rank} on {socket.gethostname()}: {view}"), ctx)
+    if len({agreed for agreed, _ in views}) > 1:
+        raise CheckpointError(
+            "the ranks would not start from the same checkpoint (" + "; ".join(text for _, text in views) + "): "
+            "run.dir, and any checkpoint path given, must be on a filesystem that every node sees"
+        )

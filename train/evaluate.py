@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -16,7 +17,7 @@ from pipeline.errors import SampleDecodeError, data_error_message
 from pipeline.loader import BACKENDS, LoaderConfig, create_loader
 from pipeline.shard_set import ShardError
 from shards.manifest import read_manifest
-from train.checkpoint import CheckpointError, check_same_classes, load_checkpoint
+from train.checkpoint import CheckpointError, check_ranks_agree_on_checkpoint, check_same_classes, load_checkpoint
 from train.config import ConfigError
 from train.distributed import setup_distributed, teardown_distributed
 from train.metrics import evaluate
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ctx = setup_distributed()
     try:
+        check_ranks_agree_on_checkpoint(Path(args.checkpoint), None, ctx)  # no rank left waiting for one that fails
         checkpoint = load_checkpoint(args.checkpoint)
         model = model_from_checkpoint(checkpoint, args.ema).to(ctx.device)
         precision = args.precision if ctx.device.type == "cuda" else "float32"

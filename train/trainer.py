@@ -20,7 +20,6 @@ import contextlib
 import math
 import os
 import random
-import socket
 import sys
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ from train.checkpoint import (
     BEST_NAME,
     LAST_NAME,
     CheckpointError,
+    check_ranks_agree_on_checkpoint,
     check_same_classes,
     check_same_model,
     keep_copy,
@@ -188,10 +188,10 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
     # resume
     position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_acc1": -math.inf}
     checkpoint_path = _resolve_resume(resume, run_dir)
-    _agree_on_checkpoint(checkpoint_path, None, ctx)
+    check_ranks_agree_on_checkpoint(checkpoint_path, None, ctx)
     if checkpoint_path is not None:
         checkpoint = load_checkpoint(checkpoint_path)
-        _agree_on_checkpoint(checkpoint_path, checkpoint, ctx)
+        check_ranks_agree_on_checkpoint(checkpoint_path, checkpoint, ctx)
         check_same_model(checkpoint, checkpoint_path, cfg.model.name, cfg.model.blurpool)
         wnids = [wnid for wnid, _ in classes]
         check_same_classes(checkpoint, checkpoint_path, num_classes, wnids, f"data.shards {cfg.data.shards}")
@@ -491,30 +491,6 @@ def _targets_met(metrics: dict, targets: dict[str, float]) -> bool:
         if (better == "max" and value < target) or (better == "min" and value > target):
             return False
     return True
-
-
-def _agree_on_checkpoint(path: Path | None, checkpoint: dict | None, ctx: DistContext) -> None:
-    """Stop every rank, naming each one's view, unless all resume from the same place.
-
-    Each rank reads the checkpoint itself, so run.dir must be a directory every node sees. On a
-    node's own disk the other nodes find no last.pt and start afresh while rank 0 resumes: their
-    step counts differ and they hang at a collective (4.5 minutes, then a gloo error, before this
-    check). Called before loading (is there a file?) and after (which position does it hold?).
-    """
-    if not ctx.distributed:
-        return
-    if checkpoint is None:
-        found = path is not None and path.is_file()
-        agreed, view = found, f"{path}" if found else "no checkpoint"
-    else:
-        agreed = (checkpoint["epoch"], checkpoint["step_in_epoch"], checkpoint["global_step"])
-        view = f"{path} at epoch {agreed[0]} step {agreed[1]}"
-    views = all_gather_objects((agreed, f"rank {ctx.rank} on {socket.gethostname()}: {view}"), ctx)
-    if len({agreed for agreed, _ in views}) > 1:
-        raise CheckpointError(
-            "the ranks would not resume from the same checkpoint (" + "; ".join(text for _, text in views) + "): "
-            "run.dir, and a --resume PATH, must be on a filesystem that every node sees"
-        )
 
 
 def _resolve_resume(resume: str | None, run_dir: Path) -> Path | None:

@@ -571,18 +571,37 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_nodes_on_one_machine_train_together(photo_shards, tmp_path):
+def two_nodes(*node_args: list[str], timeout: float = 120) -> list[tuple[int, str]]:
+    """Run one torchrun per argument list, as the two nodes of one job: (exit status, output) of each."""
     port = _free_port()
     launchers = []
-    for _ in range(2):
-        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
-                   "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=multinode-test",
-                   *train_args(photo_shards, tmp_path / "run", "train.epochs=1")]  # fmt: skip
-        launchers.append(popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    outputs = [launcher.communicate(timeout=300)[0] for launcher in launchers]
-    assert all(launcher.returncode == 0 for launcher in launchers), outputs
-    assert any("on 2 process(es)" in output for output in outputs)
+    for args in node_args:
+        rendezvous = ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes"]
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", *rendezvous]
+        launchers.append(popen([*command, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    outputs = [launcher.communicate(timeout=timeout)[0] for launcher in launchers]
+    return [(launcher.returncode, output) for launcher, output in zip(launchers, outputs, strict=True)]
+
+
+def test_two_nodes_on_one_machine_train_together(photo_shards, tmp_path):
+    args = train_args(photo_shards, tmp_path / "run", "train.epochs=1")
+    results = two_nodes(args, args, timeout=300)
+    assert all(status == 0 for status, _ in results), results
+    assert any("on 2 process(es)" in output for _, output in results)
     assert load_checkpoint(tmp_path / "run" / "last.pt")["world_size"] == 2
+
+
+def test_a_node_without_the_shards_stops_every_rank_at_once(photo_shards, tmp_path):
+    """Shards not mounted on one node: every rank says so in one line and exits 4; before, the other
+    rank went on to its first collective (a gloo traceback here; with NCCL, a wait)."""
+    missing = tmp_path / "not-mounted"
+    for status, output in two_nodes(train_args(photo_shards, tmp_path / "run"), train_args(missing, tmp_path / "run")):
+        assert status != 0
+        assert f"train: data error: {missing / 'manifest.json'}: no manifest" in output or re.search(
+            rf"train: data error: rank \d on \S+: {re.escape(str(missing / 'manifest.json'))}: no manifest", output
+        )
+        assert "Connection closed by peer" not in output
+        assert "exitcode  : 4" in output
 
 
 def test_nodes_that_see_different_run_dirs_stop_at_once_instead_of_hanging(two_process_run, photo_shards, tmp_path):
@@ -590,18 +609,16 @@ def test_nodes_that_see_different_run_dirs_stop_at_once_instead_of_hanging(two_p
     ranks trained from different positions and hung at a collective for minutes."""
     (tmp_path / "node-a").mkdir()
     shutil.copy(two_process_run[0] / "last.pt", tmp_path / "node-a" / "last.pt")
-    port = _free_port()
-    launchers = []
-    for node in ("node-a", "node-b"):
-        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
-                   "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=local-run-dirs",
-                   *train_args(photo_shards, tmp_path / node, "train.epochs=3"), "--resume", "auto"]  # fmt: skip
-        launchers.append(popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    outputs = [launcher.communicate(timeout=120)[0] for launcher in launchers]
-    assert all(launcher.returncode != 0 for launcher in launchers), outputs
-    for output in outputs:
+    results = two_nodes(
+        *(
+            [*train_args(photo_shards, tmp_path / node, "train.epochs=3", "model.blurpool=true"), "--resume", "auto"]
+            for node in ("node-a", "node-b")
+        )
+    )
+    for status, output in results:
+        assert status != 0
         assert "train: checkpoint error: the ranks would not start from the same checkpoint" in output
-        assert f"{tmp_path / 'node-a' / 'last.pt'}" in output and ": no checkpoint" in output
+        assert f"{tmp_path / 'node-a' / 'last.pt'} at epoch 2 step 0" in output and ": no checkpoint" in output
         assert "must be on a filesystem that every node sees" in output
 
 

@@ -137,19 +137,17 @@ def check_same_classes(checkpoint: dict, path: str | Path, num_classes: int, wni
 
 
 def check_ranks_agree_on_checkpoint(path: Path | None, checkpoint: dict | None, ctx: DistContext) -> None:
-    """Raise on every rank, naming each one's view, unless all would read the same checkpoint.
+    """Raise on every rank, naming what each one read, unless all start from the same position.
 
-    Each rank reads the checkpoint itself, so run.dir must be a directory every node sees. On a
-    node's own disk the other nodes find no last.pt and start afresh while rank 0 resumes: their
-    step counts differ and they hang at a collective (4.5 minutes, then a gloo error, before this
-    check). Called before loading (is there a file?) and after (which position does it hold?).
-    Every rank reaches the same all-gather, so none is left waiting.
+    `checkpoint` is what this rank loaded from `path` (None: no checkpoint). Each rank reads the
+    checkpoint itself, so run.dir must be a directory every node sees. On a node's own disk the
+    other nodes find no last.pt and start afresh while rank 0 resumes: their step counts differ and
+    they hang at a collective (4.5 minutes, then a gloo error, before this check).
     """
     if not ctx.distributed:
         return
     if checkpoint is None:
-        agreed = path is not None and path.is_file()
-        view = f"{path}" if agreed else "no checkpoint" if path is None else f"no file at {path}"
+        agreed, view = None, "no checkpoint"
     else:
         agreed = (checkpoint["epoch"], checkpoint["step_in_epoch"], checkpoint["global_step"])
         view = f"{path} at epoch {agreed[0]} step {agreed[1]}"

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -85,3 +88,34 @@ def all_gather_objects(obj, ctx: DistContext) -> list:
     gathered = [None] * ctx.world_size
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+@contextlib.contextmanager
+def fail_together(ctx: DistContext, kinds: tuple[type[Exception], ...]) -> Iterator[None]:
+    """Run a block of per-rank work (no collectives inside) and leave it on every rank alike.
+
+    If the block raises on some ranks (a node without the shards, a run.dir that rank 0 cannot
+    lock), every rank raises: the failing ranks their own error, the others an error of the same
+    kind (one of `kinds`, else RuntimeError) naming the first failing rank, its host and its message.
+    Without this the others would go on to their first collective and wait there: seconds with
+    gloo, up to the collective timeout with NCCL.
+    """
+    if not ctx.distributed:
+        yield
+        return
+    error: Exception | None = None
+    try:
+        yield
+    except Exception as err:  # reported to the other ranks below, then raised again
+        error = err
+    report = None if error is None else (type(error).__name__, str(error))
+    reports = all_gather_objects((ctx.rank, socket.gethostname(), report), ctx)
+    if error is not None:
+        raise error
+    for rank, host, failure in reports:
+        if failure is not None:
+            name, message = failure
+            kind = next((k for k in kinds if k.__name__ == name), None)
+            if kind is None:
+                raise RuntimeError(f"rank {rank} on {host} failed: {name}: {message}")
+            raise kind(f"rank {rank} on {host}: {message}")

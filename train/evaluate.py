@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import torch
 
@@ -17,9 +16,9 @@ from pipeline.errors import SampleDecodeError, data_error_message
 from pipeline.loader import BACKENDS, LoaderConfig, create_loader
 from pipeline.shard_set import ShardError
 from shards.manifest import read_manifest
-from train.checkpoint import CheckpointError, check_ranks_agree_on_checkpoint, check_same_classes, load_checkpoint
+from train.checkpoint import CheckpointError, check_same_classes, load_checkpoint
 from train.config import ConfigError
-from train.distributed import setup_distributed, teardown_distributed
+from train.distributed import fail_together, setup_distributed, teardown_distributed
 from train.metrics import evaluate
 from train.model import build_model
 from train.step import AUTOCAST_DTYPES, set_cuda_numerics
@@ -57,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ctx = setup_distributed()
     try:
-        check_ranks_agree_on_checkpoint(Path(args.checkpoint), None, ctx)  # no rank left waiting for one that fails
-        checkpoint = load_checkpoint(args.checkpoint)
+        with fail_together(ctx, (CheckpointError,)):  # a file missing on one node stops every rank
+            checkpoint = load_checkpoint(args.checkpoint)
         model = model_from_checkpoint(checkpoint, args.ema).to(ctx.device)
         precision = args.precision if ctx.device.type == "cuda" else "float32"
         set_cuda_numerics(ctx.device, precision)

@@ -55,6 +55,7 @@ from train.distributed import (
     all_gather_objects,
     all_reduce_sum,
     broadcast_buffers,
+    fail_together,
     setup_distributed,
     teardown_distributed,
 )
@@ -67,6 +68,8 @@ from train.step import backward, compute_loss, optimizer_step, set_cuda_numerics
 from train.timing import PhaseTimer, SyncTimer
 
 EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE, EXIT_DATA = 0, 2, 3, 4
+# What main() reports in one line: raised on every rank alike when one rank fails during setup.
+STARTUP_ERRORS = (ShardError, SampleDecodeError, FileNotFoundError, ConfigError, CheckpointError, RunLogError)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -143,78 +146,82 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, peak_lr: float) -> torc
 
 def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) -> int:
     run_dir = Path(cfg.run.dir)
-    log = create_run_log(run_dir, cfg, ctx.is_main)
-    torch.manual_seed(cfg.train.seed + ctx.rank)
-    random.seed(cfg.train.seed + ctx.rank)
-    np.random.seed(cfg.train.seed + ctx.rank)
-    precision = cfg.precision_on(ctx.device)
-    set_cuda_numerics(ctx.device, precision)
+    # Setup, each rank on its own: an error on one rank (a node without the shards, a run.dir rank 0
+    # cannot lock, a checkpoint one node cannot read) stops every rank at once, none left waiting.
+    with fail_together(ctx, STARTUP_ERRORS):
+        log = create_run_log(run_dir, cfg, ctx.is_main)
+        torch.manual_seed(cfg.train.seed + ctx.rank)
+        random.seed(cfg.train.seed + ctx.rank)
+        np.random.seed(cfg.train.seed + ctx.rank)
+        precision = cfg.precision_on(ctx.device)
+        set_cuda_numerics(ctx.device, precision)
 
-    # data: each rank reads only its own part of the shards
-    try:
-        train_loader = create_loader(
-            cfg.data.shards, "train", cfg.loader_config("train", ctx.device), ctx.rank, ctx.world_size, ctx.device
-        )
-        val_loader = create_loader(
-            cfg.data.shards, "val", cfg.loader_config("val", ctx.device), ctx.rank, ctx.world_size, ctx.device
-        )
-    except ValueError as err:  # a data setting that cannot work here (e.g. dali-gpu without a GPU)
-        raise ConfigError(str(err)) from err
-    classes = []  # [wnid, name] per class index, kept in checkpoints for tools.predict
-    if cfg.data.backend == "folder":
-        known = imagenet_names()
-        classes = [[w, known.get(w, "")] for w in list_class_folders(Path(cfg.data.shards) / "train")]
-    elif cfg.data.shards:
-        classes = [[c.wnid, c.name or ""] for c in read_manifest(cfg.data.shards).classes]
-    num_classes = train_loader.num_classes
-
-    # model, optimizer, precision
-    model = build_model(cfg.model.name, num_classes, cfg.model.zero_init_residual, cfg.model.blurpool).to(ctx.device)
-    accumulate = cfg.optim.accumulate
-    global_batch = cfg.data.batch_size * ctx.world_size * accumulate
-    peak_lr = cfg.peak_lr(global_batch)
-    optimizer = build_optimizer(model, cfg, peak_lr)
-    scaler = torch.amp.GradScaler("cuda") if precision == "float16" else None
-    ema = None
-    if cfg.optim.ema_decay:
-        # use_buffers: BatchNorm running statistics are averaged too, or the EMA model would keep
-        # the statistics it was created with.
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.optim.ema_decay), use_buffers=True)
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
-    steps_per_epoch = train_loader.steps_per_epoch // accumulate
-    if steps_per_epoch == 0:
-        raise ConfigError(f"optim.accumulate={accumulate} exceeds the {train_loader.steps_per_epoch} batches per epoch")
-
-    # resume
-    position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_acc1": -math.inf}
-    checkpoint_path = _resolve_resume(resume, run_dir)
-    check_ranks_agree_on_checkpoint(checkpoint_path, None, ctx)
-    if checkpoint_path is not None:
-        checkpoint = load_checkpoint(checkpoint_path)
-        check_ranks_agree_on_checkpoint(checkpoint_path, checkpoint, ctx)
-        check_same_model(checkpoint, checkpoint_path, cfg.model.name, cfg.model.blurpool)
-        wnids = [wnid for wnid, _ in classes]
-        check_same_classes(checkpoint, checkpoint_path, num_classes, wnids, f"data.shards {cfg.data.shards}")
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if scaler is not None and checkpoint.get("scaler"):
-            scaler.load_state_dict(checkpoint["scaler"])
-        if ema is not None and checkpoint.get("ema"):
-            ema.load_state_dict(checkpoint["ema"])
-        position = {k: checkpoint[k] for k in position}
-        log.line(f"resumed from {checkpoint_path}: epoch {position['epoch']} step {position['step_in_epoch']}")
-        changes = config_changes(checkpoint["config"], cfg.to_dict())
-        if changes:
-            log.line(f"settings that differ from the checkpoint's: {'; '.join(changes)}")
-        if checkpoint["world_size"] == ctx.world_size:
-            set_rng_state(checkpoint["rng"][ctx.rank])
-        else:
-            log.line(
-                f"note: the checkpoint was written by {checkpoint['world_size']} processes, this run has "
-                f"{ctx.world_size}: random streams start afresh, the data split changes (a resume mid-epoch "
-                "no longer continues the same sample order) and the global batch, and with it the lr, is this run's"
+        # data: each rank reads only its own part of the shards
+        try:
+            train_loader = create_loader(
+                cfg.data.shards, "train", cfg.loader_config("train", ctx.device), ctx.rank, ctx.world_size, ctx.device
             )
-    log.start_at(position["global_step"])
+            val_loader = create_loader(
+                cfg.data.shards, "val", cfg.loader_config("val", ctx.device), ctx.rank, ctx.world_size, ctx.device
+            )
+        except ValueError as err:  # a data setting that cannot work here (e.g. dali-gpu without a GPU)
+            raise ConfigError(str(err)) from err
+        classes = []  # [wnid, name] per class index, kept in checkpoints for tools.predict
+        if cfg.data.backend == "folder":
+            known = imagenet_names()
+            classes = [[w, known.get(w, "")] for w in list_class_folders(Path(cfg.data.shards) / "train")]
+        elif cfg.data.shards:
+            classes = [[c.wnid, c.name or ""] for c in read_manifest(cfg.data.shards).classes]
+        num_classes = train_loader.num_classes
+
+        # model, optimizer, precision
+        model = build_model(cfg.model.name, num_classes, cfg.model.zero_init_residual, cfg.model.blurpool)
+        model = model.to(ctx.device)
+        accumulate = cfg.optim.accumulate
+        global_batch = cfg.data.batch_size * ctx.world_size * accumulate
+        peak_lr = cfg.peak_lr(global_batch)
+        optimizer = build_optimizer(model, cfg, peak_lr)
+        scaler = torch.amp.GradScaler("cuda") if precision == "float16" else None
+        ema = None
+        if cfg.optim.ema_decay:
+            # use_buffers: BatchNorm running statistics are averaged too, or the EMA model would keep
+            # the statistics it was created with.
+            ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.optim.ema_decay), use_buffers=True)
+        criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+        steps_per_epoch = train_loader.steps_per_epoch // accumulate
+        if steps_per_epoch == 0:
+            batches = train_loader.steps_per_epoch
+            raise ConfigError(f"optim.accumulate={accumulate} exceeds the {batches} batches per epoch")
+
+        # resume
+        position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_acc1": -math.inf}
+        checkpoint_path = _resolve_resume(resume, run_dir)
+        checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path is not None else None
+        if checkpoint is not None:
+            check_same_model(checkpoint, checkpoint_path, cfg.model.name, cfg.model.blurpool)
+            wnids = [wnid for wnid, _ in classes]
+            check_same_classes(checkpoint, checkpoint_path, num_classes, wnids, f"data.shards {cfg.data.shards}")
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            if scaler is not None and checkpoint.get("scaler"):
+                scaler.load_state_dict(checkpoint["scaler"])
+            if ema is not None and checkpoint.get("ema"):
+                ema.load_state_dict(checkpoint["ema"])
+            position = {k: checkpoint[k] for k in position}
+            log.line(f"resumed from {checkpoint_path}: epoch {position['epoch']} step {position['step_in_epoch']}")
+            changes = config_changes(checkpoint["config"], cfg.to_dict())
+            if changes:
+                log.line(f"settings that differ from the checkpoint's: {'; '.join(changes)}")
+            if checkpoint["world_size"] == ctx.world_size:
+                set_rng_state(checkpoint["rng"][ctx.rank])
+            else:
+                log.line(
+                    f"note: the checkpoint was written by {checkpoint['world_size']} processes, this run has "
+                    f"{ctx.world_size}: random streams start afresh, the data split changes (a resume mid-epoch "
+                    "no longer continues the same sample order) and the global batch, and with it the lr, is this run's"
+                )
+        log.start_at(position["global_step"])
+    check_ranks_agree_on_checkpoint(checkpoint_path, checkpoint, ctx)
 
     train_model: torch.nn.Module = model
     sync_timer = None

@@ -141,8 +141,9 @@ def check_ranks_agree_on_checkpoint(path: Path | None, checkpoint: dict | None, 
 
     `checkpoint` is what this rank loaded from `path` (None: no checkpoint). Each rank reads the
     checkpoint itself, so run.dir must be a directory every node sees. On a node's own disk the
-    other nodes find no last.pt and start afresh while rank 0 resumes: their step counts differ and
-    they hang at a collective (4.5 minutes, then a gloo error, before this check).
+    other nodes find no last.pt and start afresh while rank 0 resumes: their step counts differ, and they
+    hang at a collective (two torchrun "nodes" on one machine, before this check: still waiting when
+    killed after 4.5 minutes).
     """
     if not ctx.distributed:
         return

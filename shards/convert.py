@@ -19,9 +19,18 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from shards.archives import is_archive, list_archive_classes, scan_class_archive, scan_flat_archive
 from shards.classes import ClassInfo, build_class_list, read_class_file
-from shards.image_check import check_image
-from shards.inputs import ScanRejection, SourceImage, fingerprint, list_class_folders, scan_flat, scan_foldered
+from shards.image_check import CheckedImage, check_image_bytes
+from shards.inputs import (
+    ScanRejection,
+    SourceImage,
+    fingerprint,
+    list_class_folders,
+    read_source,
+    scan_flat,
+    scan_foldered,
+)
 from shards.manifest import MANIFEST_NAME, SPLITS, FileNote, Manifest, SplitInfo, read_manifest, write_manifest
 from shards.tar_writer import (
     TAR_BLOCK_BYTES,
@@ -104,6 +113,8 @@ class ConvertOptions:
 
     def check(self) -> None:
         """Option combinations no single flag can refuse."""
+        if self.val and not self.val_labels and is_archive(self.val):
+            raise ValueError(f"--val {self.val} is an archive, which is read as flat: it needs --val-labels")
         for split in SPLITS:
             if self.raw_pixels(split) and self.short_side_limit(split) is None:
                 raise ValueError(
@@ -152,7 +163,8 @@ def resolve_classes(opts: ConvertOptions) -> list[ClassInfo]:
         entries = read_class_file(opts.classes)
         classes = build_class_list([w for w, _ in entries], dict(entries))
     elif opts.train:
-        classes = build_class_list(list_class_folders(opts.train))
+        wnids = list_archive_classes(opts.train) if is_archive(opts.train) else list_class_folders(opts.train)
+        classes = build_class_list(wnids)
     elif opts.val and not opts.val_labels:
         classes = build_class_list(list_class_folders(opts.val))
     else:
@@ -173,14 +185,16 @@ def plan_splits(
     class_index = {c.wnid: c.index for c in classes}
     plans = {}
     if opts.train:
-        images, rejected = scan_foldered(opts.train, class_index)
+        scan = scan_class_archive if is_archive(opts.train) else scan_foldered
+        images, rejected = scan(opts.train, class_index)
         _require_every_class(opts.train, images, classes)
         # DALI's reader shuffles only inside a small buffer, so the global mix happens here.
         random.Random(opts.seed).shuffle(images)
         plans["train"] = (images, rejected)
     if opts.val:
         if opts.val_labels:
-            plans["val"] = scan_flat(opts.val, opts.val_labels, class_index)
+            scan = scan_flat_archive if is_archive(opts.val) else scan_flat
+            plans["val"] = scan(opts.val, opts.val_labels, class_index)
         else:
             plans["val"] = scan_foldered(opts.val, class_index)
     return plans
@@ -235,7 +249,7 @@ def write_shard(directory: str, task: ShardTask) -> ShardResult:
     rejected, converted, resized = [], [], 0
     try:
         for image in task.images:
-            checked = check_image(image.path, task.max_short_side, task.quality, task.raw_pixels)
+            checked = _check_source(image, task)
             if checked.rejected:
                 rejected.append(FileNote(task.split, image.relpath, checked.rejected))
                 continue
@@ -253,6 +267,14 @@ def write_shard(directory: str, task: ShardTask) -> ShardResult:
     finally:
         writer.abort()  # no-op after close(); removes the temporary file otherwise
     return ShardResult(task.split, task.number, len(task.images), info, rejected, converted, resized)
+
+
+def _check_source(image: SourceImage, task: ShardTask) -> CheckedImage:
+    try:
+        data = read_source(image)
+    except OSError as err:
+        return CheckedImage(None, rejected=f"cannot read file: {err}")
+    return check_image_bytes(data, task.max_short_side, task.quality, task.raw_pixels)
 
 
 def convert(opts: ConvertOptions) -> ConvertResult:

@@ -26,25 +26,14 @@ class CheckedImage:
     rejected: str | None = None  # why the file cannot be used
 
 
-def check_image(
-    path: str, max_short_side: int | None = None, quality: int = 90, raw_pixels: bool = False
+def check_image_bytes(
+    data: bytes, max_short_side: int | None = None, quality: int = 90, raw_pixels: bool = False
 ) -> CheckedImage:
-    """Fully decode the file at `path` and return the bytes to store (or why not).
+    """Fully decode `data` (a source image's bytes) and return the bytes to store, or why not.
 
     With `raw_pixels`, what is stored is the decoded RGB pixels as a binary PPM (a header of about
     15 bytes, then height x width x 3 bytes): readers then skip JPEG decoding altogether.
     """
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as err:
-        return CheckedImage(None, rejected=f"cannot read file: {err}")
-    return check_image_bytes(data, max_short_side, quality, raw_pixels)
-
-
-def check_image_bytes(
-    data: bytes, max_short_side: int | None = None, quality: int = 90, raw_pixels: bool = False
-) -> CheckedImage:
     if not data:
         return CheckedImage(None, rejected="empty file (0 bytes)")
     source_format = "unknown"

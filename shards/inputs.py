@@ -22,12 +22,24 @@ _CLASS_TAR = re.compile(r"n\d{8}\.tar")
 
 @dataclass(frozen=True)
 class SourceImage:
-    path: str  # absolute path on disk
+    path: str  # absolute path on disk: the image file, or the archive holding it
     relpath: str  # relative to the split's root, '/'-separated; recorded in the sample's .json
     wnid: str
     label: int
     key: str  # the sample's key inside the tar: no dots, no spaces, unique in the split
     size: int  # source bytes, used to plan shard boundaries before anything is decoded
+    offset: int | None = None  # where its bytes start in `path` when that is an archive (shards/archives.py)
+
+
+@dataclass(frozen=True)
+class Located:
+    """A found input before keys are given: where its bytes are, and its label."""
+
+    relpath: str
+    wnid: str
+    path: str
+    size: int
+    offset: int | None = None
 
 
 @dataclass(frozen=True)
@@ -62,7 +74,7 @@ def scan_foldered(
     root = Path(root).resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"input folder not found: {root}")
-    found: list[tuple[str, str]] = []
+    found: list[Located] = []
     rejected: list[ScanRejection] = []
     folders = 0
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
@@ -78,7 +90,7 @@ def scan_foldered(
                 dirnames.sort()
                 folder = os.path.relpath(dirpath, root).replace(os.sep, "/")
                 for name in sorted(filenames):
-                    found.append((f"{folder}/{name}", entry.name))
+                    found.append(_on_disk(root, f"{folder}/{name}", entry.name))
         else:
             rejected.append(ScanRejection(entry.name, "file outside any class folder"))
     _refuse_class_tars(root, [r.path for r in rejected])
@@ -90,7 +102,7 @@ def scan_foldered(
         raise ValueError(f"{root}: no class folders (expected {root}/<wnid>/*.JPEG){flat if rejected else ''}")
     if not found:
         raise ValueError(f"{root}: no files in its {folders} class folder(s)")
-    return _with_keys(root, found, class_index), rejected
+    return with_keys(found, class_index), rejected
 
 
 def _refuse_class_tars(root: Path, loose_files: list[str]) -> None:
@@ -142,25 +154,26 @@ def scan_flat(
     root = Path(root).resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"input folder not found: {root}")
+    names = [entry.name for entry in sorted(os.scandir(root), key=lambda e: e.name) if entry.is_file()]
+    labelled = label_flat(str(root), names, labels_file, class_index)
+    return with_keys([_on_disk(root, name, wnid) for name, wnid in labelled], class_index), []
+
+
+def label_flat(
+    where: str, names: list[str], labels_file: str | os.PathLike, class_index: dict[str, int]
+) -> list[tuple[str, str]]:
+    """(name, wnid) for the flat files `names` of `where`, by `labels_file`: a file without a label,
+    a label naming an unknown class, or no file at all is an error."""
     labels = read_val_labels(labels_file)
     unknown = sorted({w for w in labels.values() if w not in class_index})
     if unknown:
         raise ValueError(f"{labels_file}: {len(unknown)} label(s) name unknown classes, e.g. {unknown[:5]}")
-    found: list[tuple[str, str]] = []
-    unlabelled: list[str] = []
-    for entry in sorted(os.scandir(root), key=lambda e: e.name):
-        if not entry.is_file():
-            continue
-        wnid = labels.get(_stem(entry.name))
-        if wnid is None:
-            unlabelled.append(entry.name)
-        else:
-            found.append((entry.name, wnid))
+    unlabelled = [name for name in names if _stem(name) not in labels]
     if unlabelled:
-        raise ValueError(f"{root}: {len(unlabelled)} image(s) have no label in {labels_file}, e.g. {unlabelled[:5]}")
-    if not found:
-        raise ValueError(f"{root}: no image files directly in it (a foldered {root}/<wnid>/ needs no labels file)")
-    return _with_keys(root, found, class_index), []
+        raise ValueError(f"{where}: {len(unlabelled)} image(s) have no label in {labels_file}, e.g. {unlabelled[:5]}")
+    if not names:
+        raise ValueError(f"{where}: no image files directly in it (a foldered {where}/<wnid>/ needs no labels file)")
+    return [(name, labels[_stem(name)]) for name in names]
 
 
 def fingerprint(images: list[SourceImage]) -> str:
@@ -189,17 +202,35 @@ def make_key(filename: str) -> str:
     return _UNSAFE_KEY_CHARS.sub("_", stem)[:MAX_KEY_CHARS]
 
 
-def _with_keys(root: Path, found: list[tuple[str, str]], class_index: dict[str, int]) -> list[SourceImage]:
+def _on_disk(root: Path, relpath: str, wnid: str) -> Located:
+    path = os.path.join(root, relpath)
+    return Located(relpath, wnid, path, os.stat(path).st_size)
+
+
+def with_keys(found: list[Located], class_index: dict[str, int]) -> list[SourceImage]:
     """Attach unique keys, deciding collisions in sorted-path order so they are reproducible."""
     images = []
     used: set[str] = set()
-    for rel, wnid in sorted(found):
-        base = make_key(rel.rsplit("/", 1)[-1])
+    for item in sorted(found, key=lambda f: (f.relpath, f.wnid)):
+        base = make_key(item.relpath.rsplit("/", 1)[-1])
         key, n = base, 1
         while key in used:
             n += 1
             key = f"{base}-{n}"
         used.add(key)
-        path = os.path.join(root, rel)
-        images.append(SourceImage(path, rel, wnid, class_index[wnid], key, os.stat(path).st_size))
+        images.append(
+            SourceImage(item.path, item.relpath, item.wnid, class_index[item.wnid], key, item.size, item.offset)
+        )
     return images
+
+
+def read_source(image: SourceImage) -> bytes:
+    """The source bytes of `image`: its whole file, or its `size` bytes at `offset` in an archive."""
+    with open(image.path, "rb") as f:
+        if image.offset is None:
+            return f.read()
+        f.seek(image.offset)
+        data = f.read(image.size)
+    if len(data) != image.size:
+        raise OSError(f"{image.path} ends inside {image.relpath} (read {len(data)} of {image.size} bytes)")
+    return data

@@ -2,9 +2,10 @@
 
     python -m tools.make_shards --train /data/imagenet/train --val /data/imagenet/val \
         --val-labels LOC_val_solution.csv --out /data/imagenet-shards
-    python -m tools.make_shards --train /data/ILSVRC2012/train --val /data/ILSVRC2012/val \
+    python -m tools.make_shards --train ILSVRC2012_img_train.tar --val ILSVRC2012_img_val.tar \
         --val-labels ILSVRC2012_devkit_t12.tar.gz --out /data/imagenet-shards
 
+The second form reads image-net.org's three downloads as they are, without unpacking (shards/archives.py).
 `--train-max-short-side 256` stores train images at most 256 px on the shorter side (FFCV, too,
 stores ImageNet at a maximum resolution chosen at conversion): on the 1000 sample photographs, 31%
 of the bytes and 43% of the pixels to decode. Val stays full size, for evaluation at 256 px and above.
@@ -28,8 +29,16 @@ from shards.manifest import SPLITS
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m tools.make_shards", description=__doc__.split("\n\n")[0])
-    p.add_argument("--train", metavar="DIR", help="training images, DIR/<wnid>/*.JPEG")
-    p.add_argument("--val", metavar="DIR", help="validation images: DIR/<wnid>/*.JPEG, or flat with --val-labels")
+    p.add_argument(
+        "--train",
+        metavar="DIR",
+        help="training images, DIR/<wnid>/*.JPEG, or ILSVRC2012_img_train.tar itself (read in place)",
+    )
+    p.add_argument(
+        "--val",
+        metavar="DIR",
+        help="validation images: DIR/<wnid>/*.JPEG, or flat with --val-labels (a folder, or ILSVRC2012_img_val.tar)",
+    )
     p.add_argument(
         "--val-labels",
         metavar="FILE",

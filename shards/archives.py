@@ -1,0 +1,144 @@
+"""Read ImageNet's downloaded tar archives in place, so they need not be unpacked first.
+
+ILSVRC2012_img_train.tar holds one `<wnid>.tar` per class, each holding that class's JPEGs;
+ILSVRC2012_img_val.tar holds the 50,000 val JPEGs flat. Both are uncompressed, so every image is a
+byte range of the archive: the scan records (offset, size) and the converter's workers read images
+by offset, in shuffled order, as they would read files. This saves unpacking (about 150 GB written
+and read once more). tarfile lists the members; what no library does is resolve members of the
+nested class tars to offsets in the outer file, so that bookkeeping is here.
+
+The relative paths recorded are those of the unpacked layout (`<wnid>/<file>` for train, `<file>`
+for val), so the shards are the same bytes as those converted from the unpacked folders.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tarfile
+from pathlib import Path
+
+from shards.inputs import Located, ScanRejection, SourceImage, label_flat, with_keys
+
+_CLASS_TAR = re.compile(r"(n\d{8})\.tar")
+END_OF_ARCHIVE_BYTES = 2 * tarfile.BLOCKSIZE  # two zero blocks close every tar
+
+
+def is_archive(path: str | os.PathLike) -> bool:
+    """Whether an input given as `path` is a tar file (not a folder)."""
+    return Path(path).is_file()
+
+
+def list_archive_classes(path: str | os.PathLike) -> list[str]:
+    """Sorted wnids of the `<wnid>.tar` members of a train archive (ImageFolder's class order)."""
+    path = Path(path).resolve()
+    with _open_tar(path) as outer:
+        wnids = sorted(_class_members(path, outer))
+    if not wnids:
+        raise ValueError(f"{path}: no <wnid>.tar members (expected ImageNet's ILSVRC2012_img_train.tar)")
+    return wnids
+
+
+def scan_class_archive(
+    path: str | os.PathLike, class_index: dict[str, int]
+) -> tuple[list[SourceImage], list[ScanRejection]]:
+    """Every file in the `<wnid>.tar` members of `path`, labelled by that wnid (as `scan_foldered`)."""
+    path = Path(path).resolve()
+    found: list[Located] = []
+    with _open_tar(path) as outer:
+        for wnid, member in sorted(_class_members(path, outer).items()):
+            if wnid not in class_index:
+                raise ValueError(f"{path}: member {member.name!r} is not one of the {len(class_index)} known classes")
+            where = f"{path} (member {member.name})"
+            try:
+                with tarfile.open(fileobj=outer.extractfile(member), mode="r:") as inner:
+                    items = _whole_members(where, inner, path, member.offset_data, member.size)
+            except tarfile.TarError as err:
+                raise ValueError(f"{where}: not a readable tar: {err}") from err
+            for item in items:
+                offset = member.offset_data + item.offset_data
+                found.append(Located(f"{wnid}/{_name(item)}", wnid, str(path), item.size, offset))
+    if not found:
+        raise ValueError(f"{path}: no files in its class archives")
+    return with_keys(found, class_index), []
+
+
+def scan_flat_archive(
+    path: str | os.PathLike, labels_file: str | os.PathLike, class_index: dict[str, int]
+) -> tuple[list[SourceImage], list[ScanRejection]]:
+    """The files of a flat archive (ILSVRC2012_img_val.tar), labelled by `labels_file` (as `scan_flat`)."""
+    path = Path(path).resolve()
+    with _open_tar(path) as archive:
+        members = {_name(m): m for m in _whole_members(str(path), archive, path, 0, path.stat().st_size)}
+    nested = [name for name in members if "/" in name]
+    if nested:
+        raise ValueError(f"{path}: members in folders, e.g. {nested[:3]}: a flat archive of images was expected")
+    labelled = label_flat(str(path), sorted(members), labels_file, class_index)
+    found = [Located(name, wnid, str(path), members[name].size, members[name].offset_data) for name, wnid in labelled]
+    return with_keys(found, class_index), []
+
+
+def _open_tar(path: Path) -> tarfile.TarFile:
+    try:
+        return tarfile.open(path, mode="r:")
+    except tarfile.TarError as err:
+        raise ValueError(
+            f"{path}: not an uncompressed tar archive ({err}): ImageNet's downloads are plain .tar files; "
+            "unpack anything else into a folder"
+        ) from err
+
+
+def _name(member: tarfile.TarInfo) -> str:
+    return member.name.removeprefix("./")
+
+
+def _class_members(path: Path, outer: tarfile.TarFile) -> dict[str, tarfile.TarInfo]:
+    """wnid -> its `<wnid>.tar` member; any other member is an error (it would be left out silently)."""
+    classes = {}
+    others = []
+    for member in _whole_members(str(path), outer, path, 0, path.stat().st_size):
+        match = _CLASS_TAR.fullmatch(_name(member))
+        if match:
+            classes[match.group(1)] = member
+        else:
+            others.append(member.name)
+    if others:
+        raise ValueError(
+            f"{path}: {len(others)} member(s) are not <wnid>.tar class archives, e.g. {others[:3]}: a train archive "
+            "must be laid out as ImageNet's ILSVRC2012_img_train.tar (unpack another layout into a folder)"
+        )
+    return classes
+
+
+def _whole_members(where: str, archive: tarfile.TarFile, path: Path, start: int, length: int) -> list[tarfile.TarInfo]:
+    """The regular-file members of `archive` (bytes `start` to `start + length` of `path`), after
+    checking that the archive is whole.
+
+    tarfile stops without an error where a truncated archive ends (an interrupted download), which
+    would drop the classes or images after that point silently: check that every member's data
+    lies inside the archive and that tar's end-of-archive blocks follow the last member.
+    """
+    try:
+        members = archive.getmembers()
+    except tarfile.TarError as err:
+        raise ValueError(
+            f"{where}: not a readable tar archive ({err}): damaged or incomplete, download it again"
+        ) from err
+    end = max((m.offset_data + _padded(m.size) for m in members), default=0)
+    if end + END_OF_ARCHIVE_BYTES > length or not _zeros_at(path, start + end, END_OF_ARCHIVE_BYTES):
+        raise ValueError(
+            f"{where}: the archive is incomplete ({length} bytes; its last member or its end-of-archive "
+            "blocks are missing): download it again"
+        )
+    return [m for m in members if m.isreg()]
+
+
+def _padded(size: int) -> int:
+    return -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+def _zeros_at(path: Path, offset: int, length: int) -> bool:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(length)
+    return len(data) == length and not data.strip(b"\0")

@@ -1,0 +1,156 @@
+"""Converting ImageNet's downloaded archives in place: ILSVRC2012_img_train.tar (a tar of class
+tars), ILSVRC2012_img_val.tar (flat) and the devkit, with nothing unpacked."""
+
+from __future__ import annotations
+
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from shards.devkit import DEVKIT_FOLDER
+from shards.manifest import read_manifest
+from tests.conftest import run_tool
+from tests.test_devkit import demo_val_labels, write_devkit
+from tools.make_shards import main as make_shards
+
+
+def pack_train_archive(train: Path, archive: Path) -> Path:
+    """A tar of `<wnid>.tar` class archives, laid out as ILSVRC2012_img_train.tar."""
+    staging = archive.parent / "class-tars"
+    staging.mkdir()
+    with tarfile.open(archive, "w") as outer:
+        for folder in sorted(train.iterdir()):
+            class_tar = staging / f"{folder.name}.tar"
+            with tarfile.open(class_tar, "w") as inner:
+                for image in sorted(folder.iterdir()):
+                    inner.add(image, arcname=image.name)
+            outer.add(class_tar, arcname=class_tar.name)
+    shutil.rmtree(staging)
+    return archive
+
+
+def pack_flat_archive(folder: Path, archive: Path) -> Path:
+    """A tar of the files of `folder`, laid out as ILSVRC2012_img_val.tar."""
+    with tarfile.open(archive, "w") as tar:
+        for image in sorted(folder.iterdir()):
+            tar.add(image, arcname=image.name)
+    return archive
+
+
+def test_the_downloaded_archives_give_the_shards_of_the_unpacked_folders(tmp_path, demo_imagenet):
+    """The three files from image-net.org, unpacked or not, make the same bytes (a bad image too)."""
+    train = tmp_path / "train"
+    shutil.copytree(demo_imagenet / "train", train)
+    wnids = sorted(d.name for d in train.iterdir())
+    (train / wnids[2] / "broken.JPEG").write_bytes(b"\xff\xd8\xff\xe0 not a whole JPEG")
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    train_tar = pack_train_archive(train, downloads / "ILSVRC2012_img_train.tar")
+    val_tar = pack_flat_archive(demo_imagenet / "val", downloads / "ILSVRC2012_img_val.tar")
+    devkit = write_devkit(tmp_path / "devkit", list(demo_val_labels(demo_imagenet).values()))
+    devkit_tar = downloads / f"{DEVKIT_FOLDER}.tar.gz"
+    with tarfile.open(devkit_tar, "w:gz") as tar:
+        tar.add(devkit, arcname=DEVKIT_FOLDER)
+
+    options = ["--shard-size-mb", "0.05", "--workers", "2", "--no-progress"]
+    unpacked, packed = tmp_path / "from-folders", tmp_path / "from-archives"
+    run_tool(
+        "tools.make_shards",
+        *("--train", str(train), "--val", str(demo_imagenet / "val")),
+        *("--val-labels", str(demo_imagenet / "val_labels.txt"), "--out", str(unpacked), *options),
+        check=True,
+    )
+    run_tool(
+        "tools.make_shards",
+        *("--train", str(train_tar), "--val", str(val_tar), "--val-labels", str(devkit_tar)),
+        *("--out", str(packed), *options),
+        check=True,
+    )
+
+    expected, got = read_manifest(unpacked), read_manifest(packed)
+    assert got.classes == expected.classes and [c.wnid for c in got.classes] == wnids
+    assert got.splits == expected.splits and len(got.splits["train"].shards) > 1
+    assert [(n.path, n.reason) for n in got.rejected] == [(n.path, n.reason) for n in expected.rejected]
+    assert [n.path for n in got.rejected] == [f"{wnids[2]}/broken.JPEG"]
+    written = sorted(p.name for p in unpacked.glob("*-*.*"))
+    assert written == sorted(p.name for p in packed.glob("*-*.*"))
+    for name in written:
+        assert (packed / name).read_bytes() == (unpacked / name).read_bytes(), name
+
+
+@pytest.fixture(scope="module")
+def train_tar(tmp_path_factory, demo_imagenet) -> Path:
+    root = tmp_path_factory.mktemp("train-archive")
+    return pack_train_archive(demo_imagenet / "train", root / "ILSVRC2012_img_train.tar")
+
+
+def data_end(member: tarfile.TarInfo) -> int:
+    """Where `member`'s data, padded to whole blocks, ends in its archive."""
+    return member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+def make_shards_error(capsys, *args: str) -> str:
+    """Run make_shards in this process; it must exit 2 and write nothing. Returns its error message."""
+    out = Path(args[args.index("--out") + 1])
+    assert make_shards([*args, "--no-progress"]) == 2
+    assert not out.exists() or not list(out.iterdir())
+    return capsys.readouterr().err
+
+
+def test_an_incomplete_download_is_refused(tmp_path, train_tar, capsys):
+    """tarfile reads an archive cut at a member's end without an error, as one with fewer classes."""
+    data = train_tar.read_bytes()
+    with tarfile.open(train_tar) as tar:
+        members = tar.getmembers()
+    last_whole = data_end(members[2])
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[:last_whole])
+    with tarfile.open(cut) as tar:
+        assert len(tar.getmembers()) == 3  # no error from tarfile: the other classes would be gone
+    out = tmp_path / "out"
+    error = make_shards_error(capsys, "--train", str(cut), "--out", str(out))
+    assert f"{cut}: the archive is incomplete ({last_whole} bytes" in error and "download it again" in error
+
+    cut.write_bytes(data[: len(data) // 2])  # inside a member's data
+    error = make_shards_error(capsys, "--train", str(cut), "--out", str(out))
+    assert f"{cut}: not a readable tar archive" in error and "download it again" in error
+
+    # A class archive cut short inside an outer archive that is whole.
+    first = members[0]
+    inner = data[first.offset_data : first.offset_data + first.size]
+    broken = tmp_path / "class-tars"
+    broken.mkdir()
+    (broken / first.name).write_bytes(inner)
+    with tarfile.open(broken / first.name) as tar:
+        inner_end = data_end(tar.getmembers()[-1])
+    (broken / first.name).write_bytes(inner[:inner_end])
+    rebuilt = tmp_path / "rebuilt.tar"
+    with tarfile.open(rebuilt, "w") as tar:
+        tar.add(broken / first.name, arcname=first.name)
+    error = make_shards_error(capsys, "--train", str(rebuilt), "--out", str(out))
+    assert f"{rebuilt} (member {first.name}):" in error
+
+
+def test_archives_of_another_layout_are_named(tmp_path, demo_imagenet, train_tar, capsys):
+    out = tmp_path / "out"
+    val_tar = pack_flat_archive(demo_imagenet / "val", tmp_path / "ILSVRC2012_img_val.tar")
+    error = make_shards_error(capsys, "--train", str(val_tar), "--out", str(out))
+    images = len(list((demo_imagenet / "val").iterdir()))
+    assert f"{val_tar}: {images} member(s) are not <wnid>.tar class archives, e.g. ['ILSVRC2012_val_00000001" in error
+
+    error = make_shards_error(capsys, "--train", str(train_tar), "--val", str(val_tar), "--out", str(out))
+    assert f"--val {val_tar} is an archive, which is read as flat: it needs --val-labels" in error
+
+    error = make_shards_error(
+        capsys, "--train", str(train_tar), "--val", str(train_tar), "--val-labels",
+        str(demo_imagenet / "val_labels.txt"), "--out", str(out),
+    )  # fmt: skip
+    assert f"{train_tar}: 10 image(s) have no label in" in error
+
+    gzipped = tmp_path / "train.tar.gz"
+    with tarfile.open(gzipped, "w:gz") as tar:
+        tar.add(train_tar, arcname="inner.tar")
+    error = make_shards_error(capsys, "--train", str(gzipped), "--out", str(out))
+    assert f"{gzipped}: not an uncompressed tar archive" in error

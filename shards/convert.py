@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from shards.archives import is_archive, list_archive_classes, scan_class_archive, scan_flat_archive
 from shards.classes import ClassInfo, build_class_list, read_class_file
+from shards.devkit import is_devkit, read_devkit_classes
 from shards.image_check import CheckedImage, check_image_bytes
 from shards.inputs import (
     ScanRejection,
@@ -167,8 +168,10 @@ def resolve_classes(opts: ConvertOptions) -> list[ClassInfo]:
         classes = build_class_list(wnids)
     elif opts.val and not opts.val_labels:
         classes = build_class_list(list_class_folders(opts.val))
+    elif opts.val_labels and is_devkit(opts.val_labels):
+        classes = build_class_list(read_devkit_classes(opts.val_labels))  # its 1000 classes, sorted
     else:
-        raise ValueError("--classes is required when only a flat --val folder is given")
+        raise ValueError("--classes is required when only a flat --val is given with a labels file")
     if len(classes) > MAX_CLASSES:
         raise ValueError(f"{len(classes)} classes: labels are 4 digits, at most {MAX_CLASSES} classes")
     return classes

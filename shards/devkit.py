@@ -47,6 +47,12 @@ def read_devkit_labels(path: str | os.PathLike) -> dict[str, str]:
     return labels
 
 
+def read_devkit_classes(path: str | os.PathLike) -> list[str]:
+    """The 1000 class wnids of a devkit's meta.mat, sorted: the usual class order (0 = n01440764)."""
+    meta_bytes, meta_where, _, _ = _read_devkit_files(Path(path))
+    return sorted(_leaf_wnids(meta_bytes, meta_where).values())
+
+
 def _read_devkit_files(path: Path) -> tuple[bytes, str, str, str]:
     """meta.mat's bytes and the ground truth's text, each with where it was found (for messages)."""
     if path.is_dir():

@@ -140,3 +140,31 @@ def test_without_scipy_the_devkit_asks_for_it(devkit, monkeypatch):
     monkeypatch.setitem(sys.modules, "scipy.io", None)
     with pytest.raises(ValueError, match=r"meta.mat needs scipy \(pip install scipy\)"):
         read_val_labels(folder)
+
+
+def test_val_alone_takes_its_classes_from_the_devkit(devkit, demo_imagenet, tmp_path):
+    """Without --train or --classes the devkit's 1000 classes, sorted, are the class list."""
+    folder, labels = devkit
+    out = tmp_path / "val-only"
+    run_tool(
+        "tools.make_shards",
+        *("--val", str(demo_imagenet / "val"), "--val-labels", str(folder)),
+        *("--out", str(out), "--workers", "2", "--no-progress"),
+        check=True,
+    )
+    manifest = read_manifest(out)
+    assert [c.wnid for c in manifest.classes] == sorted(imagenet_names())
+    assert manifest.classes[0].name == imagenet_names()["n01440764"]
+    urls = [str(out / s.file) for s in manifest.splits["val"].shards]
+    got = {}
+    for sample in wds.WebDataset(urls, shardshuffle=False):
+        meta = json.loads(sample["json"])
+        got[meta["path"].removesuffix(".JPEG")] = manifest.classes[int(sample["cls"])].wnid
+    assert got == labels
+
+    plain = run_tool(
+        "tools.make_shards",
+        *("--val", str(demo_imagenet / "val"), "--val-labels", str(demo_imagenet / "val_labels.txt")),
+        *("--out", str(tmp_path / "other"), "--no-progress"),
+    )
+    assert plain.returncode == 2 and "--classes is required" in plain.stderr

@@ -168,13 +168,27 @@ def create_loader(
         from pipeline.uint8_loader import Uint8Loader
 
         return Uint8Loader(open_shard_set(data, split), split, cfg, rank, world_size, device)
+    dali_loader = _import_dali_loader(cfg.backend)
     if cfg.backend == "folder":
-        from pipeline.dali_loader import DaliFolderLoader
         from pipeline.folder import list_image_folder
 
         files, labels = list_image_folder(Path(data) / split)
-        return DaliFolderLoader(files, labels, split, cfg, rank, world_size, device)
-    from pipeline.dali_loader import DaliShardLoader
+        return dali_loader.DaliFolderLoader(files, labels, split, cfg, rank, world_size, device)
     from pipeline.shard_set import open_shard_set
 
-    return DaliShardLoader(open_shard_set(data, split), split, cfg, rank, world_size, device)
+    return dali_loader.DaliShardLoader(open_shard_set(data, split), split, cfg, rank, world_size, device)
+
+
+def _import_dali_loader(backend: str):
+    """pipeline.dali_loader, or a ValueError saying how to install DALI when it is missing."""
+    try:
+        import pipeline.dali_loader as dali_loader
+    except ModuleNotFoundError as err:
+        if not (err.name or "").startswith("nvidia"):
+            raise
+        raise ValueError(
+            f"data.backend {backend!r} needs NVIDIA DALI, which is not installed here ({err}): pip install "
+            "nvidia-dali-cuda130 (NVIDIA driver 580 or later; nvidia-dali-cuda120 with 525.60 or later), or "
+            "choose data.backend torch"
+        ) from err
+    return dali_loader

@@ -6,6 +6,7 @@ import io
 import json
 import multiprocessing
 import shutil
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -556,3 +557,16 @@ def test_raw_pixel_sample_with_missing_pixels_is_named_with_its_shard(raw_and_jp
         for _ in loader:
             pass
     loader.close()
+
+
+@pytest.mark.parametrize("backend", ["dali-cpu", "folder"])
+def test_without_dali_installed_the_dali_backends_say_how_to_install_it(photo_shards, monkeypatch, backend):
+    """A machine where DALI's wheel did not install gets the pip command, not an import traceback."""
+    for module in ("pipeline.dali_loader", "pipeline.dali_pipeline"):
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)
+    with pytest.raises(
+        ValueError, match=rf"data.backend '{backend}' needs NVIDIA DALI.*pip install nvidia-dali-cuda130"
+    ):
+        create_loader(str(photo_shards), "val", config(backend))
+    assert len(collect(create_loader(str(photo_shards), "val", config("torch")))) > 0  # the fallback still runs

@@ -13,30 +13,8 @@ from shards.devkit import DEVKIT_FOLDER
 from shards.manifest import read_manifest
 from tests.conftest import run_tool
 from tests.test_devkit import demo_val_labels, write_devkit
+from tools.make_demo_data import pack_flat_archive, pack_train_archive
 from tools.make_shards import main as make_shards
-
-
-def pack_train_archive(train: Path, archive: Path) -> Path:
-    """A tar of `<wnid>.tar` class archives, laid out as ILSVRC2012_img_train.tar."""
-    staging = archive.parent / "class-tars"
-    staging.mkdir()
-    with tarfile.open(archive, "w") as outer:
-        for folder in sorted(train.iterdir()):
-            class_tar = staging / f"{folder.name}.tar"
-            with tarfile.open(class_tar, "w") as inner:
-                for image in sorted(folder.iterdir()):
-                    inner.add(image, arcname=image.name)
-            outer.add(class_tar, arcname=class_tar.name)
-    shutil.rmtree(staging)
-    return archive
-
-
-def pack_flat_archive(folder: Path, archive: Path) -> Path:
-    """A tar of the files of `folder`, laid out as ILSVRC2012_img_val.tar."""
-    with tarfile.open(archive, "w") as tar:
-        for image in sorted(folder.iterdir()):
-            tar.add(image, arcname=image.name)
-    return archive
 
 
 def test_the_downloaded_archives_give_the_shards_of_the_unpacked_folders(tmp_path, demo_imagenet):

@@ -455,3 +455,14 @@ def test_bench_pipeline_reports_an_undecodable_sample_and_measures_the_rest(phot
         assert f"FAILED {failure['name']} val: {failure['error']}" in result.stdout
     tabled = run_tool("tools.gpu_report", str(tmp_path), check=True).stdout
     assert f"| dali-cpu | val | FAILED: {report['failed'][0]['error']} |" in tabled
+
+
+def test_bench_convert_compares_the_converter_from_folders_and_from_the_archive_with_a_bare_decode(demo_imagenet):
+    result = run_tool(
+        "tools.bench_convert", "--src", str(demo_imagenet / "train"), "--workers", "2", "--repeat", "1",
+        "--shard-size-mb", "0.05", "--archive", check=True,
+    )  # fmt: skip
+    rows = dict(re.findall(r"^(\S.*?) +([\d.]+) images/s", result.stdout, re.MULTILINE))
+    assert set(rows) == {"bare parallel decode", "make_shards", "make_shards from archive"}, result.stdout
+    assert all(float(rate) > 0 for rate in rows.values())
+    assert re.search(r"make_shards from archive +[\d.]+ images/s +[\d.]+ of bare decode", result.stdout)

@@ -5,7 +5,8 @@
 Writes `train/<wnid>/<wnid>_<n>.JPEG`, a flat `val/ILSVRC2012_val_<n>.JPEG` and `val_labels.txt`
 ('filename wnid' lines). Images are random crops and flips of the real ILSVRC-2012 photographs in
 ../shared/data/imagenet-sample when that folder exists, otherwise generated pictures with a
-class-specific colour and stripe pattern, so the set is learnable either way.
+class-specific colour and stripe pattern, so the set is learnable either way. `pack_train_archive`
+and `pack_flat_archive` pack such folders as image-net.org ships them (tests, tools.bench_convert).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +111,29 @@ def build_demo_imagenet(
                 val_lines.append(f"{name} {wnid}\n")
     (out / "val_labels.txt").write_text("".join(val_lines))
     return out
+
+
+def pack_train_archive(train: Path, archive: Path) -> Path:
+    """A tar of `<wnid>.tar` class archives, laid out as ILSVRC2012_img_train.tar."""
+    staging = archive.parent / "class-tars"
+    staging.mkdir()
+    with tarfile.open(archive, "w", dereference=True) as outer:
+        for folder in sorted(train.iterdir()):
+            class_tar = staging / f"{folder.name}.tar"
+            with tarfile.open(class_tar, "w", dereference=True) as inner:
+                for image in sorted(folder.iterdir()):
+                    inner.add(image, arcname=image.name)
+            outer.add(class_tar, arcname=class_tar.name)
+    shutil.rmtree(staging)
+    return archive
+
+
+def pack_flat_archive(folder: Path, archive: Path) -> Path:
+    """A tar of the files of `folder`, laid out as ILSVRC2012_img_val.tar."""
+    with tarfile.open(archive, "w", dereference=True) as tar:
+        for image in sorted(folder.iterdir()):
+            tar.add(image, arcname=image.name)
+    return archive
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -188,8 +188,10 @@ def plan_splits(
     class_index = {c.wnid: c.index for c in classes}
     plans = {}
     if opts.train:
-        scan = scan_class_archive if is_archive(opts.train) else scan_foldered
-        images, rejected = scan(opts.train, class_index)
+        if is_archive(opts.train):
+            images, rejected = scan_class_archive(opts.train, class_index, opts.workers)
+        else:
+            images, rejected = scan_foldered(opts.train, class_index)
         _require_every_class(opts.train, images, classes)
         # DALI's reader shuffles only inside a small buffer, so the global mix happens here.
         random.Random(opts.seed).shuffle(images)

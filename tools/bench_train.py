@@ -113,9 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--json", help="write the results here")
     p.add_argument(
-        "--profile", metavar="DIR", help=f"after each rate, profile {PROFILED_STEPS} steps into DIR (table and trace)"
+        "--profile", metavar="DIR", help="after each rate, profile --profile-steps steps into DIR (table and trace)"
+    )
+    p.add_argument(
+        "--profile-steps", type=int, default=PROFILED_STEPS, help=f"steps per profile (default: {PROFILED_STEPS})"
     )
     args = p.parse_args(argv)
+    if args.profile_steps < 1:
+        p.error("--profile-steps must be at least 1")
     device = default_device()
     if args.model_sms and device.type != "cuda":
         p.error("--model-sms: needs a CUDA GPU (it confines the step to part of the GPU's SMs)")
@@ -173,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                 rate = measure_rate(loader, device, args.seconds, WARMUP_STEPS, step)
                 if args.profile:
                     stem = f"{args.model}{compiled_text(args.compile).replace(' ', '-')}-{run_name.replace(' ', '-')}"
-                    profile_steps(loader, device, step, PROFILED_STEPS, Path(args.profile) / stem)
+                    profile_steps(loader, device, step, args.profile_steps, Path(args.profile) / stem)
             return rate
 
         streams = {}  # --model-sms: the step's stream for each SM count

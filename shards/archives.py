@@ -13,6 +13,7 @@ for val), so the shards are the same bytes as those converted from the unpacked 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tarfile
@@ -59,20 +60,22 @@ def scan_class_archive(
         )
     # One part per worker: each part lists the outer archive again (ImageNet's classes are alike in size).
     parts = [(str(path), wnids[i::workers]) for i in range(min(len(wnids), workers))]
-    if workers > 1 and len(parts) > 1:
-        with Pool(workers) as pool:
-            found = [item for part in pool.imap_unordered(_scan_classes, parts) for item in part]
-    else:
-        found = [item for part in map(_scan_classes, parts) for item in part]
+    found: list[Located] = []
+    rejected: list[ScanRejection] = []
+    with Pool(workers) if workers > 1 and len(parts) > 1 else contextlib.nullcontext() as pool:
+        for part_found, part_rejected in (pool.imap_unordered if pool else map)(_scan_classes, parts):
+            found += part_found
+            rejected += part_rejected
     if not found:
         raise ValueError(f"{path}: no files in its class archives")
-    return with_keys(found, class_index), []
+    return with_keys(found, class_index), sorted(rejected, key=lambda r: r.path)
 
 
-def _scan_classes(task: tuple[str, list[str]]) -> list[Located]:
-    """The files of the class archives `wnids` of the train archive at `path` (in a worker process)."""
+def _scan_classes(task: tuple[str, list[str]]) -> tuple[list[Located], list[ScanRejection]]:
+    """The files of the class archives `wnids` of the train archive at `path` (in a worker process),
+    and the members that are not files."""
     path, wnids = Path(task[0]), task[1]
-    found = []
+    found, rejected = [], []
     with _open_tar(path) as outer:
         members = _class_members(path, outer)
         for wnid in wnids:
@@ -84,9 +87,12 @@ def _scan_classes(task: tuple[str, list[str]]) -> list[Located]:
             except tarfile.TarError as err:
                 raise ValueError(f"{where}: not a readable tar: {err}") from err
             for item in items:
-                offset = member.offset_data + item.offset_data
-                found.append(Located(f"{wnid}/{_name(item)}", wnid, str(path), item.size, offset))
-    return found
+                relpath = f"{wnid}/{_name(item)}"
+                if item.isreg():
+                    found.append(Located(relpath, wnid, str(path), item.size, member.offset_data + item.offset_data))
+                else:
+                    rejected.append(ScanRejection(relpath, _not_a_file(item)))
+    return found, rejected
 
 
 def scan_flat_archive(
@@ -95,13 +101,15 @@ def scan_flat_archive(
     """The files of a flat archive (ILSVRC2012_img_val.tar), labelled by `labels_file` (as `scan_flat`)."""
     path = Path(path).resolve()
     with _open_tar(path) as archive:
-        members = {_name(m): m for m in _whole_members(str(path), archive, path, 0, path.stat().st_size)}
+        entries = _whole_members(str(path), archive, path, 0, path.stat().st_size)
+    members = {_name(m): m for m in entries if m.isreg()}
+    rejected = [ScanRejection(_name(m), _not_a_file(m)) for m in entries if not m.isreg()]
     nested = [name for name in members if "/" in name]
     if nested:
         raise ValueError(f"{path}: members in folders, e.g. {nested[:3]}: a flat archive of images was expected")
     labelled = label_flat(str(path), sorted(members), labels_file, class_index)
     found = [Located(name, wnid, str(path), members[name].size, members[name].offset_data) for name, wnid in labelled]
-    return with_keys(found, class_index), []
+    return with_keys(found, class_index), rejected
 
 
 def _open_tar(path: Path) -> tarfile.TarFile:
@@ -124,7 +132,7 @@ def _class_members(path: Path, outer: tarfile.TarFile) -> dict[str, tarfile.TarI
     others = []
     for member in _whole_members(str(path), outer, path, 0, path.stat().st_size):
         match = _CLASS_TAR.fullmatch(_name(member))
-        if match:
+        if match and member.isreg():
             classes[match.group(1)] = member
         else:
             others.append(member.name)
@@ -137,8 +145,8 @@ def _class_members(path: Path, outer: tarfile.TarFile) -> dict[str, tarfile.TarI
 
 
 def _whole_members(where: str, archive: tarfile.TarFile, path: Path, start: int, length: int) -> list[tarfile.TarInfo]:
-    """The regular-file members of `archive` (bytes `start` to `start + length` of `path`), after
-    checking that the archive is whole.
+    """The members of `archive` but its folders (bytes `start` to `start + length` of `path`),
+    after checking that the archive is whole.
 
     tarfile stops without an error where a truncated archive ends (an interrupted download), which
     would drop the classes or images after that point silently: check that every member's data
@@ -156,7 +164,15 @@ def _whole_members(where: str, archive: tarfile.TarFile, path: Path, start: int,
             f"{where}: the archive is incomplete ({length} bytes; its last member or its end-of-archive "
             "blocks are missing): download it again"
         )
-    return [m for m in members if m.isreg()]
+    return [m for m in members if not m.isdir()]
+
+
+def _not_a_file(member: tarfile.TarInfo) -> str:
+    """Why a member is not converted: its data is elsewhere or absent (unpack the archive to follow links)."""
+    if member.issym() or member.islnk():
+        kind = "symbolic" if member.issym() else "hard"
+        return f"a {kind} link in the archive (to {member.linkname}), not a file: unpack the archive to convert it"
+    return "not a regular file in the archive"
 
 
 def _padded(size: int) -> int:

@@ -132,3 +132,35 @@ def test_archives_of_another_layout_are_named(tmp_path, demo_imagenet, train_tar
         tar.add(train_tar, arcname="inner.tar")
     error = make_shards_error(capsys, "--train", str(gzipped), "--out", str(out))
     assert f"{gzipped}: not an uncompressed tar archive" in error
+
+
+def test_links_in_an_archive_are_listed_as_rejected_not_dropped(tmp_path, demo_imagenet):
+    """A link member has no bytes of its own at an offset: it is named in the manifest, with why."""
+    train = tmp_path / "train"
+    shutil.copytree(demo_imagenet / "train", train)
+    wnid = sorted(d.name for d in train.iterdir())[0]
+    first = sorted((train / wnid).iterdir())[0]
+    (train / wnid / "soft.JPEG").symlink_to(first.name)
+    archive = tmp_path / "archive" / "ILSVRC2012_img_train.tar"
+    archive.parent.mkdir()
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    with tarfile.open(archive, "w") as outer:
+        for folder in sorted(train.iterdir()):
+            with tarfile.open(staging / f"{folder.name}.tar", "w") as inner:  # links stored as links
+                for image in sorted(folder.iterdir()):
+                    inner.add(image, arcname=image.name)
+                if folder.name == wnid:
+                    hard = tarfile.TarInfo("hard.JPEG")
+                    hard.type, hard.linkname = tarfile.LNKTYPE, first.name
+                    inner.addfile(hard)
+            outer.add(staging / f"{folder.name}.tar", arcname=f"{folder.name}.tar")
+    out = tmp_path / "shards"
+    run_tool("tools.make_shards", "--train", str(archive), "--out", str(out), "--no-progress", check=True)
+    manifest = read_manifest(out)
+    reasons = {note.path: note.reason for note in manifest.rejected}
+    assert set(reasons) == {f"{wnid}/soft.JPEG", f"{wnid}/hard.JPEG"}
+    assert reasons[f"{wnid}/soft.JPEG"].startswith(f"a symbolic link in the archive (to {first.name}), not a file")
+    assert reasons[f"{wnid}/hard.JPEG"].startswith(f"a hard link in the archive (to {first.name}), not a file")
+    images = sum(len(list(d.iterdir())) for d in (demo_imagenet / "train").iterdir())
+    assert manifest.splits["train"].samples == images

@@ -22,11 +22,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from pipeline.loader import PAD_LABEL, LoaderConfig, create_loader
 from pipeline.transforms import torchvision_val_transform
+from shards.manifest import read_manifest
 from tests.conftest import REPO_ROOT, run_tool, subprocess_env
 from tests.test_loaders import shards_with_a_broken_jpeg
 from tools.predict import main as predict_main
 from train.checkpoint import CheckpointError, keep_copy, load_checkpoint, save_checkpoint
 from train.config import config_changes, load_config
+from train.evaluate import main as evaluate_main
 from train.evaluate import model_from_checkpoint
 from train.trainer import _targets_met
 from train.trainer import main as train_main
@@ -660,3 +662,17 @@ def test_trains_from_an_image_folder_without_shards(tmp_path, real_photos, demo_
     run_tool(*train_args(tree, run_dir, "data.backend=folder", "train.epochs=1")[1:], check=True)
     checkpoint = load_checkpoint(run_dir / "last.pt")
     assert [wnid for wnid, _ in checkpoint["classes"]] == sorted(p.name for p in (tree / "train").iterdir())
+
+
+def test_another_torchvision_classifier_trains_evaluates_and_predicts(photo_shards, tmp_path, capsys):
+    """Nothing downstream assumes a ResNet: the class count comes from the checkpoint's record."""
+    run_dir = tmp_path / "run"
+    run_tool(*train_args(photo_shards, run_dir, "model.name=mobilenet_v3_small", "train.epochs=1")[1:], check=True)
+    checkpoint = load_checkpoint(run_dir / "last.pt")
+    assert checkpoint["num_classes"] == len(checkpoint["classes"]) == len(read_manifest(photo_shards).classes)
+    args = ["--checkpoint", str(run_dir / "last.pt"), "--shards", str(photo_shards), "--batch-size", "8"]
+    assert evaluate_main([*args, "--workers", "1"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["samples"] == read_val_count(photo_shards)
+    picture = next((photo_shards.parent / "src" / "val").rglob("*.JPEG"))
+    assert predict_main(["--checkpoint", str(run_dir / "last.pt"), str(picture)]) == 0
+    assert capsys.readouterr().out.startswith(str(picture))

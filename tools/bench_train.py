@@ -83,7 +83,7 @@ def measurement_plan(backends: list[str], args) -> list[tuple[str, dict, int | N
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.bench_train", description=__doc__.split("\n\n")[0])
     p.add_argument("--shards", type=shard_dir, help="a shard directory (default: convert the shared sample)")
-    p.add_argument("--model", default="resnet18", choices=MODEL_NAMES)
+    p.add_argument("--model", default="resnet18", choices=MODEL_NAMES, metavar="NAME", help="a torchvision classifier")
     p.add_argument("--blurpool", action="store_true", help="with FFCV's BlurPool (model.blurpool): its step cost")
     p.add_argument(
         "--backends",
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         # One model for every backend: compiled once, so each backend is measured on the same code.
         torch.manual_seed(0)
         set_cuda_numerics(device, precision)
-        model = build_model(args.model, num_classes, blurpool=args.blurpool).to(device)
+        model = build_model(args.model, num_classes, blurpool=args.blurpool, image_size=args.image_size).to(device)
         step_model = torch.compile(model, mode=args.compile) if args.compile else model
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)

@@ -123,11 +123,16 @@ def _model_text(name: str, blurpool: bool) -> str:
     return f"{name} {'with' if blurpool else 'without'} BlurPool"
 
 
+def saved_num_classes(checkpoint: dict) -> int:
+    """How many classes the checkpoint's model scores (checkpoints before this record were ResNets)."""
+    return checkpoint.get("num_classes") or checkpoint["model"]["fc.weight"].shape[0]
+
+
 def check_same_classes(checkpoint: dict, path: str | Path, num_classes: int, wnids: list[str], data: str) -> None:
     """Label i must mean the same class to the checkpoint and to `data`: the same count, and the same
     wnids where both record them. Otherwise a resumed run learns the wrong names, and an evaluation
     scores against them, without an error."""
-    saved_classes = checkpoint["model"]["fc.weight"].shape[0]
+    saved_classes = saved_num_classes(checkpoint)
     if saved_classes != num_classes:
         raise CheckpointError(f"{path}: a model of {saved_classes} classes; {data} has {num_classes}")
     saved_wnids = [wnid for wnid, _ in checkpoint.get("classes") or []]

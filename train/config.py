@@ -17,7 +17,7 @@ import yaml
 
 from pipeline.loader import BACKENDS, LoaderConfig
 from pipeline.transforms import DEFAULT_CROP_PCT
-from train.model import MODEL_NAMES
+from train.model import FIXED_SIZE_KEYWORDS, MODEL_NAMES, RESNET_FAMILY
 from train.step import AUTOCAST_DTYPES
 
 SCHEDULES = ("cosine", "linear", "step")
@@ -36,8 +36,10 @@ def option(default, help: str, choices=None, **kw):
 
 @dataclass
 class ModelConfig:
-    name: str = option("resnet18", "torchvision classification model", MODEL_NAMES)
-    zero_init_residual: bool = option(True, "zero the last BatchNorm of each residual block")
+    name: str = option("resnet18", "torchvision classification model (torchvision.models.list_models())", MODEL_NAMES)
+    zero_init_residual: bool | None = option(
+        None, "zero the last BatchNorm of each residual block (ResNet family only; unset: yes for it)"
+    )
     compile: bool = option(False, "torch.compile the model")
     blurpool: bool = option(False, "blur the input of each strided convolution (FFCV's BlurPool; costs step time)")
 
@@ -306,5 +308,17 @@ def _check(config: Config) -> None:
         )
     if config.resolution.min > config.resolution.max:
         raise ConfigError("resolution.min: must not exceed resolution.max")
+    if config.model.zero_init_residual and config.model.name not in RESNET_FAMILY:
+        raise ConfigError(
+            f"model.zero_init_residual: {config.model.name} has no such option (the ResNet family only); "
+            "leave it unset or false"
+        )
+    sizes = {config.resolution.min, config.resolution.max, config.resolution.val}
+    if config.model.name in FIXED_SIZE_KEYWORDS and len(sizes) > 1:
+        raise ConfigError(
+            f"resolution: {config.model.name} is built for one input size, so resolution.min, resolution.max "
+            f"and resolution.val must be equal (got {config.resolution.min}, {config.resolution.max}, "
+            f"{config.resolution.val})"
+        )
     if not 0.0 <= config.optim.ema_decay < 1.0:
         raise ConfigError(f"optim.ema_decay: must be in [0, 1), got {config.optim.ema_decay}")

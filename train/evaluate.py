@@ -16,11 +16,11 @@ from pipeline.errors import SampleDecodeError, data_error_message
 from pipeline.loader import BACKENDS, LoaderConfig, create_loader
 from pipeline.shard_set import ShardError
 from shards.manifest import read_manifest
-from train.checkpoint import CheckpointError, check_same_classes, load_checkpoint
+from train.checkpoint import CheckpointError, check_same_classes, load_checkpoint, saved_num_classes
 from train.config import ConfigError
 from train.distributed import fail_together, setup_distributed, teardown_distributed
 from train.metrics import evaluate
-from train.model import build_model
+from train.model import FIXED_SIZE_KEYWORDS, build_model
 from train.step import AUTOCAST_DTYPES, set_cuda_numerics
 from train.trainer import EXIT_CONFIG, EXIT_DATA
 
@@ -33,8 +33,12 @@ def model_from_checkpoint(checkpoint: dict, use_ema: bool = False) -> torch.nn.M
         if not checkpoint.get("ema"):
             raise CheckpointError("checkpoint has no EMA weights (optim.ema_decay was 0)")
         state = {k.removeprefix("module."): v for k, v in checkpoint["ema"].items() if k.startswith("module.")}
-    num_classes = state["fc.weight"].shape[0]
-    model = build_model(config["model"]["name"], num_classes, blurpool=config["model"].get("blurpool", False))
+    model = build_model(
+        config["model"]["name"],
+        saved_num_classes(checkpoint),
+        blurpool=config["model"].get("blurpool", False),
+        image_size=config["resolution"]["val"],
+    )
     model.load_state_dict(state)
     return model
 
@@ -59,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         with fail_together(ctx, (CheckpointError,)):  # a file missing on one node stops every rank
             checkpoint = load_checkpoint(args.checkpoint)
         model = model_from_checkpoint(checkpoint, args.ema).to(ctx.device)
+        trained_size, model_name = checkpoint["config"]["resolution"]["val"], checkpoint["config"]["model"]["name"]
+        if model_name in FIXED_SIZE_KEYWORDS and args.image_size not in (None, trained_size):
+            raise ConfigError(f"--image-size {args.image_size}: {model_name} was built for {trained_size} px only")
         precision = args.precision if ctx.device.type == "cuda" else "float32"
         set_cuda_numerics(ctx.device, precision)
         cfg = LoaderConfig(

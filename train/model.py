@@ -5,23 +5,48 @@ from __future__ import annotations
 import torch
 from torchvision import models
 
-MODEL_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+MODEL_NAMES = tuple(models.list_models(module=models))  # torchvision's ImageNet classifiers, by name
+RESNET_FAMILY = tuple(n for n in MODEL_NAMES if n.startswith(("resnet", "resnext", "wide_resnet")))
+AUX_LOGIT_MODELS = ("googlenet", "inception_v3")  # trained here without their auxiliary classifiers
+# Models built for one input size (their position embeddings or attention partitions), and the
+# keyword torchvision takes it by.
+FIXED_SIZE_KEYWORDS = {**{n: "image_size" for n in MODEL_NAMES if n.startswith("vit_")}, "maxvit_t": "input_size"}
 
 
 def build_model(
-    name: str, num_classes: int, zero_init_residual: bool = False, blurpool: bool = False
+    name: str,
+    num_classes: int,
+    zero_init_residual: bool | None = None,
+    blurpool: bool = False,
+    image_size: int | None = None,
 ) -> torch.nn.Module:
     """A randomly initialised torchvision classifier in channels_last memory format.
 
-    `zero_init_residual` zeroes the last BatchNorm of each residual block, so every block starts
-    as the identity (Goyal et al., 2017). `blurpool` blurs the input of each strided convolution
-    (`add_blurpool`).
+    `zero_init_residual` zeroes the last BatchNorm of each residual block of the ResNet family, so
+    every block starts as the identity (Goyal et al., 2017); None means yes for that family, which
+    alone has the option. `blurpool` blurs the input of each strided convolution (`add_blurpool`).
+    `image_size` is the input size of the models built for one (`FIXED_SIZE_KEYWORDS`).
     """
     if name not in MODEL_NAMES:
-        raise ValueError(f"model.name: {name!r} is not one of {list(MODEL_NAMES)}")
-    model = getattr(models, name)(weights=None, num_classes=num_classes, zero_init_residual=zero_init_residual)
-    if blurpool:
-        add_blurpool(model)
+        raise ValueError(f"model.name: {name!r} is not one of torchvision's classifiers {list(MODEL_NAMES)}")
+    options: dict = {}
+    if name in RESNET_FAMILY:
+        options["zero_init_residual"] = zero_init_residual is not False
+    elif zero_init_residual:
+        raise ValueError(
+            f"model.zero_init_residual: {name} has no such option (the ResNet family only: resnet*, resnext*, "
+            "wide_resnet*); leave it unset or false"
+        )
+    if name in AUX_LOGIT_MODELS:
+        options.update(aux_logits=False, init_weights=True)
+    if name in FIXED_SIZE_KEYWORDS:
+        if image_size is None:
+            raise ValueError(f"{name} is built for one input size: give image_size")
+        keyword = FIXED_SIZE_KEYWORDS[name]
+        options[keyword] = (image_size, image_size) if keyword == "input_size" else image_size
+    model = models.get_model(name, weights=None, num_classes=num_classes, **options)
+    if blurpool and not add_blurpool(model):
+        raise ValueError(f"model.blurpool: {name} has no strided convolution of 16 or more input channels to blur")
     return model.to(memory_format=torch.channels_last)
 
 
@@ -46,11 +71,14 @@ class BlurPoolConv2d(torch.nn.Module):
         return self.conv(blurred)
 
 
-def add_blurpool(module: torch.nn.Module) -> None:
+def add_blurpool(module: torch.nn.Module) -> int:
     """Wrap every convolution with a stride above 1 and at least 16 input channels in a blur
-    (FFCV's rule: the stem's 3-channel convolution is left as it is)."""
+    (FFCV's rule: the stem's 3-channel convolution is left as it is); returns how many."""
+    wrapped = 0
     for name, child in module.named_children():
         if isinstance(child, torch.nn.Conv2d) and max(child.stride) > 1 and child.in_channels >= 16:
             setattr(module, name, BlurPoolConv2d(child))
+            wrapped += 1
         else:
-            add_blurpool(child)
+            wrapped += add_blurpool(child)
+    return wrapped

@@ -175,7 +175,12 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
         num_classes = train_loader.num_classes
 
         # model, optimizer, precision
-        model = build_model(cfg.model.name, num_classes, cfg.model.zero_init_residual, cfg.model.blurpool)
+        try:
+            model = build_model(
+                cfg.model.name, num_classes, cfg.model.zero_init_residual, cfg.model.blurpool, cfg.resolution.val
+            )
+        except ValueError as err:  # e.g. a size torchvision's MaxViT cannot partition
+            raise ConfigError(f"model {cfg.model.name}: {err}") from err
         model = model.to(ctx.device)
         accumulate = cfg.optim.accumulate
         global_batch = cfg.data.batch_size * ctx.world_size * accumulate
@@ -247,6 +252,7 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
             "metrics": metrics or {},
             "config": cfg.to_dict(),
             "classes": classes,
+            "num_classes": num_classes,
             "rng": rngs,
             "world_size": ctx.world_size,
         }

@@ -52,6 +52,18 @@ def demo_val_labels(demo_imagenet: Path) -> dict[str, str]:
     return {name.removesuffix(".JPEG"): wnid for name, wnid in pairs}
 
 
+def val_labels_in_shards(out: Path) -> dict[str, str]:
+    """stem -> wnid of each val sample, by its label; the wnid in its .json must be the same."""
+    manifest = read_manifest(out)
+    urls = [str(out / s.file) for s in manifest.splits["val"].shards]
+    got = {}
+    for sample in wds.WebDataset(urls, shardshuffle=False):
+        meta = json.loads(sample["json"])
+        got[meta["path"].removesuffix(".JPEG")] = manifest.classes[int(sample["cls"])].wnid
+        assert got[meta["path"].removesuffix(".JPEG")] == meta["wnid"]
+    return got
+
+
 @pytest.fixture(scope="module")
 def devkit(tmp_path_factory, demo_imagenet) -> tuple[Path, dict[str, str]]:
     labels = demo_val_labels(demo_imagenet)
@@ -59,24 +71,31 @@ def devkit(tmp_path_factory, demo_imagenet) -> tuple[Path, dict[str, str]]:
     return write_devkit(tmp_path_factory.mktemp("devkit"), list(labels.values())), labels
 
 
-def test_make_shards_labels_a_flat_val_from_the_devkit(devkit, demo_imagenet, tmp_path):
+@pytest.mark.parametrize("with_train", [True, False])
+def test_make_shards_labels_a_flat_val_from_the_devkit(devkit, demo_imagenet, tmp_path, with_train):
+    """With --train the classes are its folders; val alone takes the devkit's 1000 classes, sorted."""
     folder, labels = devkit
     out = tmp_path / "shards"
+    train = ["--train", str(demo_imagenet / "train")] if with_train else []
     run_tool(
         "tools.make_shards",
-        *("--train", str(demo_imagenet / "train"), "--val", str(demo_imagenet / "val")),
+        *(*train, "--val", str(demo_imagenet / "val")),
         *("--val-labels", str(folder), "--out", str(out), "--workers", "2", "--no-progress"),
         check=True,
     )
+    assert val_labels_in_shards(out) == labels
     manifest = read_manifest(out)
-    index_of = {c.wnid: c.index for c in manifest.classes}
-    urls = [str(out / s.file) for s in manifest.splits["val"].shards]
-    got = {}
-    for sample in wds.WebDataset(urls, shardshuffle=False):
-        meta = json.loads(sample["json"])
-        got[meta["path"].removesuffix(".JPEG")] = meta["wnid"]
-        assert int(sample["cls"]) == index_of[meta["wnid"]]
-    assert got == labels
+    if with_train:
+        assert [c.wnid for c in manifest.classes] == sorted(p.name for p in (demo_imagenet / "train").iterdir())
+        return
+    assert [c.wnid for c in manifest.classes] == sorted(imagenet_names())
+    assert manifest.classes[0].name == imagenet_names()["n01440764"]
+    plain = run_tool(
+        "tools.make_shards",
+        *("--val", str(demo_imagenet / "val"), "--val-labels", str(demo_imagenet / "val_labels.txt")),
+        *("--out", str(tmp_path / "other"), "--no-progress"),
+    )
+    assert plain.returncode == 2 and "--classes is required" in plain.stderr
 
 
 def test_the_devkit_reads_alike_as_folder_parent_folder_and_tar_gz(devkit, tmp_path):
@@ -140,31 +159,3 @@ def test_without_scipy_the_devkit_asks_for_it(devkit, monkeypatch):
     monkeypatch.setitem(sys.modules, "scipy.io", None)
     with pytest.raises(ValueError, match=r"meta.mat needs scipy \(pip install scipy\)"):
         read_val_labels(folder)
-
-
-def test_val_alone_takes_its_classes_from_the_devkit(devkit, demo_imagenet, tmp_path):
-    """Without --train or --classes the devkit's 1000 classes, sorted, are the class list."""
-    folder, labels = devkit
-    out = tmp_path / "val-only"
-    run_tool(
-        "tools.make_shards",
-        *("--val", str(demo_imagenet / "val"), "--val-labels", str(folder)),
-        *("--out", str(out), "--workers", "2", "--no-progress"),
-        check=True,
-    )
-    manifest = read_manifest(out)
-    assert [c.wnid for c in manifest.classes] == sorted(imagenet_names())
-    assert manifest.classes[0].name == imagenet_names()["n01440764"]
-    urls = [str(out / s.file) for s in manifest.splits["val"].shards]
-    got = {}
-    for sample in wds.WebDataset(urls, shardshuffle=False):
-        meta = json.loads(sample["json"])
-        got[meta["path"].removesuffix(".JPEG")] = manifest.classes[int(sample["cls"])].wnid
-    assert got == labels
-
-    plain = run_tool(
-        "tools.make_shards",
-        *("--val", str(demo_imagenet / "val"), "--val-labels", str(demo_imagenet / "val_labels.txt")),
-        *("--out", str(tmp_path / "other"), "--no-progress"),
-    )
-    assert plain.returncode == 2 and "--classes is required" in plain.stderr

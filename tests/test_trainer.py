@@ -664,12 +664,17 @@ def test_trains_from_an_image_folder_without_shards(tmp_path, real_photos, demo_
     assert [wnid for wnid, _ in checkpoint["classes"]] == sorted(p.name for p in (tree / "train").iterdir())
 
 
-def test_another_torchvision_classifier_trains_evaluates_and_predicts(photo_shards, tmp_path, capsys):
+def test_another_torchvision_classifier_trains_with_adamw_evaluates_and_predicts(photo_shards, tmp_path, capsys):
     """Nothing downstream assumes a ResNet: the class count comes from the checkpoint's record."""
     run_dir = tmp_path / "run"
-    run_tool(*train_args(photo_shards, run_dir, "model.name=mobilenet_v3_small", "train.epochs=1")[1:], check=True)
+    chosen = ["model.name=mobilenet_v3_small", "optim.optimizer=adamw", "optim.lr=0.001", "optim.weight_decay=0.05"]
+    run_tool(*train_args(photo_shards, run_dir, *chosen, "train.epochs=1")[1:], check=True)
     checkpoint = load_checkpoint(run_dir / "last.pt")
     assert checkpoint["num_classes"] == len(checkpoint["classes"]) == len(read_manifest(photo_shards).classes)
+    assert {"exp_avg", "exp_avg_sq"} <= set(next(iter(checkpoint["optimizer"]["state"].values())))
+    other = run_tool(*train_args(photo_shards, run_dir, *chosen[:1], "train.epochs=2")[1:], "--resume", "auto")
+    assert other.returncode == 2
+    assert f"{run_dir / 'last.pt'}: holds the state of adamw; this run uses sgd (optim.optimizer)" in other.stderr
     args = ["--checkpoint", str(run_dir / "last.pt"), "--shards", str(photo_shards), "--batch-size", "8"]
     assert evaluate_main([*args, "--workers", "1"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["samples"] == read_val_count(photo_shards)

@@ -119,6 +119,16 @@ def check_same_model(checkpoint: dict, path: str | Path, model_name: str, blurpo
         )
 
 
+def check_same_optimizer(checkpoint: dict, path: str | Path, optimizer: str) -> None:
+    """The optimizer's state (SGD's momentum, AdamW's moments) resumes only into the same optimizer."""
+    saved = checkpoint["config"]["optim"].get("optimizer", "sgd")  # older checkpoints: SGD, the only one then
+    if saved != optimizer:
+        raise CheckpointError(
+            f"{path}: holds the state of {saved}; this run uses {optimizer} (optim.optimizer): resume with "
+            f"optim.optimizer={saved}, or start a new run.dir"
+        )
+
+
 def _model_text(name: str, blurpool: bool) -> str:
     return f"{name} {'with' if blurpool else 'without'} BlurPool"
 

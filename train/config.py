@@ -21,6 +21,7 @@ from train.model import FIXED_SIZE_KEYWORDS, MODEL_NAMES, RESNET_FAMILY
 from train.step import AUTOCAST_DTYPES
 
 SCHEDULES = ("cosine", "linear", "step")
+OPTIMIZERS = ("sgd", "adamw")
 WARMUPS = ("linear", "constant")
 STOP_METRICS = {"acc1": "max", "acc5": "max", "loss": "min"}  # which way is better
 
@@ -72,11 +73,14 @@ class ResolutionConfig:
 
 @dataclass
 class OptimConfig:
+    optimizer: str = option(
+        "sgd", "sgd (with momentum, nesterov) or adamw (betas 0.9, 0.999; decoupled decay)", OPTIMIZERS
+    )
     lr: float = option(0.1, "peak learning rate for a global batch of lr_batch images")
     lr_batch: int = option(256, "global batch `lr` is given for; scaled linearly to the real one (0: lr as is)")
     momentum: float = option(0.9, "SGD momentum")
-    nesterov: bool = option(False, "Nesterov momentum")
-    weight_decay: float = option(5e-5, "L2 weight decay")
+    nesterov: bool = option(False, "Nesterov momentum (SGD)")
+    weight_decay: float = option(5e-5, "weight decay (SGD: L2 in the gradient; AdamW: decoupled, typically 0.05)")
     no_decay_bn_bias: bool = option(True, "no weight decay on BatchNorm weights and biases")
     label_smoothing: float = option(0.1, "cross-entropy label smoothing")
     precision: str = option("bfloat16", "autocast dtype on GPU (float16 adds a GradScaler)", tuple(AUTOCAST_DTYPES))

@@ -43,6 +43,7 @@ from train.checkpoint import (
     check_ranks_agree_on_checkpoint,
     check_same_classes,
     check_same_model,
+    check_same_optimizer,
     keep_copy,
     load_checkpoint,
     rng_state,
@@ -133,14 +134,16 @@ def main(argv: list[str] | None = None) -> int:
         teardown_distributed(ctx)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: Config, peak_lr: float) -> torch.optim.SGD:
-    """SGD; BatchNorm weights and all biases (1-D parameters) get no weight decay when configured."""
+def build_optimizer(model: torch.nn.Module, cfg: Config, peak_lr: float) -> torch.optim.Optimizer:
+    """SGD or AdamW; BatchNorm weights and all biases (1-D parameters) get no weight decay when configured."""
     decay, no_decay = [], []
     for param in model.parameters():
         (no_decay if cfg.optim.no_decay_bn_bias and param.ndim <= 1 else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
+    if cfg.optim.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=peak_lr)
     return torch.optim.SGD(groups, lr=peak_lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov)
 
 
@@ -204,6 +207,7 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
         checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path is not None else None
         if checkpoint is not None:
             check_same_model(checkpoint, checkpoint_path, cfg.model.name, cfg.model.blurpool)
+            check_same_optimizer(checkpoint, checkpoint_path, cfg.optim.optimizer)
             wnids = [wnid for wnid, _ in classes]
             check_same_classes(checkpoint, checkpoint_path, num_classes, wnids, f"data.shards {cfg.data.shards}")
             model.load_state_dict(checkpoint["model"])

@@ -8,6 +8,7 @@ from train.config import ConfigError, load_config
 from train.distributed import DistContext
 from train.metrics import evaluate
 from train.model import MODEL_NAMES, BlurPoolConv2d, build_model
+from train.trainer import build_optimizer
 
 DEMO = str(REPO_ROOT / "configs" / "demo.yaml")
 CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -110,3 +111,21 @@ def test_a_model_built_for_one_size_needs_one_resolution():
         load_config(DEMO, ["model.name=vit_b_32", "resolution.val=80"])
     with pytest.raises(ConfigError, match="model.name: 'resnet17' is not one of"):
         load_config(DEMO, ["model.name=resnet17"])
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_weight_decay_spares_norms_biases_and_transformer_embeddings(optimizer):
+    cfg = load_config(DEMO, [f"optim.optimizer={optimizer}", "optim.weight_decay=0.05"])
+    for name, spared in [
+        ("resnet18", lambda n, p: p.ndim == 1),  # BatchNorm weights and biases, the classifier's bias
+        ("vit_b_32", lambda n, p: p.ndim == 1 or n in ("class_token", "encoder.pos_embedding")),
+        ("swin_t", lambda n, p: p.ndim == 1 or n.endswith("relative_position_bias_table")),
+    ]:
+        model = build_model(name, 10, image_size=64)
+        groups = build_optimizer(model, cfg, 0.1).param_groups
+        assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
+        assert {id(p) for p in groups[1]["params"]} == {id(p) for n, p in model.named_parameters() if spared(n, p)}
+    plain = load_config(DEMO, [f"optim.optimizer={optimizer}", "optim.no_decay_bn_bias=false"])
+    assert len(build_optimizer(build_model("vit_b_32", 10, image_size=64), plain, 0.1).param_groups) == 1
+    expected = torch.optim.AdamW if optimizer == "adamw" else torch.optim.SGD
+    assert type(build_optimizer(build_model("resnet18", 10), cfg, 0.1)) is expected

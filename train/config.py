@@ -81,7 +81,7 @@ class OptimConfig:
     momentum: float = option(0.9, "SGD momentum")
     nesterov: bool = option(False, "Nesterov momentum (SGD)")
     weight_decay: float = option(5e-5, "weight decay (SGD: L2 in the gradient; AdamW: decoupled, typically 0.05)")
-    no_decay_bn_bias: bool = option(True, "no weight decay on BatchNorm weights and biases")
+    no_decay_bn_bias: bool = option(True, "no weight decay on norm weights, biases and transformer embeddings")
     label_smoothing: float = option(0.1, "cross-entropy label smoothing")
     precision: str = option("bfloat16", "autocast dtype on GPU (float16 adds a GradScaler)", tuple(AUTOCAST_DTYPES))
     accumulate: int = option(1, "micro-batches per optimizer step (global batch on fewer GPUs)")

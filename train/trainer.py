@@ -70,6 +70,8 @@ from train.timing import PhaseTimer, SyncTimer
 
 EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE, EXIT_DATA = 0, 2, 3, 4
 # What main() reports in one line: raised on every rank alike when one rank fails during setup.
+# torchvision's ViT, Swin and MaxViT parameters that timm's recipes leave undecayed, as norms and biases.
+NO_DECAY_NAMES = ("class_token", "pos_embedding", "relative_position_bias_table", "logit_scale")
 STARTUP_ERRORS = (ShardError, SampleDecodeError, FileNotFoundError, ConfigError, CheckpointError, RunLogError)
 
 
@@ -135,10 +137,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config, peak_lr: float) -> torch.optim.Optimizer:
-    """SGD or AdamW; BatchNorm weights and all biases (1-D parameters) get no weight decay when configured."""
+    """SGD or AdamW. With `optim.no_decay_bn_bias`, norm layers' weights and all biases (1-D
+    parameters) and the transformers' embeddings (`NO_DECAY_NAMES`) get no weight decay."""
     decay, no_decay = [], []
-    for param in model.parameters():
-        (no_decay if cfg.optim.no_decay_bn_bias and param.ndim <= 1 else decay).append(param)
+    for name, param in model.named_parameters():
+        exempt = param.ndim <= 1 or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES
+        (no_decay if cfg.optim.no_decay_bn_bias and exempt else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})

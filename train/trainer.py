@@ -69,9 +69,9 @@ from train.step import backward, compute_loss, optimizer_step, set_cuda_numerics
 from train.timing import PhaseTimer, SyncTimer
 
 EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE, EXIT_DATA = 0, 2, 3, 4
-# What main() reports in one line: raised on every rank alike when one rank fails during setup.
 # torchvision's ViT, Swin and MaxViT parameters that timm's recipes leave undecayed, as norms and biases.
 NO_DECAY_NAMES = ("class_token", "pos_embedding", "relative_position_bias_table", "logit_scale")
+# What main() reports in one line: raised on every rank alike when one rank fails during setup.
 STARTUP_ERRORS = (ShardError, SampleDecodeError, FileNotFoundError, ConfigError, CheckpointError, RunLogError)
 
 

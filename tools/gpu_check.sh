@@ -149,6 +149,11 @@ limit 100 python -m tools.bench_train --shards /tmp/gc/raw-shards --model resnet
   --backends torch-uint8,dali-gpu --batch-size "$batch" --image-size 160 --seconds "$seconds" --workers "$workers" \
   --json "$results/bench_train_rn18c_raw160.json"
 
+step "4b. BlurPool's step cost: the same model without it, synthetic data only (compare 4s's synthetic row)"
+limit 60 python -m tools.bench_train --shards /tmp/gc/raw-shards --model resnet18 --compile --backends synthetic \
+  --batch-size "$batch" --image-size 160 --seconds "$seconds" --workers "$workers" \
+  --json "$results/bench_train_rn18c_raw160_noblur.json"
+
 step "4r. ResNet-50 fed by dali-gpu from the full-size JPEGs vs synthetic (0.896-0.908 in five runs; last, so the budget may skip it)"
 limit 90 python -m tools.bench_train --shards /tmp/gc/bench-shards --model resnet50 \
   --backends dali-gpu --batch-size "$batch" --seconds "$seconds" --workers "$workers" --json "$results/bench_train_rn50.json"

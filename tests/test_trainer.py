@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -664,11 +665,18 @@ def test_trains_from_an_image_folder_without_shards(tmp_path, real_photos, demo_
     assert [wnid for wnid, _ in checkpoint["classes"]] == sorted(p.name for p in (tree / "train").iterdir())
 
 
-def test_another_torchvision_classifier_trains_with_adamw_evaluates_and_predicts(photo_shards, tmp_path, capsys):
-    """Nothing downstream assumes a ResNet: the class count comes from the checkpoint's record."""
+def test_another_torchvision_classifier_trains_with_adamw_and_mixing_evaluates_and_predicts(
+    photo_shards, tmp_path, capsys
+):
+    """Nothing downstream assumes a ResNet: the class count comes from the checkpoint's record.
+    MixUp and CutMix turn the labels into class probabilities, which the loss takes as they are."""
     run_dir = tmp_path / "run"
     chosen = ["model.name=mobilenet_v3_small", "optim.optimizer=adamw", "optim.lr=0.001", "optim.weight_decay=0.05"]
-    run_tool(*train_args(photo_shards, run_dir, *chosen, "train.epochs=1")[1:], check=True)
+    mixing = ["optim.mixup_alpha=0.2", "optim.cutmix_alpha=1.0"]
+    run_tool(*train_args(photo_shards, run_dir, *chosen, *mixing, "train.epochs=1")[1:], check=True)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train/loss"] for r in records if "train/loss" in r]
+    assert losses and all(math.isfinite(loss) for loss in losses)
     checkpoint = load_checkpoint(run_dir / "last.pt")
     assert checkpoint["num_classes"] == len(checkpoint["classes"]) == len(read_manifest(photo_shards).classes)
     assert {"exp_avg", "exp_avg_sq"} <= set(next(iter(checkpoint["optimizer"]["state"].values())))

@@ -83,6 +83,8 @@ class OptimConfig:
     weight_decay: float = option(5e-5, "weight decay (SGD: L2 in the gradient; AdamW: decoupled, typically 0.05)")
     no_decay_bn_bias: bool = option(True, "no weight decay on norm weights, biases and transformer embeddings")
     label_smoothing: float = option(0.1, "cross-entropy label smoothing")
+    mixup_alpha: float = option(0.0, "MixUp: mix each batch with itself rolled, weights ~ Beta(alpha, alpha) (0: off)")
+    cutmix_alpha: float = option(0.0, "CutMix: paste a box of the rolled batch (0: off; with MixUp: one per batch)")
     precision: str = option("bfloat16", "autocast dtype on GPU (float16 adds a GradScaler)", tuple(AUTOCAST_DTYPES))
     accumulate: int = option(1, "micro-batches per optimizer step (global batch on fewer GPUs)")
     grad_clip: float = option(0.0, "clip the gradient norm to this (0: off)")
@@ -324,5 +326,8 @@ def _check(config: Config) -> None:
             f"and resolution.val must be equal (got {config.resolution.min}, {config.resolution.max}, "
             f"{config.resolution.val})"
         )
+    for key in ("mixup_alpha", "cutmix_alpha"):
+        if getattr(config.optim, key) < 0:
+            raise ConfigError(f"optim.{key}: must be 0 (off) or more, got {getattr(config.optim, key)}")
     if not 0.0 <= config.optim.ema_decay < 1.0:
         raise ConfigError(f"optim.ema_decay: must be in [0, 1), got {config.optim.ema_decay}")

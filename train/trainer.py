@@ -61,6 +61,7 @@ from train.distributed import (
     teardown_distributed,
 )
 from train.metrics import evaluate
+from train.mixing import batch_mixer
 from train.model import build_model
 from train.run_log import RunLogError, create_run_log
 from train.schedule import learning_rate, train_image_size
@@ -199,7 +200,8 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
             # use_buffers: BatchNorm running statistics are averaged too, or the EMA model would keep
             # the statistics it was created with.
             ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.optim.ema_decay), use_buffers=True)
-        criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+        criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)  # soft targets too
+        mix = batch_mixer(num_classes, cfg.optim.mixup_alpha, cfg.optim.cutmix_alpha)
         steps_per_epoch = train_loader.steps_per_epoch // accumulate
         if steps_per_epoch == 0:
             batches = train_loader.steps_per_epoch
@@ -314,6 +316,8 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
                 continue
             with timer.data_wait():
                 images, labels = next(batches)
+            if mix is not None:
+                images, labels = mix(images, labels)  # labels become class probabilities
 
             last_micro = (micro + 1) % accumulate == 0
             no_sync = train_model.no_sync() if ctx.distributed and not last_micro else contextlib.nullcontext()

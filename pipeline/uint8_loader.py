@@ -280,6 +280,9 @@ class Uint8Loader(PartLoader):
             prefetch_factor=self.cfg.prefetch,
             persistent_workers=True,
             worker_init_fn=outlive_job_signals,
+            # Its own generator for the workers' base seed (crops depend on seeds of their own): a draw
+            # from torch's global one would shift the trainer's MixUp draws in a resumed run.
+            generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.rank),
         )
 
     def _normalized(self, images: torch.Tensor) -> torch.Tensor:

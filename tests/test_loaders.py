@@ -570,3 +570,18 @@ def test_without_dali_installed_the_dali_backends_say_how_to_install_it(photo_sh
     ):
         create_loader(str(photo_shards), "val", config(backend))
     assert len(collect(create_loader(str(photo_shards), "val", config("torch")))) > 0  # the fallback still runs
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_loaders_leave_torchs_global_generator_alone(photo_shards, backend):
+    """The trainer's own random draws (MixUp, CutMix, dropout) come from torch's global generator,
+    whose state checkpoints save: a loader drawing from it at other times than in the uninterrupted
+    run would make a resumed run draw differently."""
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    loader = create_loader(str(photo_shards), "train", config(backend))
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        assert len([batch for _, batch in zip(range(2), loader, strict=False)]) == 2
+    loader.close()
+    assert torch.equal(torch.get_rng_state(), before)

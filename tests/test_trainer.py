@@ -195,7 +195,8 @@ def read_val_count(shards: Path) -> int:
 
 
 def test_resume_after_sigterm_gives_identical_weights(photo_shards, tmp_path):
-    overrides = ("train.epochs=2", "eval.every=2")
+    """With MixUp and CutMix on: their draws, too, continue from the saved generator state."""
+    overrides = ("train.epochs=2", "eval.every=2", "optim.mixup_alpha=0.2", "optim.cutmix_alpha=1.0")
     straight = tmp_path / "straight"
     finished = popen([sys.executable, *train_args(photo_shards, straight, *overrides)])
     assert finished.wait(timeout=300) == 0

@@ -457,7 +457,7 @@ def _environ(pid: int) -> dict[str, str]:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("optim.lrr=0.1", "unknown key 'optim.lrr'; valid keys: lr, lr_batch"),
+        ("optim.lrr=0.1", "unknown key 'optim.lrr'; valid keys: optimizer, lr, lr_batch"),
         ("optim.lr=fast", "optim.lr: expected float, got 'fast'"),
         ("data.backend=pillow", "data.backend: 'pillow' is not one of ['dali-gpu', 'dali-cpu'"),
         ("data.val_backend=folder", "data.val_backend: 'folder' cannot read what data.backend 'dali-cpu' reads"),

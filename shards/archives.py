@@ -74,7 +74,8 @@ def scan_class_archive(
 def _scan_classes(task: tuple[str, list[str]]) -> tuple[list[Located], list[ScanRejection]]:
     """The files of the class archives `wnids` of the train archive at `path` (in a worker process),
     and the members that are not files."""
-    path, wnids = Path(task[0]), task[1]
+    archive, wnids = task
+    path = Path(archive)
     found, rejected = [], []
     with _open_tar(path) as outer:
         members = _class_members(path, outer)
@@ -89,7 +90,8 @@ def _scan_classes(task: tuple[str, list[str]]) -> tuple[list[Located], list[Scan
             for item in items:
                 relpath = f"{wnid}/{_name(item)}"
                 if item.isreg():
-                    found.append(Located(relpath, wnid, str(path), item.size, member.offset_data + item.offset_data))
+                    # one string for every image of the archive (1.28 million for ImageNet's), not a copy each
+                    found.append(Located(relpath, wnid, archive, item.size, member.offset_data + item.offset_data))
                 else:
                     rejected.append(ScanRejection(relpath, _not_a_file(item)))
     return found, rejected
@@ -107,8 +109,9 @@ def scan_flat_archive(
     nested = [name for name in members if "/" in name]
     if nested:
         raise ValueError(f"{path}: members in folders, e.g. {nested[:3]}: a flat archive of images was expected")
-    labelled = label_flat(str(path), sorted(members), labels_file, class_index)
-    found = [Located(name, wnid, str(path), members[name].size, members[name].offset_data) for name, wnid in labelled]
+    archive = str(path)
+    labelled = label_flat(archive, sorted(members), labels_file, class_index)
+    found = [Located(name, wnid, archive, members[name].size, members[name].offset_data) for name, wnid in labelled]
     return with_keys(found, class_index), rejected
 
 

@@ -588,8 +588,11 @@ def two_nodes(*node_args: list[str], timeout: float = 120) -> list[tuple[int, st
 
 
 def test_two_nodes_on_one_machine_train_together(photo_shards, tmp_path):
-    args = train_args(photo_shards, tmp_path / "run", "train.epochs=1")
-    results = two_nodes(args, args, timeout=300)
+    """The second node reads its own copy of the shards, at another path: the ranks compare the
+    manifests' digests, not data.shards."""
+    copy = shutil.copytree(photo_shards, tmp_path / "node-b-disk" / "shards")
+    results = two_nodes(*(train_args(shards, tmp_path / "run", "train.epochs=1") for shards in (photo_shards, copy)),
+                        timeout=300)  # fmt: skip
     assert all(status == 0 for status, _ in results), results
     assert any("on 2 process(es)" in output for _, output in results)
     assert load_checkpoint(tmp_path / "run" / "last.pt")["world_size"] == 2
@@ -606,6 +609,29 @@ def test_a_node_without_the_shards_stops_every_rank_at_once(photo_shards, tmp_pa
         )
         assert "Connection closed by peer" not in output
         assert "exitcode  : 4" in output
+
+
+def test_nodes_given_different_settings_or_shards_stop_before_training(photo_shards, tmp_path):
+    """One node with an edited setting and a conversion of the same photographs with another
+    shuffle seed: the step counts match, so before the check the ranks trained on silently (each
+    node splitting its own order: some samples read twice per epoch, others never)."""
+    reshuffled = tmp_path / "reshuffled"
+    source = photo_shards.parent / "src"
+    run_tool("tools.make_shards", "--train", str(source / "train"), "--val", str(source / "val"), "--out",
+             str(reshuffled), "--seed", "1", "--workers", "2", "--no-progress", check=True)  # fmt: skip
+    results = two_nodes(
+        train_args(photo_shards, tmp_path / "run"), train_args(reshuffled, tmp_path / "run", "optim.lr=0.3")
+    )
+    for status, output in results:
+        assert status != 0
+        assert "train: config error: the ranks were not given the same run (" in output, output
+        assert re.search(
+            r"data: manifest.json sha256: '[0-9a-f]{16}' on rank \d \(\S+\); '[0-9a-f]{16}' on rank", output
+        )
+        assert re.search(r"optim.lr: 0.(2|3) on rank \d \(\S+\); 0.(2|3) on rank \d", output)
+        assert "data: train steps per epoch" not in output and "data: classes" not in output
+        assert "exitcode  : 2" in output
+    assert not (tmp_path / "run" / "last.pt").exists()
 
 
 def test_nodes_that_see_different_run_dirs_stop_at_once_instead_of_hanging(two_process_run, photo_shards, tmp_path):

@@ -119,3 +119,29 @@ def fail_together(ctx: DistContext, kinds: tuple[type[Exception], ...]) -> Itera
             if kind is None:
                 raise RuntimeError(f"rank {rank} on {host} failed: {name}: {message}")
             raise kind(f"rank {rank} on {host}: {message}")
+
+
+def disagreements(facts: dict[str, object], ctx: DistContext) -> list[str]:
+    """Compare each rank's `facts` (name -> value) across ranks: one line per name not held alike.
+
+    A line names each value with the ranks (and their hosts) that hold it, e.g.
+    "optim.lr: 0.1 on rank 0 (node-a); 0.2 on rank 1 (node-b)". Empty when every rank agrees.
+    """
+    gathered = all_gather_objects((socket.gethostname(), facts), ctx)
+    lines = []
+    for name in sorted({name for _, rank_facts in gathered for name in rank_facts}):
+        holders: dict[str, list[tuple[int, str]]] = {}
+        for rank, (host, rank_facts) in enumerate(gathered):
+            holders.setdefault(repr(rank_facts.get(name, "(not set)")), []).append((rank, host))
+        if len(holders) > 1:
+            lines.append(f"{name}: " + "; ".join(f"{value} on {_ranks(ranks)}" for value, ranks in holders.items()))
+    return lines
+
+
+def _ranks(ranks: list[tuple[int, str]]) -> str:
+    hosts = ", ".join(dict.fromkeys(host for _, host in ranks))
+    numbers = [rank for rank, _ in ranks]
+    if len(numbers) == 1:
+        return f"rank {numbers[0]} ({hosts})"
+    shown = ", ".join(map(str, numbers[:8])) + (f" and {len(numbers) - 8} more" if len(numbers) > 8 else "")
+    return f"ranks {shown} ({hosts})"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import math
 import os
 import random
@@ -35,7 +36,7 @@ from pipeline.loader import create_loader
 from pipeline.shard_set import ShardError
 from shards.classes import imagenet_names
 from shards.inputs import list_class_folders
-from shards.manifest import read_manifest
+from shards.manifest import MANIFEST_NAME, read_manifest
 from train.checkpoint import (
     BEST_NAME,
     LAST_NAME,
@@ -56,6 +57,7 @@ from train.distributed import (
     all_gather_objects,
     all_reduce_sum,
     broadcast_buffers,
+    disagreements,
     fail_together,
     setup_distributed,
     teardown_distributed,
@@ -152,6 +154,30 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, peak_lr: float) -> torc
     return torch.optim.SGD(groups, lr=peak_lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov)
 
 
+def shared_facts(cfg: Config, classes: list, num_classes: int, train_steps: int, val_steps: int) -> dict[str, object]:
+    """What every rank must hold alike, compared across ranks before the first step.
+
+    Each node reads its own config file and its own copy of the shards: an edit on one node, or an
+    older conversion on another, would otherwise train silently on a mixture (or hang at a
+    collective if the step counts differ). data.shards itself may differ (a node may mount the
+    same shards elsewhere); its manifest's digest may not.
+    """
+    settings = cfg.to_dict()
+    facts: dict[str, object] = {
+        f"{section}.{key}": value
+        for section, values in settings.items()
+        for key, value in values.items()
+        if (section, key) != ("data", "shards")
+    }
+    if cfg.data.shards and cfg.data.backend not in ("folder", "synthetic"):
+        manifest = Path(cfg.data.shards) / MANIFEST_NAME
+        facts["data: manifest.json sha256"] = hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
+    facts["data: classes"] = (num_classes, hashlib.sha256(repr(classes).encode()).hexdigest()[:16])
+    facts["data: train steps per epoch"] = train_steps
+    facts["data: val steps"] = val_steps
+    return facts
+
+
 def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) -> int:
     run_dir = Path(cfg.run.dir)
     # Setup, each rank on its own: an error on one rank (a node without the shards, a run.dir rank 0
@@ -236,7 +262,14 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
                     "no longer continues the same sample order) and the global batch, and with it the lr, is this run's"
                 )
         log.start_at(position["global_step"])
+        facts = shared_facts(cfg, classes, num_classes, train_loader.steps_per_epoch, val_loader.steps_per_epoch)
     check_ranks_agree_on_checkpoint(checkpoint_path, checkpoint, ctx)
+    differing = disagreements(facts, ctx)
+    if differing:
+        raise ConfigError(
+            "the ranks were not given the same run (" + "; ".join(differing) + "): every node must run the same "
+            "config and overrides, on the same shards"
+        )
 
     train_model: torch.nn.Module = model
     sync_timer = None

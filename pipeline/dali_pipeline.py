@@ -13,7 +13,11 @@ from collections.abc import Callable
 
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
+from nvidia.dali.auto_aug.augmentations import sharpness_kernel
+from nvidia.dali.auto_aug.core import augmentation, select, signed_bin
+from nvidia.dali.auto_aug.trivial_augment import get_trivial_augment_wide_suite
 
+from pipeline.auto_augment import FILL, MAGNITUDE_BINS, OPERATIONS
 from pipeline.transforms import PIXEL_MEAN, PIXEL_STD
 
 
@@ -45,8 +49,45 @@ def torchvision_center(length, crop: int):
     return anchor / dmath.max(margin, 1.0)
 
 
-@pipeline_def(enable_conditionals=False)
-def imagenet_pipeline(
+@augmentation(mag_range=(0.01, 0.99), randomly_negate=True, mag_to_param=sharpness_kernel, param_device="auto")
+def sharpness(data, kernel):
+    """The wide suite's sharpness on `fn.filter`: DALI's own still calls the deprecated alias
+    `fn.experimental.filter`, which prints a DeprecationWarning at every pipeline build."""
+    return fn.filter(data, kernel)
+
+
+@augmentation
+def equalize(data, _):
+    """The suite's equalize on `fn.equalize`, for the same reason (`fn.experimental.equalize`)."""
+    return fn.equalize(data)
+
+
+def trivial_augment(images, operations, magnitude_bins, signs):
+    """Each image through the operation of DALI's TrivialAugment Wide suite named by its index in
+    `OPERATIONS`, at its magnitude bin and sign (drawn by the loader, `pipeline.auto_augment`)."""
+    suite = {augmentation.name: augmentation for augmentation in get_trivial_augment_wide_suite()}
+    suite.update(sharpness=sharpness, equalize=equalize)
+    return select(
+        [suite[name] for name in OPERATIONS],
+        operations,
+        images,
+        magnitude_bin=signed_bin(magnitude_bins, signs),
+        num_magnitude_bins=MAGNITUDE_BINS,
+        fill_value=FILL,
+        interp_type=types.INTERP_LINEAR,
+    )
+
+
+def imagenet_pipeline(auto_augment: bool = False, **kwargs):
+    """The pipeline of `imagenet_graph`; `kwargs` are its arguments and `pipeline_def`'s.
+
+    Only with `auto_augment` is it built with conditionals (`trivial_augment` sends each image down
+    the branch of its operation): without, the graph is the one measured in docs/PERFORMANCE.md.
+    """
+    return pipeline_def(imagenet_graph, enable_conditionals=auto_augment)(auto_augment=auto_augment, **kwargs)
+
+
+def imagenet_graph(
     source: Callable[[], tuple],
     train: bool,
     image_size: int,
@@ -55,6 +96,7 @@ def imagenet_pipeline(
     hw_decoder_load: float,
     output_float16: bool,
     raw_pixels: bool = False,
+    auto_augment: bool = False,
 ):
     """Returns (images HWC normalized, labels); labels are moved to the GPU with the images.
 
@@ -63,7 +105,9 @@ def imagenet_pipeline(
     the labels (int64), and for train also each crop's (x, y) anchor and (width, height) in pixels
     (float32) and whether to flip it (int32). The graph itself draws nothing at random: crops and
     flips come from the source, so they do not depend on the pipeline's lifetime or on the
-    decoding device. With `raw_pixels` the images are HWC uint8 pixels, not encoded bytes.
+    decoding device. With `raw_pixels` the images are HWC uint8 pixels, not encoded bytes. With
+    `auto_augment` train also takes each image's TrivialAugment operation, magnitude bin and sign
+    (int32 each).
     """
     decoder_device = "mixed" if decode_on_gpu else "cpu"
     # EXIF orientation is ignored, as PIL and torchvision (and so every published ImageNet result)
@@ -73,12 +117,11 @@ def imagenet_pipeline(
         decode_args["hw_decoder_load"] = hw_decoder_load
     dtype = types.FLOAT16 if output_float16 else types.FLOAT
     if train:
-        stored, labels, crop_anchor, crop_shape, flip = fn.external_source(
-            source=source,
-            num_outputs=5,
-            batch=True,
-            no_copy=True,
-            dtype=[types.UINT8, types.INT64, types.FLOAT, types.FLOAT, types.INT32],
+        dtypes = [types.UINT8, types.INT64, types.FLOAT, types.FLOAT, types.INT32]
+        if auto_augment:
+            dtypes += [types.INT32] * 3
+        stored, labels, crop_anchor, crop_shape, flip, *operations = fn.external_source(
+            source=source, num_outputs=len(dtypes), batch=True, no_copy=True, dtype=dtypes
         )
         window = dict(axis_names="WH", normalized_anchor=False, normalized_shape=False)
         if raw_pixels:
@@ -92,6 +135,8 @@ def imagenet_pipeline(
                 stored, crop_anchor, crop_shape, device=decoder_device, **window, **decode_args
             )
         images = fn.resize(images, resize_x=image_size, resize_y=image_size, interp_type=types.INTERP_LINEAR)
+        if auto_augment:
+            images = trivial_augment(images, *operations)
         images = fn.crop_mirror_normalize(
             images, dtype=dtype, output_layout="HWC", mean=list(PIXEL_MEAN), std=list(PIXEL_STD), mirror=flip
         )

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.auto_augment import AUTO_AUGMENTS
 from pipeline.split import RankPart, rank_part
 from pipeline.transforms import DEFAULT_CROP_PCT, DTYPES, val_resize_size
 
@@ -45,10 +46,13 @@ class LoaderConfig:
     prefetch: int = 2  # batches prepared ahead of the training step
     seed: int = 0
     synthetic_steps: int = 100  # steps per epoch of the synthetic backend without shards
+    auto_augment: str = "none"  # train only: one of AUTO_AUGMENTS (pipeline/auto_augment.py)
 
     def check(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"data.backend: {self.backend!r} is not one of {list(BACKENDS)}")
+        if self.auto_augment not in AUTO_AUGMENTS:
+            raise ValueError(f"data.auto_augment: {self.auto_augment!r} is not one of {list(AUTO_AUGMENTS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"data.dtype: {self.dtype!r} is not one of {list(DTYPES)}")
         for name in ("batch_size", "image_size", "val_image_size", "workers", "prefetch"):

@@ -1,6 +1,7 @@
 """The augmentation spec shared by every backend, and its torchvision form.
 
-Train: random-resized-crop (area 8-100%, aspect 3/4-4/3) to `size`, horizontal flip, normalize.
+Train: random-resized-crop (area 8-100%, aspect 3/4-4/3) to `size`, horizontal flip, optionally
+TrivialAugment Wide (`pipeline/auto_augment.py`), normalize.
 Val: resize the shorter side to size / crop_pct (256 for 224), center crop `size`, normalize.
 """
 
@@ -11,6 +12,9 @@ import math
 import numpy as np
 import torch
 from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+
+from pipeline.auto_augment import FILL
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -29,15 +33,17 @@ def val_resize_size(crop_size: int, crop_pct: float = DEFAULT_CROP_PCT) -> int:
     return int(round(crop_size / crop_pct))
 
 
-def torchvision_train_transform(size: int) -> transforms.Compose:
-    return transforms.Compose(
-        [
-            transforms.RandomResizedCrop(size, scale=RRC_AREA, ratio=RRC_ASPECT_RATIO, antialias=True),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
+def torchvision_train_transform(size: int, auto_augment: str = "none") -> transforms.Compose:
+    """The train spec on PIL images; with `auto_augment` "trivial_augment_wide" torchvision's own
+    TrivialAugmentWide after the flip, as torchvision's reference recipes place it."""
+    steps = [
+        transforms.RandomResizedCrop(size, scale=RRC_AREA, ratio=RRC_ASPECT_RATIO, antialias=True),
+        transforms.RandomHorizontalFlip(),
+    ]
+    if auto_augment == "trivial_augment_wide":
+        steps.append(transforms.TrivialAugmentWide(interpolation=InterpolationMode.BILINEAR, fill=[FILL] * 3))
+    steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return transforms.Compose(steps)
 
 
 def random_resized_crops(

@@ -8,10 +8,11 @@ elementwise kernels, nothing per image. JPEG samples are decoded with PIL first,
 beside DALI: on JPEG shards prefer `dali-gpu`. This is the design of timm's and FFCV's fast
 loaders (uint8 batches, normalization on the GPU) over this project's shards and split.
 
-Train crop windows and flips are drawn exactly as the DALI backends draw them, from
-(seed, epoch, rank, step) with `transforms.random_resized_crops`, so the batches match `dali-cpu`'s
-up to the resize's rounding (tested). The workers persist across epochs: each batch is requested
-as (epoch, image size, step, slot), and written into that slot of a `BatchSlots` ring.
+Train crop windows and flips (and TrivialAugment's operations) are drawn exactly as the DALI
+backends draw them, from (seed, epoch, rank, step) with `transforms.random_resized_crops`, so the
+batches match `dali-cpu`'s up to the resize's rounding (tested). The workers persist across
+epochs: each batch is requested as (epoch, image size, step, slot), and written into that slot of a
+`BatchSlots` ring.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.v2 import functional as F
 
+from pipeline.auto_augment import apply_operation, draw_operations
 from pipeline.errors import SampleDecodeError
 from pipeline.loader import LoaderConfig, PartLoader
 from pipeline.sample_table import SampleReader, SampleTable, shard_table
@@ -162,10 +164,15 @@ class Uint8Batches(Dataset):
             rng = np.random.default_rng([self.cfg.seed, epoch, self.rank, step])
             anchors, shapes = random_resized_crops(heights, widths, rng)
             flips = rng.integers(0, 2, len(rows), dtype=np.int32)
+            augment = self.cfg.auto_augment != "none"
+            operations = draw_operations(len(rows), rng) if augment else None
             for i, (row, s) in enumerate(zip(rows, stored, strict=True)):
                 (x, y), (w, h) = anchors[i].astype(int), shapes[i].astype(int)
                 crop = _channels_first(self._pixels(row, s)[y : y + h, x : x + w])
-                resized = F.resize(crop, [size, size], antialias=True).permute(1, 2, 0)
+                resized = F.resize(crop, [size, size], antialias=True)
+                if augment:
+                    resized = apply_operation(resized, *(int(draws[i]) for draws in operations))
+                resized = resized.permute(1, 2, 0)
                 images[i] = resized.flip(1) if flips[i] else resized
         else:
             resize = val_resize_size(size, self.cfg.crop_pct)

@@ -25,10 +25,12 @@ def collect(loader):
     return batches
 
 
-def assert_dali_gpu_matches_dali_cpu(shards, split: str) -> None:
+def assert_dali_gpu_matches_dali_cpu(shards, split: str, auto_augment: str = "none") -> None:
     outputs = {}
     for backend in ("dali-gpu", "dali-cpu"):
-        cfg = LoaderConfig(backend=backend, batch_size=8, workers=4, val_image_size=224, dtype="float32")
+        cfg = LoaderConfig(
+            backend=backend, batch_size=8, workers=4, val_image_size=224, dtype="float32", auto_augment=auto_augment
+        )
         outputs[backend] = collect(create_loader(str(shards), split, cfg, device="cuda"))
     for (gpu_images, gpu_labels), (cpu_images, cpu_labels) in zip(*outputs.values(), strict=True):
         assert gpu_images.is_cuda and gpu_images.is_contiguous(memory_format=torch.channels_last)
@@ -40,6 +42,14 @@ def assert_dali_gpu_matches_dali_cpu(shards, split: str) -> None:
 def test_dali_gpu_matches_dali_cpu(photo_shards, split):
     """Val, and train too: crops and flips are drawn on the host, the same for both decoders."""
     assert_dali_gpu_matches_dali_cpu(photo_shards, split)
+
+
+@pytest.mark.parametrize("stored", ["jpeg", "raw"])
+def test_trivial_augment_on_dali_gpu_matches_dali_cpu(raw_and_jpeg_shards, stored):
+    """The operations are drawn on the host: the GPU graph applies the CPU graph's, with DALI's GPU
+    kernels (not yet run on a GPU when written, 2026-12-06)."""
+    raw, jpeg = raw_and_jpeg_shards
+    assert_dali_gpu_matches_dali_cpu(raw if stored == "raw" else jpeg, "train", "trivial_augment_wide")
 
 
 def test_exact_eval_on_gpu_equals_cpu(photo_shards, tmp_path):

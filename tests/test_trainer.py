@@ -195,8 +195,9 @@ def read_val_count(shards: Path) -> int:
 
 
 def test_resume_after_sigterm_gives_identical_weights(photo_shards, tmp_path):
-    """With MixUp and CutMix on: their draws, too, continue from the saved generator state."""
-    overrides = ("train.epochs=2", "eval.every=2", "optim.mixup_alpha=0.2", "optim.cutmix_alpha=1.0")
+    """With TrivialAugment, MixUp and CutMix on: their draws, too, continue where they were."""
+    augment = ("data.auto_augment=trivial_augment_wide", "optim.mixup_alpha=0.2", "optim.cutmix_alpha=1.0")
+    overrides = ("train.epochs=2", "eval.every=2", *augment)
     straight = tmp_path / "straight"
     finished = popen([sys.executable, *train_args(photo_shards, straight, *overrides)])
     assert finished.wait(timeout=300) == 0
@@ -692,14 +693,15 @@ def test_trains_from_an_image_folder_without_shards(tmp_path, real_photos, demo_
     assert [wnid for wnid, _ in checkpoint["classes"]] == sorted(p.name for p in (tree / "train").iterdir())
 
 
-def test_another_torchvision_classifier_trains_with_adamw_and_mixing_evaluates_and_predicts(
+def test_another_torchvision_classifier_trains_with_its_recipes_parts_evaluates_and_predicts(
     photo_shards, tmp_path, capsys
 ):
     """Nothing downstream assumes a ResNet: the class count comes from the checkpoint's record.
-    MixUp and CutMix turn the labels into class probabilities, which the loss takes as they are."""
+    MixUp and CutMix turn the labels into class probabilities, which the loss takes as they are;
+    TrivialAugment runs in the DALI pipeline."""
     run_dir = tmp_path / "run"
     chosen = ["model.name=mobilenet_v3_small", "optim.optimizer=adamw", "optim.lr=0.001", "optim.weight_decay=0.05"]
-    mixing = ["optim.mixup_alpha=0.2", "optim.cutmix_alpha=1.0"]
+    mixing = ["optim.mixup_alpha=0.2", "optim.cutmix_alpha=1.0", "data.auto_augment=trivial_augment_wide"]
     run_tool(*train_args(photo_shards, run_dir, *chosen, *mixing, "train.epochs=1")[1:], check=True)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["train/loss"] for r in records if "train/loss" in r]

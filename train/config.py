@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.auto_augment import AUTO_AUGMENTS
 from pipeline.loader import BACKENDS, LoaderConfig
 from pipeline.transforms import DEFAULT_CROP_PCT
 from train.model import FIXED_SIZE_KEYWORDS, MODEL_NAMES, RESNET_FAMILY
@@ -57,6 +58,11 @@ class DataConfig:
     hw_decoder_load: float = option(1.0, "share of JPEGs for the hardware decoder (dali-gpu)")
     prefetch: int = option(2, "batches prepared ahead of the step")
     crop_pct: float = option(DEFAULT_CROP_PCT, "val: resize to size / crop_pct, then center crop")
+    auto_augment: str = option(
+        "none",
+        "train: trivial_augment_wide (TrivialAugment Wide after the flip, as torchvision's recipes)",
+        AUTO_AUGMENTS,
+    )
 
 
 @dataclass
@@ -175,6 +181,7 @@ class Config:
             hw_decoder_load=self.data.hw_decoder_load,
             prefetch=self.data.prefetch,
             seed=self.train.seed,
+            auto_augment=self.data.auto_augment,
         )
 
     def to_dict(self) -> dict:

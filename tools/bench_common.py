@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.auto_augment import AUTO_AUGMENTS
 from pipeline.loader import LoaderConfig
 from shards.convert import ConvertOptions, convert
 from shards.manifest import MANIFEST_NAME, Manifest
@@ -51,6 +52,7 @@ def bench_shards(workdir: str | Path, copies: int, workers: int) -> Path:
 
 HW_LOAD_HELP = "dali-gpu: share of JPEGs for the hardware decoder; a comma list measures each (e.g. 0.65,1.0)"
 WORKERS_HELP = "DALI threads / DataLoader workers; a comma list measures the DALI backends with each"
+AUTO_AUGMENT_HELP = "train augmentation (data.auto_augment); a comma list measures each, e.g. none,trivial_augment_wide"
 # tools.bench_train's feeds besides the project's loaders: BASELINES.md's plain DALI pipeline
 # (tools.bench_dali_reference), and images decoded once, augmented as raw pixels (tools.predecoded_loader)
 REFERENCE_BACKENDS = ("dali-reference",)
@@ -58,9 +60,20 @@ PREDECODED_BACKEND = "dali-predecoded"
 
 
 def add_loader_sweeps(parser) -> None:
-    """The DALI settings every benchmark can sweep, each a comma list: --workers, --hw-decoder-load."""
+    """The loader settings every benchmark can sweep, each a comma list: --workers, --hw-decoder-load,
+    --auto-augment."""
     parser.add_argument("--workers", type=int_list, default=[os.cpu_count() or 1], help=WORKERS_HELP)
     parser.add_argument("--hw-decoder-load", type=float_list, default=[1.0], help=HW_LOAD_HELP)
+    parser.add_argument("--auto-augment", type=auto_augment_list, default=["none"], help=AUTO_AUGMENT_HELP)
+
+
+def auto_augment_list(text: str) -> list[str]:
+    """argparse type for a comma list of `data.auto_augment` values, e.g. none,trivial_augment_wide."""
+    values = text.split(",")
+    unknown = [v for v in values if v not in AUTO_AUGMENTS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{unknown} not in {list(AUTO_AUGMENTS)}")
+    return values
 
 
 def int_list(text: str) -> list[int]:
@@ -79,19 +92,26 @@ def loader_runs(
     """(backend, loader settings, row name) per measurement, in order.
 
     The backends in `hw_decoder_backends` are measured once per --hw-decoder-load, and the DALI
-    backends once per --workers; other backends once, with the first --workers. A name says the
-    settings that are swept.
+    backends once per --workers; other backends once, with the first --workers. Every loader backend
+    is measured once per --auto-augment (`synthetic` and the reference feeds, which have no such
+    step, once). A name says the settings that are swept.
     """
     runs = []
     for backend in backends:
         dali = backend.startswith("dali") or backend == "folder"
-        for load in args.hw_decoder_load if backend in hw_decoder_backends else [None]:
-            for workers in args.workers if dali else args.workers[:1]:
-                name = backend if load is None else f"{backend} hw={load:g}"
-                if dali and len(args.workers) > 1:
-                    name += f" {workers} threads"
-                settings = {"workers": workers} if load is None else {"workers": workers, "hw_decoder_load": load}
-                runs.append((backend, settings, name))
+        feeds_without_augment = ("synthetic", PREDECODED_BACKEND, *REFERENCE_BACKENDS)
+        augments = [None] if backend in feeds_without_augment else args.auto_augment
+        for augment in augments:
+            for load in args.hw_decoder_load if backend in hw_decoder_backends else [None]:
+                for workers in args.workers if dali else args.workers[:1]:
+                    name = backend if load is None else f"{backend} hw={load:g}"
+                    if dali and len(args.workers) > 1:
+                        name += f" {workers} threads"
+                    settings = {"workers": workers} if load is None else {"workers": workers, "hw_decoder_load": load}
+                    if augment not in (None, "none"):
+                        name += " +TA" if augment == "trivial_augment_wide" else f" +{augment}"
+                        settings["auto_augment"] = augment
+                    runs.append((backend, settings, name))
     return runs
 
 

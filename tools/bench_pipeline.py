@@ -1,7 +1,7 @@
 """Images/s of each data backend on the same shards, train and val transforms, in one run.
 
     python -m tools.bench_pipeline --backends dali-gpu,dali-cpu,torch,synthetic --batch-size 256 \
-        --seconds 20 --workers 16 [--shards DIR] [--json bench_pipeline.json]
+        --seconds 20 --workers 16 [--auto-augment none,trivial_augment_wide] [--shards DIR] [--json FILE]
 
 Without --shards it converts the 1000 real photographs of ../shared/data/imagenet-sample, each
 linked --copies times. Prints each rate and its ratio to `torch`, and the CPU time the loop's own
@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         stored_sides, stored_exts = stored_short_sides(manifest, splits), stored_image_exts(manifest, splits)
         for split in splits:
             for backend, settings, name in loader_runs(backends, args):
+                if split == "val" and "auto_augment" in settings:
+                    continue  # val images are not augmented: the same measurement as without
                 if backend == "dali-gpu" and device.type != "cuda":
                     print(f"{name:16s} {split:5s} skipped: no GPU")
                     continue

@@ -195,8 +195,9 @@ def read_val_count(shards: Path) -> int:
 
 
 def test_resume_after_sigterm_gives_identical_weights(photo_shards, tmp_path):
-    """With TrivialAugment, MixUp and CutMix on: their draws, too, continue where they were."""
-    augment = ("data.auto_augment=trivial_augment_wide", "optim.mixup_alpha=0.2", "optim.cutmix_alpha=1.0")
+    """With TrivialAugment, random erasing, MixUp and CutMix on: their draws, too, continue where they were."""
+    augment = ("data.auto_augment=trivial_augment_wide", "optim.random_erase=0.25", "optim.mixup_alpha=0.2",
+               "optim.cutmix_alpha=1.0")  # fmt: skip
     overrides = ("train.epochs=2", "eval.every=2", *augment)
     straight = tmp_path / "straight"
     finished = popen([sys.executable, *train_args(photo_shards, straight, *overrides)])
@@ -466,6 +467,11 @@ def _environ(pid: int) -> dict[str, str]:
         ("data.batch_size=0", "data.batch_size: must be at least 1"),
         ("checkpoint.every_steps=-1", "checkpoint.every_steps: must be 0 (off) or more, got -1"),
         ("optim.lr=[1,", "override 'optim.lr=[1,': not valid YAML"),
+        ("optim.random_erase=1.5", "optim.random_erase: must be a probability in [0, 1], got 1.5"),
+        (
+            "data.auto_augment=randaugment",
+            "data.auto_augment: 'randaugment' is not one of ['none', 'trivial_augment_wide']",
+        ),
     ],
 )
 def test_config_errors_name_the_key(override, message, tmp_path, capsys):
@@ -698,10 +704,11 @@ def test_another_torchvision_classifier_trains_with_its_recipes_parts_evaluates_
 ):
     """Nothing downstream assumes a ResNet: the class count comes from the checkpoint's record.
     MixUp and CutMix turn the labels into class probabilities, which the loss takes as they are;
-    TrivialAugment runs in the DALI pipeline."""
+    TrivialAugment runs in the DALI pipeline, random erasing on the batch."""
     run_dir = tmp_path / "run"
     chosen = ["model.name=mobilenet_v3_small", "optim.optimizer=adamw", "optim.lr=0.001", "optim.weight_decay=0.05"]
-    mixing = ["optim.mixup_alpha=0.2", "optim.cutmix_alpha=1.0", "data.auto_augment=trivial_augment_wide"]
+    mixing = ["optim.mixup_alpha=0.2", "optim.cutmix_alpha=1.0", "data.auto_augment=trivial_augment_wide",
+              "optim.random_erase=0.1"]  # fmt: skip
     run_tool(*train_args(photo_shards, run_dir, *chosen, *mixing, "train.epochs=1")[1:], check=True)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["train/loss"] for r in records if "train/loss" in r]

@@ -91,6 +91,9 @@ class OptimConfig:
     label_smoothing: float = option(0.1, "cross-entropy label smoothing")
     mixup_alpha: float = option(0.0, "MixUp: mix each batch with itself rolled, weights ~ Beta(alpha, alpha) (0: off)")
     cutmix_alpha: float = option(0.0, "CutMix: paste a box of the rolled batch (0: off; with MixUp: one per batch)")
+    random_erase: float = option(
+        0.0, "random erasing: chance per image of one box set to the mean (0: off; torchvision 0.1)"
+    )
     precision: str = option("bfloat16", "autocast dtype on GPU (float16 adds a GradScaler)", tuple(AUTOCAST_DTYPES))
     accumulate: int = option(1, "micro-batches per optimizer step (global batch on fewer GPUs)")
     grad_clip: float = option(0.0, "clip the gradient norm to this (0: off)")
@@ -336,5 +339,7 @@ def _check(config: Config) -> None:
     for key in ("mixup_alpha", "cutmix_alpha"):
         if getattr(config.optim, key) < 0:
             raise ConfigError(f"optim.{key}: must be 0 (off) or more, got {getattr(config.optim, key)}")
+    if not 0.0 <= config.optim.random_erase <= 1.0:
+        raise ConfigError(f"optim.random_erase: must be a probability in [0, 1], got {config.optim.random_erase}")
     if not 0.0 <= config.optim.ema_decay < 1.0:
         raise ConfigError(f"optim.ema_decay: must be in [0, 1), got {config.optim.ema_decay}")

@@ -62,6 +62,7 @@ from train.distributed import (
     setup_distributed,
     teardown_distributed,
 )
+from train.erasing import random_erasing
 from train.metrics import evaluate
 from train.mixing import batch_mixer
 from train.model import build_model
@@ -349,6 +350,8 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
                 continue
             with timer.data_wait():
                 images, labels = next(batches)
+            if cfg.optim.random_erase > 0:
+                images = random_erasing(images, cfg.optim.random_erase)
             if mix is not None:
                 images, labels = mix(images, labels)  # labels become class probabilities
 

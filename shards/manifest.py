@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -86,3 +87,8 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
         return Manifest.from_dict(data)
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path}: not a valid manifest: {err}") from err
+
+
+def manifest_digest(directory: str | os.PathLike) -> str:
+    """The first 16 hex digits of manifest.json's sha256: the same digest, the same conversion."""
+    return hashlib.sha256((Path(directory) / MANIFEST_NAME).read_bytes()).hexdigest()[:16]

@@ -595,11 +595,12 @@ def two_nodes(*node_args: list[str], timeout: float = 120) -> list[tuple[int, st
 
 
 def test_two_nodes_on_one_machine_train_together(photo_shards, tmp_path):
-    """The second node reads its own copy of the shards, at another path: the ranks compare the
-    manifests' digests, not data.shards."""
+    """The second node reads its own copy of the shards, at another path, with more loader threads:
+    the ranks compare the manifests' digests, not data.shards, and let each node size its loader."""
     copy = shutil.copytree(photo_shards, tmp_path / "node-b-disk" / "shards")
-    results = two_nodes(*(train_args(shards, tmp_path / "run", "train.epochs=1") for shards in (photo_shards, copy)),
-                        timeout=300)  # fmt: skip
+    node_a = train_args(photo_shards, tmp_path / "run", "train.epochs=1")
+    node_b = train_args(copy, tmp_path / "run", "train.epochs=1", "data.workers=2")
+    results = two_nodes(node_a, node_b, timeout=300)
     assert all(status == 0 for status, _ in results), results
     assert any("on 2 process(es)" in output for _, output in results)
     assert load_checkpoint(tmp_path / "run" / "last.pt")["world_size"] == 2
@@ -618,16 +619,23 @@ def test_a_node_without_the_shards_stops_every_rank_at_once(photo_shards, tmp_pa
         assert "exitcode  : 4" in output
 
 
-def test_nodes_given_different_settings_or_shards_stop_before_training(photo_shards, tmp_path):
+@pytest.fixture(scope="module")
+def reshuffled_shards(photo_shards, tmp_path_factory) -> Path:
+    """The photographs of `photo_shards` converted again with another shuffle seed: same classes and
+    counts, another order, so another manifest."""
+    out = tmp_path_factory.mktemp("reshuffled") / "shards"
+    source = photo_shards.parent / "src"
+    run_tool("tools.make_shards", "--train", str(source / "train"), "--val", str(source / "val"), "--out",
+             str(out), "--seed", "1", "--workers", "2", "--no-progress", check=True)  # fmt: skip
+    return out
+
+
+def test_nodes_given_different_settings_or_shards_stop_before_training(photo_shards, reshuffled_shards, tmp_path):
     """One node with an edited setting and a conversion of the same photographs with another
     shuffle seed: the step counts match, so before the check the ranks trained on silently (each
     node splitting its own order: some samples read twice per epoch, others never)."""
-    reshuffled = tmp_path / "reshuffled"
-    source = photo_shards.parent / "src"
-    run_tool("tools.make_shards", "--train", str(source / "train"), "--val", str(source / "val"), "--out",
-             str(reshuffled), "--seed", "1", "--workers", "2", "--no-progress", check=True)  # fmt: skip
     results = two_nodes(
-        train_args(photo_shards, tmp_path / "run"), train_args(reshuffled, tmp_path / "run", "optim.lr=0.3")
+        train_args(photo_shards, tmp_path / "run"), train_args(reshuffled_shards, tmp_path / "run", "optim.lr=0.3")
     )
     for status, output in results:
         assert status != 0
@@ -639,6 +647,37 @@ def test_nodes_given_different_settings_or_shards_stop_before_training(photo_sha
         assert "data: train steps per epoch" not in output and "data: classes" not in output
         assert "exitcode  : 2" in output
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_evaluating_nodes_given_different_shards_or_flags_stop_before_scoring(
+    two_process_run, photo_shards, reshuffled_shards
+):
+    """train.evaluate under torchrun: each node names its own --shards; another conversion there
+    (the same samples in another order) and another --batch-size are named, not scored."""
+    checkpoint = str(two_process_run[0] / "last.pt")
+    results = two_nodes(
+        *(
+            [
+                "-m",
+                "train.evaluate",
+                "--checkpoint",
+                checkpoint,
+                "--shards",
+                str(shards),
+                "--workers",
+                "1",
+                "--batch-size",
+                batch,
+            ]  # fmt: skip
+            for shards, batch in ((photo_shards, "8"), (reshuffled_shards, "4"))
+        )
+    )
+    for status, output in results:
+        assert status != 0
+        assert "evaluate: error: the ranks were not given the same run (" in output, output
+        assert re.search(r"--batch-size: (8|4) on rank \d \(\S+\); (8|4) on rank \d", output)
+        assert "data: manifest.json sha256: '" in output and "checkpoint (epoch" not in output
+        assert '"acc1"' not in output
 
 
 def test_nodes_that_see_different_run_dirs_stop_at_once_instead_of_hanging(two_process_run, photo_shards, tmp_path):

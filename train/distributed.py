@@ -12,6 +12,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from train.config import ConfigError
+
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 
 
@@ -119,6 +121,13 @@ def fail_together(ctx: DistContext, kinds: tuple[type[Exception], ...]) -> Itera
             if kind is None:
                 raise RuntimeError(f"rank {rank} on {host} failed: {name}: {message}")
             raise kind(f"rank {rank} on {host}: {message}")
+
+
+def require_agreement(facts: dict[str, object], ctx: DistContext, advice: str) -> None:
+    """Raise ConfigError on every rank, one clause per difference, unless all ranks hold the same `facts`."""
+    differing = disagreements(facts, ctx)
+    if differing:
+        raise ConfigError(f"the ranks were not given the same run ({'; '.join(differing)}): {advice}")
 
 
 def disagreements(facts: dict[str, object], ctx: DistContext) -> list[str]:

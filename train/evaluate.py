@@ -7,6 +7,7 @@ torchrun --nproc-per-node 8 -m train.evaluate --checkpoint runs/resnet18/best.pt
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 
@@ -15,10 +16,10 @@ import torch
 from pipeline.errors import SampleDecodeError, data_error_message
 from pipeline.loader import BACKENDS, LoaderConfig, create_loader
 from pipeline.shard_set import ShardError
-from shards.manifest import read_manifest
+from shards.manifest import manifest_digest, read_manifest
 from train.checkpoint import CheckpointError, check_same_classes, load_checkpoint, saved_num_classes
 from train.config import ConfigError
-from train.distributed import fail_together, setup_distributed, teardown_distributed
+from train.distributed import fail_together, require_agreement, setup_distributed, teardown_distributed
 from train.metrics import evaluate
 from train.model import FIXED_SIZE_KEYWORDS, build_model
 from train.step import AUTOCAST_DTYPES, set_cuda_numerics
@@ -43,6 +44,12 @@ def model_from_checkpoint(checkpoint: dict, use_ema: bool = False) -> torch.nn.M
     return model
 
 
+def checkpoint_identity(checkpoint: dict) -> tuple[int, int, str]:
+    """Epoch, global step and a digest of the run's config: what tells two checkpoints apart cheaply."""
+    config = json.dumps(checkpoint["config"], sort_keys=True, default=str).encode()
+    return checkpoint["epoch"], checkpoint["global_step"], hashlib.sha256(config).hexdigest()[:16]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True)
@@ -60,29 +67,44 @@ def main(argv: list[str] | None = None) -> int:
 
     ctx = setup_distributed()
     try:
-        with fail_together(ctx, (CheckpointError,)):  # a file missing on one node stops every rank
+        # per-rank setup: a file missing on one node stops every rank, none left waiting
+        with fail_together(ctx, (CheckpointError, ConfigError, ShardError, SampleDecodeError, FileNotFoundError)):
             checkpoint = load_checkpoint(args.checkpoint)
-        model = model_from_checkpoint(checkpoint, args.ema).to(ctx.device)
-        trained_size, model_name = checkpoint["config"]["resolution"]["val"], checkpoint["config"]["model"]["name"]
-        if model_name in FIXED_SIZE_KEYWORDS and args.image_size not in (None, trained_size):
-            raise ConfigError(f"--image-size {args.image_size}: {model_name} was built for {trained_size} px only")
-        precision = args.precision if ctx.device.type == "cuda" else "float32"
-        set_cuda_numerics(ctx.device, precision)
-        cfg = LoaderConfig(
-            backend=args.backend or ("dali-gpu" if ctx.device.type == "cuda" else "dali-cpu"),
-            batch_size=args.batch_size,
-            val_image_size=args.image_size or checkpoint["config"]["resolution"]["val"],
-            crop_pct=checkpoint["config"]["data"]["crop_pct"],
-            workers=args.workers,
-            dtype=precision,
-        )
-        try:
-            loader = create_loader(args.shards, "val", cfg, ctx.rank, ctx.world_size, ctx.device)
-        except ValueError as err:  # a setting that cannot work here (e.g. dali-gpu without a GPU)
-            raise ConfigError(str(err)) from err
-        wnids = [] if cfg.backend == "folder" else [c.wnid for c in read_manifest(args.shards).classes]
-        check_same_classes(checkpoint, args.checkpoint, loader.num_classes, wnids, args.shards)
-        flip = checkpoint["config"]["eval"].get("flip", False) if args.flip is None else args.flip
+            model = model_from_checkpoint(checkpoint, args.ema).to(ctx.device)
+            trained_size, model_name = checkpoint["config"]["resolution"]["val"], checkpoint["config"]["model"]["name"]
+            if model_name in FIXED_SIZE_KEYWORDS and args.image_size not in (None, trained_size):
+                raise ConfigError(f"--image-size {args.image_size}: {model_name} was built for {trained_size} px only")
+            precision = args.precision if ctx.device.type == "cuda" else "float32"
+            set_cuda_numerics(ctx.device, precision)
+            cfg = LoaderConfig(
+                backend=args.backend or ("dali-gpu" if ctx.device.type == "cuda" else "dali-cpu"),
+                batch_size=args.batch_size,
+                val_image_size=args.image_size or checkpoint["config"]["resolution"]["val"],
+                crop_pct=checkpoint["config"]["data"]["crop_pct"],
+                workers=args.workers,
+                dtype=precision,
+            )
+            try:
+                loader = create_loader(args.shards, "val", cfg, ctx.rank, ctx.world_size, ctx.device)
+            except ValueError as err:  # a setting that cannot work here (e.g. dali-gpu without a GPU)
+                raise ConfigError(str(err)) from err
+            wnids = [] if cfg.backend == "folder" else [c.wnid for c in read_manifest(args.shards).classes]
+            check_same_classes(checkpoint, args.checkpoint, loader.num_classes, wnids, args.shards)
+            flip = checkpoint["config"]["eval"].get("flip", False) if args.flip is None else args.flip
+            facts = {
+                "--backend": cfg.backend,
+                "--batch-size": cfg.batch_size,
+                "--image-size": cfg.val_image_size,
+                "--precision": precision,
+                "--ema": args.ema,
+                "--flip": flip,
+                "checkpoint (epoch, step, config digest)": checkpoint_identity(checkpoint),
+                "val steps": loader.steps_per_epoch,
+            }
+            if cfg.backend != "folder":
+                facts["data: manifest.json sha256"] = manifest_digest(args.shards)
+        # Each node reads its own --checkpoint and --shards: a mixture would be scored silently.
+        require_agreement(facts, ctx, "every node must evaluate the same checkpoint on the same shards, alike")
         metrics = evaluate(model, loader, ctx, precision, flip)
         loader.close()
         if ctx.is_main:

@@ -36,7 +36,7 @@ from pipeline.loader import create_loader
 from pipeline.shard_set import ShardError
 from shards.classes import imagenet_names
 from shards.inputs import list_class_folders
-from shards.manifest import MANIFEST_NAME, read_manifest
+from shards.manifest import manifest_digest, read_manifest
 from train.checkpoint import (
     BEST_NAME,
     LAST_NAME,
@@ -57,8 +57,8 @@ from train.distributed import (
     all_gather_objects,
     all_reduce_sum,
     broadcast_buffers,
-    disagreements,
     fail_together,
+    require_agreement,
     setup_distributed,
     teardown_distributed,
 )
@@ -75,6 +75,10 @@ from train.timing import PhaseTimer, SyncTimer
 EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE, EXIT_DATA = 0, 2, 3, 4
 # torchvision's ViT, Swin and MaxViT parameters that timm's recipes leave undecayed, as norms and biases.
 NO_DECAY_NAMES = ("class_token", "pos_embedding", "relative_position_bias_table", "logit_scale")
+# Settings that may differ between nodes: where the node holds the shards, and how hard its host works
+# to read them (a node with fewer cores may run fewer workers). Which samples a rank reads does not
+# depend on them.
+PER_NODE_SETTINGS = ("data.shards", "data.workers", "data.prefetch", "data.hw_decoder_load")
 # What main() reports in one line: raised on every rank alike when one rank fails during setup.
 STARTUP_ERRORS = (ShardError, SampleDecodeError, FileNotFoundError, ConfigError, CheckpointError, RunLogError)
 
@@ -160,19 +164,18 @@ def shared_facts(cfg: Config, classes: list, num_classes: int, train_steps: int,
 
     Each node reads its own config file and its own copy of the shards: an edit on one node, or an
     older conversion on another, would otherwise train silently on a mixture (or hang at a
-    collective if the step counts differ). data.shards itself may differ (a node may mount the
-    same shards elsewhere); its manifest's digest may not.
+    collective if the step counts differ). `PER_NODE_SETTINGS` may differ; the shards' manifest
+    digest may not.
     """
     settings = cfg.to_dict()
     facts: dict[str, object] = {
         f"{section}.{key}": value
         for section, values in settings.items()
         for key, value in values.items()
-        if (section, key) != ("data", "shards")
+        if f"{section}.{key}" not in PER_NODE_SETTINGS
     }
     if cfg.data.shards and cfg.data.backend not in ("folder", "synthetic"):
-        manifest = Path(cfg.data.shards) / MANIFEST_NAME
-        facts["data: manifest.json sha256"] = hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
+        facts["data: manifest.json sha256"] = manifest_digest(cfg.data.shards)
     facts["data: classes"] = (num_classes, hashlib.sha256(repr(classes).encode()).hexdigest()[:16])
     facts["data: train steps per epoch"] = train_steps
     facts["data: val steps"] = val_steps
@@ -265,12 +268,7 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
         log.start_at(position["global_step"])
         facts = shared_facts(cfg, classes, num_classes, train_loader.steps_per_epoch, val_loader.steps_per_epoch)
     check_ranks_agree_on_checkpoint(checkpoint_path, checkpoint, ctx)
-    differing = disagreements(facts, ctx)
-    if differing:
-        raise ConfigError(
-            "the ranks were not given the same run (" + "; ".join(differing) + "): every node must run the same "
-            "config and overrides, on the same shards"
-        )
+    require_agreement(facts, ctx, "every node must run the same config and overrides, on the same shards")
 
     train_model: torch.nn.Module = model
     sync_timer = None

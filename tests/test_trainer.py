@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -582,14 +583,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_nodes(*node_args: list[str], timeout: float = 120) -> list[tuple[int, str]]:
-    """Run one torchrun per argument list, as the two nodes of one job: (exit status, output) of each."""
+def two_nodes(*node_args: list[str], timeout: float = 120, roots: tuple[Path, ...] = ()) -> list[tuple[int, str]]:
+    """Run one torchrun per argument list, as the two nodes of one job: (exit status, output) of each.
+
+    `roots`: each node's copy of the project (default: this one), from which it runs."""
     port = _free_port()
     launchers = []
-    for args in node_args:
+    for args, root in itertools.zip_longest(node_args, roots[: len(node_args)], fillvalue=REPO_ROOT):
         rendezvous = ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes"]
         command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", *rendezvous]
-        launchers.append(popen([*command, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        env = subprocess_env(OMP_NUM_THREADS="1") | {"PYTHONPATH": str(root)}
+        launchers.append(
+            subprocess.Popen(
+                [*command, *args], cwd=root, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            )
+        )
     outputs = [launcher.communicate(timeout=timeout)[0] for launcher in launchers]
     return [(launcher.returncode, output) for launcher, output in zip(launchers, outputs, strict=True)]
 
@@ -647,6 +655,22 @@ def test_nodes_given_different_settings_or_shards_stop_before_training(photo_sha
         assert "data: train steps per epoch" not in output and "data: classes" not in output
         assert "exitcode  : 2" in output
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_nodes_running_different_code_stop_before_training(photo_shards, tmp_path):
+    """A node whose copy of the project has one edited file (a `git pull` on one node only)."""
+    other_copy = tmp_path / "node-b-checkout"
+    for package in ("pipeline", "shards", "train", "tools", "configs"):
+        shutil.copytree(REPO_ROOT / package, other_copy / package, ignore=shutil.ignore_patterns("__pycache__"))
+    edited = other_copy / "train" / "schedule.py"
+    edited.write_text(edited.read_text() + "# edited on this node only\n")
+    args = train_args(photo_shards, tmp_path / "run")
+    for status, output in two_nodes(args, args, roots=(REPO_ROOT, other_copy)):
+        assert status != 0
+        assert "train: config error: the ranks were not given the same run (" in output, output
+        assert re.search(r"code: digest of pipeline/, shards/, train/: '[0-9a-f]{16}' on rank \d", output)
+        assert "every node must run the same code, config and overrides" in output
+        assert "python:" not in output and "torch:" not in output  # the same interpreter and libraries
 
 
 def test_evaluating_nodes_given_different_shards_or_flags_stop_before_scoring(

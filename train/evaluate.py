@@ -22,6 +22,7 @@ from train.config import ConfigError
 from train.distributed import fail_together, require_agreement, setup_distributed, teardown_distributed
 from train.metrics import evaluate
 from train.model import FIXED_SIZE_KEYWORDS, build_model
+from train.run_log import software_facts
 from train.step import AUTOCAST_DTYPES, set_cuda_numerics
 from train.trainer import EXIT_CONFIG, EXIT_DATA
 
@@ -103,8 +104,10 @@ def main(argv: list[str] | None = None) -> int:
             }
             if cfg.backend != "folder":
                 facts["data: manifest.json sha256"] = manifest_digest(args.shards)
+            facts |= software_facts()
         # Each node reads its own --checkpoint and --shards: a mixture would be scored silently.
-        require_agreement(facts, ctx, "every node must evaluate the same checkpoint on the same shards, alike")
+        advice = "every node must evaluate the same checkpoint on the same shards, with the same code and flags"
+        require_agreement(facts, ctx, advice)
         metrics = evaluate(model, loader, ctx, precision, flip)
         loader.close()
         if ctx.is_main:

@@ -7,6 +7,7 @@ Other ranks get a `SilentLog`, so no code path on them can write by accident.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import socket
@@ -23,6 +24,7 @@ from train.config import Config, ConfigError, config_yaml
 
 METRICS_NAME = "metrics.jsonl"
 LOCK_NAME = ".run.lock"  # held by rank 0 of the run writing here
+RUN_PACKAGES = ("pipeline", "shards", "train")  # the code a training or evaluation run executes
 
 
 class RunLogError(RuntimeError):
@@ -71,7 +73,7 @@ class RunLog(SilentLog):
             raise ConfigError(f"run.dir: cannot create {run_dir} ({err.strerror})") from None
         self.lock = _lock_run_dir(run_dir)
         _write_record(run_dir / "config.yaml", config_yaml(config))
-        _write_record(run_dir / "code_version.txt", _code_version() + "\n")
+        _write_record(run_dir / "code_version.txt", f"{_code_version()}\nsource digest {source_digest()}\n")
         self.run_dir = run_dir
         self.writer_class = writer_class
         self.metrics = None  # opened by start_at, once the first step is known
@@ -169,6 +171,28 @@ def _records_up_to(text: str, global_step: int) -> tuple[list[str], int]:
         else:
             dropped += 1
     return kept, dropped
+
+
+def source_digest() -> str:
+    """The first 16 hex digits of a sha256 over the Python files of `RUN_PACKAGES` (relative path and
+    bytes, in path order): the same digest, the same code, in a git checkout or not."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(p for package in RUN_PACKAGES for p in (root / package).rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def software_facts() -> dict[str, str]:
+    """The code and the library versions a rank runs, for the ranks to compare (and the run to record)."""
+    dali = sys.modules.get("nvidia.dali")
+    return {
+        "code: digest of " + ", ".join(f"{p}/" for p in RUN_PACKAGES): source_digest(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torchvision": sys.modules["torchvision"].__version__ if "torchvision" in sys.modules else "not imported",
+        "nvidia.dali": dali.__version__ if dali is not None else "not imported",
+    }
 
 
 def _code_version() -> str:

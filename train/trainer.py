@@ -66,7 +66,7 @@ from train.erasing import random_erasing
 from train.metrics import evaluate
 from train.mixing import batch_mixer
 from train.model import build_model
-from train.run_log import RunLogError, create_run_log
+from train.run_log import RunLogError, create_run_log, software_facts
 from train.schedule import learning_rate, train_image_size
 from train.signals import StopRequest
 from train.step import backward, compute_loss, optimizer_step, set_cuda_numerics
@@ -162,8 +162,9 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, peak_lr: float) -> torc
 def shared_facts(cfg: Config, classes: list, num_classes: int, train_steps: int, val_steps: int) -> dict[str, object]:
     """What every rank must hold alike, compared across ranks before the first step.
 
-    Each node reads its own config file and its own copy of the shards: an edit on one node, or an
-    older conversion on another, would otherwise train silently on a mixture (or hang at a
+    Each node runs its own copy of the code, reads its own config file and its own copy of the
+    shards: an edit on one node, or an older conversion on another, would otherwise train silently
+    on a mixture (or hang at a
     collective if the step counts differ). `PER_NODE_SETTINGS` may differ; the shards' manifest
     digest may not.
     """
@@ -179,7 +180,7 @@ def shared_facts(cfg: Config, classes: list, num_classes: int, train_steps: int,
     facts["data: classes"] = (num_classes, hashlib.sha256(repr(classes).encode()).hexdigest()[:16])
     facts["data: train steps per epoch"] = train_steps
     facts["data: val steps"] = val_steps
-    return facts
+    return facts | software_facts()
 
 
 def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) -> int:
@@ -268,7 +269,7 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
         log.start_at(position["global_step"])
         facts = shared_facts(cfg, classes, num_classes, train_loader.steps_per_epoch, val_loader.steps_per_epoch)
     check_ranks_agree_on_checkpoint(checkpoint_path, checkpoint, ctx)
-    require_agreement(facts, ctx, "every node must run the same config and overrides, on the same shards")
+    require_agreement(facts, ctx, "every node must run the same code, config and overrides, on the same shards")
 
     train_model: torch.nn.Module = model
     sync_timer = None

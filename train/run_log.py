@@ -188,7 +188,7 @@ def software_facts() -> dict[str, str]:
     dali = sys.modules.get("nvidia.dali")
     return {
         "code: digest of " + ", ".join(f"{p}/" for p in RUN_PACKAGES): source_digest(),
-        "python": sys.version.split()[0],
+        "python": "{}.{}".format(*sys.version_info),  # a patch release apart is no reason to stop
         "torch": torch.__version__,
         "torchvision": sys.modules["torchvision"].__version__ if "torchvision" in sys.modules else "not imported",
         "nvidia.dali": dali.__version__ if dali is not None else "not imported",

@@ -480,3 +480,18 @@ def test_bench_convert_compares_the_converter_from_folders_and_from_the_archive_
     assert set(rows) == {"bare parallel decode", "make_shards", "make_shards from archive"}, result.stdout
     assert all(float(rate) > 0 for rate in rows.values())
     assert re.search(r"make_shards from archive +[\d.]+ images/s +[\d.]+ of bare decode", result.stdout)
+
+
+def test_gpu_report_judges_the_targets_on_the_plain_transform_only(bench_out, tmp_path):
+    """Rows measured with TrivialAugment are tabled beside the others but not judged against the
+    targets, which are for the plain train transform."""
+    out, _, _ = bench_out
+    report = json.loads((out / "bench_train_rn18.json").read_text())
+    plain = next(r for r in report["results"] if r["backend"] == "torch-uint8")
+    plain["vs_synthetic"] = 0.5
+    report["results"].append({**plain, "name": "torch-uint8 +TA", "auto_augment": "trivial_augment_wide",
+                              "vs_synthetic": 0.99})  # fmt: skip
+    (tmp_path / "bench_train_rn18.json").write_text(json.dumps(report))
+    tabled = run_tool("tools.gpu_report", str(tmp_path), check=True).stdout
+    assert "| torch-uint8 +TA | " in tabled
+    assert re.search(r"fed by torch-uint8 >= 95% of synthetic: NOT met \(best 0\.500, torch-uint8\)", tabled), tabled

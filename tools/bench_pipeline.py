@@ -86,7 +86,14 @@ def main(argv: list[str] | None = None) -> int:
         "  loader CPU ms  CPU cores  worker cores"
     )
     for r in results:
-        base = next((x["images_per_s"] for x in results if x["backend"] == "torch" and x["split"] == r["split"]), None)
+        base = next(
+            (
+                x["images_per_s"]
+                for x in results
+                if x["backend"] == "torch" and x["split"] == r["split"] and "auto_augment" not in x
+            ),
+            None,
+        )  # the plain torch row: each row's ratio is to torch without TrivialAugment
         r["vs_torch"] = r["images_per_s"] / base if base else None
         ratio = f"{r['vs_torch']:.2f}x" if base else "-"
         print(

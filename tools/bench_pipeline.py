@@ -33,6 +33,7 @@ from tools.bench_common import (
     switch_text,
     temporary_workdir,
 )
+from tools.gpu_report import plain_transform
 
 WARMUP_BATCHES = 5
 
@@ -86,14 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         "  loader CPU ms  CPU cores  worker cores"
     )
     for r in results:
-        base = next(
-            (
-                x["images_per_s"]
-                for x in results
-                if x["backend"] == "torch" and x["split"] == r["split"] and "auto_augment" not in x
-            ),
-            None,
-        )  # the plain torch row: each row's ratio is to torch without TrivialAugment
+        torch_rows = (x for x in results if x["backend"] == "torch" and x["split"] == r["split"])
+        base = next((x["images_per_s"] for x in torch_rows if plain_transform(x)), None)
         r["vs_torch"] = r["images_per_s"] / base if base else None
         ratio = f"{r['vs_torch']:.2f}x" if base else "-"
         print(

@@ -23,6 +23,13 @@ MIN_VS_SYNTHETIC = 0.95
 MIN_VS_REFERENCE = 0.95  # of DALI's own reader and decoder on the same shards, same run
 
 
+def plain_transform(result: dict) -> bool:
+    """Whether a benchmark row was measured without data.auto_augment: the targets of issues 3 and 5
+    are for the plain train transform, so only such rows are judged against them (or serve as the
+    torch baseline)."""
+    return result.get("auto_augment", "none") == "none"
+
+
 def _verdict(ok: bool | None) -> str:
     return "not measured" if ok is None else ("met" if ok else "NOT met")
 
@@ -79,10 +86,8 @@ def pipeline_section(report: dict) -> list[str]:
     for failure in report.get("failed", []):
         lines.append(f"| {failure['name']} | {failure['split']} | FAILED: {failure['error']} | | | | | | | |")
     gpu_train = [
-        r
-        for r in report["results"]
-        if r["backend"] == "dali-gpu" and r["split"] == "train" and r.get("auto_augment", "none") == "none"
-    ]  # the target is for the plain train transform
+        r for r in report["results"] if r["backend"] == "dali-gpu" and r["split"] == "train" and plain_transform(r)
+    ]
     best = max(gpu_train, key=lambda r: r["images_per_s"], default=None)
     lines.append("")
     if _stored_sides(report).get("train") is not None:  # the targets are for full-size JPEGs (BASELINES.md)
@@ -129,8 +134,7 @@ def train_section(reports: list[dict]) -> list[str]:
         for failure in report.get("failed", []):
             lines.append(f"| {model} | {failure['name']} | FAILED: {failure['error']} | | | | | | | |")
         # the issues' target names dali-gpu; torch-uint8 (raw-pixel shards) is judged beside it when measured.
-        # The target is for the plain train transform: rows with data.auto_augment are not judged.
-        plain = [r for r in report["results"] if r.get("auto_augment", "none") == "none"]
+        plain = [r for r in report["results"] if plain_transform(r)]
         measured = {r["backend"] for r in plain}
         for backend in ["dali-gpu"] + ["torch-uint8"] * ("torch-uint8" in measured):
             fed = [r for r in plain if r["backend"] == backend]

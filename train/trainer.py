@@ -164,9 +164,8 @@ def shared_facts(cfg: Config, classes: list, num_classes: int, train_steps: int,
 
     Each node runs its own copy of the code, reads its own config file and its own copy of the
     shards: an edit on one node, or an older conversion on another, would otherwise train silently
-    on a mixture (or hang at a
-    collective if the step counts differ). `PER_NODE_SETTINGS` may differ; the shards' manifest
-    digest may not.
+    on a mixture (or hang at a collective if the step counts differ). `PER_NODE_SETTINGS` may
+    differ; the shards' manifest digest may not.
     """
     settings = cfg.to_dict()
     facts: dict[str, object] = {

@@ -1,72 +1,146 @@
-"""TrivialAugment Wide (Müller & Hutter, 2021), as torchvision's ImageNet recipes use it.
+"""TrivialAugment Wide and RandAugment, as torchvision's and timm's ImageNet recipes use them.
 
-Each train image gets one operation of 14, at one of 31 magnitudes, both drawn uniformly, with a
-random sign for the signed ones. The draws are made here, from the loaders' per-batch generator
-(seed, epoch, rank, step), not by DALI's random operators: so resuming repeats them, and the DALI
-backends and `torch-uint8` apply the same operation at the same magnitude to the same crop. DALI
-applies them with its own suite (`nvidia.dali.auto_aug`), `torch-uint8` with torchvision's kernels
-(`apply_operation`, written here because torchvision's `TrivialAugmentWide` draws its own; its
-magnitudes are DALI's, and its equalization follows DALI's formula). The `torch` backend uses
-torchvision's `TrivialAugmentWide` as it is.
+Both pick operations of the same 14 for each train image. TrivialAugment Wide (Müller & Hutter,
+2021): one operation, at one of 31 magnitude bins, both drawn uniformly. RandAugment (Cubuk et al.,
+2020): `ops` operations in a row, each drawn uniformly (with replacement), all at the fixed
+magnitude bin `magnitude` of 31. Signed operations get a random sign each time.
 
-Both apply it to the resized crop (uint8, before the flip and the normalization); geometric
+The draws are made here, from the loaders' per-batch generator (seed, epoch, rank, step), not by
+DALI's random operators: so resuming repeats them, and the DALI backends and `torch-uint8` apply the
+same operations at the same magnitudes to the same crop. DALI applies them with its own suites
+(`nvidia.dali.auto_aug`), `torch-uint8` with torchvision's kernels (`apply_operations`, written here
+because torchvision's `TrivialAugmentWide` and `RandAugment` draw their own; its magnitudes are
+DALI's, and its equalization follows DALI's formula). The `torch` backend uses torchvision's
+transforms as they are (their magnitudes differ a little: translations of 150/331 of the image
+instead of 100/224, solarize thresholds from 255 instead of 256).
+
+Both apply them to the resized crop (uint8, before the flip and the normalization); geometric
 operations fill with gray (128) and interpolate bilinearly.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-AUTO_AUGMENTS = ("none", "trivial_augment_wide")
-# DALI's wide suite, in its order: an index drawn here names the same operation in both backends.
+AUTO_AUGMENTS = ("none", "trivial_augment_wide", "rand_augment")
+# DALI's suites, in their order (the same for both): an index drawn here names the same operation
+# in every backend.
 OPERATIONS = (
     "translate_x", "translate_y", "shear_x", "shear_y", "rotate", "brightness", "contrast", "color",
     "sharpness", "posterize", "solarize", "equalize", "auto_contrast", "identity",
 )  # fmt: skip
 MAGNITUDE_BINS = 31
 FILL = 128
-# (first, last) magnitude of each operation that has one: bin b is linspace(first, last, 31)[b].
+# (first, last) magnitude of each operation that has one, per suite: bin b is linspace(first, last,
+# 31)[b]. Translations are in pixels; RandAugment's scale with the image (`translate_range`).
 MAGNITUDES = {
-    "translate_x": (0.0, 32.0),  # pixels
-    "translate_y": (0.0, 32.0),
-    "shear_x": (0.0, 0.99),
-    "shear_y": (0.0, 0.99),
-    "rotate": (0.0, 135.0),  # degrees
-    "brightness": (0.01, 0.99),  # enhance factor 1 +/- magnitude
-    "contrast": (0.01, 0.99),
-    "color": (0.01, 0.99),
-    "sharpness": (0.01, 0.99),
-    "posterize": (8.0, 2.0),  # bits kept
-    "solarize": (256.0, 0.0),  # threshold: pixels at or above it are inverted
+    "trivial_augment_wide": {
+        "translate_x": (0.0, 32.0),
+        "translate_y": (0.0, 32.0),
+        "shear_x": (0.0, 0.99),
+        "shear_y": (0.0, 0.99),
+        "rotate": (0.0, 135.0),  # degrees
+        "brightness": (0.01, 0.99),  # enhance factor 1 +/- magnitude
+        "contrast": (0.01, 0.99),
+        "color": (0.01, 0.99),
+        "sharpness": (0.01, 0.99),
+        "posterize": (8.0, 2.0),  # bits kept
+        "solarize": (256.0, 0.0),  # threshold: pixels at or above it are inverted
+    },
+    "rand_augment": {
+        "shear_x": (0.0, 0.3),
+        "shear_y": (0.0, 0.3),
+        "rotate": (0.0, 30.0),
+        "brightness": (0.0, 0.9),
+        "contrast": (0.0, 0.9),
+        "color": (0.0, 0.9),
+        "sharpness": (0.0, 0.9),
+        "posterize": (8.0, 4.0),
+        "solarize": (256.0, 0.0),
+    },
 }
+RAND_AUGMENT_TRANSLATE = 100 / 224  # of the image side at the last bin: DALI's default
 UNSIGNED = ("posterize", "solarize")
 
 
-def draw_operations(count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per image: operation index, magnitude bin and sign (1 = negated), int32 each."""
-    operations = rng.integers(0, len(OPERATIONS), count, dtype=np.int32)
-    bins = rng.integers(0, MAGNITUDE_BINS, count, dtype=np.int32)
-    signs = rng.integers(0, 2, count, dtype=np.int32)
-    return operations, bins, signs
+@dataclass(frozen=True)
+class AutoAugment:
+    """Which automatic augmentation the train images get: `name` of AUTO_AUGMENTS, and for
+    RandAugment its number of operations per image and their magnitude bin."""
+
+    name: str = "none"
+    ops: int = 2
+    magnitude: int = 9
+
+    def check(self) -> None:
+        if self.name not in AUTO_AUGMENTS:
+            raise ValueError(f"data.auto_augment: {self.name!r} is not one of {list(AUTO_AUGMENTS)}")
+        if self.ops < 1:
+            raise ValueError(f"data.rand_augment_ops must be at least 1, got {self.ops}")
+        if not 0 <= self.magnitude < MAGNITUDE_BINS:
+            raise ValueError(
+                f"data.rand_augment_magnitude must be a bin from 0 to {MAGNITUDE_BINS - 1}, got {self.magnitude}"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.name != "none"
+
+    @property
+    def operations_per_image(self) -> int:
+        return self.ops if self.name == "rand_augment" else 1
+
+    def translate_range(self, image_size: int) -> tuple[float, float]:
+        """First and last translation in pixels, for images of `image_size`."""
+        if self.name == "rand_augment":
+            return 0.0, image_size * RAND_AUGMENT_TRANSLATE
+        return MAGNITUDES[self.name]["translate_x"]
+
+    def draw(self, count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per image and operation: operation index, magnitude bin and sign (1 = negated), int32
+        arrays of count x operations_per_image."""
+        shape = (count, self.operations_per_image)
+        if self.name == "trivial_augment_wide":
+            operations = rng.integers(0, len(OPERATIONS), count, dtype=np.int32)
+            bins = rng.integers(0, MAGNITUDE_BINS, count, dtype=np.int32)
+            signs = rng.integers(0, 2, count, dtype=np.int32)
+            return operations.reshape(shape), bins.reshape(shape), signs.reshape(shape)
+        operations = rng.integers(0, len(OPERATIONS), shape, dtype=np.int32)
+        signs = rng.integers(0, 2, shape, dtype=np.int32)
+        return operations, np.full(shape, self.magnitude, np.int32), signs
+
+    def magnitude_of(self, name: str, magnitude_bin: int, negate: int, image_size: int) -> float:
+        """The magnitude DALI's suite gives operation `name` at this bin and sign."""
+        if name in ("translate_x", "translate_y"):
+            first, last = self.translate_range(image_size)
+        elif name in MAGNITUDES[self.name]:
+            first, last = MAGNITUDES[self.name][name]
+        else:
+            return 0.0
+        value = float(np.linspace(first, last, MAGNITUDE_BINS)[magnitude_bin])
+        return -value if negate and name not in UNSIGNED else value
+
+    def apply(self, image: torch.Tensor, operations, bins, signs) -> torch.Tensor:
+        """One image's drawn operations in order, on a uint8 C x H x W square image."""
+        for operation, magnitude_bin, negate in zip(operations, bins, signs, strict=True):
+            name = OPERATIONS[int(operation)]
+            image = apply_operation(
+                image, name, self.magnitude_of(name, int(magnitude_bin), int(negate), image.shape[-1])
+            )
+        return image
 
 
-def magnitude(name: str, magnitude_bin: int, negate: int) -> float:
-    """The magnitude DALI's suite gives `name` at this bin and sign."""
-    if name not in MAGNITUDES:
-        return 0.0
-    value = float(np.linspace(*MAGNITUDES[name], MAGNITUDE_BINS)[magnitude_bin])
-    return -value if negate and name not in UNSIGNED else value
+NO_AUTO_AUGMENT = AutoAugment()
 
 
-def apply_operation(image: torch.Tensor, operation: int, magnitude_bin: int, negate: int) -> torch.Tensor:
-    """One TrivialAugment operation on a uint8 C x H x W image, with torchvision's kernels."""
-    name = OPERATIONS[operation]
-    m = magnitude(name, magnitude_bin, negate)
+def apply_operation(image: torch.Tensor, name: str, m: float) -> torch.Tensor:
+    """Operation `name` at magnitude `m` on a uint8 C x H x W image, with torchvision's kernels."""
     warp = {"interpolation": InterpolationMode.BILINEAR, "fill": FILL}
     if name in ("translate_x", "translate_y"):
         shift = [m, 0.0] if name == "translate_x" else [0.0, m]

@@ -18,7 +18,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from nvidia.dali.tensors import TensorCPU, TensorListCPU
 from PIL import Image
 
-from pipeline.auto_augment import draw_operations
+from pipeline.auto_augment import NO_AUTO_AUGMENT
 from pipeline.batch_stream import BatchStream, EncodedBatch
 from pipeline.dali_pipeline import imagenet_pipeline
 from pipeline.errors import SampleDecodeError
@@ -94,7 +94,7 @@ class DaliLoader(PartLoader):
         return heights, widths
 
     def _train_draws(self, batch: EncodedBatch, heights: np.ndarray, widths: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Crop windows and flips of a train batch (and TrivialAugment's draws), a function of
+        """Crop windows and flips of a train batch (and the auto-augmentation's draws), a function of
         (seed, epoch, rank, step) alone.
 
         Drawn here rather than by DALI's random operators, whose state lives in the pipeline: this
@@ -104,9 +104,9 @@ class DaliLoader(PartLoader):
         rng = np.random.default_rng([self.cfg.seed, batch.epoch, self.rank, batch.step])
         anchors, shapes = random_resized_crops(heights, widths, rng)
         flips = rng.integers(0, 2, len(batch.images), dtype=np.int32)
-        if self.cfg.auto_augment == "none":
+        if not self.cfg.augment.enabled:
             return anchors, shapes, flips
-        return anchors, shapes, flips, *draw_operations(len(batch.images), rng)
+        return anchors, shapes, flips, *self.cfg.augment.draw(len(batch.images), rng)
 
     def _pipeline_inputs(self, batch: EncodedBatch) -> tuple[TensorListCPU, ...]:
         """What the pipeline is handed for a batch: DALI tensor lists over the batch's own memory.
@@ -146,7 +146,7 @@ class DaliLoader(PartLoader):
             val_resize=self.val_resize_for(self.image_size),
             decode_on_gpu=self.decode_on_gpu,
             raw_pixels=self.table.raw_pixels,
-            auto_augment=self.train and self.cfg.auto_augment != "none",
+            auto_augment=self.cfg.augment if self.train else NO_AUTO_AUGMENT,
             hw_decoder_load=self.cfg.hw_decoder_load,
             # DALI has no bfloat16: half-width float16 out (normalized values fit it easily), cast after.
             output_float16=self.dtype in (torch.float16, torch.bfloat16),

@@ -15,9 +15,10 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 from nvidia.dali.auto_aug.augmentations import sharpness_kernel
 from nvidia.dali.auto_aug.core import augmentation, select, signed_bin
+from nvidia.dali.auto_aug.rand_augment import get_rand_augment_suite
 from nvidia.dali.auto_aug.trivial_augment import get_trivial_augment_wide_suite
 
-from pipeline.auto_augment import FILL, MAGNITUDE_BINS, OPERATIONS
+from pipeline.auto_augment import FILL, MAGNITUDE_BINS, MAGNITUDES, NO_AUTO_AUGMENT, OPERATIONS, AutoAugment
 from pipeline.transforms import PIXEL_MEAN, PIXEL_STD
 
 
@@ -49,10 +50,11 @@ def torchvision_center(length, crop: int):
     return anchor / dmath.max(margin, 1.0)
 
 
-@augmentation(mag_range=(0.01, 0.99), randomly_negate=True, mag_to_param=sharpness_kernel, param_device="auto")
+@augmentation(param_device="auto")
 def sharpness(data, kernel):
-    """The wide suite's sharpness on `fn.filter`: DALI's own still calls the deprecated alias
-    `fn.experimental.filter`, which prints a DeprecationWarning at every pipeline build."""
+    """The suites' sharpness on `fn.filter` (their magnitudes are given in `dali_suite`): DALI's own
+    still calls the deprecated alias `fn.experimental.filter`, which prints a DeprecationWarning at
+    every pipeline build."""
     return fn.filter(data, kernel)
 
 
@@ -62,29 +64,46 @@ def equalize(data, _):
     return fn.equalize(data)
 
 
-def trivial_augment(images, operations, magnitude_bins, signs):
-    """Each image through the operation of DALI's TrivialAugment Wide suite named by its index in
-    `OPERATIONS`, at its magnitude bin and sign (drawn by the loader, `pipeline.auto_augment`)."""
-    suite = {augmentation.name: augmentation for augmentation in get_trivial_augment_wide_suite()}
-    suite.update(sharpness=sharpness, equalize=equalize)
-    return select(
-        [suite[name] for name in OPERATIONS],
-        operations,
-        images,
-        magnitude_bin=signed_bin(magnitude_bins, signs),
-        num_magnitude_bins=MAGNITUDE_BINS,
-        fill_value=FILL,
-        interp_type=types.INTERP_LINEAR,
+def dali_suite(augment: AutoAugment, image_size: int) -> list:
+    """DALI's operations of `augment`'s suite, in the order of `OPERATIONS`, for images of `image_size`."""
+    if augment.name == "trivial_augment_wide":
+        suite = get_trivial_augment_wide_suite()
+    else:
+        suite = get_rand_augment_suite(use_shape=False, max_translate_abs=augment.translate_range(image_size)[1])
+    by_name = {operation.name: operation for operation in suite}
+    first, last = MAGNITUDES[augment.name]["sharpness"]
+    by_name.update(
+        sharpness=sharpness.augmentation(mag_range=(first, last), randomly_negate=True, mag_to_param=sharpness_kernel),
+        equalize=equalize,
     )
+    return [by_name[name] for name in OPERATIONS]
 
 
-def imagenet_pipeline(auto_augment: bool = False, **kwargs):
+def auto_augment_images(images, augment: AutoAugment, image_size: int, operations, magnitude_bins, signs):
+    """Each image through its drawn operations of DALI's suite, in order: per image, `operations`
+    (indices into `OPERATIONS`), `magnitude_bins` and `signs` hold one entry per operation (drawn by
+    the loader, `AutoAugment.draw`)."""
+    suite = dali_suite(augment, image_size)
+    for k in range(augment.operations_per_image):
+        images = select(
+            suite,
+            operations[k],
+            images,
+            magnitude_bin=signed_bin(magnitude_bins[k], signs[k]),
+            num_magnitude_bins=MAGNITUDE_BINS,
+            fill_value=FILL,
+            interp_type=types.INTERP_LINEAR,
+        )
+    return images
+
+
+def imagenet_pipeline(auto_augment: AutoAugment = NO_AUTO_AUGMENT, **kwargs):
     """The pipeline of `imagenet_graph`; `kwargs` are its arguments and `pipeline_def`'s.
 
-    Only with `auto_augment` is it built with conditionals (`trivial_augment` sends each image down
-    the branch of its operation): without, the graph is the one measured in docs/PERFORMANCE.md.
+    Only with an `auto_augment` is it built with conditionals (`select` sends each image down the
+    branch of its operation): without, the graph is the one measured in docs/PERFORMANCE.md.
     """
-    return pipeline_def(imagenet_graph, enable_conditionals=auto_augment)(auto_augment=auto_augment, **kwargs)
+    return pipeline_def(imagenet_graph, enable_conditionals=auto_augment.enabled)(auto_augment=auto_augment, **kwargs)
 
 
 def imagenet_graph(
@@ -96,7 +115,7 @@ def imagenet_graph(
     hw_decoder_load: float,
     output_float16: bool,
     raw_pixels: bool = False,
-    auto_augment: bool = False,
+    auto_augment: AutoAugment = NO_AUTO_AUGMENT,
 ):
     """Returns (images HWC normalized, labels); labels are moved to the GPU with the images.
 
@@ -105,9 +124,9 @@ def imagenet_graph(
     the labels (int64), and for train also each crop's (x, y) anchor and (width, height) in pixels
     (float32) and whether to flip it (int32). The graph itself draws nothing at random: crops and
     flips come from the source, so they do not depend on the pipeline's lifetime or on the
-    decoding device. With `raw_pixels` the images are HWC uint8 pixels, not encoded bytes. With
-    `auto_augment` train also takes each image's TrivialAugment operation, magnitude bin and sign
-    (int32 each).
+    decoding device. With `raw_pixels` the images are HWC uint8 pixels, not encoded bytes. With an
+    `auto_augment` train also takes each image's operations, magnitude bins and signs (int32 arrays
+    of one entry per operation).
     """
     decoder_device = "mixed" if decode_on_gpu else "cpu"
     # EXIF orientation is ignored, as PIL and torchvision (and so every published ImageNet result)
@@ -118,7 +137,7 @@ def imagenet_graph(
     dtype = types.FLOAT16 if output_float16 else types.FLOAT
     if train:
         dtypes = [types.UINT8, types.INT64, types.FLOAT, types.FLOAT, types.INT32]
-        if auto_augment:
+        if auto_augment.enabled:
             dtypes += [types.INT32] * 3
         stored, labels, crop_anchor, crop_shape, flip, *operations = fn.external_source(
             source=source, num_outputs=len(dtypes), batch=True, no_copy=True, dtype=dtypes
@@ -135,8 +154,8 @@ def imagenet_graph(
                 stored, crop_anchor, crop_shape, device=decoder_device, **window, **decode_args
             )
         images = fn.resize(images, resize_x=image_size, resize_y=image_size, interp_type=types.INTERP_LINEAR)
-        if auto_augment:
-            images = trivial_augment(images, *operations)
+        if auto_augment.enabled:
+            images = auto_augment_images(images, auto_augment, image_size, *operations)
         images = fn.crop_mirror_normalize(
             images, dtype=dtype, output_layout="HWC", mean=list(PIXEL_MEAN), std=list(PIXEL_STD), mirror=flip
         )

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.auto_augment import AUTO_AUGMENTS
+from pipeline.auto_augment import AutoAugment
 from pipeline.split import RankPart, rank_part
 from pipeline.transforms import DEFAULT_CROP_PCT, DTYPES, val_resize_size
 
@@ -47,12 +47,17 @@ class LoaderConfig:
     seed: int = 0
     synthetic_steps: int = 100  # steps per epoch of the synthetic backend without shards
     auto_augment: str = "none"  # train only: one of AUTO_AUGMENTS (pipeline/auto_augment.py)
+    rand_augment_ops: int = 2  # RandAugment: operations per image
+    rand_augment_magnitude: int = 9  # RandAugment: magnitude bin of each, 0-30
+
+    @property
+    def augment(self) -> AutoAugment:
+        return AutoAugment(self.auto_augment, self.rand_augment_ops, self.rand_augment_magnitude)
 
     def check(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"data.backend: {self.backend!r} is not one of {list(BACKENDS)}")
-        if self.auto_augment not in AUTO_AUGMENTS:
-            raise ValueError(f"data.auto_augment: {self.auto_augment!r} is not one of {list(AUTO_AUGMENTS)}")
+        self.augment.check()
         if self.dtype not in DTYPES:
             raise ValueError(f"data.dtype: {self.dtype!r} is not one of {list(DTYPES)}")
         for name in ("batch_size", "image_size", "val_image_size", "workers", "prefetch"):

@@ -107,7 +107,7 @@ class TorchShardLoader(PartLoader):
         generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch * 10_007 + self.rank)
         if self.train:
             rows = rows[torch.randperm(len(rows), generator=generator).numpy()]
-            transform = torchvision_train_transform(self.image_size, self.cfg.auto_augment)
+            transform = torchvision_train_transform(self.image_size, self.cfg.augment)
         else:
             transform = torchvision_val_transform(self.image_size, self.cfg.crop_pct)
         batches = DataLoader(

@@ -1,7 +1,7 @@
 """The augmentation spec shared by every backend, and its torchvision form.
 
 Train: random-resized-crop (area 8-100%, aspect 3/4-4/3) to `size`, horizontal flip, optionally
-TrivialAugment Wide (`pipeline/auto_augment.py`), normalize.
+TrivialAugment Wide or RandAugment (`pipeline/auto_augment.py`), normalize.
 Val: resize the shorter side to size / crop_pct (256 for 224), center crop `size`, normalize.
 """
 
@@ -14,7 +14,7 @@ import torch
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
-from pipeline.auto_augment import FILL
+from pipeline.auto_augment import FILL, NO_AUTO_AUGMENT, AutoAugment
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -33,15 +33,18 @@ def val_resize_size(crop_size: int, crop_pct: float = DEFAULT_CROP_PCT) -> int:
     return int(round(crop_size / crop_pct))
 
 
-def torchvision_train_transform(size: int, auto_augment: str = "none") -> transforms.Compose:
-    """The train spec on PIL images; with `auto_augment` "trivial_augment_wide" torchvision's own
-    TrivialAugmentWide after the flip, as torchvision's reference recipes place it."""
+def torchvision_train_transform(size: int, auto_augment: AutoAugment = NO_AUTO_AUGMENT) -> transforms.Compose:
+    """The train spec on PIL images; with an `auto_augment` torchvision's own TrivialAugmentWide or
+    RandAugment after the flip, as torchvision's reference recipes place them."""
     steps = [
         transforms.RandomResizedCrop(size, scale=RRC_AREA, ratio=RRC_ASPECT_RATIO, antialias=True),
         transforms.RandomHorizontalFlip(),
     ]
-    if auto_augment == "trivial_augment_wide":
-        steps.append(transforms.TrivialAugmentWide(interpolation=InterpolationMode.BILINEAR, fill=[FILL] * 3))
+    warp = {"interpolation": InterpolationMode.BILINEAR, "fill": [FILL] * 3}
+    if auto_augment.name == "trivial_augment_wide":
+        steps.append(transforms.TrivialAugmentWide(**warp))
+    elif auto_augment.name == "rand_augment":
+        steps.append(transforms.RandAugment(auto_augment.ops, auto_augment.magnitude, **warp))
     steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     return transforms.Compose(steps)
 

@@ -28,7 +28,6 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.v2 import functional as F
 
-from pipeline.auto_augment import apply_operation, draw_operations
 from pipeline.errors import SampleDecodeError
 from pipeline.loader import LoaderConfig, PartLoader
 from pipeline.sample_table import SampleReader, SampleTable, shard_table
@@ -164,14 +163,14 @@ class Uint8Batches(Dataset):
             rng = np.random.default_rng([self.cfg.seed, epoch, self.rank, step])
             anchors, shapes = random_resized_crops(heights, widths, rng)
             flips = rng.integers(0, 2, len(rows), dtype=np.int32)
-            augment = self.cfg.auto_augment != "none"
-            operations = draw_operations(len(rows), rng) if augment else None
+            augment = self.cfg.augment
+            operations = augment.draw(len(rows), rng) if augment.enabled else None
             for i, (row, s) in enumerate(zip(rows, stored, strict=True)):
                 (x, y), (w, h) = anchors[i].astype(int), shapes[i].astype(int)
                 crop = _channels_first(self._pixels(row, s)[y : y + h, x : x + w])
                 resized = F.resize(crop, [size, size], antialias=True)
-                if augment:
-                    resized = apply_operation(resized, *(int(draws[i]) for draws in operations))
+                if augment.enabled:
+                    resized = augment.apply(resized, *(draws[i] for draws in operations))
                 resized = resized.permute(1, 2, 0)
                 images[i] = resized.flip(1) if flips[i] else resized
         else:

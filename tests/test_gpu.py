@@ -44,12 +44,13 @@ def test_dali_gpu_matches_dali_cpu(photo_shards, split):
     assert_dali_gpu_matches_dali_cpu(photo_shards, split)
 
 
+@pytest.mark.parametrize("suite", ["trivial_augment_wide", "rand_augment"])
 @pytest.mark.parametrize("stored", ["jpeg", "raw"])
-def test_trivial_augment_on_dali_gpu_matches_dali_cpu(raw_and_jpeg_shards, stored):
+def test_auto_augment_on_dali_gpu_matches_dali_cpu(raw_and_jpeg_shards, stored, suite):
     """The operations are drawn on the host: the GPU graph applies the CPU graph's, with DALI's GPU
     kernels (not yet run on a GPU when written, 2026-12-06)."""
     raw, jpeg = raw_and_jpeg_shards
-    assert_dali_gpu_matches_dali_cpu(raw if stored == "raw" else jpeg, "train", "trivial_augment_wide")
+    assert_dali_gpu_matches_dali_cpu(raw if stored == "raw" else jpeg, "train", suite)
 
 
 def test_exact_eval_on_gpu_equals_cpu(photo_shards, tmp_path):

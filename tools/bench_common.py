@@ -52,7 +52,10 @@ def bench_shards(workdir: str | Path, copies: int, workers: int) -> Path:
 
 HW_LOAD_HELP = "dali-gpu: share of JPEGs for the hardware decoder; a comma list measures each (e.g. 0.65,1.0)"
 WORKERS_HELP = "DALI threads / DataLoader workers; a comma list measures the DALI backends with each"
-AUTO_AUGMENT_HELP = "train augmentation (data.auto_augment); a comma list measures each, e.g. none,trivial_augment_wide"
+AUTO_AUGMENT_HELP = (
+    "train augmentation (data.auto_augment; rand_augment with 2 operations at bin 9); a comma list measures each, "
+    "e.g. none,trivial_augment_wide"
+)
 # tools.bench_train's feeds besides the project's loaders: BASELINES.md's plain DALI pipeline
 # (tools.bench_dali_reference), and images decoded once, augmented as raw pixels (tools.predecoded_loader)
 REFERENCE_BACKENDS = ("dali-reference",)
@@ -109,7 +112,7 @@ def loader_runs(
                         name += f" {workers} threads"
                     settings = {"workers": workers} if load is None else {"workers": workers, "hw_decoder_load": load}
                     if augment not in (None, "none"):
-                        name += " +TA" if augment == "trivial_augment_wide" else f" +{augment}"
+                        name += {"trivial_augment_wide": " +TA", "rand_augment": " +RA"}[augment]
                         settings["auto_augment"] = augment
                     runs.append((backend, settings, name))
     return runs

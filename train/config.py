@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.auto_augment import AUTO_AUGMENTS
+from pipeline.auto_augment import AUTO_AUGMENTS, AutoAugment
 from pipeline.loader import BACKENDS, LoaderConfig
 from pipeline.transforms import DEFAULT_CROP_PCT
 from train.model import FIXED_SIZE_KEYWORDS, MODEL_NAMES, RESNET_FAMILY
@@ -60,9 +60,11 @@ class DataConfig:
     crop_pct: float = option(DEFAULT_CROP_PCT, "val: resize to size / crop_pct, then center crop")
     auto_augment: str = option(
         "none",
-        "train: trivial_augment_wide (TrivialAugment Wide after the flip, as torchvision's recipes)",
+        "train: trivial_augment_wide (TrivialAugment Wide after the flip, as torchvision's recipes) or rand_augment",
         AUTO_AUGMENTS,
     )
+    rand_augment_ops: int = option(2, "rand_augment: operations applied to each image, in a row (torchvision: 2)")
+    rand_augment_magnitude: int = option(9, "rand_augment: magnitude bin of every operation, 0-30 (torchvision: 9)")
 
 
 @dataclass
@@ -185,6 +187,8 @@ class Config:
             prefetch=self.data.prefetch,
             seed=self.train.seed,
             auto_augment=self.data.auto_augment,
+            rand_augment_ops=self.data.rand_augment_ops,
+            rand_augment_magnitude=self.data.rand_augment_magnitude,
         )
 
     def to_dict(self) -> dict:
@@ -343,3 +347,8 @@ def _check(config: Config) -> None:
         raise ConfigError(f"optim.random_erase: must be a probability in [0, 1], got {config.optim.random_erase}")
     if not 0.0 <= config.optim.ema_decay < 1.0:
         raise ConfigError(f"optim.ema_decay: must be in [0, 1), got {config.optim.ema_decay}")
+    data = config.data
+    try:
+        AutoAugment(data.auto_augment, data.rand_augment_ops, data.rand_augment_magnitude).check()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None

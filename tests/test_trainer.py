@@ -75,9 +75,13 @@ def test_two_process_run_logs_evaluates_and_checkpoints(two_process_run):
     assert "training resnet18 on 2 process(es)" in result.stdout
     assert "epoch 1 val: acc1" in result.stdout and " px, each also mirrored)" in result.stdout
     assert "epoch 0 took " in result.stdout and " left for 1 epoch(s) at this pace" in result.stdout
+    assert re.search(r"\| data \d+\.\d \(max \d+\.\d on rank [01]\) fwd ", result.stdout), result.stdout
     assert (run_dir / "config.yaml").is_file() and (run_dir / "code_version.txt").is_file()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("train/loss" in r for r in records) and sum("val/acc1" in r for r in records) == 2
+    for record in (r for r in records if "train/loss" in r):
+        assert record["train/data_slowest_rank"] in (0, 1)
+        assert record["train/data_time_fraction"] <= record["train/data_time_fraction_max"] <= 1.0
     checkpoint = load_checkpoint(run_dir / "last.pt")
     assert checkpoint["epoch"] == 2 and checkpoint["world_size"] == 2 and len(checkpoint["rng"]) == 2
     assert not any(key.startswith("module.") for key in checkpoint["model"])
@@ -87,6 +91,31 @@ def test_two_process_run_logs_evaluates_and_checkpoints(two_process_run):
     assert kept == ["epoch-1.pt", "epoch-2.pt"], "checkpoint.keep_every_epochs=1 keeps each epoch's last.pt"
     assert load_checkpoint(run_dir / "epoch-1.pt")["epoch"] == 1, "not replaced when last.pt is"
     assert (run_dir / "epoch-2.pt").read_bytes() == (run_dir / "last.pt").read_bytes()
+
+
+def test_the_log_window_gathers_each_ranks_wait_for_data(tmp_path):
+    """A rank that waits longer for its data (a slower disk or fewer cores on its node) holds the
+    others back at the all-reduce; the log names it. Two gloo ranks, each its own wait and losses."""
+    script = tmp_path / "window.py"
+    script.write_text(
+        "import json, torch\n"
+        "from train.distributed import setup_distributed, teardown_distributed\n"
+        "from train.signals import StopRequest\n"
+        "from train.trainer import LogWindow\n"
+        "ctx = setup_distributed()\n"
+        "window = LogWindow(4, ctx, start_step=10)\n"
+        "for step in range(10, 13):\n"
+        "    window.record(step, torch.tensor(float(ctx.rank + 1)), images=8)\n"
+        "stats = window.reduce(13, StopRequest(1.0), data_ms=[4.0, 40.0][ctx.rank])\n"
+        f"path = {str(tmp_path)!r} + f'/rank-{{ctx.rank}}.json'\n"
+        "open(path, 'w').write(json.dumps({'data': stats['data_ms_by_rank'], 'loss': stats['loss']}))\n"
+        "teardown_distributed(ctx)\n"
+    )
+    result = torchrun(str(script), timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"rank-{rank}.json").read_text())
+        assert report["data"] == [4.0, 40.0] and report["loss"] == 1.5
 
 
 def test_two_processes_train_from_raw_pixels_with_torch_uint8(raw_and_jpeg_shards, tmp_path):

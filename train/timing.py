@@ -60,6 +60,10 @@ class PhaseTimer:
     def step_done(self) -> None:
         self.steps += 1
 
+    def data_ms(self) -> float:
+        """Mean host wait for data per optimizer step since the last summary (no sync needed)."""
+        return self.host_data_s * 1000.0 / max(self.steps, 1)
+
     def summary(self) -> dict[str, float]:
         """Mean milliseconds per optimizer step for each phase since the last summary (call after a sync)."""
         totals = dict.fromkeys(PHASES, 0.0)

@@ -310,7 +310,7 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
 
     def flush_window(epoch: int, lr: float) -> bool:
         """Host sync point: reduce and log the window, stop on a non-finite loss; True if a rank was signalled."""
-        stats = window.reduce(position["global_step"], stop)
+        stats = window.reduce(position["global_step"], stop, timer.data_ms())
         if stats["first_nonfinite_step"] is not None:
             raise NonFiniteLoss(
                 f"loss became non-finite at step {stats['first_nonfinite_step']} (epoch {epoch}); stopped "
@@ -469,21 +469,26 @@ class LogWindow:
     def steps(self, global_step: int) -> int:
         return global_step - self.start
 
-    def reduce(self, global_step: int, stop: StopRequest) -> dict:
-        """Across ranks: mean loss, first non-finite step (or None), whether any rank was signalled."""
+    def reduce(self, global_step: int, stop: StopRequest, data_ms: float = 0.0) -> dict:
+        """Across ranks: mean loss, first non-finite step (or None), whether any rank was signalled,
+        and each rank's mean wait for data (`data_ms`, this rank's), in one all-reduce."""
         steps = self.steps(global_step)
         losses = self.losses[:steps]
         finite = torch.isfinite(losses)
         positions = torch.arange(steps, device=losses.device, dtype=torch.float64)
         first_bad = torch.where(finite, math.inf, positions).min() + self.start
         stop_vote = torch.tensor(float(stop.requested), device=losses.device, dtype=torch.float64)
-        sums = torch.stack([losses.nan_to_num(0.0, 0.0, 0.0).double().sum(), (~finite).double().sum(), stop_vote])
+        data_waits = torch.zeros(self.ctx.world_size, device=losses.device, dtype=torch.float64)
+        data_waits[self.ctx.rank] = data_ms  # every other rank adds 0 here: the sum is each rank's own
+        counts = torch.stack([losses.nan_to_num(0.0, 0.0, 0.0).double().sum(), (~finite).double().sum(), stop_vote])
+        sums = torch.cat([counts, data_waits])
         all_reduce_sum(sums, self.ctx)
         if self.ctx.distributed:
             torch.distributed.all_reduce(first_bad, op=torch.distributed.ReduceOp.MIN)
-        loss_sum, nonfinite, stop_votes = sums.tolist()  # the host sync point
+        loss_sum, nonfinite, stop_votes, *data_ms_by_rank = sums.tolist()  # the host sync point
         seconds = time.perf_counter() - self.clock
         return {
+            "data_ms_by_rank": data_ms_by_rank,
             "loss": loss_sum / (steps * self.ctx.world_size),  # mean over the window's steps and the ranks
             "first_nonfinite_step": int(first_bad.item()) if nonfinite else None,
             "stop": stop_votes > 0,
@@ -497,19 +502,31 @@ class LogWindow:
 
 
 def _log_train(log, epoch: int, position: dict, steps_per_epoch: int, window: dict, phases: dict, sync_ms, lr) -> None:
+    data_ms_by_rank = window["data_ms_by_rank"]
+    slowest = max(range(len(data_ms_by_rank)), key=data_ms_by_rank.__getitem__)
+    # A rank that waits for data far longer than rank 0 (a node with a slow disk or too few cores)
+    # holds every rank back at the gradient all-reduce: named here, or it would show only as `sync`.
+    slowest_text = f" (max {data_ms_by_rank[slowest]:.1f} on rank {slowest})" if len(data_ms_by_rank) > 1 else ""
     log.line(
         f"epoch {epoch} step {position['step_in_epoch']}/{steps_per_epoch} | loss {window['loss']:.4f} | "
-        f"data {phases['data']:.1f} fwd {phases['forward']:.1f} bwd {phases['backward']:.1f} "
+        f"data {phases['data']:.1f}{slowest_text} fwd {phases['forward']:.1f} bwd {phases['backward']:.1f} "
         f"sync {sync_ms:.1f} opt {phases['optimizer']:.1f} ms | lr {lr:.4g} | {window['images_per_s']:.0f} img/s"
         + (f" | peak mem {window['gpu_memory_gib']:.1f} GiB" if window["gpu_memory_gib"] is not None else "")
     )
+
+    def fraction(data_ms: float) -> float:
+        return min(1.0, data_ms / max(window["step_ms"], 1e-9))
+
     scalars = {
         "train/loss": window["loss"],
         "train/lr": lr,
         "train/images_per_s": window["images_per_s"],
-        "train/data_time_fraction": min(1.0, phases["data"] / max(window["step_ms"], 1e-9)),  # rank 0's
+        "train/data_time_fraction": fraction(phases["data"]),  # rank 0's
         "epoch": epoch,
     }
+    if len(data_ms_by_rank) > 1:
+        scalars["train/data_time_fraction_max"] = fraction(data_ms_by_rank[slowest])
+        scalars["train/data_slowest_rank"] = slowest
     if window["gpu_memory_gib"] is not None:
         scalars["train/gpu_memory_gib"] = window["gpu_memory_gib"]  # rank 0's
     log.scalars(position["global_step"], scalars)

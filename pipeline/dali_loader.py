@@ -25,6 +25,7 @@ from pipeline.errors import SampleDecodeError
 from pipeline.loader import LoaderConfig, PartLoader
 from pipeline.sample_table import SampleTable, file_table, shard_table
 from pipeline.shard_set import ShardError, ShardSet
+from pipeline.split import shuffle_key
 from pipeline.transforms import random_resized_crops
 from shards.image_header import UnreadableHeader, encoded_image_size, ppm_pixels
 
@@ -71,7 +72,8 @@ class DaliLoader(PartLoader):
 
     def _epoch_rows(self, epoch: int) -> np.ndarray:
         """Table rows of the rank's part of `epoch`, in reading order: shuffled per sample for train."""
-        return self.table.reading_order(self._part(epoch), self.train, self.cfg.seed, epoch, self.rank)
+        key = shuffle_key(self.rank, self.cfg.aug_repeats)
+        return self.table.reading_order(self._part(epoch), self.train, self.cfg.seed, epoch, key)
 
     def _image_sizes(self, batch: EncodedBatch) -> tuple[np.ndarray, np.ndarray]:
         """Heights and widths of a batch's images: from the table, or on first read from their headers.

@@ -46,6 +46,8 @@ class LoaderConfig:
     prefetch: int = 2  # batches prepared ahead of the training step
     seed: int = 0
     synthetic_steps: int = 100  # steps per epoch of the synthetic backend without shards
+    # Train only: each epoch's samples come this many times, to as many ranks (pipeline/split.py).
+    aug_repeats: int = 1
     auto_augment: str = "none"  # train only: one of AUTO_AUGMENTS (pipeline/auto_augment.py)
     rand_augment_ops: int = 2  # RandAugment: operations per image
     rand_augment_magnitude: int = 9  # RandAugment: magnitude bin of each, 0-30
@@ -60,7 +62,7 @@ class LoaderConfig:
         self.augment.check()
         if self.dtype not in DTYPES:
             raise ValueError(f"data.dtype: {self.dtype!r} is not one of {list(DTYPES)}")
-        for name in ("batch_size", "image_size", "val_image_size", "workers", "prefetch"):
+        for name in ("batch_size", "image_size", "val_image_size", "workers", "prefetch", "aug_repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be at least 1, got {getattr(self, name)}")
         if not 0.0 <= self.hw_decoder_load <= 1.0:
@@ -121,7 +123,16 @@ class PartLoader(Loader):
         self.part = self._part(0)  # raises now if the split cannot feed every rank
 
     def _part(self, epoch: int) -> RankPart:
-        return rank_part(self.sizes, self.train, self.rank, self.world_size, self.batch_size, epoch, self.cfg.seed)
+        return rank_part(
+            self.sizes,
+            self.train,
+            self.rank,
+            self.world_size,
+            self.batch_size,
+            epoch,
+            self.cfg.seed,
+            self.cfg.aug_repeats,
+        )
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)

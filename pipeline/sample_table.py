@@ -69,19 +69,20 @@ class SampleTable:
         return np.diff(np.append(self.first_row, len(self))).tolist()
 
     def rows(self, part: RankPart) -> np.ndarray:
-        """Row numbers of a rank's part, in the part's order."""
+        """Row numbers of a rank's part, in the part's order (its picks of them, if it has any)."""
         if not part.pieces:
             return np.zeros(0, np.int64)
-        return np.concatenate(
+        rows = np.concatenate(
             [np.arange(p.start, p.stop, dtype=np.int64) + self.first_row[p.shard] for p in part.pieces]
         )
+        return rows if part.picks is None else rows[np.asarray(part.picks, dtype=np.int64)]
 
-    def reading_order(self, part: RankPart, train: bool, seed: int, epoch: int, rank: int) -> np.ndarray:
+    def reading_order(self, part: RankPart, train: bool, seed: int, epoch: int, shuffle_key: int) -> np.ndarray:
         """Row numbers of a rank's part in the order the DALI and torch-uint8 backends read them:
-        for train shuffled per sample, seeded by (seed, epoch, rank)."""
+        for train shuffled per sample, seeded by (seed, epoch, shuffle_key) (`shuffle_key(...)`)."""
         rows = self.rows(part)
         if train:
-            rows = rows[np.random.default_rng([seed, epoch, rank]).permutation(len(rows))]
+            rows = rows[np.random.default_rng([seed, epoch, shuffle_key]).permutation(len(rows))]
         return rows
 
     def describe(self, row: int) -> str:

@@ -26,21 +26,36 @@ class Piece:
 class RankPart:
     pieces: list[Piece]  # read in this order
     real_samples: int  # the first `real_samples` are real; the rest are padding (val only)
+    # With repeated augmentation: the positions in the pieces' samples that this rank reads, in
+    # order (a sample may come twice); None: all of them, once each.
+    picks: tuple[int, ...] | None = None
 
     @property
     def samples(self) -> int:
-        return sum(len(p) for p in self.pieces)
+        return len(self.picks) if self.picks is not None else sum(len(p) for p in self.pieces)
 
 
-def split_train(shard_sizes: list[int], rank: int, world_size: int, batch_size: int, epoch: int, seed: int) -> RankPart:
+def split_train(
+    shard_sizes: list[int], rank: int, world_size: int, batch_size: int, epoch: int, seed: int, repeats: int = 1
+) -> RankPart:
     """This rank's training samples for `epoch`.
 
     The shards are put in a seeded random order for the epoch and the concatenated sequence is
     rotated by a seeded offset; each rank then takes an equal contiguous block, a whole number of
     batches long. Fewer than world_size * batch_size samples are dropped, and which ones changes
     with the epoch. Every rank gets the same number of samples, so the same number of steps.
+
+    With `repeats` > 1 (repeated augmentation, as torchvision's RASampler and timm's `aug_repeats`),
+    the ranks take as many samples as without, but only 1/repeats as many distinct ones: a block
+    from the same rotated sequence, each sample of it repeated `repeats` times in a row and the
+    copies dealt to the ranks in turn. So the copies of a sample go to consecutive ranks (to one
+    rank more than once when there are fewer ranks than repeats), each to be cropped and augmented
+    its own way; when `repeats` divides the world size, ranks r and r' with r // repeats ==
+    r' // repeats read the same samples. The next epochs' blocks start elsewhere.
     """
     _check_rank(rank, world_size, batch_size)
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
     total = sum(shard_sizes)
     per_rank = total // (world_size * batch_size) * batch_size
     if per_rank == 0:
@@ -52,6 +67,10 @@ def split_train(shard_sizes: list[int], rank: int, world_size: int, batch_size: 
     rng.shuffle(order)
     offset = rng.randrange(total)
     sequence = [(s, 0, shard_sizes[s]) for s in order if shard_sizes[s] > 0]
+    if repeats > 1:
+        distinct = -(-per_rank * world_size // repeats)
+        picks = tuple((rank + step * world_size) // repeats for step in range(per_rank))
+        return RankPart(_take(sequence, total, offset, distinct), per_rank, picks)
     pieces = _take(sequence, total, offset + rank * per_rank, per_rank)
     rng_rank = random.Random(f"{seed}-{epoch}-{rank}")
     rng_rank.shuffle(pieces)  # read this rank's pieces in a different order every epoch
@@ -80,12 +99,26 @@ def split_val(shard_sizes: list[int], rank: int, world_size: int, batch_size: in
 
 
 def rank_part(
-    shard_sizes: list[int], train: bool, rank: int, world_size: int, batch_size: int, epoch: int, seed: int
+    shard_sizes: list[int],
+    train: bool,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    epoch: int,
+    seed: int,
+    repeats: int = 1,
 ) -> RankPart:
     """The rank's part of `epoch`: `split_train`'s, or `split_val`'s (the same in every epoch)."""
     if train:
-        return split_train(shard_sizes, rank, world_size, batch_size, epoch, seed)
+        return split_train(shard_sizes, rank, world_size, batch_size, epoch, seed, repeats)
     return split_val(shard_sizes, rank, world_size, batch_size)
+
+
+def shuffle_key(rank: int, repeats: int = 1) -> int:
+    """What seeds a rank's reading order of its train samples besides seed and epoch: the rank, or
+    with repeated augmentation its group of `repeats` ranks, so that ranks given the same samples
+    read them in the same order (the copies of a sample in the same step, as with RASampler)."""
+    return rank // repeats
 
 
 def _take(sequence: list[tuple[int, int, int]], total: int, start: int, count: int) -> list[Piece]:

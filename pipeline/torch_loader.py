@@ -24,6 +24,7 @@ from pipeline.errors import SampleDecodeError
 from pipeline.loader import LoaderConfig, PartLoader
 from pipeline.sample_table import SampleReader, SampleTable, shard_table
 from pipeline.shard_set import ShardSet
+from pipeline.split import shuffle_key
 from pipeline.transforms import to_training_layout, torchvision_train_transform, torchvision_val_transform
 
 # Set by the main process as it exits; handed to its DataLoader workers by `outlive_job_signals`
@@ -104,9 +105,15 @@ class TorchShardLoader(PartLoader):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         rows = self.table.rows(self.part)
-        generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch * 10_007 + self.rank)
+
+        def generator(key: int) -> torch.Generator:
+            return torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch * 10_007 + key)
+
         if self.train:
-            rows = rows[torch.randperm(len(rows), generator=generator).numpy()]
+            # Ranks given the same samples (repeated augmentation) read them in the same order, but
+            # the workers' seeds, so the crops, come from the rank's own generator.
+            order = torch.randperm(len(rows), generator=generator(shuffle_key(self.rank, self.cfg.aug_repeats)))
+            rows = rows[order.numpy()]
             transform = torchvision_train_transform(self.image_size, self.cfg.augment)
         else:
             transform = torchvision_val_transform(self.image_size, self.cfg.crop_pct)
@@ -118,7 +125,7 @@ class TorchShardLoader(PartLoader):
             num_workers=self.cfg.workers,
             pin_memory=self.device.type == "cuda",
             prefetch_factor=self.cfg.prefetch if self.cfg.workers > 0 else None,
-            generator=generator,
+            generator=generator(self.rank),
             worker_init_fn=outlive_job_signals,
         )
         for step, (images, labels) in enumerate(stop_workers_on_error(iter(batches))):

@@ -32,7 +32,7 @@ from pipeline.errors import SampleDecodeError
 from pipeline.loader import LoaderConfig, PartLoader
 from pipeline.sample_table import SampleReader, SampleTable, shard_table
 from pipeline.shard_set import ShardSet
-from pipeline.split import rank_part
+from pipeline.split import rank_part, shuffle_key
 from pipeline.torch_loader import outlive_job_signals, stop_workers_on_error
 from pipeline.transforms import PIXEL_MEAN, PIXEL_STD, random_resized_crops, val_resize_size
 from shards.image_header import UnreadableHeader, encoded_image_size, ppm_pixels
@@ -141,10 +141,12 @@ class Uint8Batches(Dataset):
     def epoch_rows(self, epoch: int) -> np.ndarray:
         """Table rows of the rank's part of `epoch`, in the DALI backends' reading order (kept per epoch)."""
         if epoch != self._rows_epoch:
+            repeats = self.cfg.aug_repeats
             part = rank_part(
-                self.table.sizes, self.train, self.rank, self.world_size, self.batch_size, epoch, self.cfg.seed
+                self.table.sizes, self.train, self.rank, self.world_size, self.batch_size, epoch, self.cfg.seed, repeats
             )
-            self._rows = self.table.reading_order(part, self.train, self.cfg.seed, epoch, self.rank)
+            key = shuffle_key(self.rank, repeats)
+            self._rows = self.table.reading_order(part, self.train, self.cfg.seed, epoch, key)
             self._rows_epoch = epoch
         return self._rows
 

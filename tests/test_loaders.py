@@ -96,6 +96,22 @@ def test_val_labels_in_order_with_padding_marked(photo_shards, backend, world_si
     assert seen == stored, "every val sample exactly once, in order"
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_repeated_augmentation_gives_a_group_of_ranks_the_same_samples_cropped_apart(photo_shards, backend):
+    """data.aug_repeats=2 on two ranks: both read the same samples in the same order (the split's
+    promise, in each backend's reading order), as many steps as without, each rank its own crops."""
+    plain = create_loader(str(photo_shards), "train", config(backend), 0, 2)
+    loaders = [create_loader(str(photo_shards), "train", config(backend, aug_repeats=2), r, 2) for r in (0, 1)]
+    assert loaders[0].steps_per_epoch == loaders[1].steps_per_epoch == plain.steps_per_epoch > 0
+    plain.close()
+    epoch = [collect(loader, epoch=1) for loader in loaders]
+    for (images_0, labels_0), (images_1, labels_1) in zip(*epoch, strict=True):
+        assert torch.equal(labels_0, labels_1)
+        assert (images_0 - images_1).abs().mean(dim=(1, 2, 3)).min() > 0.05, "each copy cropped its own way"
+    labels = Counter(label for _, labels in epoch[0] for label in labels.tolist())
+    assert len(labels) > 1
+
+
 @pytest.mark.parametrize("backend", ["torch", "torch-uint8"])
 def test_backends_agree_with_dali_cpu_on_val_images(photo_shards, backend):
     outputs = {}

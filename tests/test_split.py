@@ -13,7 +13,9 @@ WORLD_SIZES = [1, 2, 3, 4, 7]
 
 
 def samples_of(part) -> list[tuple[int, int]]:
-    return [(p.shard, i) for p in part.pieces for i in range(p.start, p.stop)]
+    """(shard, sample) of each sample the rank reads, in its order (its picks, if it has any)."""
+    samples = [(p.shard, i) for p in part.pieces for i in range(p.start, p.stop)]
+    return samples if part.picks is None else [samples[k] for k in part.picks]
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
@@ -34,6 +36,38 @@ def test_train_epoch_reads_each_sample_at_most_once_with_equal_steps(world_size,
         dropped_sets.append(frozenset(all_samples - set(read)))
     if world_size * batch_size > 1 and total % (world_size * batch_size):
         assert len(set(dropped_sets)) > 1, "the dropped samples change from epoch to epoch"
+
+
+@pytest.mark.parametrize("world_size", [*WORLD_SIZES, 8])
+@pytest.mark.parametrize("repeats", [2, 3, 4])
+def test_repeated_augmentation_deals_each_sample_to_repeats_ranks(world_size, repeats):
+    """As many samples per rank as without repeats; 1/repeats as many distinct ones, each read
+    `repeats` times (the last one of the block maybe fewer), by as many ranks when there are enough;
+    another block every epoch."""
+    batch_size = 4
+    blocks = []
+    for epoch in range(3):
+        plain = split_train(SHARD_SIZES, 0, world_size, batch_size, epoch, seed=5)
+        parts = [split_train(SHARD_SIZES, r, world_size, batch_size, epoch, 5, repeats) for r in range(world_size)]
+        assert {part.samples for part in parts} == {plain.samples}, "same steps as without repeats"
+        lists = [samples_of(part) for part in parts]
+        read = Counter(s for samples in lists for s in samples)
+        assert read.total() == plain.samples * world_size
+        assert len(read) == -(-read.total() // repeats)
+        counts = sorted(read.values())
+        assert counts[1:] == [repeats] * (len(read) - 1) and 1 <= counts[0] <= repeats
+        if world_size >= repeats:  # the copies of a sample go to different ranks
+            assert all(len(set(samples)) == len(samples) for samples in lists)
+        if world_size % repeats == 0:  # ... and, in groups of `repeats` ranks, at the same position
+            for rank in range(world_size):
+                assert lists[rank] == lists[rank - rank % repeats]
+        blocks.append(frozenset(read))
+    assert len(set(blocks)) == 3
+
+
+def test_repeats_below_one_is_an_error():
+    with pytest.raises(ValueError, match="repeats must be at least 1, got 0"):
+        split_train(SHARD_SIZES, 0, 1, 4, 0, 0, repeats=0)
 
 
 def test_train_order_changes_per_epoch_and_is_reproducible():

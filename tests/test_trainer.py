@@ -64,7 +64,8 @@ def model_weights(path: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def two_process_run(photo_shards, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ddp") / "run"
-    overrides = ("train.epochs=2", "eval.every=1", "optim.ema_decay=0.9", "model.blurpool=true", "eval.flip=true")
+    overrides = ("train.epochs=2", "eval.every=1", "optim.ema_decay=0.9", "model.blurpool=true", "eval.flip=true",
+                 "data.aug_repeats=2")  # fmt: skip
     result = torchrun(*train_args(photo_shards, run_dir, *overrides, "checkpoint.keep_every_epochs=1"))
     assert result.returncode == 0, result.stdout + result.stderr
     return run_dir, result
@@ -484,6 +485,24 @@ def _children(pid: int) -> list[int]:
 def _environ(pid: int) -> dict[str, str]:
     raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     return dict(item.decode(errors="replace").split("=", 1) for item in raw if b"=" in item)
+
+
+def test_the_train_loader_is_given_the_data_settings():
+    """What `train` hands its loaders: each data setting, and the train or val size and batch."""
+    data = ["data.aug_repeats=3", "data.auto_augment=rand_augment", "data.rand_augment_ops=4",
+            "data.rand_augment_magnitude=12"]  # fmt: skip
+    overrides = [*data, "resolution.min=96", "resolution.max=128", "eval.batch_size=5"]
+    cfg = load_config(REPO_ROOT / "configs/demo.yaml", overrides)
+    train = cfg.loader_config("train", torch.device("cpu"))
+    assert (train.aug_repeats, train.image_size, train.batch_size, train.dtype) == (
+        3,
+        96,
+        cfg.data.batch_size,
+        "float32",
+    )
+    assert (train.augment.name, train.augment.ops, train.augment.magnitude) == ("rand_augment", 4, 12)
+    val = cfg.loader_config("val", torch.device("cpu"))
+    assert (val.val_image_size, val.batch_size) == (cfg.resolution.val, 5)
 
 
 @pytest.mark.parametrize(

@@ -58,6 +58,9 @@ class DataConfig:
     hw_decoder_load: float = option(1.0, "share of JPEGs for the hardware decoder (dali-gpu)")
     prefetch: int = option(2, "batches prepared ahead of the step")
     crop_pct: float = option(DEFAULT_CROP_PCT, "val: resize to size / crop_pct, then center crop")
+    aug_repeats: int = option(
+        1, "repeated augmentation: each epoch's train samples go to this many ranks, each augmenting its own copy"
+    )
     auto_augment: str = option(
         "none",
         "train: trivial_augment_wide (TrivialAugment Wide after the flip, as torchvision's recipes) or rand_augment",
@@ -186,6 +189,7 @@ class Config:
             hw_decoder_load=self.data.hw_decoder_load,
             prefetch=self.data.prefetch,
             seed=self.train.seed,
+            aug_repeats=self.data.aug_repeats,
             auto_augment=self.data.auto_augment,
             rand_augment_ops=self.data.rand_augment_ops,
             rand_augment_magnitude=self.data.rand_augment_magnitude,
@@ -313,6 +317,7 @@ def _check(config: Config) -> None:
         "log.every": config.log.every,
         "eval.every": config.eval.every,
         "data.workers": config.data.workers,
+        "data.aug_repeats": config.data.aug_repeats,
     }
     for key, value in positive.items():
         if value < 1:

@@ -1,9 +1,11 @@
-"""The shipped recipes: they follow the FFCV configs they cite, and each one trains and evaluates."""
+"""The shipped recipes: they follow the runs they cite (FFCV's configs, torchvision's command), and
+the ResNet-18 one trains and evaluates."""
 
 from __future__ import annotations
 
 import pytest
 
+from pipeline.transforms import val_resize_size
 from tests.conftest import REPO_ROOT, run_tool
 from train.config import load_config
 from train.schedule import learning_rate, train_image_size
@@ -34,6 +36,36 @@ def test_a_recipe_follows_the_ffcv_run_it_cites(name):
     assert lrs[0] == 0.0 and max(lrs) == pytest.approx(ffcv["lr"])
     assert lrs.index(max(lrs)) == 2 * steps, "peak after 2 epochs (FFCV's lr_peak_epoch)"
     assert lrs[-1] == pytest.approx(ffcv["lr"] / (steps * (cfg.train.epochs - 2)))  # linear to zero at the end
+
+
+def test_the_torchvision_recipe_follows_its_command():
+    """torchvision's IMAGENET1K_V2 command for ResNet-50 (8 x 128 images, --lr 0.5 --lr-scheduler
+    cosineannealinglr --lr-warmup-epochs 5 --lr-warmup-method linear --auto-augment ta_wide --epochs 600
+    --random-erase 0.1 --weight-decay 0.00002 --norm-weight-decay 0.0 --label-smoothing 0.1
+    --mixup-alpha 0.2 --cutmix-alpha 1.0 --train-crop-size 176 --model-ema --val-resize-size 232
+    --ra-sampler --ra-reps 4), with its defaults: momentum 0.9, warmup from 0.01 x lr, EMA decay
+    0.99998 every 32 steps scaled by batch x 32 / epochs."""
+    cfg = load_config(REPO_ROOT / "configs" / "torchvision-resnet50.yaml")
+    assert cfg.model.name == "resnet50" and not cfg.model.zero_init_residual and not cfg.model.blurpool
+    assert cfg.train.epochs == 600 and cfg.optim.optimizer == "sgd" and cfg.optim.momentum == 0.9
+    assert (cfg.optim.weight_decay, cfg.optim.label_smoothing) == (2e-5, 0.1)
+    assert (cfg.optim.mixup_alpha, cfg.optim.cutmix_alpha, cfg.optim.random_erase) == (0.2, 1.0, 0.1)
+    assert cfg.data.auto_augment == "trivial_augment_wide" and cfg.data.aug_repeats == 4
+    assert {train_image_size(epoch, cfg.resolution) for epoch in range(cfg.train.epochs)} == {176}
+    assert cfg.resolution.val == 224 and val_resize_size(cfg.resolution.val, cfg.data.crop_pct) == 232
+    assert not cfg.eval.flip
+
+    global_batch = 8 * 128
+    peak = cfg.peak_lr(global_batch)
+    assert peak == pytest.approx(0.5)
+    steps = 100  # per epoch
+    lrs = [learning_rate(s, steps, cfg.train.epochs, peak, cfg.schedule) for s in range(steps * cfg.train.epochs)]
+    assert lrs[0] == pytest.approx(0.01 * 0.5) and lrs.index(max(lrs)) == 5 * steps
+    assert lrs[steps * (5 + 595 // 2)] == pytest.approx(0.25, rel=1e-2)  # cosine: half way, half the peak
+    assert lrs[-1] < 1e-4
+
+    torchvision_alpha = min(1.0, (1 - 0.99998) * global_batch * 32 / cfg.train.epochs)
+    assert cfg.optim.ema_decay**32 == pytest.approx(1 - torchvision_alpha, abs=1e-8)
 
 
 def test_the_resnet18_recipe_trains_and_evaluates(photo_shards, tmp_path):

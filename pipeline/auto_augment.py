@@ -8,7 +8,7 @@ magnitude bin `magnitude` of 31. Signed operations get a random sign each time.
 The draws are made here, from the loaders' per-batch generator (seed, epoch, rank, step), not by
 DALI's random operators: so resuming repeats them, and the DALI backends and `torch-uint8` apply the
 same operations at the same magnitudes to the same crop. DALI applies them with its own suites
-(`nvidia.dali.auto_aug`), `torch-uint8` with torchvision's kernels (`apply_operations`, written here
+(`nvidia.dali.auto_aug`), `torch-uint8` with torchvision's kernels (`AutoAugment.apply`, written here
 because torchvision's `TrivialAugmentWide` and `RandAugment` draw their own; its magnitudes are
 DALI's, and its equalization follows DALI's formula). The `torch` backend uses torchvision's
 transforms as they are (their magnitudes differ a little: translations of 150/331 of the image

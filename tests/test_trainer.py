@@ -608,9 +608,14 @@ def test_training_stops_once_the_targets_are_met(photo_shards, tmp_path):
 
 
 def test_learns_a_handful_of_real_images_to_100_percent(tmp_path, real_photos, demo_imagenet):
+    """Ten images, one per class, memorized through random crops and evaluated on center crops.
+
+    Batches of 5 and up to 150 epochs: at batches of 4 and 80 epochs, 4 of 6 seeds stopped at 90%
+    on the generated images (reached 100% with seed 0 only); these settings reached 100% within
+    84 epochs for seeds 0-1 on them and within 44 on the photographs (2026-12-06)."""
     from tests.conftest import make_photo_tree
 
-    tree = make_photo_tree(tmp_path / "src", real_photos, demo_imagenet, num_classes=8)
+    tree = make_photo_tree(tmp_path / "src", real_photos, demo_imagenet, num_classes=10)
     if not real_photos:  # the generated demo set: keep one image per class
         for folder in list((tree / "train").iterdir()) + list((tree / "val").iterdir()):
             for extra in sorted(folder.iterdir())[1:]:
@@ -620,8 +625,8 @@ def test_learns_a_handful_of_real_images_to_100_percent(tmp_path, real_photos, d
              "--no-progress", check=True)  # fmt: skip
     result = run_tool(
         "train", "--config", "configs/demo.yaml", f"data.shards={shards}", f"run.dir={tmp_path / 'run'}",
-        "data.backend=torch", "data.workers=1", "data.batch_size=4", "eval.batch_size=8", "resolution.min=64",
-        "resolution.max=64", "resolution.val=64", "train.epochs=80", "eval.every=10", "optim.lr=0.1",
+        "data.backend=torch", "data.workers=1", "data.batch_size=5", "eval.batch_size=8", "resolution.min=64",
+        "resolution.max=64", "resolution.val=64", "train.epochs=150", "eval.every=5", "optim.lr=0.1",
         "optim.lr_batch=0", "optim.label_smoothing=0", "schedule.warmup_epochs=2", "log.every=20",
         "train.stop_when={acc1: 100}", check=True,
     )  # fmt: skip

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.shard_set import ShardError, ShardSet, index_members, sample_key
-from pipeline.split import RankPart
+from pipeline.split import RankPart, shuffled_positions
 
 UNKNOWN = -1  # a label not read yet; a size not read yet is 0
 
@@ -78,11 +78,11 @@ class SampleTable:
         return rows if part.picks is None else rows[np.asarray(part.picks, dtype=np.int64)]
 
     def reading_order(self, part: RankPart, train: bool, seed: int, epoch: int, shuffle_key: int) -> np.ndarray:
-        """Row numbers of a rank's part in the order the DALI and torch-uint8 backends read them:
-        for train shuffled per sample, seeded by (seed, epoch, shuffle_key) (`shuffle_key(...)`)."""
+        """Row numbers of a rank's part in the order every shard backend reads them: for train
+        shuffled per sample (`split.shuffled_positions`), seeded by (seed, epoch, shuffle_key)."""
         rows = self.rows(part)
         if train:
-            rows = rows[np.random.default_rng([seed, epoch, shuffle_key]).permutation(len(rows))]
+            rows = rows[shuffled_positions(part, seed, epoch, shuffle_key)]
         return rows
 
     def describe(self, row: int) -> str:

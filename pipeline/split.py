@@ -11,6 +11,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class Piece:
@@ -119,6 +121,25 @@ def shuffle_key(rank: int, repeats: int = 1) -> int:
     with repeated augmentation its group of `repeats` ranks, so that ranks given the same samples
     read them in the same order (the copies of a sample in the same step, as with RASampler)."""
     return rank // repeats
+
+
+def shuffled_positions(part: RankPart, seed: int, epoch: int, shuffle_key: int) -> np.ndarray:
+    """A random order of the positions of a rank's train part, seeded by (seed, epoch, shuffle_key).
+
+    Each run of copies of one sample in the part's picks (repeated augmentation on fewer ranks than
+    repeats) moves as one, so the copies stay side by side and land in one batch, as torchvision's
+    RASampler leaves them; with no such runs this is a plain permutation of the positions.
+    """
+    rng = np.random.default_rng([seed, epoch, shuffle_key])
+    if part.picks is None:
+        return rng.permutation(part.samples)
+    picks = np.asarray(part.picks, dtype=np.int64)
+    run_starts = np.flatnonzero(np.diff(picks, prepend=-1))  # picks never decrease: a new sample
+    run_lengths = np.diff(np.append(run_starts, len(picks)))
+    order = rng.permutation(len(run_starts))
+    lengths = run_lengths[order]
+    offsets_in_run = np.arange(len(picks)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return np.repeat(run_starts[order], lengths) + offsets_in_run
 
 
 def _take(sequence: list[tuple[int, int, int]], total: int, start: int, count: int) -> list[Piece]:

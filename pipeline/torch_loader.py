@@ -104,16 +104,12 @@ class TorchShardLoader(PartLoader):
         self.num_classes = shard_set.num_classes
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        rows = self.table.rows(self.part)
-
-        def generator(key: int) -> torch.Generator:
-            return torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch * 10_007 + key)
-
+        # The DALI backends' reading order. Ranks given the same samples (repeated augmentation)
+        # read them in the same order, but the workers' seeds, so the crops, are the rank's own.
+        key = shuffle_key(self.rank, self.cfg.aug_repeats)
+        rows = self.table.reading_order(self.part, self.train, self.cfg.seed, self.epoch, key)
+        worker_seeds = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch * 10_007 + self.rank)
         if self.train:
-            # Ranks given the same samples (repeated augmentation) read them in the same order, but
-            # the workers' seeds, so the crops, come from the rank's own generator.
-            order = torch.randperm(len(rows), generator=generator(shuffle_key(self.rank, self.cfg.aug_repeats)))
-            rows = rows[order.numpy()]
             transform = torchvision_train_transform(self.image_size, self.cfg.augment)
         else:
             transform = torchvision_val_transform(self.image_size, self.cfg.crop_pct)
@@ -125,7 +121,7 @@ class TorchShardLoader(PartLoader):
             num_workers=self.cfg.workers,
             pin_memory=self.device.type == "cuda",
             prefetch_factor=self.cfg.prefetch if self.cfg.workers > 0 else None,
-            generator=generator(self.rank),
+            generator=worker_seeds,
             worker_init_fn=outlive_job_signals,
         )
         for step, (images, labels) in enumerate(stop_workers_on_error(iter(batches))):

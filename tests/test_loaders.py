@@ -112,6 +112,18 @@ def test_repeated_augmentation_gives_a_group_of_ranks_the_same_samples_cropped_a
     assert len(labels) > 1
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_repeated_augmentation_on_one_rank_puts_the_copies_side_by_side(photo_shards, backend):
+    """data.aug_repeats=2 on one rank: each sample twice, the copies next to each other in a batch
+    (as torchvision's RASampler leaves them), each cropped its own way."""
+    loader = create_loader(str(photo_shards), "train", config(backend, aug_repeats=2))
+    batches = collect(loader, epoch=1)
+    assert batches
+    for images, labels in batches:
+        assert torch.equal(labels[0::2], labels[1::2])
+        assert (images[0::2] - images[1::2]).abs().mean(dim=(1, 2, 3)).min() > 0.05, "each copy cropped its own way"
+
+
 @pytest.mark.parametrize("backend", ["torch", "torch-uint8"])
 def test_backends_agree_with_dali_cpu_on_val_images(photo_shards, backend):
     outputs = {}

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 
 import pytest
 
-from pipeline.split import split_train, split_val
+from pipeline.split import shuffle_key, shuffled_positions, split_train, split_val
 
 SHARD_SIZES = [37, 41, 0, 12, 40, 39, 5]  # uneven, with an empty shard and a tiny one
 WORLD_SIZES = [1, 2, 3, 4, 7]
@@ -63,6 +64,31 @@ def test_repeated_augmentation_deals_each_sample_to_repeats_ranks(world_size, re
                 assert lists[rank] == lists[rank - rank % repeats]
         blocks.append(frozenset(read))
     assert len(set(blocks)) == 3
+
+
+@pytest.mark.parametrize(("world_size", "repeats"), [(1, 2), (1, 4), (2, 4), (2, 3), (3, 2), (4, 2)])
+def test_a_ranks_copies_of_a_sample_stay_side_by_side_in_its_shuffled_order(world_size, repeats):
+    """With fewer ranks than repeats a rank reads some samples more than once: its shuffle moves
+    their copies as one (each sample in one run, as RASampler leaves them in a batch), and when the
+    world size divides `repeats` every rank reads the same samples in the same order. With enough
+    ranks the runs are single samples: a plain shuffle."""
+    batch_size = 4
+    for epoch in range(2):
+        parts = [split_train(SHARD_SIZES, r, world_size, batch_size, epoch, 5, repeats) for r in range(world_size)]
+        orders = []
+        for rank, part in enumerate(parts):
+            samples = samples_of(part)
+            order = [samples[i] for i in shuffled_positions(part, 5, epoch, shuffle_key(rank, repeats))]
+            assert sorted(order) == sorted(samples) and order != samples, "a shuffle of the rank's part"
+            runs = [(sample, len(list(copies))) for sample, copies in itertools.groupby(order)]
+            assert len(runs) == len(set(order)), "each sample's copies side by side"
+            if repeats % world_size == 0:
+                assert {length for _, length in runs[:-1]} <= {repeats // world_size}
+            elif world_size >= repeats:
+                assert {length for _, length in runs} == {1}
+            orders.append(order)
+        if repeats % world_size == 0:
+            assert all(order == orders[0] for order in orders)
 
 
 def test_repeats_below_one_is_an_error():

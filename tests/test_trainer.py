@@ -797,17 +797,25 @@ def test_torchrun_restart_resumes_from_the_last_checkpoint(photo_shards, tmp_pat
 
 
 def test_accumulation_and_ema_are_trained_and_evaluated(photo_shards, tmp_path):
+    """The EMA copies the weights through the one-epoch warmup and averages them after it."""
     run_dir = tmp_path / "run"
-    result = run_tool(
-        *train_args(photo_shards, run_dir, "train.epochs=1", "optim.accumulate=2", "optim.ema_decay=0.5")[1:],
-        check=True,
-    )  # fmt: skip
+    settings = ["train.epochs=2", "schedule.warmup_epochs=1", "optim.accumulate=2", "optim.ema_decay=0.5",
+                "checkpoint.keep_every_epochs=1", "eval.every=2"]  # fmt: skip
+    result = run_tool(*train_args(photo_shards, run_dir, *settings)[1:], check=True)
     assert "global batch 16" in result.stdout, "8 per step x 2 micro-batches"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("val/ema_acc1" in r for r in records)
+
+    def ema_and_model(name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        checkpoint = load_checkpoint(run_dir / name)
+        model = checkpoint["model"]
+        return [(value, model[key.removeprefix("module.")]) for key, value in checkpoint["ema"].items() if "." in key]
+
+    pairs = ema_and_model("epoch-1.pt")
+    assert all(torch.equal(ema, weights) for ema, weights in pairs), "the EMA is the weights at the warmup's end"
+    assert any(not torch.equal(ema, weights) for ema, weights in ema_and_model("last.pt")), "averaged after it"
     ema = load_checkpoint(run_dir / "last.pt")["ema"]
-    running_mean = ema["module.bn1.running_mean"]
-    assert running_mean.abs().sum() > 0, "the EMA model averages BatchNorm statistics too"
+    assert ema["module.bn1.running_mean"].abs().sum() > 0, "the EMA model averages BatchNorm statistics too"
 
 
 def test_trains_from_an_image_folder_without_shards(tmp_path, real_photos, demo_imagenet):

@@ -15,7 +15,7 @@ def learning_rate(step: int, steps_per_epoch: int, epochs: int, peak_lr: float, 
     epoch = step / steps_per_epoch
     total = epochs
     warmup = min(cfg.warmup_epochs, total)
-    if epoch < warmup:
+    if in_warmup(step, steps_per_epoch, epochs, cfg):
         if cfg.warmup == "constant":
             return cfg.warmup_lr
         return cfg.warmup_lr + (peak_lr - cfg.warmup_lr) * epoch / warmup
@@ -26,6 +26,11 @@ def learning_rate(step: int, steps_per_epoch: int, epochs: int, peak_lr: float, 
     if cfg.kind == "cosine":
         return peak_lr * 0.5 * (1 + math.cos(math.pi * progress))
     return peak_lr * (1 - progress)
+
+
+def in_warmup(step: int, steps_per_epoch: int, epochs: int, cfg: ScheduleConfig) -> bool:
+    """Whether optimizer step `step` (from 0) falls in the learning-rate warmup."""
+    return step / steps_per_epoch < min(cfg.warmup_epochs, epochs)
 
 
 def train_image_size(epoch: int, cfg: ResolutionConfig) -> int:

@@ -67,7 +67,7 @@ from train.metrics import evaluate
 from train.mixing import batch_mixer
 from train.model import build_model
 from train.run_log import RunLogError, create_run_log, software_facts
-from train.schedule import learning_rate, train_image_size
+from train.schedule import in_warmup, learning_rate, train_image_size
 from train.signals import StopRequest
 from train.step import backward, compute_loss, optimizer_step, set_cuda_numerics
 from train.timing import PhaseTimer, SyncTimer
@@ -372,6 +372,10 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
             with timer.phase("optimizer"):
                 optimizer_step(optimizer, model.parameters(), scaler, cfg.optim.grad_clip)
                 if ema is not None:
+                    if in_warmup(position["global_step"], steps_per_epoch, cfg.train.epochs, cfg.schedule):
+                        # The EMA starts when the warmup ends (until then each update copies the
+                        # weights), as torchvision's reference script restarts it during warmup.
+                        ema.n_averaged.zero_()
                     ema.update_parameters(model)
             timer.step_done()
             if sync_timer is not None:

@@ -32,7 +32,17 @@ from shards.inputs import (
     scan_flat,
     scan_foldered,
 )
-from shards.manifest import MANIFEST_NAME, SPLITS, FileNote, Manifest, SplitInfo, read_manifest, write_manifest
+from shards.manifest import (
+    MANIFEST_NAME,
+    MIN_LABEL_DIGITS,
+    SPLITS,
+    FileNote,
+    Manifest,
+    SplitInfo,
+    label_digits,
+    read_manifest,
+    write_manifest,
+)
 from shards.tar_writer import (
     TAR_BLOCK_BYTES,
     ShardInfo,
@@ -45,7 +55,6 @@ from shards.tar_writer import (
 DEFAULT_SHARD_SIZE_MB = 128  # ~1,100 train shards for ImageNet: enough to split over many ranks
 DEFAULT_QUALITY = 90
 PROGRESS_NAME = ".make_shards-progress.jsonl"
-MAX_CLASSES = 10_000  # labels are stored as 4 ASCII digits
 BYTES_PER_MB = 1_000_000
 SAMPLE_OVERHEAD_BYTES = 4 * TAR_BLOCK_BYTES  # three headers, label, metadata and padding, roughly
 # Planning shards of raw pixels from source sizes alone: ImageNet's JPEGs average about 110 KB for
@@ -132,6 +141,7 @@ class ShardTask:
     max_short_side: int | None
     quality: int
     raw_pixels: bool = False
+    label_digits: int = MIN_LABEL_DIGITS
 
     @property
     def stem(self) -> str:
@@ -172,8 +182,6 @@ def resolve_classes(opts: ConvertOptions) -> list[ClassInfo]:
         classes = build_class_list(read_devkit_classes(opts.val_labels))  # its 1000 classes, sorted
     else:
         raise ValueError("--classes is required when only a flat --val is given with a labels file")
-    if len(classes) > MAX_CLASSES:
-        raise ValueError(f"{len(classes)} classes: labels are 4 digits, at most {MAX_CLASSES} classes")
     return classes
 
 
@@ -263,7 +271,7 @@ def write_shard(directory: str, task: ShardTask) -> ShardResult:
             resized += checked.resized
             meta = {"path": image.relpath, "wnid": image.wnid, "width": checked.width, "height": checked.height}
             components = [
-                ("cls", f"{image.label:04d}".encode()),
+                ("cls", f"{image.label:0{task.label_digits}d}".encode()),
                 ("ppm" if task.raw_pixels else "jpg", checked.encoded),
                 ("json", json.dumps(meta, sort_keys=True, ensure_ascii=True).encode()),
             ]
@@ -308,7 +316,15 @@ def convert(opts: ConvertOptions) -> ConvertResult:
     for tmp in out.glob("*.tmp"):
         tmp.unlink()
     tasks = [
-        ShardTask(split, number, shard_images, opts.short_side_limit(split), opts.quality, opts.raw_pixels(split))
+        ShardTask(
+            split,
+            number,
+            shard_images,
+            opts.short_side_limit(split),
+            opts.quality,
+            opts.raw_pixels(split),
+            label_digits(len(classes)),
+        )
         for split, (images, _) in plans.items()
         for number, shard_images in enumerate(
             plan_shards(images, opts.shard_size_mb, opts.short_side_limit(split) if opts.raw_pixels(split) else None)

@@ -14,6 +14,14 @@ from shards.tar_writer import ShardInfo, write_atomically
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 SPLITS = ("train", "val")
+MIN_LABEL_DIGITS = 4
+
+
+def label_digits(num_classes: int) -> int:
+    """How many ASCII digits each `.cls` member holds: 4 (0042) up to 10,000 classes, so that every
+    label of a split has one fixed width (DALI reads it as a fixed-size component), more beyond
+    (ImageNet-21k's 21,841 classes: 5)."""
+    return max(MIN_LABEL_DIGITS, len(str(max(num_classes - 1, 0))))
 
 
 @dataclass(frozen=True)

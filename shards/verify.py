@@ -15,7 +15,7 @@ from pathlib import Path
 from PIL import Image
 
 from shards.image_header import PPM_HEADER_MAX_BYTES, UnreadableHeader, encoded_image_size
-from shards.manifest import Manifest, read_manifest
+from shards.manifest import Manifest, label_digits, read_manifest
 from shards.tar_writer import ShardInfo, index_line, index_text
 
 READ_CHUNK_BYTES = 1 << 20
@@ -153,8 +153,9 @@ def _sample_problems(parts: dict[str, bytes], image_ext: str, num_classes: int, 
     if sorted(parts) != expected:
         problems.append(f"has components {sorted(parts)}, expected {expected}")
     label_text = parts.get("cls", b"")
-    if not (len(label_text) == 4 and label_text.isdigit()):
-        problems.append(f"label {label_text!r} is not 4 ASCII digits")
+    digits = label_digits(num_classes)
+    if not (len(label_text) == digits and label_text.isdigit()):
+        problems.append(f"label {label_text!r} is not {digits} ASCII digits")
     elif int(label_text) >= num_classes:
         problems.append(f"label {int(label_text)} out of range 0..{num_classes - 1}")
     if "json" in parts:

@@ -641,3 +641,34 @@ def test_a_class_without_train_images_stops_the_run(tmp_path, demo_imagenet):
     assert result.returncode == 2
     assert f"e.g. ['{wnids[3]}']" in result.stderr
     assert not out.exists() or not list(out.glob("*.tar"))
+
+
+def test_more_than_ten_thousand_classes_get_five_digit_labels(tmp_path):
+    """ImageNet-21k-sized class lists: labels widen to 5 digits for the whole split (DALI reads a
+    fixed width), verify_shards accepts them, and a DALI loader reads label 10000 back."""
+    from pipeline.loader import LoaderConfig, create_loader
+
+    train = tmp_path / "train"
+    wnids = [f"n{i:08d}" for i in range(10_001)]
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 60)).save(buffer, format="JPEG")
+    for wnid in wnids:
+        (train / wnid).mkdir(parents=True)
+        (train / wnid / f"{wnid}_1.JPEG").write_bytes(buffer.getvalue())
+    out = tmp_path / "out"
+    run_tool(
+        "tools.make_shards", "--train", str(train), "--out", str(out), "--workers", "2", "--no-progress", check=True
+    )
+    labels = []
+    for tar_path in sorted(out.glob("train-*.tar")):
+        with tarfile.open(tar_path) as tar:
+            labels += [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".cls")]
+    assert len(labels) == 10_001 and {len(label) for label in labels} == {5}
+    assert sorted(int(label) for label in labels) == list(range(10_001))
+    run_tool("tools.verify_shards", str(out), check=True)
+
+    settings = LoaderConfig(backend="dali-cpu", batch_size=10_001, workers=2, image_size=16, dtype="float32")
+    loader = create_loader(str(out), "train", settings)
+    _, read = next(iter(loader))
+    loader.close()
+    assert sorted(read.tolist()) == list(range(10_001))

@@ -22,6 +22,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from pipeline.dali_loader import shut_down
 from pipeline.shard_set import ShardSet, open_shard_set
 from pipeline.transforms import PIXEL_MEAN, PIXEL_STD
+from shards.manifest import label_digits
 from tools.bench_common import (
     HW_LOAD_HELP,
     finish_report,
@@ -58,7 +59,7 @@ class ReferenceLoader:
     `tools.bench_train` use: NCHW (channels_last) batches of `dtype` and int64 labels on `device`.
 
     So the training step can be fed by BASELINES.md's plain DALI pipeline in the same run as by the
-    project's `dali-gpu` loader. Its labels come from each sample's `.cls` text (four digits, as
+    project's `dali-gpu` loader. Its labels come from each sample's `.cls` text (fixed-width digits, as
     `tools.make_shards` writes them), turned into numbers on the device. An "epoch" is the split's
     whole batches; DALI's reader runs on across epochs, shuffling in its buffer, so `set_epoch`
     changes nothing.
@@ -93,7 +94,8 @@ class ReferenceLoader:
             device_id=device.index if on_gpu else None,
             prefetch_queue_depth=2,
         )
-        self._digit_values = torch.tensor([1000, 100, 10, 1], device=device)
+        digits = label_digits(shard_set.num_classes)
+        self._digit_values = torch.tensor([10**k for k in reversed(range(digits))], device=device)
         self._pipe, self._batches = None, None
 
     def set_epoch(self, epoch: int) -> None:

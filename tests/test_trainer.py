@@ -96,7 +96,8 @@ def test_two_process_run_logs_evaluates_and_checkpoints(two_process_run):
 
 def test_the_log_window_gathers_each_ranks_wait_for_data(tmp_path):
     """A rank that waits longer for its data (a slower disk or fewer cores on its node) holds the
-    others back at the all-reduce; the log names it. Two gloo ranks, each its own wait and losses."""
+    others back at the all-reduce; the log names it. Two gloo ranks, each its own wait and losses.
+    The ranks' clocks differ too: a timed checkpoint that one finds due, all save."""
     script = tmp_path / "window.py"
     script.write_text(
         "import json, torch\n"
@@ -107,9 +108,10 @@ def test_the_log_window_gathers_each_ranks_wait_for_data(tmp_path):
         "window = LogWindow(4, ctx, start_step=10)\n"
         "for step in range(10, 13):\n"
         "    window.record(step, torch.tensor(float(ctx.rank + 1)), images=8)\n"
-        "stats = window.reduce(13, StopRequest(1.0), data_ms=[4.0, 40.0][ctx.rank])\n"
+        "stats = window.reduce(13, StopRequest(1.0), data_ms=[4.0, 40.0][ctx.rank], checkpoint_due=ctx.rank == 1)\n"
         f"path = {str(tmp_path)!r} + f'/rank-{{ctx.rank}}.json'\n"
-        "open(path, 'w').write(json.dumps({'data': stats['data_ms_by_rank'], 'loss': stats['loss']}))\n"
+        "report = {'data': stats['data_ms_by_rank'], 'loss': stats['loss'], 'save': stats['checkpoint_due']}\n"
+        "open(path, 'w').write(json.dumps(report))\n"
         "teardown_distributed(ctx)\n"
     )
     result = torchrun(str(script), timeout=120)
@@ -117,6 +119,7 @@ def test_the_log_window_gathers_each_ranks_wait_for_data(tmp_path):
     for rank in (0, 1):
         report = json.loads((tmp_path / f"rank-{rank}.json").read_text())
         assert report["data"] == [4.0, 40.0] and report["loss"] == 1.5
+        assert report["save"], "a checkpoint one rank finds due is saved by all (each takes part)"
 
 
 def test_two_processes_train_from_raw_pixels_with_torch_uint8(raw_and_jpeg_shards, tmp_path):
@@ -515,6 +518,7 @@ def test_the_train_loader_is_given_the_data_settings():
         ("train.stop_when={top1: 70}", "train.stop_when.top1: unknown metric"),
         ("data.batch_size=0", "data.batch_size: must be at least 1"),
         ("checkpoint.every_steps=-1", "checkpoint.every_steps: must be 0 (off) or more, got -1"),
+        ("checkpoint.every_minutes=-5", "checkpoint.every_minutes: must be 0 (off) or more, got -5.0"),
         ("optim.lr=[1,", "override 'optim.lr=[1,': not valid YAML"),
         ("optim.random_erase=1.5", "optim.random_erase: must be a probability in [0, 1], got 1.5"),
         (
@@ -794,6 +798,16 @@ def test_torchrun_restart_resumes_from_the_last_checkpoint(photo_shards, tmp_pat
         str(photo_shards), "train", LoaderConfig("torch", batch_size=8), 0, 2
     ).steps_per_epoch
     assert checkpoint["epoch"] == 2 and checkpoint["global_step"] == 2 * steps_per_epoch
+
+
+def test_timed_checkpoints_are_saved_at_log_steps(photo_shards, tmp_path):
+    """checkpoint.every_minutes: once the time has passed, last.pt is saved at the next log step."""
+    run_dir = tmp_path / "run"
+    settings = ["train.epochs=1", "log.every=10", "checkpoint.every_minutes=0.000001"]
+    result = run_tool(*train_args(photo_shards, run_dir, *settings)[1:], check=True)
+    saved = re.findall(r"saved \S+last\.pt at epoch 0 step (\d+)\n", result.stdout)
+    steps_per_epoch = load_checkpoint(run_dir / "last.pt")["global_step"]
+    assert [int(step) for step in saved] == list(range(10, steps_per_epoch + 1, 10))
 
 
 def test_accumulation_and_ema_are_trained_and_evaluated(photo_shards, tmp_path):

@@ -141,6 +141,9 @@ class LogConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = option(0, "also save last.pt every this many optimizer steps (0: only per epoch)")
+    every_minutes: float = option(
+        0.0, "also save last.pt once this many minutes have passed since the last save, at a log step (0: off)"
+    )
     keep_every_epochs: int = option(0, "keep last.pt of every this many epochs as epoch-N.pt (0: none kept)")
 
 
@@ -322,7 +325,7 @@ def _check(config: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: must be at least 1, got {value}")
-    for key in ("checkpoint.every_steps", "checkpoint.keep_every_epochs"):
+    for key in ("checkpoint.every_steps", "checkpoint.every_minutes", "checkpoint.keep_every_epochs"):
         value = getattr(config.checkpoint, key.split(".")[1])
         if value < 0:
             raise ConfigError(f"{key}: must be 0 (off) or more, got {value}")

@@ -280,8 +280,12 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
     if cfg.model.compile:
         train_model = torch.compile(train_model)
 
+    last_saved = time.monotonic()  # when this process last saved a checkpoint (or started)
+
     def save(name: str, metrics: dict | None = None) -> None:
         """Every rank contributes its RNG state; rank 0 writes."""
+        nonlocal last_saved
+        last_saved = time.monotonic()
         rngs = all_gather_objects(rng_state(), ctx)
         if not ctx.is_main:
             return
@@ -308,9 +312,12 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
     timer = PhaseTimer(ctx.device)
     window = LogWindow(cfg.log.every, ctx, position["global_step"])
 
-    def flush_window(epoch: int, lr: float) -> bool:
-        """Host sync point: reduce and log the window, stop on a non-finite loss; True if a rank was signalled."""
-        stats = window.reduce(position["global_step"], stop, timer.data_ms())
+    def flush_window(epoch: int, lr: float) -> tuple[bool, bool]:
+        """Host sync point: reduce and log the window, stop on a non-finite loss. Returns whether a
+        rank was signalled and whether a rank's `checkpoint.every_minutes` has passed (all agree)."""
+        minutes = cfg.checkpoint.every_minutes
+        checkpoint_due = bool(minutes) and time.monotonic() - last_saved >= 60.0 * minutes
+        stats = window.reduce(position["global_step"], stop, timer.data_ms(), checkpoint_due)
         if stats["first_nonfinite_step"] is not None:
             raise NonFiniteLoss(
                 f"loss became non-finite at step {stats['first_nonfinite_step']} (epoch {epoch}); stopped "
@@ -319,7 +326,7 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
         sync_ms = sync_timer.summary() if sync_timer is not None else 0.0
         _log_train(log, epoch, position, steps_per_epoch, stats, timer.summary(), sync_ms, lr)
         window.reset(position["global_step"])
-        return stats["stop"]
+        return stats["stop"], stats["checkpoint_due"]
 
     stopped_by_signal = False
     final_metrics: dict = {}
@@ -388,9 +395,11 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
             at_log = window.steps(position["global_step"]) == cfg.log.every
             at_checkpoint = cfg.checkpoint.every_steps and position["global_step"] % cfg.checkpoint.every_steps == 0
             if at_log or at_checkpoint:
-                stop_now = flush_window(epoch, lr)
-                if at_checkpoint or stop_now:
+                stop_now, checkpoint_due = flush_window(epoch, lr)
+                if at_checkpoint or checkpoint_due or stop_now:
                     save(LAST_NAME)
+                    if not stop_now:
+                        log.line(f"saved {run_dir / LAST_NAME} at epoch {epoch} step {position['step_in_epoch']}")
                 if stop_now:
                     stopped_by_signal = True
                     break
@@ -473,29 +482,31 @@ class LogWindow:
     def steps(self, global_step: int) -> int:
         return global_step - self.start
 
-    def reduce(self, global_step: int, stop: StopRequest, data_ms: float = 0.0) -> dict:
-        """Across ranks: mean loss, first non-finite step (or None), whether any rank was signalled,
-        and each rank's mean wait for data (`data_ms`, this rank's), in one all-reduce."""
+    def reduce(self, global_step: int, stop: StopRequest, data_ms: float = 0.0, checkpoint_due: bool = False) -> dict:
+        """Across ranks, in one all-reduce: mean loss, first non-finite step (or None), whether any
+        rank was signalled or found a checkpoint due (so that all save together), and each rank's
+        mean wait for data (`data_ms`, this rank's)."""
         steps = self.steps(global_step)
         losses = self.losses[:steps]
         finite = torch.isfinite(losses)
         positions = torch.arange(steps, device=losses.device, dtype=torch.float64)
         first_bad = torch.where(finite, math.inf, positions).min() + self.start
-        stop_vote = torch.tensor(float(stop.requested), device=losses.device, dtype=torch.float64)
+        votes = torch.tensor([float(stop.requested), float(checkpoint_due)], device=losses.device, dtype=torch.float64)
         data_waits = torch.zeros(self.ctx.world_size, device=losses.device, dtype=torch.float64)
         data_waits[self.ctx.rank] = data_ms  # every other rank adds 0 here: the sum is each rank's own
-        counts = torch.stack([losses.nan_to_num(0.0, 0.0, 0.0).double().sum(), (~finite).double().sum(), stop_vote])
-        sums = torch.cat([counts, data_waits])
+        counts = torch.stack([losses.nan_to_num(0.0, 0.0, 0.0).double().sum(), (~finite).double().sum()])
+        sums = torch.cat([counts, votes, data_waits])
         all_reduce_sum(sums, self.ctx)
         if self.ctx.distributed:
             torch.distributed.all_reduce(first_bad, op=torch.distributed.ReduceOp.MIN)
-        loss_sum, nonfinite, stop_votes, *data_ms_by_rank = sums.tolist()  # the host sync point
+        loss_sum, nonfinite, stop_votes, checkpoint_votes, *data_ms_by_rank = sums.tolist()  # the host sync point
         seconds = time.perf_counter() - self.clock
         return {
             "data_ms_by_rank": data_ms_by_rank,
             "loss": loss_sum / (steps * self.ctx.world_size),  # mean over the window's steps and the ranks
             "first_nonfinite_step": int(first_bad.item()) if nonfinite else None,
             "stop": stop_votes > 0,
+            "checkpoint_due": checkpoint_votes > 0,
             "images_per_s": self.images / max(seconds, 1e-9),  # all ranks together
             "step_ms": 1000.0 * seconds / max(steps, 1),
             # This rank's peak since the start: what decides whether a larger batch or image fits.

@@ -202,17 +202,19 @@ def test_evaluation_is_identical_for_1_2_and_3_processes(two_process_run, photo_
     assert not unflipped["flip"] and unflipped["loss"] != reference["loss"]
 
 
-def test_predict_scores_an_image_as_the_run_evaluated_it(two_process_run, tmp_path, capsys):
+@pytest.mark.parametrize("ema", [False, True])
+def test_predict_scores_an_image_as_the_run_evaluated_it(two_process_run, tmp_path, capsys, ema):
     """The fixture's run has BlurPool and evaluates with flips: tools.predict rebuilds that model
-    and scores each image with its mirror (the mean of both logits), as a plain computation here does."""
+    (or with --ema its EMA) and scores each image with its mirror (the mean of both logits), as a
+    plain computation here does."""
     last = two_process_run[0] / "last.pt"
     picture = tmp_path / "picture.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(picture)
-    assert predict_main(["--checkpoint", str(last), str(picture)]) == 0
+    assert predict_main(["--checkpoint", str(last), str(picture)] + (["--ema"] if ema else [])) == 0
     printed = capsys.readouterr().out.splitlines()
 
     checkpoint = load_checkpoint(last)
-    model = model_from_checkpoint(checkpoint).eval()
+    model = model_from_checkpoint(checkpoint, use_ema=ema).eval()
     config = checkpoint["config"]
     transform = torchvision_val_transform(config["resolution"]["val"], config["data"]["crop_pct"])
     image = transform(Image.open(picture).convert("RGB"))[None]
@@ -414,16 +416,20 @@ def test_unusable_checkpoints_are_named_not_loaded(two_process_run, tmp_path):
 def test_resume_evaluate_and_predict_report_a_bad_checkpoint_in_one_line(two_process_run, photo_shards, tmp_path):
     files = unusable_checkpoints(two_process_run[0] / "last.pt", tmp_path)
     truncated, foreign = files["truncated"][0], files["foreign"][0]
+    without_ema = tmp_path / "without-ema.pt"
+    save_checkpoint(without_ema, load_checkpoint(two_process_run[0] / "last.pt") | {"ema": {}})
     run_dir = tmp_path / "run"
     runs = {
         "train": run_tool(*train_args(photo_shards, run_dir)[1:], "--resume", str(truncated)),
         "evaluate": run_tool("train.evaluate", "--checkpoint", str(foreign), "--shards", str(photo_shards)),
         "predict": run_tool("tools.predict", "--checkpoint", str(truncated), "README.md"),
+        "predict --ema": run_tool("tools.predict", "--checkpoint", str(without_ema), "--ema", "README.md"),
     }
     for tool, result in runs.items():
         assert result.returncode == 2, tool + result.stdout + result.stderr
-        assert f"{tool}: checkpoint error: " in result.stderr and "Traceback" not in result.stderr, tool
+        assert f"{tool.split()[0]}: checkpoint error: " in result.stderr and "Traceback" not in result.stderr, tool
     assert str(truncated) in runs["train"].stderr and str(foreign) in runs["evaluate"].stderr
+    assert "checkpoint has no EMA weights (optim.ema_decay was 0)" in runs["predict --ema"].stderr
     assert not (run_dir / "last.pt").exists()
 
 

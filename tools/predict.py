@@ -32,14 +32,15 @@ def class_probabilities(model: torch.nn.Module, image: torch.Tensor, flip: bool)
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.predict", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True)
+    p.add_argument("--ema", action="store_true", help="use the EMA weights (a run with optim.ema_decay)")
     p.add_argument("images", nargs="+")
     args = p.parse_args(argv)
     try:
         checkpoint = load_checkpoint(args.checkpoint)
+        model = model_from_checkpoint(checkpoint, args.ema).eval()
     except CheckpointError as err:
         print(f"predict: checkpoint error: {err}", file=sys.stderr)
         return 2
-    model = model_from_checkpoint(checkpoint).eval()
     config = checkpoint["config"]
     transform = torchvision_val_transform(config["resolution"]["val"], config["data"]["crop_pct"])
     classes = checkpoint.get("classes") or []

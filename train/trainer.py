@@ -432,9 +432,12 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
                 + (", each also mirrored)" if cfg.eval.flip else ")")
             )
             final_metrics = metrics
-        improved = bool(metrics) and metrics["acc1"] > position["best_acc1"]
+        # With an EMA, best.pt is the epoch whose EMA scored best (the weights such a run is used
+        # with), as timm chooses it.
+        best_by = "ema_acc1" if ema is not None else "acc1"
+        improved = bool(metrics) and metrics[best_by] > position["best_acc1"]
         if improved:
-            position["best_acc1"] = metrics["acc1"]
+            position["best_acc1"] = metrics[best_by]
         save(LAST_NAME, metrics)
         if improved:
             save(BEST_NAME, metrics)

@@ -828,6 +828,7 @@ def test_accumulation_and_ema_are_trained_and_evaluated(photo_shards, tmp_path):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     ema_acc1 = [r["val/ema_acc1"] for r in records if "val/ema_acc1" in r]
     assert len(ema_acc1) == 3
+    assert f"; EMA acc1 {ema_acc1[-1]:.2f} acc5 " in result.stdout and f"(EMA acc1 {ema_acc1[-1]:.2f})" in result.stdout
     best = load_checkpoint(run_dir / "best.pt")
     assert best["best_acc1"] == best["metrics"]["ema_acc1"] == max(ema_acc1)
     assert best["epoch"] == ema_acc1.index(max(ema_acc1)) + 1

@@ -430,6 +430,7 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
                 f"epoch {epoch} val: acc1 {metrics['acc1']:.2f} acc5 {metrics['acc5']:.2f} "
                 f"loss {metrics['loss']:.4f} ({metrics['samples']} images at {cfg.resolution.val} px"
                 + (", each also mirrored)" if cfg.eval.flip else ")")
+                + (f"; EMA acc1 {metrics['ema_acc1']:.2f} acc5 {metrics['ema_acc5']:.2f}" if ema is not None else "")
             )
             final_metrics = metrics
         # With an EMA, best.pt is the epoch whose EMA scored best (the weights such a run is used
@@ -461,7 +462,8 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
     train_loader.close()
     val_loader.close()
     if final_metrics and not stopped_by_signal:
-        log.line(f"done: acc1 {final_metrics['acc1']:.2f} acc5 {final_metrics['acc5']:.2f}; run in {run_dir}")
+        ema_text = f" (EMA acc1 {final_metrics['ema_acc1']:.2f})" if "ema_acc1" in final_metrics else ""
+        log.line(f"done: acc1 {final_metrics['acc1']:.2f} acc5 {final_metrics['acc5']:.2f}{ema_text}; run in {run_dir}")
     log.close()
     return EXIT_OK
 

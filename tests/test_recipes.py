@@ -68,6 +68,19 @@ def test_the_torchvision_recipe_follows_its_command():
     assert cfg.optim.ema_decay**32 == pytest.approx(1 - torchvision_alpha, abs=1e-8)
 
 
+@pytest.mark.parametrize("kind", ["cosine", "linear"])
+def test_cosine_and_linear_decay_end_at_the_floor(kind):
+    """schedule.min_lr (torchvision's --lr-min): the decay runs from the peak to the floor, not to zero."""
+    cfg = load_config(REPO_ROOT / "configs" / "demo.yaml", [f"schedule.kind={kind}", "schedule.min_lr=0.001"])
+    steps, epochs = 100, cfg.train.epochs
+    lrs = [learning_rate(s, steps, epochs, 0.1, cfg.schedule) for s in range(steps * epochs + 1)]
+    warmup_end = int(cfg.schedule.warmup_epochs * steps)
+    assert lrs[warmup_end] == pytest.approx(0.1) and lrs[-1] == pytest.approx(0.001)
+    assert min(lrs[warmup_end:]) == pytest.approx(0.001)
+    halfway = (warmup_end + steps * epochs) // 2
+    assert lrs[halfway] == pytest.approx((0.1 + 0.001) / 2)  # both decays pass the midpoint half way
+
+
 def test_the_resnet18_recipe_trains_and_evaluates(photo_shards, tmp_path):
     """The recipe's own options together (BlurPool, flips, label smoothing, warmup), on DALI's CPU path.
 

@@ -527,6 +527,8 @@ def test_the_train_loader_is_given_the_data_settings():
         ("checkpoint.every_minutes=-5", "checkpoint.every_minutes: must be 0 (off) or more, got -5.0"),
         ("optim.lr=[1,", "override 'optim.lr=[1,': not valid YAML"),
         ("optim.random_erase=1.5", "optim.random_erase: must be a probability in [0, 1], got 1.5"),
+        ("schedule.min_lr=-1", "schedule.min_lr: must be 0 or more, got -1.0"),
+        ("optim.optimizer=lamb", "optim.optimizer: 'lamb' is not one of ['sgd', 'adamw', 'rmsprop']"),
         (
             "data.auto_augment=randaugment",
             "data.auto_augment: 'randaugment' is not one of ['none', 'trivial_augment_wide', 'rand_augment']",
@@ -543,6 +545,14 @@ def test_config_errors_name_the_key(override, message, tmp_path, capsys):
     assert train_main(["--config", str(REPO_ROOT / "configs/demo.yaml"), f"run.dir={tmp_path}", override]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "config.yaml").exists(), "nothing starts before the config is valid"
+
+
+def test_a_floor_above_the_peak_learning_rate_is_a_config_error(photo_shards, tmp_path, capsys):
+    """schedule.min_lr is checked against the peak once the global batch is known (it scales the lr)."""
+    args = train_args(photo_shards, tmp_path / "run", "schedule.min_lr=0.01", "optim.lr=0.1", "optim.lr_batch=256")
+    assert train_main(args[2:]) == 2
+    expected = "schedule.min_lr 0.01 exceeds the peak learning rate 0.003125 (optim.lr 0.1 for 256 images, scaled"
+    assert expected in capsys.readouterr().err
 
 
 def test_a_broken_yaml_file_or_an_impossible_run_dir_is_a_config_error(tmp_path):

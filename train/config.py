@@ -22,7 +22,7 @@ from train.model import FIXED_SIZE_KEYWORDS, MODEL_NAMES, RESNET_FAMILY
 from train.step import AUTOCAST_DTYPES
 
 SCHEDULES = ("cosine", "linear", "step")
-OPTIMIZERS = ("sgd", "adamw")
+OPTIMIZERS = ("sgd", "adamw", "rmsprop")
 WARMUPS = ("linear", "constant")
 STOP_METRICS = {"acc1": "max", "acc5": "max", "loss": "min"}  # which way is better
 
@@ -85,11 +85,14 @@ class ResolutionConfig:
 @dataclass
 class OptimConfig:
     optimizer: str = option(
-        "sgd", "sgd (with momentum, nesterov) or adamw (betas 0.9, 0.999; decoupled decay)", OPTIMIZERS
+        "sgd",
+        "sgd (with momentum, nesterov), adamw (betas 0.9, 0.999; decoupled decay) or rmsprop (alpha 0.9, eps "
+        "0.0316, with momentum: torchvision's, for its MobileNet recipes)",
+        OPTIMIZERS,
     )
     lr: float = option(0.1, "peak learning rate for a global batch of lr_batch images")
     lr_batch: int = option(256, "global batch `lr` is given for; scaled linearly to the real one (0: lr as is)")
-    momentum: float = option(0.9, "SGD momentum")
+    momentum: float = option(0.9, "SGD and RMSprop momentum")
     nesterov: bool = option(False, "Nesterov momentum (SGD)")
     weight_decay: float = option(5e-5, "weight decay (SGD: L2 in the gradient; AdamW: decoupled, typically 0.05)")
     no_decay_bn_bias: bool = option(True, "no weight decay on norm weights, biases and transformer embeddings")
@@ -113,6 +116,7 @@ class ScheduleConfig:
     warmup_lr: float = option(0.0, "learning rate at step 0 (linear) or during warmup (constant)")
     step_every_epochs: int = option(30, "step schedule: multiply by step_gamma every this many epochs")
     step_gamma: float = option(0.1, "step schedule factor")
+    min_lr: float = option(0.0, "cosine and linear decay end at this learning rate (torchvision's --lr-min)")
 
 
 @dataclass
@@ -353,6 +357,8 @@ def _check(config: Config) -> None:
             raise ConfigError(f"optim.{key}: must be 0 (off) or more, got {getattr(config.optim, key)}")
     if not 0.0 <= config.optim.random_erase <= 1.0:
         raise ConfigError(f"optim.random_erase: must be a probability in [0, 1], got {config.optim.random_erase}")
+    if config.schedule.min_lr < 0:
+        raise ConfigError(f"schedule.min_lr: must be 0 or more, got {config.schedule.min_lr}")
     if not 0.0 <= config.optim.ema_decay < 1.0:
         raise ConfigError(f"optim.ema_decay: must be in [0, 1), got {config.optim.ema_decay}")
     data = config.data

@@ -8,7 +8,8 @@ from train.config import ResolutionConfig, ScheduleConfig
 
 
 def learning_rate(step: int, steps_per_epoch: int, epochs: int, peak_lr: float, cfg: ScheduleConfig) -> float:
-    """Warmup (a ramp from `warmup_lr`, or `warmup_lr` held), then cosine, linear-to-zero or step decay.
+    """Warmup (a ramp from `warmup_lr`, or `warmup_lr` held), then cosine or linear decay to
+    `min_lr`, or step decay.
 
     Computed per iteration (not per epoch), from the global step alone, so resuming needs no state.
     """
@@ -24,8 +25,8 @@ def learning_rate(step: int, steps_per_epoch: int, epochs: int, peak_lr: float, 
     progress = (epoch - warmup) / max(total - warmup, 1e-9)
     progress = min(max(progress, 0.0), 1.0)
     if cfg.kind == "cosine":
-        return peak_lr * 0.5 * (1 + math.cos(math.pi * progress))
-    return peak_lr * (1 - progress)
+        return cfg.min_lr + (peak_lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.min_lr + (peak_lr - cfg.min_lr) * (1 - progress)
 
 
 def in_warmup(step: int, steps_per_epoch: int, epochs: int, cfg: ScheduleConfig) -> bool:

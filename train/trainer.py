@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config, peak_lr: float) -> torch.optim.Optimizer:
-    """SGD or AdamW. With `optim.no_decay_bn_bias`, norm layers' weights and all biases (1-D
+    """SGD, AdamW or RMSprop. With `optim.no_decay_bn_bias`, norm layers' weights and all biases (1-D
     parameters) and the transformers' embeddings (`NO_DECAY_NAMES`) get no weight decay."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -156,6 +156,8 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, peak_lr: float) -> torc
         groups.append({"params": no_decay, "weight_decay": 0.0})
     if cfg.optim.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=peak_lr)
+    if cfg.optim.optimizer == "rmsprop":  # torchvision's settings: eps 0.0316 is the root of TensorFlow's 1e-3
+        return torch.optim.RMSprop(groups, lr=peak_lr, alpha=0.9, eps=0.0316, momentum=cfg.optim.momentum)
     return torch.optim.SGD(groups, lr=peak_lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov)
 
 
@@ -223,6 +225,11 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
         accumulate = cfg.optim.accumulate
         global_batch = cfg.data.batch_size * ctx.world_size * accumulate
         peak_lr = cfg.peak_lr(global_batch)
+        if cfg.schedule.min_lr > peak_lr:
+            raise ConfigError(
+                f"schedule.min_lr {cfg.schedule.min_lr:g} exceeds the peak learning rate {peak_lr:g} (optim.lr "
+                f"{cfg.optim.lr:g} for {cfg.optim.lr_batch} images, scaled to the global batch of {global_batch})"
+            )
         optimizer = build_optimizer(model, cfg, peak_lr)
         scaler = torch.amp.GradScaler("cuda") if precision == "float16" else None
         ema = None

@@ -125,12 +125,13 @@ tar czf "$OUT/diagnostics.tgz" -C /tmp/gc diagnostics
 step "2. GPU-marked tests"
 limit 180 python -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
 
-step "5. short real training run under torchrun (python -m torch.distributed.run), dali-gpu, BlurPool, eval flips"
+step "5. short real training run under torchrun (python -m torch.distributed.run), dali-gpu, BlurPool, eval flips, EMA, repeated augmentation, timed checkpoints"
 limit 150 python -m torch.distributed.run --standalone --nproc-per-node 1 -m train --config configs/demo.yaml data.shards=/tmp/gc/shards \
   data.backend=dali-gpu data.workers="$workers" data.batch_size=64 resolution.min=128 resolution.max=128 \
   resolution.val=128 train.epochs=2 eval.every=1 log.every=2 log.tensorboard="$tensorboard_ok" run.dir=/tmp/gc/run \
-  model.blurpool=true eval.flip=true
+  model.blurpool=true eval.flip=true optim.ema_decay=0.99 data.aug_repeats=2 checkpoint.every_minutes=0.01
 limit 90 python -m train.evaluate --checkpoint /tmp/gc/run/last.pt --shards /tmp/gc/shards --workers "$workers"
+limit 90 python -m train.evaluate --checkpoint /tmp/gc/run/last.pt --shards /tmp/gc/shards --workers "$workers" --ema
 ls -la /tmp/gc/run
 
 step "5b. the same from raw-pixel train shards: torch-uint8 for train, dali-gpu for the JPEG val split"

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from pipeline.errors import SampleDecodeError, data_error_message
@@ -62,6 +62,7 @@ from train.distributed import (
     setup_distributed,
     teardown_distributed,
 )
+from train.ema import update_ema
 from train.erasing import random_erasing
 from train.metrics import evaluate
 from train.mixing import batch_mixer
@@ -236,7 +237,8 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
         if cfg.optim.ema_decay:
             # use_buffers: BatchNorm running statistics are averaged too, or the EMA model would keep
             # the statistics it was created with.
-            ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.optim.ema_decay), use_buffers=True)
+            ema = AveragedModel(model, use_buffers=True)  # updated by `update_ema`
+        ema_empty = True  # no update yet: the first one copies the weights
         criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)  # soft targets too
         mix = batch_mixer(num_classes, cfg.optim.mixup_alpha, cfg.optim.cutmix_alpha)
         steps_per_epoch = train_loader.steps_per_epoch // accumulate
@@ -259,6 +261,7 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
                 scaler.load_state_dict(checkpoint["scaler"])
             if ema is not None and checkpoint.get("ema"):
                 ema.load_state_dict(checkpoint["ema"])
+                ema_empty = int(ema.n_averaged) == 0
             position = {k: checkpoint[k] for k in position}
             log.line(f"resumed from {checkpoint_path}: epoch {position['epoch']} step {position['step_in_epoch']}")
             changes = config_changes(checkpoint["config"], cfg.to_dict())
@@ -386,11 +389,11 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
             with timer.phase("optimizer"):
                 optimizer_step(optimizer, model.parameters(), scaler, cfg.optim.grad_clip)
                 if ema is not None:
-                    if in_warmup(position["global_step"], steps_per_epoch, cfg.train.epochs, cfg.schedule):
-                        # The EMA starts when the warmup ends (until then each update copies the
-                        # weights), as torchvision's reference script restarts it during warmup.
-                        ema.n_averaged.zero_()
-                    ema.update_parameters(model)
+                    # The EMA starts when the warmup ends (until then each update copies the
+                    # weights), as torchvision's reference script restarts it during warmup.
+                    warmup = in_warmup(position["global_step"], steps_per_epoch, cfg.train.epochs, cfg.schedule)
+                    update_ema(ema, model, cfg.optim.ema_decay, copy=ema_empty or warmup)
+                    ema_empty = False
             timer.step_done()
             if sync_timer is not None:
                 sync_timer.step_done()

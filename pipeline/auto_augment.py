@@ -1,9 +1,16 @@
-"""TrivialAugment Wide and RandAugment, as torchvision's and timm's ImageNet recipes use them.
+"""TrivialAugment Wide, RandAugment and AutoAugment's ImageNet policy, as torchvision's and timm's
+ImageNet recipes use them.
 
-Both pick operations of the same 14 for each train image. TrivialAugment Wide (Müller & Hutter,
-2021): one operation, at one of 31 magnitude bins, both drawn uniformly. RandAugment (Cubuk et al.,
-2020): `ops` operations in a row, each drawn uniformly (with replacement), all at the fixed
-magnitude bin `magnitude` of 31. Signed operations get a random sign each time.
+TrivialAugment Wide (Müller & Hutter, 2021) and RandAugment (Cubuk et al., 2020) pick operations of
+the same 14 for each train image. TrivialAugment: one operation, at one of 31 magnitude bins, both
+drawn uniformly. RandAugment: `ops` operations in a row, each drawn uniformly (with replacement),
+all at the fixed magnitude bin `magnitude` of 31. AutoAugment's ImageNet policy (Cubuk et al., 2019;
+torchvision's `--auto-augment imagenet`, its MobileNetV3 and EfficientNet recipes): one of 25
+sub-policies drawn uniformly, each two operations in a row at fixed bins of 10, each applied with its
+own probability; the sub-policies, ranges and bins are torchvision's (its policy table is read from
+`torchvision.transforms.AutoAugment`), not DALI's `get_image_net_policy`, which follows the paper's
+TensorFlow code (11 bins, other operations), so that every backend trains on the same policy.
+Signed operations get a random sign each time.
 
 The draws are made here, from the loaders' per-batch generator (seed, epoch, rank, step), not by
 DALI's random operators: so resuming repeats them, and the DALI backends and `torch-uint8` apply the
@@ -20,25 +27,33 @@ operations fill with gray (128) and interpolate bilinearly.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-AUTO_AUGMENTS = ("none", "trivial_augment_wide", "rand_augment")
-# DALI's suites, in their order (the same for both): an index drawn here names the same operation
-# in every backend.
+AUTO_AUGMENTS = ("none", "trivial_augment_wide", "rand_augment", "auto_augment_imagenet")
+# TrivialAugment's and RandAugment's operations, in the order of DALI's suites (the same for both):
+# an index drawn here names the same operation in every backend.
 OPERATIONS = (
     "translate_x", "translate_y", "shear_x", "shear_y", "rotate", "brightness", "contrast", "color",
     "sharpness", "posterize", "solarize", "equalize", "auto_contrast", "identity",
 )  # fmt: skip
-MAGNITUDE_BINS = 31
+# AutoAugment's ImageNet policy's operations; not applying one is "identity".
+POLICY_OPERATIONS = (
+    "shear_x", "rotate", "color", "contrast", "sharpness", "posterize", "solarize", "equalize", "auto_contrast",
+    "invert", "identity",
+)  # fmt: skip
+MAGNITUDE_BINS = 31  # TrivialAugment's and RandAugment's
+POLICY_MAGNITUDE_BINS = 10  # AutoAugment's
 FILL = 128
 # (first, last) magnitude of each operation that has one, per suite: bin b is linspace(first, last,
-# 31)[b]. Translations are in pixels; RandAugment's scale with the image (`translate_range`).
+# bins)[b]. Translations are in pixels; RandAugment's scale with the image (`translate_range`).
 MAGNITUDES = {
     "trivial_augment_wide": {
         "translate_x": (0.0, 32.0),
@@ -64,9 +79,39 @@ MAGNITUDES = {
         "posterize": (8.0, 4.0),
         "solarize": (256.0, 0.0),
     },
+    # torchvision's (`AutoAugment._augmentation_space`); at 10 bins the rounded posterize bits are
+    # its 8, 8, 7, 7, 6, 6, 5, 5, 4, 4.
+    "auto_augment_imagenet": {
+        "shear_x": (0.0, 0.3),
+        "rotate": (0.0, 30.0),
+        "color": (0.0, 0.9),
+        "contrast": (0.0, 0.9),
+        "sharpness": (0.0, 0.9),
+        "posterize": (8.0, 4.0),
+        "solarize": (255.0, 0.0),
+    },
 }
 RAND_AUGMENT_TRANSLATE = 100 / 224  # of the image side at the last bin: DALI's default
 UNSIGNED = ("posterize", "solarize")
+
+
+TORCHVISION_NAMES = {
+    "ShearX": "shear_x", "Rotate": "rotate", "Color": "color", "Contrast": "contrast", "Sharpness": "sharpness",
+    "Posterize": "posterize", "Solarize": "solarize", "Equalize": "equalize", "AutoContrast": "auto_contrast",
+    "Invert": "invert",
+}  # fmt: skip
+
+
+@functools.cache
+def imagenet_policy() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """AutoAugment's ImageNet policy as torchvision defines it: per sub-policy (25) and step (2), the
+    operation (index into POLICY_OPERATIONS), its probability and its magnitude bin (0 when it has
+    none)."""
+    policy = transforms.AutoAugment(transforms.AutoAugmentPolicy.IMAGENET).policies
+    operations = [[POLICY_OPERATIONS.index(TORCHVISION_NAMES[name]) for name, _, _ in steps] for steps in policy]
+    chances = [[chance for _, chance, _ in steps] for steps in policy]
+    bins = [[magnitude_bin or 0 for _, _, magnitude_bin in steps] for steps in policy]
+    return np.array(operations, np.int32), np.array(chances), np.array(bins, np.int32)
 
 
 @dataclass(frozen=True)
@@ -93,8 +138,17 @@ class AutoAugment:
         return self.name != "none"
 
     @property
+    def operations(self) -> tuple[str, ...]:
+        """The suite's operations: a drawn operation index is a position in this."""
+        return POLICY_OPERATIONS if self.name == "auto_augment_imagenet" else OPERATIONS
+
+    @property
+    def magnitude_bins(self) -> int:
+        return POLICY_MAGNITUDE_BINS if self.name == "auto_augment_imagenet" else MAGNITUDE_BINS
+
+    @property
     def operations_per_image(self) -> int:
-        return self.ops if self.name == "rand_augment" else 1
+        return {"rand_augment": self.ops, "auto_augment_imagenet": 2}.get(self.name, 1)
 
     def translate_range(self, image_size: int) -> tuple[float, float]:
         """First and last translation in pixels, for images of `image_size`."""
@@ -111,6 +165,13 @@ class AutoAugment:
             bins = rng.integers(0, MAGNITUDE_BINS, count, dtype=np.int32)
             signs = rng.integers(0, 2, count, dtype=np.int32)
             return operations.reshape(shape), bins.reshape(shape), signs.reshape(shape)
+        if self.name == "auto_augment_imagenet":
+            policy_operations, chances, policy_bins = imagenet_policy()
+            chosen = rng.integers(0, len(policy_operations), count)
+            applied = rng.uniform(size=shape) < chances[chosen]
+            signs = rng.integers(0, 2, shape, dtype=np.int32)
+            operations = np.where(applied, policy_operations[chosen], POLICY_OPERATIONS.index("identity"))
+            return operations.astype(np.int32), np.where(applied, policy_bins[chosen], 0).astype(np.int32), signs
         operations = rng.integers(0, len(OPERATIONS), shape, dtype=np.int32)
         signs = rng.integers(0, 2, shape, dtype=np.int32)
         return operations, np.full(shape, self.magnitude, np.int32), signs
@@ -123,13 +184,13 @@ class AutoAugment:
             first, last = MAGNITUDES[self.name][name]
         else:
             return 0.0
-        value = float(np.linspace(first, last, MAGNITUDE_BINS)[magnitude_bin])
+        value = float(np.linspace(first, last, self.magnitude_bins)[magnitude_bin])
         return -value if negate and name not in UNSIGNED else value
 
     def apply(self, image: torch.Tensor, operations, bins, signs) -> torch.Tensor:
         """One image's drawn operations in order, on a uint8 C x H x W square image."""
         for operation, magnitude_bin, negate in zip(operations, bins, signs, strict=True):
-            name = OPERATIONS[int(operation)]
+            name = self.operations[int(operation)]
             image = apply_operation(
                 image, name, self.magnitude_of(name, int(magnitude_bin), int(negate), image.shape[-1])
             )
@@ -168,6 +229,8 @@ def apply_operation(image: torch.Tensor, name: str, m: float) -> torch.Tensor:
         return equalize_like_dali(image)
     if name == "auto_contrast":
         return F.autocontrast(image)
+    if name == "invert":
+        return F.invert(image)
     return image
 
 

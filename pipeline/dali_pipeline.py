@@ -13,12 +13,13 @@ from collections.abc import Callable
 
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
+from nvidia.dali.auto_aug import augmentations
 from nvidia.dali.auto_aug.augmentations import sharpness_kernel
 from nvidia.dali.auto_aug.core import augmentation, select, signed_bin
 from nvidia.dali.auto_aug.rand_augment import get_rand_augment_suite
 from nvidia.dali.auto_aug.trivial_augment import get_trivial_augment_wide_suite
 
-from pipeline.auto_augment import FILL, MAGNITUDE_BINS, MAGNITUDES, NO_AUTO_AUGMENT, OPERATIONS, AutoAugment
+from pipeline.auto_augment import FILL, MAGNITUDES, NO_AUTO_AUGMENT, AutoAugment
 from pipeline.transforms import PIXEL_MEAN, PIXEL_STD
 
 
@@ -65,18 +66,31 @@ def equalize(data, _):
 
 
 def dali_suite(augment: AutoAugment, image_size: int) -> list:
-    """DALI's operations of `augment`'s suite, in the order of `OPERATIONS`, for images of `image_size`."""
+    """DALI's operations of `augment`'s suite, in the order of `augment.operations`, for images of
+    `image_size`."""
+    ranges = MAGNITUDES[augment.name]
     if augment.name == "trivial_augment_wide":
         suite = get_trivial_augment_wide_suite()
-    else:
+    elif augment.name == "rand_augment":
         suite = get_rand_augment_suite(use_shape=False, max_translate_abs=augment.translate_range(image_size)[1])
+    else:  # AutoAugment's ImageNet policy with torchvision's ranges: DALI's own policy has others
+        signed = ("shear_x", "rotate", "color", "contrast")
+        suite = [getattr(augmentations, name).augmentation(mag_range=ranges[name]) for name in signed]
+        suite += [
+            augmentations.posterize.augmentation(mag_range=ranges["posterize"]),
+            augmentations.solarize.augmentation(mag_range=ranges["solarize"]),
+            augmentations.auto_contrast,
+            augmentations.invert,
+            augmentations.identity,
+        ]
     by_name = {operation.name: operation for operation in suite}
-    first, last = MAGNITUDES[augment.name]["sharpness"]
     by_name.update(
-        sharpness=sharpness.augmentation(mag_range=(first, last), randomly_negate=True, mag_to_param=sharpness_kernel),
+        sharpness=sharpness.augmentation(
+            mag_range=ranges["sharpness"], randomly_negate=True, mag_to_param=sharpness_kernel
+        ),
         equalize=equalize,
     )
-    return [by_name[name] for name in OPERATIONS]
+    return [by_name[name] for name in augment.operations]
 
 
 def auto_augment_images(images, augment: AutoAugment, image_size: int, operations, magnitude_bins, signs):
@@ -90,7 +104,7 @@ def auto_augment_images(images, augment: AutoAugment, image_size: int, operation
             operations[k],
             images,
             magnitude_bin=signed_bin(magnitude_bins[k], signs[k]),
-            num_magnitude_bins=MAGNITUDE_BINS,
+            num_magnitude_bins=augment.magnitude_bins,
             fill_value=FILL,
             interp_type=types.INTERP_LINEAR,
         )

@@ -1,7 +1,8 @@
 """The augmentation spec shared by every backend, and its torchvision form.
 
 Train: random-resized-crop (area 8-100%, aspect 3/4-4/3) to `size`, horizontal flip, optionally
-TrivialAugment Wide or RandAugment (`pipeline/auto_augment.py`), normalize.
+TrivialAugment Wide, RandAugment or AutoAugment's ImageNet policy (`pipeline/auto_augment.py`),
+normalize.
 Val: resize the shorter side to size / crop_pct (256 for 224), center crop `size`, normalize.
 """
 
@@ -34,8 +35,9 @@ def val_resize_size(crop_size: int, crop_pct: float = DEFAULT_CROP_PCT) -> int:
 
 
 def torchvision_train_transform(size: int, auto_augment: AutoAugment = NO_AUTO_AUGMENT) -> transforms.Compose:
-    """The train spec on PIL images; with an `auto_augment` torchvision's own TrivialAugmentWide or
-    RandAugment after the flip, as torchvision's reference recipes place them."""
+    """The train spec on PIL images; with an `auto_augment` torchvision's own TrivialAugmentWide,
+    RandAugment or AutoAugment (ImageNet policy) after the flip, as torchvision's reference recipes
+    place them."""
     steps = [
         transforms.RandomResizedCrop(size, scale=RRC_AREA, ratio=RRC_ASPECT_RATIO, antialias=True),
         transforms.RandomHorizontalFlip(),
@@ -45,6 +47,8 @@ def torchvision_train_transform(size: int, auto_augment: AutoAugment = NO_AUTO_A
         steps.append(transforms.TrivialAugmentWide(**warp))
     elif auto_augment.name == "rand_augment":
         steps.append(transforms.RandAugment(auto_augment.ops, auto_augment.magnitude, **warp))
+    elif auto_augment.name == "auto_augment_imagenet":
+        steps.append(transforms.AutoAugment(transforms.AutoAugmentPolicy.IMAGENET, **warp))
     steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     return transforms.Compose(steps)
 

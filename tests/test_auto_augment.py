@@ -1,5 +1,5 @@
-"""TrivialAugment Wide and RandAugment: torchvision's kernels against DALI's suites, and the loaders
-that apply them."""
+"""TrivialAugment Wide, RandAugment and AutoAugment's ImageNet policy: torchvision's kernels against
+DALI's suites, and the loaders that apply them."""
 
 from __future__ import annotations
 
@@ -8,21 +8,30 @@ import pytest
 import torch
 from nvidia.dali import fn, pipeline_def
 from PIL import Image
+from torchvision import transforms
 
-from pipeline.auto_augment import MAGNITUDE_BINS, OPERATIONS, AutoAugment
+from pipeline.auto_augment import (
+    MAGNITUDE_BINS,
+    MAGNITUDES,
+    OPERATIONS,
+    POLICY_OPERATIONS,
+    AutoAugment,
+    imagenet_policy,
+)
 from pipeline.dali_pipeline import auto_augment_images
 from pipeline.loader import create_loader
 from tests.test_loaders import collect, config
 
 SIZE = 96
-SUITES = ("trivial_augment_wide", "rand_augment")
+SUITES = ("trivial_augment_wide", "rand_augment", "auto_augment_imagenet")
 # Mean absolute difference (grey levels of 255) allowed between DALI's operation and torch-uint8's
 # on one image, inside a one-pixel border. Measured on the sample photographs and on the demo images
 # at 96 px, bins 15 and 30 of TrivialAugment's suite: 1.25 at most for color, 1.0 for contrast
 # (torchvision rounds the grey mean it blends with; 1.5 at bin 1), 0.75 or less for the others
 # (interpolation, rounding), and 0 for the translations, posterize, solarize and equalize. In
 # RandAugment's suite on the photographs: 1.0 at most (color), 0.37 for the translations (their
-# shifts are fractions of a pixel there).
+# shifts are fractions of a pixel there). In AutoAugment's, every bin on the photographs: 1.4 at most
+# (contrast), 1.0 for color, 0.53 or less for the others, 0 for invert.
 OPERATION_MEAN_ABS = {"contrast": 2.0, "color": 2.0}
 OTHER_OPERATION_MEAN_ABS = 1.0
 
@@ -53,16 +62,20 @@ def dali_operations(images: list[np.ndarray], augment: AutoAugment, operations, 
     return [np.asarray(outputs[i]) for i in range(len(images))]
 
 
-@pytest.mark.parametrize("suite", SUITES)
-@pytest.mark.parametrize("name", OPERATIONS)
+@pytest.mark.parametrize(
+    ("suite", "name"), [(suite, name) for suite in SUITES for name in AutoAugment(suite).operations]
+)
 def test_each_operation_matches_dalis(photos, name, suite):
     """torch-uint8's operations (torchvision's kernels) against DALI's suite, operation by operation,
-    at the strongest magnitude and a middle one, with and without the sign."""
+    at the strongest magnitude and a middle one, with and without the sign (AutoAugment's second
+    operation is identity)."""
     augment = AutoAugment(suite, ops=1)
-    count = len(photos)
-    operations = np.full((count, 1), OPERATIONS.index(name), np.int32)
-    bins = np.array([MAGNITUDE_BINS - 1, 15] * (count // 2), np.int32).reshape(count, 1)
-    signs = np.array([0, 0, 1, 1] * (count // 4), np.int32).reshape(count, 1)
+    count, strongest, per_image = len(photos), augment.magnitude_bins - 1, augment.operations_per_image
+    operations = np.full((count, per_image), augment.operations.index("identity"), np.int32)
+    operations[:, 0] = augment.operations.index(name)
+    bins, signs = np.zeros((count, per_image), np.int32), np.zeros((count, per_image), np.int32)
+    bins[:, 0] = [strongest, augment.magnitude_bins // 2] * (count // 2)
+    signs[:, 0] = [0, 0, 1, 1] * (count // 4)
     dali = dali_operations(photos, augment, operations, bins, signs)
     tolerance = OPERATION_MEAN_ABS.get(name, OTHER_OPERATION_MEAN_ABS)
     differences, strongest_changes = [], []
@@ -72,7 +85,7 @@ def test_each_operation_matches_dalis(photos, name, suite):
         assert ours.dtype == np.uint8 and ours.shape == image.shape
         # inside a one-pixel border, which DALI's sharpness filters and PIL's (so torchvision's) keeps
         differences.append(np.abs(ours.astype(float) - dali_out.astype(float))[1:-1, 1:-1].mean())
-        if bins[i, 0] == MAGNITUDE_BINS - 1:
+        if bins[i, 0] == strongest:
             strongest_changes.append(np.abs(ours.astype(float) - image.astype(float)).mean())
     assert max(differences) <= tolerance, (name, differences)
     # The operation does something, far more than the backends differ by (on average over the
@@ -125,6 +138,45 @@ def test_rand_augment_draws_ops_operations_per_image_at_its_magnitude():
         assert np.all(np.abs(counts - 1 / len(OPERATIONS)) < 0.01)
     same = (operations[:, 0] == operations[:, 1]).mean()
     assert abs(same - 1 / len(OPERATIONS)) < 0.01
+
+
+def test_auto_augment_draws_follow_torchvisions_imagenet_policy():
+    """Per image: one of the 25 sub-policies, each of its two operations kept with its probability
+    (else identity), at its bin."""
+    policy_operations, chances, policy_bins = imagenet_policy()
+    assert policy_operations.shape == chances.shape == policy_bins.shape == (25, 2)
+    operations, bins, signs = AutoAugment("auto_augment_imagenet").draw(40_000, np.random.default_rng(0))
+    assert operations.shape == bins.shape == signs.shape == (40_000, 2)
+    identity = POLICY_OPERATIONS.index("identity")
+    for k in range(2):
+        kept = operations[:, k] != identity
+        assert abs(kept.mean() - chances[:, k].mean()) < 0.01  # sub-policies drawn uniformly
+        drawn = set(zip(operations[kept, k].tolist(), bins[kept, k].tolist(), strict=True))
+        steps = zip(policy_operations[:, k].tolist(), policy_bins[:, k].tolist(), chances[:, k], strict=True)
+        assert drawn == {(operation, b) for operation, b, chance in steps if chance > 0}
+        assert set(bins[~kept, k].tolist()) == {0}
+    # both kept, in order: e.g. torchvision's first sub-policy, posterize at bin 8 then rotate at bin 9
+    first = (operations[:, 0] == policy_operations[0, 0]) & (bins[:, 0] == policy_bins[0, 0])
+    assert set(zip(operations[first, 1].tolist(), bins[first, 1].tolist(), strict=True)) >= {
+        (int(policy_operations[0, 1]), int(policy_bins[0, 1]))
+    }
+
+
+def test_auto_augment_magnitudes_are_torchvisions():
+    """Each policy operation's 10 magnitudes as torchvision's AutoAugment gives them (its table is
+    private, so read here only to check ours)."""
+    augment = AutoAugment("auto_augment_imagenet")
+    names = {"shear_x": "ShearX", "rotate": "Rotate", "color": "Color", "contrast": "Contrast"}
+    names |= {"sharpness": "Sharpness", "posterize": "Posterize", "solarize": "Solarize"}
+    assert set(names) == set(MAGNITUDES["auto_augment_imagenet"])
+    space = transforms.AutoAugment()._augmentation_space(augment.magnitude_bins, (SIZE, SIZE))
+    for name, torchvision_name in names.items():
+        theirs, signed = space[torchvision_name]
+        ours = [augment.magnitude_of(name, b, 0, SIZE) for b in range(augment.magnitude_bins)]
+        if name == "posterize":
+            ours = [round(m) for m in ours]  # bits kept, as apply_operation rounds them
+        np.testing.assert_allclose(ours, theirs.double().numpy(), atol=1e-5, err_msg=name)
+        assert (augment.magnitude_of(name, 3, 1, SIZE) == -ours[3]) == signed, name
 
 
 @pytest.mark.parametrize("suite", SUITES)

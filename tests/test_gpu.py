@@ -44,7 +44,7 @@ def test_dali_gpu_matches_dali_cpu(photo_shards, split):
     assert_dali_gpu_matches_dali_cpu(photo_shards, split)
 
 
-@pytest.mark.parametrize("suite", ["trivial_augment_wide", "rand_augment"])
+@pytest.mark.parametrize("suite", ["trivial_augment_wide", "rand_augment", "auto_augment_imagenet"])
 @pytest.mark.parametrize("stored", ["jpeg", "raw"])
 def test_auto_augment_on_dali_gpu_matches_dali_cpu(raw_and_jpeg_shards, stored, suite):
     """The operations are drawn on the host: the GPU graph applies the CPU graph's, with DALI's GPU

@@ -531,7 +531,7 @@ def test_the_train_loader_is_given_the_data_settings():
         ("optim.optimizer=lamb", "optim.optimizer: 'lamb' is not one of ['sgd', 'adamw', 'rmsprop']"),
         (
             "data.auto_augment=randaugment",
-            "data.auto_augment: 'randaugment' is not one of ['none', 'trivial_augment_wide', 'rand_augment']",
+            "data.auto_augment: 'randaugment' is not one of ['none', 'trivial_augment_wide', 'rand_augment', 'auto_aug",
         ),
         (
             "data.rand_augment_magnitude=31",
@@ -870,11 +870,12 @@ def test_another_torchvision_classifier_trains_with_its_recipes_parts_evaluates_
 ):
     """Nothing downstream assumes a ResNet: the class count comes from the checkpoint's record.
     MixUp and CutMix turn the labels into class probabilities, which the loss takes as they are;
-    RandAugment runs in the DALI pipeline, random erasing on the batch."""
+    AutoAugment's ImageNet policy (torchvision's MobileNetV3 recipe) runs in the DALI pipeline,
+    random erasing on the batch."""
     run_dir = tmp_path / "run"
     chosen = ["model.name=mobilenet_v3_small", "optim.optimizer=adamw", "optim.lr=0.001", "optim.weight_decay=0.05"]
-    mixing = ["optim.mixup_alpha=0.2", "optim.cutmix_alpha=1.0", "data.auto_augment=rand_augment",
-              "data.rand_augment_ops=3", "optim.random_erase=0.1"]  # fmt: skip
+    mixing = ["optim.mixup_alpha=0.2", "optim.cutmix_alpha=1.0", "data.auto_augment=auto_augment_imagenet",
+              "optim.random_erase=0.2"]  # fmt: skip
     run_tool(*train_args(photo_shards, run_dir, *chosen, *mixing, "train.epochs=1")[1:], check=True)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["train/loss"] for r in records if "train/loss" in r]

@@ -56,6 +56,7 @@ AUTO_AUGMENT_HELP = (
     "train augmentation (data.auto_augment; rand_augment with 2 operations at bin 9); a comma list measures each, "
     "e.g. none,trivial_augment_wide"
 )
+AUGMENT_SUFFIXES = {"trivial_augment_wide": " +TA", "rand_augment": " +RA", "auto_augment_imagenet": " +AA"}
 # tools.bench_train's feeds besides the project's loaders: BASELINES.md's plain DALI pipeline
 # (tools.bench_dali_reference), and images decoded once, augmented as raw pixels (tools.predecoded_loader)
 REFERENCE_BACKENDS = ("dali-reference",)
@@ -112,7 +113,7 @@ def loader_runs(
                         name += f" {workers} threads"
                     settings = {"workers": workers} if load is None else {"workers": workers, "hw_decoder_load": load}
                     if augment not in (None, "none"):
-                        name += {"trivial_augment_wide": " +TA", "rand_augment": " +RA"}[augment]
+                        name += AUGMENT_SUFFIXES[augment]
                         settings["auto_augment"] = augment
                     runs.append((backend, settings, name))
     return runs

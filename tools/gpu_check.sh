@@ -155,13 +155,15 @@ limit 60 python -m tools.bench_train --shards /tmp/gc/raw-shards --model resnet1
   --batch-size "$batch" --image-size 160 --seconds "$seconds" --workers "$workers" \
   --json "$results/bench_train_rn18c_raw160_noblur.json"
 
-step "4t. TrivialAugment's and RandAugment's cost (data.auto_augment): the 4s model and feeds without and with each"
-# Not measured on a GPU before (added 2026-12-06; RandAugment, 2 operations at bin 9, the twenty-second session). CPU
-# machine, pipeline alone at 224 px: TrivialAugment leaves dali-cpu 0.63-0.66 and torch-uint8 0.74-0.78 of their rate
-# without it. On the GPU the operations run in DALI's GPU kernels, on torch-uint8's host workers.
-limit 140 python -m tools.bench_train --shards /tmp/gc/raw-shards --model resnet18 --blurpool --compile \
-  --backends torch-uint8,dali-gpu --auto-augment none,trivial_augment_wide,rand_augment --batch-size "$batch" \
-  --image-size 160 --seconds "$seconds" --workers "$workers" --json "$results/bench_train_rn18c_raw160_ta.json"
+step "4t. TrivialAugment's, RandAugment's and AutoAugment's cost (data.auto_augment): the 4s model and feeds without and with each"
+# Not measured on a GPU before (added 2026-12-06; RandAugment, 2 operations at bin 9, the twenty-second session;
+# AutoAugment's ImageNet policy, the twenty-fourth). CPU machine, pipeline alone at 224 px: TrivialAugment leaves
+# dali-cpu 0.63-0.66 and torch-uint8 0.74-0.78 of their rate without it. On the GPU the operations run in DALI's GPU
+# kernels, on torch-uint8's host workers.
+limit 180 python -m tools.bench_train --shards /tmp/gc/raw-shards --model resnet18 --blurpool --compile \
+  --backends torch-uint8,dali-gpu --auto-augment none,trivial_augment_wide,rand_augment,auto_augment_imagenet \
+  --batch-size "$batch" --image-size 160 --seconds "$seconds" --workers "$workers" \
+  --json "$results/bench_train_rn18c_raw160_ta.json"
 
 step "4r. ResNet-50 fed by dali-gpu from the full-size JPEGs vs synthetic (0.896-0.908 in five runs; last, so the budget may skip it)"
 limit 90 python -m tools.bench_train --shards /tmp/gc/bench-shards --model resnet50 \

@@ -63,7 +63,8 @@ class DataConfig:
     )
     auto_augment: str = option(
         "none",
-        "train: trivial_augment_wide (TrivialAugment Wide after the flip, as torchvision's recipes) or rand_augment",
+        "train: trivial_augment_wide (TrivialAugment Wide after the flip, as torchvision's recipes), rand_augment "
+        "or auto_augment_imagenet (AutoAugment's ImageNet policy, torchvision's)",
         AUTO_AUGMENTS,
     )
     rand_augment_ops: int = option(2, "rand_augment: operations applied to each image, in a row (torchvision: 2)")

@@ -149,6 +149,7 @@ class DaliLoader(PartLoader):
             decode_on_gpu=self.decode_on_gpu,
             raw_pixels=self.table.raw_pixels,
             auto_augment=self.cfg.augment if self.train else NO_AUTO_AUGMENT,
+            interpolation=self.cfg.interpolation,
             hw_decoder_load=self.cfg.hw_decoder_load,
             # DALI has no bfloat16: half-width float16 out (normalized values fit it easily), cast after.
             output_float16=self.dtype in (torch.float16, torch.bfloat16),

@@ -22,6 +22,11 @@ from nvidia.dali.auto_aug.trivial_augment import get_trivial_augment_wide_suite
 from pipeline.auto_augment import FILL, MAGNITUDES, NO_AUTO_AUGMENT, AutoAugment
 from pipeline.transforms import PIXEL_MEAN, PIXEL_STD
 
+# Antialiased, DALI's cubic filter follows PIL's bicubic about as closely as its linear filter follows
+# PIL's bilinear: 20 sample photographs resized to 224 px differ from PIL's by 0.19 grey levels on
+# average at most (linear: 0.18), 90 x 80 crops of them enlarged to 224 px by 0.31 (linear: 0.20).
+RESIZE_FILTERS = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
+
 
 def torchvision_resize_size(images, shorter: int):
     """Output (height, width) of torchvision's Resize(shorter): the long side is floored, not rounded.
@@ -130,6 +135,7 @@ def imagenet_graph(
     output_float16: bool,
     raw_pixels: bool = False,
     auto_augment: AutoAugment = NO_AUTO_AUGMENT,
+    interpolation: str = "bilinear",
 ):
     """Returns (images HWC normalized, labels); labels are moved to the GPU with the images.
 
@@ -140,8 +146,10 @@ def imagenet_graph(
     flips come from the source, so they do not depend on the pipeline's lifetime or on the
     decoding device. With `raw_pixels` the images are HWC uint8 pixels, not encoded bytes. With an
     `auto_augment` train also takes each image's operations, magnitude bins and signs (int32 arrays
-    of one entry per operation).
+    of one entry per operation). `interpolation` is the resizes' filter (the auto-augmentation's
+    geometric operations stay bilinear).
     """
+    resize_filter = RESIZE_FILTERS[interpolation]
     decoder_device = "mixed" if decode_on_gpu else "cpu"
     # EXIF orientation is ignored, as PIL and torchvision (and so every published ImageNet result)
     # do: DALI's default would rotate such photos and the backends would disagree on them.
@@ -167,7 +175,7 @@ def imagenet_graph(
             images = fn.decoders.image_slice(
                 stored, crop_anchor, crop_shape, device=decoder_device, **window, **decode_args
             )
-        images = fn.resize(images, resize_x=image_size, resize_y=image_size, interp_type=types.INTERP_LINEAR)
+        images = fn.resize(images, resize_x=image_size, resize_y=image_size, interp_type=resize_filter)
         if auto_augment.enabled:
             images = auto_augment_images(images, auto_augment, image_size, *operations)
         images = fn.crop_mirror_normalize(
@@ -182,9 +190,7 @@ def imagenet_graph(
         else:
             images = fn.decoders.image(stored, device=decoder_device, **decode_args)
         resize_y, resize_x = torchvision_resize_size(images, val_resize)
-        images = fn.resize(
-            images, resize_x=resize_x, resize_y=resize_y, interp_type=types.INTERP_LINEAR, antialias=True
-        )
+        images = fn.resize(images, resize_x=resize_x, resize_y=resize_y, interp_type=resize_filter, antialias=True)
         images = fn.crop_mirror_normalize(
             images,
             dtype=dtype,

@@ -23,7 +23,7 @@ import torch
 
 from pipeline.auto_augment import AutoAugment
 from pipeline.split import RankPart, rank_part
-from pipeline.transforms import DEFAULT_CROP_PCT, DTYPES, val_resize_size
+from pipeline.transforms import DEFAULT_CROP_PCT, DTYPES, INTERPOLATIONS, val_resize_size
 
 BACKENDS = ("dali-gpu", "dali-cpu", "torch", "torch-uint8", "synthetic", "folder")
 SPLITS = ("train", "val")
@@ -37,6 +37,7 @@ class LoaderConfig:
     image_size: int = 224  # train crop; can change between epochs (set_image_size)
     val_image_size: int = 224
     crop_pct: float = DEFAULT_CROP_PCT  # val: resize shorter side to size / crop_pct, center crop
+    interpolation: str = "bilinear"  # of the train and val resizes: one of INTERPOLATIONS
     workers: int = 8  # DALI threads, or DataLoader worker processes for `torch` and `torch-uint8`
     dtype: str = "float16"  # one of DTYPES
     # Share of images for the hardware JPEG decoder (dali-gpu). 1.0: on an H100 it beat 0.65 in every
@@ -60,6 +61,8 @@ class LoaderConfig:
         if self.backend not in BACKENDS:
             raise ValueError(f"data.backend: {self.backend!r} is not one of {list(BACKENDS)}")
         self.augment.check()
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"data.interpolation: {self.interpolation!r} is not one of {list(INTERPOLATIONS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"data.dtype: {self.dtype!r} is not one of {list(DTYPES)}")
         for name in ("batch_size", "image_size", "val_image_size", "workers", "prefetch", "aug_repeats"):

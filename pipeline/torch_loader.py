@@ -110,9 +110,9 @@ class TorchShardLoader(PartLoader):
         rows = self.table.reading_order(self.part, self.train, self.cfg.seed, self.epoch, key)
         worker_seeds = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch * 10_007 + self.rank)
         if self.train:
-            transform = torchvision_train_transform(self.image_size, self.cfg.augment)
+            transform = torchvision_train_transform(self.image_size, self.cfg.augment, self.cfg.interpolation)
         else:
-            transform = torchvision_val_transform(self.image_size, self.cfg.crop_pct)
+            transform = torchvision_val_transform(self.image_size, self.cfg.crop_pct, self.cfg.interpolation)
         batches = DataLoader(
             ShardSampleDataset(self.table, rows, transform),
             batch_size=self.batch_size,

@@ -4,6 +4,7 @@ Train: random-resized-crop (area 8-100%, aspect 3/4-4/3) to `size`, horizontal f
 TrivialAugment Wide, RandAugment or AutoAugment's ImageNet policy (`pipeline/auto_augment.py`),
 normalize.
 Val: resize the shorter side to size / crop_pct (256 for 224), center crop `size`, normalize.
+Both resize with antialiasing, bilinearly or (`interpolation`) bicubically.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ DEFAULT_CROP_PCT = 0.875  # 224 / 256, the usual ImageNet eval crop
 RRC_AREA = (0.08, 1.0)
 RRC_ASPECT_RATIO = (3 / 4, 4 / 3)
 RRC_ATTEMPTS = 10  # random crops tried before the central fallback, as torchvision does
+INTERPOLATIONS = ("bilinear", "bicubic")  # InterpolationMode's values
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -34,12 +36,16 @@ def val_resize_size(crop_size: int, crop_pct: float = DEFAULT_CROP_PCT) -> int:
     return int(round(crop_size / crop_pct))
 
 
-def torchvision_train_transform(size: int, auto_augment: AutoAugment = NO_AUTO_AUGMENT) -> transforms.Compose:
+def torchvision_train_transform(
+    size: int, auto_augment: AutoAugment = NO_AUTO_AUGMENT, interpolation: str = "bilinear"
+) -> transforms.Compose:
     """The train spec on PIL images; with an `auto_augment` torchvision's own TrivialAugmentWide,
     RandAugment or AutoAugment (ImageNet policy) after the flip, as torchvision's reference recipes
     place them."""
     steps = [
-        transforms.RandomResizedCrop(size, scale=RRC_AREA, ratio=RRC_ASPECT_RATIO, antialias=True),
+        transforms.RandomResizedCrop(
+            size, scale=RRC_AREA, ratio=RRC_ASPECT_RATIO, interpolation=InterpolationMode(interpolation), antialias=True
+        ),
         transforms.RandomHorizontalFlip(),
     ]
     warp = {"interpolation": InterpolationMode.BILINEAR, "fill": [FILL] * 3}
@@ -87,10 +93,14 @@ def random_resized_crops(
     return np.stack([x, y], axis=1).astype(np.float32), np.stack([crop_w, crop_h], axis=1).astype(np.float32)
 
 
-def torchvision_val_transform(size: int, crop_pct: float = DEFAULT_CROP_PCT) -> transforms.Compose:
+def torchvision_val_transform(
+    size: int, crop_pct: float = DEFAULT_CROP_PCT, interpolation: str = "bilinear"
+) -> transforms.Compose:
     return transforms.Compose(
         [
-            transforms.Resize(val_resize_size(size, crop_pct), antialias=True),
+            transforms.Resize(
+                val_resize_size(size, crop_pct), interpolation=InterpolationMode(interpolation), antialias=True
+            ),
             transforms.CenterCrop(size),
             transforms.ToTensor(),
             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from pipeline.errors import SampleDecodeError
@@ -160,6 +161,7 @@ class Uint8Batches(Dataset):
         stored = [self._stored(row) for row in rows]
         labels = np.array([self._reader.label(row) for row in rows], dtype=np.int64)
         images = slot_batch(self.ring, slot, len(rows), size)
+        interpolation = InterpolationMode(self.cfg.interpolation)
         if self.train:
             heights, widths = np.array([self._height_width(row, s) for row, s in zip(rows, stored, strict=True)]).T
             rng = np.random.default_rng([self.cfg.seed, epoch, self.rank, step])
@@ -170,7 +172,7 @@ class Uint8Batches(Dataset):
             for i, (row, s) in enumerate(zip(rows, stored, strict=True)):
                 (x, y), (w, h) = anchors[i].astype(int), shapes[i].astype(int)
                 crop = _channels_first(self._pixels(row, s)[y : y + h, x : x + w])
-                resized = F.resize(crop, [size, size], antialias=True)
+                resized = F.resize(crop, [size, size], interpolation=interpolation, antialias=True)
                 if augment.enabled:
                     resized = augment.apply(resized, *(draws[i] for draws in operations))
                 resized = resized.permute(1, 2, 0)
@@ -178,7 +180,9 @@ class Uint8Batches(Dataset):
         else:
             resize = val_resize_size(size, self.cfg.crop_pct)
             for i, (row, s) in enumerate(zip(rows, stored, strict=True)):
-                image = F.resize(_channels_first(self._pixels(row, s)), [resize], antialias=True)
+                image = F.resize(
+                    _channels_first(self._pixels(row, s)), [resize], interpolation=interpolation, antialias=True
+                )
                 images[i] = F.center_crop(image, [size, size]).permute(1, 2, 0)
         return slot, labels
 

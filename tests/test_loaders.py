@@ -31,6 +31,12 @@ HIGHEST = max((1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=Tr
 # decode identically (libjpeg-turbo); the residue is rounding in the resize. 0.05 is ~3 grey levels.
 VAL_AGREEMENT_MAX_ABS = 0.05
 VAL_AGREEMENT_MEAN_ABS = 0.01
+# With bicubic resizes (data.interpolation) they agree as closely on average (0.003), but 1.7 pixels
+# in 10,000 of the sample photographs differ by more than VAL_AGREEMENT_MAX_ABS, by up to 0.24 (14
+# grey levels): mostly next to black or white, where the cubic filter overshoots the range and the
+# two clip it differently.
+BICUBIC_OUTLIERS = 0.001  # share of pixels allowed beyond VAL_AGREEMENT_MAX_ABS
+BICUBIC_MAX_ABS = 0.3
 TRAIN_EDGE = 2  # rows and columns at a train crop's edge where DALI's and torchvision's resize differ most
 
 
@@ -124,28 +130,42 @@ def test_repeated_augmentation_on_one_rank_puts_the_copies_side_by_side(photo_sh
         assert (images[0::2] - images[1::2]).abs().mean(dim=(1, 2, 3)).min() > 0.05, "each copy cropped its own way"
 
 
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
 @pytest.mark.parametrize("backend", ["torch", "torch-uint8"])
-def test_backends_agree_with_dali_cpu_on_val_images(photo_shards, backend):
+def test_backends_agree_with_dali_cpu_on_val_images(photo_shards, backend, interpolation):
     outputs = {}
     for name in ("dali-cpu", backend):
-        loader = create_loader(str(photo_shards), "val", config(name, val_image_size=224))
+        loader = create_loader(str(photo_shards), "val", config(name, val_image_size=224, interpolation=interpolation))
         outputs[name] = collect(loader)
     for (dali_images, dali_labels), (other_images, other_labels) in zip(*outputs.values(), strict=True):
         assert torch.equal(dali_labels, other_labels)
-        difference = (dali_images - other_images).abs()
-        assert difference.max() <= VAL_AGREEMENT_MAX_ABS
-        assert difference.mean() <= VAL_AGREEMENT_MEAN_ABS
+        assert_resizes_agree((dali_images - other_images).abs(), interpolation)
 
 
-@pytest.mark.parametrize("shards", ["raw", "jpeg"])
-def test_torch_uint8_train_batches_are_dali_cpus(raw_and_jpeg_shards, shards):
+def assert_resizes_agree(difference: torch.Tensor, interpolation: str, inside: slice = slice(None)) -> None:
+    """The absolute difference of two backends' images is within the tolerance of their resizes,
+    its largest values only `inside` each image's rows and columns."""
+    largest = difference[..., inside, inside]
+    if interpolation == "bicubic":
+        assert largest.max() <= BICUBIC_MAX_ABS
+        assert (largest > VAL_AGREEMENT_MAX_ABS).double().mean() <= BICUBIC_OUTLIERS
+    else:
+        assert largest.max() <= VAL_AGREEMENT_MAX_ABS
+    assert difference.mean() <= VAL_AGREEMENT_MEAN_ABS
+
+
+@pytest.mark.parametrize(("shards", "interpolation"), [("raw", "bilinear"), ("jpeg", "bilinear"), ("jpeg", "bicubic")])
+def test_torch_uint8_train_batches_are_dali_cpus(raw_and_jpeg_shards, shards, interpolation):
     """torch-uint8 reads, crops and flips exactly as the DALI backends do (same order, windows and
     flips from the same seeds); only the resize differs: within one grey level inside, while on the
     two outermost rows and columns the two resize filters treat the crop's edge differently (up to
     about 0.3, 17 grey levels, on the sample photographs; 0.01 or less on average over the batch)."""
     data = raw_and_jpeg_shards[0 if shards == "raw" else 1]
-    batches = [collect(create_loader(str(data), "train", config(b)), epoch=2) for b in ("dali-cpu", "torch-uint8")]
-    assert_train_batches_agree(*batches)
+    batches = [
+        collect(create_loader(str(data), "train", config(b, interpolation=interpolation)), epoch=2)
+        for b in ("dali-cpu", "torch-uint8")
+    ]
+    assert_train_batches_agree(*batches, interpolation)
 
 
 def test_torch_uint8_refills_its_batch_buffers_in_turn(raw_and_jpeg_shards):
@@ -216,14 +236,13 @@ def test_torch_uint8_val_workers_go_on_into_the_same_pass_again(photo_shards):
         loader.close()
 
 
-def assert_train_batches_agree(dali_batches: list, uint8_batches: list) -> None:
+def assert_train_batches_agree(dali_batches: list, uint8_batches: list, interpolation: str = "bilinear") -> None:
     """dali-cpu's and torch-uint8's train batches: same labels, same pixels up to the two resizes."""
     assert len(dali_batches) == len(uint8_batches) > 0
     for (dali_images, dali_labels), (uint8_images, uint8_labels) in zip(dali_batches, uint8_batches, strict=True):
         assert torch.equal(dali_labels, uint8_labels)
         difference = (dali_images - uint8_images).abs()
-        assert difference[..., TRAIN_EDGE:-TRAIN_EDGE, TRAIN_EDGE:-TRAIN_EDGE].max() <= VAL_AGREEMENT_MAX_ABS
-        assert difference.mean() <= VAL_AGREEMENT_MEAN_ABS
+        assert_resizes_agree(difference, interpolation, inside=slice(TRAIN_EDGE, -TRAIN_EDGE))
 
 
 def test_exif_rotated_photo_is_read_as_stored_by_every_backend(tmp_path):

@@ -65,7 +65,7 @@ def model_weights(path: Path) -> dict[str, torch.Tensor]:
 def two_process_run(photo_shards, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ddp") / "run"
     overrides = ("train.epochs=2", "eval.every=1", "optim.ema_decay=0.9", "model.blurpool=true", "eval.flip=true",
-                 "data.aug_repeats=2")  # fmt: skip
+                 "data.aug_repeats=2", "data.interpolation=bicubic")  # fmt: skip
     result = torchrun(*train_args(photo_shards, run_dir, *overrides, "checkpoint.keep_every_epochs=1"))
     assert result.returncode == 0, result.stdout + result.stderr
     return run_dir, result
@@ -152,9 +152,12 @@ def test_tensorboard_reads_the_event_files(two_process_run):
 
 def straightforward_eval(checkpoint: Path, shards: Path) -> dict:
     """One process, one loop, argmax and a plain sum: the reference the distributed eval must equal.
-    Each image is scored as it is and mirrored (the run's eval.flip), with BlurPool (model.blurpool)."""
+    Each image is scored as it is and mirrored (the run's eval.flip), with BlurPool (model.blurpool),
+    resized bicubically (data.interpolation)."""
     model = model_from_checkpoint(load_checkpoint(checkpoint)).eval()
-    cfg = LoaderConfig(backend="dali-cpu", batch_size=8, val_image_size=32, workers=1, dtype="float32")
+    cfg = LoaderConfig(
+        backend="dali-cpu", batch_size=8, val_image_size=32, workers=1, dtype="float32", interpolation="bicubic"
+    )
     loader = create_loader(str(shards), "val", cfg)
     correct1 = correct5 = count = 0
     loss_sum = 0.0
@@ -204,9 +207,9 @@ def test_evaluation_is_identical_for_1_2_and_3_processes(two_process_run, photo_
 
 @pytest.mark.parametrize("ema", [False, True])
 def test_predict_scores_an_image_as_the_run_evaluated_it(two_process_run, tmp_path, capsys, ema):
-    """The fixture's run has BlurPool and evaluates with flips: tools.predict rebuilds that model
-    (or with --ema its EMA) and scores each image with its mirror (the mean of both logits), as a
-    plain computation here does."""
+    """The fixture's run has BlurPool, evaluates with flips and resizes bicubically: tools.predict
+    rebuilds that model (or with --ema its EMA) and scores each image with its mirror (the mean of
+    both logits), after a bicubic resize, as a plain computation here does."""
     last = two_process_run[0] / "last.pt"
     picture = tmp_path / "picture.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(picture)
@@ -216,8 +219,10 @@ def test_predict_scores_an_image_as_the_run_evaluated_it(two_process_run, tmp_pa
     checkpoint = load_checkpoint(last)
     model = model_from_checkpoint(checkpoint, use_ema=ema).eval()
     config = checkpoint["config"]
-    transform = torchvision_val_transform(config["resolution"]["val"], config["data"]["crop_pct"])
-    image = transform(Image.open(picture).convert("RGB"))[None]
+    size, crop_pct = config["resolution"]["val"], config["data"]["crop_pct"]
+    image = torchvision_val_transform(size, crop_pct, "bicubic")(Image.open(picture).convert("RGB"))[None]
+    bilinear = torchvision_val_transform(size, crop_pct, "bilinear")(Image.open(picture).convert("RGB"))[None]
+    assert not torch.equal(image, bilinear)
     with torch.no_grad():
         top = ((model(image) + model(torch.flip(image, dims=[3]))) / 2).softmax(dim=1)[0].topk(5)
     assert printed[0] == str(picture)
@@ -499,7 +504,7 @@ def _environ(pid: int) -> dict[str, str]:
 def test_the_train_loader_is_given_the_data_settings():
     """What `train` hands its loaders: each data setting, and the train or val size and batch."""
     data = ["data.aug_repeats=3", "data.auto_augment=rand_augment", "data.rand_augment_ops=4",
-            "data.rand_augment_magnitude=12"]  # fmt: skip
+            "data.rand_augment_magnitude=12", "data.interpolation=bicubic"]  # fmt: skip
     overrides = [*data, "resolution.min=96", "resolution.max=128", "eval.batch_size=5"]
     cfg = load_config(REPO_ROOT / "configs/demo.yaml", overrides)
     train = cfg.loader_config("train", torch.device("cpu"))
@@ -512,6 +517,7 @@ def test_the_train_loader_is_given_the_data_settings():
     assert (train.augment.name, train.augment.ops, train.augment.magnitude) == ("rand_augment", 4, 12)
     val = cfg.loader_config("val", torch.device("cpu"))
     assert (val.val_image_size, val.batch_size) == (cfg.resolution.val, 5)
+    assert train.interpolation == val.interpolation == "bicubic"
 
 
 @pytest.mark.parametrize(
@@ -529,6 +535,7 @@ def test_the_train_loader_is_given_the_data_settings():
         ("optim.random_erase=1.5", "optim.random_erase: must be a probability in [0, 1], got 1.5"),
         ("schedule.min_lr=-1", "schedule.min_lr: must be 0 or more, got -1.0"),
         ("optim.optimizer=lamb", "optim.optimizer: 'lamb' is not one of ['sgd', 'adamw', 'rmsprop']"),
+        ("data.interpolation=lanczos", "data.interpolation: 'lanczos' is not one of ['bilinear', 'bicubic']"),
         (
             "data.auto_augment=randaugment",
             "data.auto_augment: 'randaugment' is not one of ['none', 'trivial_augment_wide', 'rand_augment', 'auto_aug",

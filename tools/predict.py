@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from pipeline.transforms import torchvision_val_transform
-from train.checkpoint import CheckpointError, load_checkpoint
+from train.checkpoint import CheckpointError, load_checkpoint, trained_interpolation
 from train.evaluate import model_from_checkpoint
 
 TOP_K = 5
@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"predict: checkpoint error: {err}", file=sys.stderr)
         return 2
     config = checkpoint["config"]
-    transform = torchvision_val_transform(config["resolution"]["val"], config["data"]["crop_pct"])
+    transform = torchvision_val_transform(
+        config["resolution"]["val"], config["data"]["crop_pct"], trained_interpolation(checkpoint)
+    )
     classes = checkpoint.get("classes") or []
     status = 0
     for path in args.images:

@@ -138,6 +138,11 @@ def saved_num_classes(checkpoint: dict) -> int:
     return checkpoint.get("num_classes") or checkpoint["model"]["fc.weight"].shape[0]
 
 
+def trained_interpolation(checkpoint: dict) -> str:
+    """The resize filter the checkpoint's model was trained with (bilinear before data.interpolation)."""
+    return checkpoint["config"]["data"].get("interpolation", "bilinear")
+
+
 def check_same_classes(checkpoint: dict, path: str | Path, num_classes: int, wnids: list[str], data: str) -> None:
     """Label i must mean the same class to the checkpoint and to `data`: the same count, and the same
     wnids where both record them. Otherwise a resumed run learns the wrong names, and an evaluation

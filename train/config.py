@@ -17,7 +17,7 @@ import yaml
 
 from pipeline.auto_augment import AUTO_AUGMENTS, AutoAugment
 from pipeline.loader import BACKENDS, LoaderConfig
-from pipeline.transforms import DEFAULT_CROP_PCT
+from pipeline.transforms import DEFAULT_CROP_PCT, INTERPOLATIONS
 from train.model import FIXED_SIZE_KEYWORDS, MODEL_NAMES, RESNET_FAMILY
 from train.step import AUTOCAST_DTYPES
 
@@ -58,6 +58,11 @@ class DataConfig:
     hw_decoder_load: float = option(1.0, "share of JPEGs for the hardware decoder (dali-gpu)")
     prefetch: int = option(2, "batches prepared ahead of the step")
     crop_pct: float = option(DEFAULT_CROP_PCT, "val: resize to size / crop_pct, then center crop")
+    interpolation: str = option(
+        "bilinear",
+        "filter of the train and val resizes (torchvision's --interpolation; bicubic for EfficientNet)",
+        INTERPOLATIONS,
+    )
     aug_repeats: int = option(
         1, "repeated augmentation: each epoch's train samples go to this many ranks, each augmenting its own copy"
     )
@@ -192,6 +197,7 @@ class Config:
             image_size=self.resolution.min,
             val_image_size=self.resolution.val,
             crop_pct=self.data.crop_pct,
+            interpolation=self.data.interpolation,
             workers=self.data.workers,
             dtype=self.precision_on(device),
             hw_decoder_load=self.data.hw_decoder_load,

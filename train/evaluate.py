@@ -17,7 +17,13 @@ from pipeline.errors import SampleDecodeError, data_error_message
 from pipeline.loader import BACKENDS, LoaderConfig, create_loader
 from pipeline.shard_set import ShardError
 from shards.manifest import manifest_digest, read_manifest
-from train.checkpoint import CheckpointError, check_same_classes, load_checkpoint, saved_num_classes
+from train.checkpoint import (
+    CheckpointError,
+    check_same_classes,
+    load_checkpoint,
+    saved_num_classes,
+    trained_interpolation,
+)
 from train.config import ConfigError
 from train.distributed import fail_together, require_agreement, setup_distributed, teardown_distributed
 from train.metrics import evaluate
@@ -82,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                 batch_size=args.batch_size,
                 val_image_size=args.image_size or checkpoint["config"]["resolution"]["val"],
                 crop_pct=checkpoint["config"]["data"]["crop_pct"],
+                interpolation=trained_interpolation(checkpoint),
                 workers=args.workers,
                 dtype=precision,
             )

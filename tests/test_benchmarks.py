@@ -22,7 +22,7 @@ def bench_out(photo_shards, tmp_path_factory):
         "tools.bench_pipeline", "--shards", str(photo_shards), "--backends", "dali-gpu,dali-cpu,torch,synthetic",
         "--batch-size", "8", "--image-size", "64", "--seconds", "0.3", "--workers", "2",
         "--json", str(out / "bench_pipeline.json"), "--hw-decoder-load", "0.65,1",
-        "--auto-augment", "none,trivial_augment_wide", check=True,
+        "--auto-augment", "none,trivial_augment_wide", "--interpolation", "bilinear,bicubic", check=True,
     )  # fmt: skip
     train = run_tool(
         "tools.bench_train", "--shards", str(photo_shards),
@@ -44,7 +44,13 @@ def test_bench_pipeline_reports_every_backend_and_split(bench_out):
     assert {("dali-cpu", "train"), ("torch", "val"), ("synthetic", "train")} <= measured
     # TrivialAugment beside each loader's plain train rate, not for val (which it leaves alone) or synthetic
     augmented = {(r["name"], r["split"]) for r in report["results"] if r.get("auto_augment") == "trivial_augment_wide"}
-    assert augmented == {("dali-cpu +TA", "train"), ("torch +TA", "train")}
+    assert augmented == {("dali-cpu +TA", "train"), ("torch +TA", "train")} | {
+        ("dali-cpu +TA bicubic", "train"),
+        ("torch +TA bicubic", "train"),
+    }
+    # bicubic resizes beside bilinear ones, for val too
+    bicubic = {(r["name"], r["split"]) for r in report["results"] if r.get("interpolation") == "bicubic"}
+    assert {("dali-cpu bicubic", "val"), ("torch bicubic", "train"), ("torch bicubic", "val")} <= bicubic
     assert all(r["images_per_s"] > 0 and r["vs_torch"] > 0 for r in report["results"])
     assert all(r["within_epoch_images_per_s"] > 0 and r["images_per_epoch"] % 8 == 0 for r in report["results"])
     assert report["environment"]["dali"] and report["environment"]["torch"]
@@ -163,7 +169,8 @@ def test_bench_train_plans_each_loader_setting_and_sm_partition_against_whole_gp
 
     from tools.bench_train import measurement_plan
 
-    args = argparse.Namespace(workers=[16, 32], model_sms=[128], hw_decoder_load=[1.0], auto_augment=["none"])
+    plain = {"auto_augment": ["none"], "interpolation": ["bilinear"]}
+    args = argparse.Namespace(workers=[16, 32], model_sms=[128], hw_decoder_load=[1.0], **plain)
     plan = measurement_plan(["dali-gpu", "synthetic"], args)
     assert [(backend, settings["workers"], sms, name) for backend, settings, sms, name in plan] == [
         ("dali-gpu", 16, None, "dali-gpu hw=1 16 threads"),
@@ -175,16 +182,22 @@ def test_bench_train_plans_each_loader_setting_and_sm_partition_against_whole_gp
     ]
     assert plan[0][1] == {"workers": 16, "hw_decoder_load": 1.0}
     args = argparse.Namespace(
-        workers=[16], model_sms=None, hw_decoder_load=[1.0], auto_augment=["none", "trivial_augment_wide"]
+        workers=[16],
+        model_sms=None,
+        hw_decoder_load=[1.0],
+        auto_augment=["none", "trivial_augment_wide"],
+        interpolation=["bilinear", "bicubic"],
     )
     plan = measurement_plan(["dali-gpu", "synthetic", "dali-predecoded"], args)
-    assert [(name, settings.get("auto_augment")) for _, settings, _, name in plan] == [
-        ("dali-gpu hw=1", None),
-        ("dali-gpu hw=1 +TA", "trivial_augment_wide"),
-        ("synthetic", None),
-        ("dali-predecoded", None),
+    assert [(name, settings.get("auto_augment"), settings.get("interpolation")) for _, settings, _, name in plan] == [
+        ("dali-gpu hw=1", None, None),
+        ("dali-gpu hw=1 +TA", "trivial_augment_wide", None),
+        ("dali-gpu hw=1 bicubic", None, "bicubic"),
+        ("dali-gpu hw=1 +TA bicubic", "trivial_augment_wide", "bicubic"),
+        ("synthetic", None, None),
+        ("dali-predecoded", None, None),
     ]
-    args = argparse.Namespace(workers=[16], model_sms=None, hw_decoder_load=[0.65, 1.0], auto_augment=["none"])
+    args = argparse.Namespace(workers=[16], model_sms=None, hw_decoder_load=[0.65, 1.0], **plain)
     names = [name for _, _, _, name in measurement_plan(["dali-gpu", "torch", "synthetic"], args)]
     assert names == ["dali-gpu hw=0.65", "dali-gpu hw=1", "torch", "synthetic"]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import itertools
 import json
 import os
 import platform
@@ -20,6 +21,7 @@ import torch
 
 from pipeline.auto_augment import AUTO_AUGMENTS
 from pipeline.loader import LoaderConfig
+from pipeline.transforms import INTERPOLATIONS
 from shards.convert import ConvertOptions, convert
 from shards.manifest import MANIFEST_NAME, Manifest
 from tools.gpu_report import stored_text
@@ -56,6 +58,7 @@ AUTO_AUGMENT_HELP = (
     "train augmentation (data.auto_augment; rand_augment with 2 operations at bin 9); a comma list measures each, "
     "e.g. none,trivial_augment_wide"
 )
+INTERPOLATION_HELP = "resize filter (data.interpolation); a comma list measures each, e.g. bilinear,bicubic"
 AUGMENT_SUFFIXES = {"trivial_augment_wide": " +TA", "rand_augment": " +RA", "auto_augment_imagenet": " +AA"}
 # tools.bench_train's feeds besides the project's loaders: BASELINES.md's plain DALI pipeline
 # (tools.bench_dali_reference), and images decoded once, augmented as raw pixels (tools.predecoded_loader)
@@ -65,19 +68,26 @@ PREDECODED_BACKEND = "dali-predecoded"
 
 def add_loader_sweeps(parser) -> None:
     """The loader settings every benchmark can sweep, each a comma list: --workers, --hw-decoder-load,
-    --auto-augment."""
+    --auto-augment, --interpolation."""
     parser.add_argument("--workers", type=int_list, default=[os.cpu_count() or 1], help=WORKERS_HELP)
     parser.add_argument("--hw-decoder-load", type=float_list, default=[1.0], help=HW_LOAD_HELP)
-    parser.add_argument("--auto-augment", type=auto_augment_list, default=["none"], help=AUTO_AUGMENT_HELP)
+    parser.add_argument("--auto-augment", type=choice_list(AUTO_AUGMENTS), default=["none"], help=AUTO_AUGMENT_HELP)
+    parser.add_argument(
+        "--interpolation", type=choice_list(INTERPOLATIONS), default=["bilinear"], help=INTERPOLATION_HELP
+    )
 
 
-def auto_augment_list(text: str) -> list[str]:
-    """argparse type for a comma list of `data.auto_augment` values, e.g. none,trivial_augment_wide."""
-    values = text.split(",")
-    unknown = [v for v in values if v not in AUTO_AUGMENTS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"{unknown} not in {list(AUTO_AUGMENTS)}")
-    return values
+def choice_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    """argparse type for a comma list of values out of `choices`, e.g. none,trivial_augment_wide."""
+
+    def parse(text: str) -> list[str]:
+        values = text.split(",")
+        unknown = [v for v in values if v not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"{unknown} not in {list(choices)}")
+        return values
+
+    return parse
 
 
 def int_list(text: str) -> list[int]:
@@ -97,25 +107,33 @@ def loader_runs(
 
     The backends in `hw_decoder_backends` are measured once per --hw-decoder-load, and the DALI
     backends once per --workers; other backends once, with the first --workers. Every loader backend
-    is measured once per --auto-augment (`synthetic` and the reference feeds, which have no such
-    step, once). A name says the settings that are swept.
+    is measured once per --auto-augment and --interpolation (`synthetic` and the reference feeds,
+    which have no such steps, once). A name says the settings that are swept.
     """
     runs = []
     for backend in backends:
         dali = backend.startswith("dali") or backend == "folder"
-        feeds_without_augment = ("synthetic", PREDECODED_BACKEND, *REFERENCE_BACKENDS)
-        augments = [None] if backend in feeds_without_augment else args.auto_augment
-        for augment in augments:
-            for load in args.hw_decoder_load if backend in hw_decoder_backends else [None]:
-                for workers in args.workers if dali else args.workers[:1]:
-                    name = backend if load is None else f"{backend} hw={load:g}"
-                    if dali and len(args.workers) > 1:
-                        name += f" {workers} threads"
-                    settings = {"workers": workers} if load is None else {"workers": workers, "hw_decoder_load": load}
-                    if augment not in (None, "none"):
-                        name += AUGMENT_SUFFIXES[augment]
-                        settings["auto_augment"] = augment
-                    runs.append((backend, settings, name))
+        fixed_transform = backend in ("synthetic", PREDECODED_BACKEND, *REFERENCE_BACKENDS)
+        sweep = itertools.product(
+            [None] if fixed_transform else args.interpolation,
+            [None] if fixed_transform else args.auto_augment,
+            args.hw_decoder_load if backend in hw_decoder_backends else [None],
+            args.workers if dali else args.workers[:1],
+        )
+        for interpolation, augment, load, workers in sweep:
+            name = backend if load is None else f"{backend} hw={load:g}"
+            if dali and len(args.workers) > 1:
+                name += f" {workers} threads"
+            settings = {"workers": workers}
+            if load is not None:
+                settings["hw_decoder_load"] = load
+            if augment not in (None, "none"):
+                name += AUGMENT_SUFFIXES[augment]
+                settings["auto_augment"] = augment
+            if interpolation not in (None, "bilinear"):
+                name += f" {interpolation}"
+                settings["interpolation"] = interpolation
+            runs.append((backend, settings, name))
     return runs
 
 

@@ -1,7 +1,8 @@
 """Images/s of each data backend on the same shards, train and val transforms, in one run.
 
     python -m tools.bench_pipeline --backends dali-gpu,dali-cpu,torch,synthetic --batch-size 256 \
-        --seconds 20 --workers 16 [--auto-augment none,trivial_augment_wide] [--shards DIR] [--json FILE]
+        --seconds 20 --workers 16 [--auto-augment none,trivial_augment_wide] [--interpolation bilinear,bicubic] \
+        [--shards DIR] [--json FILE]
 
 Without --shards it converts the 1000 real photographs of ../shared/data/imagenet-sample, each
 linked --copies times. Prints each rate and its ratio to `torch`, and the CPU time the loop's own

@@ -24,10 +24,10 @@ MIN_VS_REFERENCE = 0.95  # of DALI's own reader and decoder on the same shards, 
 
 
 def plain_transform(result: dict) -> bool:
-    """Whether a benchmark row was measured without data.auto_augment: the targets of issues 3 and 5
-    are for the plain train transform, so only such rows are judged against them (or serve as the
-    torch baseline)."""
-    return result.get("auto_augment", "none") == "none"
+    """Whether a benchmark row was measured without data.auto_augment and with bilinear resizes: the
+    targets of issues 3 and 5 are for the plain train transform, so only such rows are judged
+    against them (or serve as the torch baseline)."""
+    return result.get("auto_augment", "none") == "none" and result.get("interpolation", "bilinear") == "bilinear"
 
 
 def _verdict(ok: bool | None) -> str:

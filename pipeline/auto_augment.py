@@ -16,13 +16,14 @@ The draws are made here, from the loaders' per-batch generator (seed, epoch, ran
 DALI's random operators: so resuming repeats them, and the DALI backends and `torch-uint8` apply the
 same operations at the same magnitudes to the same crop. DALI applies them with its own suites
 (`nvidia.dali.auto_aug`), `torch-uint8` with torchvision's kernels (`AutoAugment.apply`, written here
-because torchvision's `TrivialAugmentWide` and `RandAugment` draw their own; its magnitudes are
-DALI's, and its equalization follows DALI's formula). The `torch` backend uses torchvision's
-transforms as they are (their magnitudes differ a little: translations of 150/331 of the image
-instead of 100/224, solarize thresholds from 255 instead of 256).
+because torchvision's `TrivialAugmentWide`, `RandAugment` and `AutoAugment` draw their own; its
+magnitudes are DALI's, and its equalization follows DALI's formula). The `torch` backend uses
+torchvision's transforms as they are (for TrivialAugment and RandAugment their magnitudes differ a
+little: translations of 150/331 of the image instead of 100/224, solarize thresholds from 255
+instead of 256; for AutoAugment they are the same).
 
-Both apply them to the resized crop (uint8, before the flip and the normalization); geometric
-operations fill with gray (128) and interpolate bilinearly.
+The DALI backends and `torch-uint8` apply them to the resized crop (uint8, before the flip and the
+normalization); geometric operations fill with gray (128) and interpolate bilinearly.
 """
 
 from __future__ import annotations

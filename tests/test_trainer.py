@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import math
@@ -19,14 +20,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import train.model
 from pipeline.loader import PAD_LABEL, LoaderConfig, create_loader
 from pipeline.transforms import torchvision_val_transform
 from shards.manifest import read_manifest
 from tests.conftest import REPO_ROOT, run_tool, subprocess_env
 from tests.test_loaders import shards_with_a_broken_jpeg
+from tools.export_weights import main as export_main
 from tools.predict import main as predict_main
 from train.checkpoint import CheckpointError, keep_copy, load_checkpoint, save_checkpoint
 from train.config import config_changes, load_config
@@ -229,6 +233,49 @@ def test_predict_scores_an_image_as_the_run_evaluated_it(two_process_run, tmp_pa
     assert [line.split()[0] for line in printed[1:]] == [f"{p:.1%}" for p in top.values.tolist()]
     wnids = [wnid for wnid, _ in checkpoint["classes"]]
     assert [line.rsplit("(", 1)[1].rstrip(")") for line in printed[1:]] == [wnids[i] for i in top.indices.tolist()]
+
+
+def assert_exported_weights_score_as_the_checkpoint(checkpoint_path: Path, out: Path, ema: bool, capsys) -> str:
+    """Exports with --hash-name, builds the model by the printed call, loads the file into it
+    strictly, and compares its logits with the checkpoint's model's. Returns the builder call."""
+    assert export_main(["--checkpoint", str(checkpoint_path), "--out", str(out), "--hash-name"] + ["--ema"] * ema) == 0
+    printed = capsys.readouterr().out
+    written = next(out.parent.glob(f"{out.stem}-*{out.suffix}"))
+    sha256 = hashlib.sha256(written.read_bytes()).hexdigest()
+    assert written.name == f"{out.stem}-{sha256[:8]}{out.suffix}" and not out.exists()
+    assert f"wrote {written}: {'EMA weights' if ema else 'weights'} at epoch " in printed and sha256 in printed
+    call = re.search(r"load with: (.+)\.load_state_dict\(torch\.load\((.+)\)\)$", printed.strip()).group(1)
+    model = eval(call, {"torchvision": torchvision, "train": train})  # the printed call, as a user would run it
+    state = torch.load(written, weights_only=True)
+    assert all(tensor.is_contiguous() for tensor in state.values())
+    model.load_state_dict(state)  # strict: every key, nothing else (no optimizer, no EMA step counter)
+    reference = model_from_checkpoint(load_checkpoint(checkpoint_path), use_ema=ema).eval()
+    image = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(image), reference(image), rtol=1e-5, atol=1e-5)
+    return call
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_exported_weights_load_into_the_printed_model_and_score_as_the_checkpoint(
+    two_process_run, tmp_path, capsys, ema
+):
+    """The fixture's model has BlurPool, which torchvision lacks: the call printed builds it here."""
+    call = assert_exported_weights_score_as_the_checkpoint(
+        two_process_run[0] / "last.pt", tmp_path / "resnet18.pth", ema, capsys
+    )
+    assert call.startswith("train.model.build_model('resnet18', ") and call.endswith(", blurpool=True)")
+
+
+def test_export_weights_names_what_it_cannot_do(two_process_run, tmp_path, capsys):
+    missing = tmp_path / "no-such-dir" / "weights.pth"
+    assert export_main(["--checkpoint", str(two_process_run[0] / "last.pt"), "--out", str(missing)]) == 2
+    assert f"export_weights: checkpoint error: cannot write {missing} (No such file or directory)" in (
+        capsys.readouterr().err
+    )
+    assert export_main(["--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path / "w.pth")]) == 2
+    assert f"export_weights: checkpoint error: checkpoint not found: {tmp_path / 'none.pt'}" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def read_val_count(shards: Path) -> int:
@@ -899,3 +946,10 @@ def test_another_torchvision_classifier_trains_with_its_recipes_parts_evaluates_
     picture = next((photo_shards.parent / "src" / "val").rglob("*.JPEG"))
     assert predict_main(["--checkpoint", str(run_dir / "last.pt"), str(picture)]) == 0
     assert capsys.readouterr().out.startswith(str(picture))
+    classes = len(checkpoint["classes"])  # without BlurPool the weights load into torchvision's own model
+    call = assert_exported_weights_score_as_the_checkpoint(
+        run_dir / "last.pt", tmp_path / "mobilenet.pth", False, capsys
+    )
+    assert call == f"torchvision.models.get_model('mobilenet_v3_small', num_classes={classes})"
+    assert export_main(["--checkpoint", str(run_dir / "last.pt"), "--out", str(tmp_path / "ema.pth"), "--ema"]) == 2
+    assert "export_weights: checkpoint error: checkpoint has no EMA weights" in capsys.readouterr().err

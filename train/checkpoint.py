@@ -48,12 +48,17 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(path: str | Path, payload: dict) -> None:
+    """The payload with this code's checkpoint version, saved atomically (`save_atomically`)."""
+    save_atomically(path, {"version": CHECKPOINT_VERSION, **payload})
+
+
+def save_atomically(path: str | Path, contents: dict) -> None:
     """torch.save to a temporary file, fsync, rename: a crash or full disk never leaves a broken file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save({"version": CHECKPOINT_VERSION, **payload}, f)
+            torch.save(contents, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -37,6 +37,17 @@ def build_model(
             f"model.zero_init_residual: {name} has no such option (the ResNet family only: resnet*, resnext*, "
             "wide_resnet*); leave it unset or false"
         )
+    options.update(architecture_options(name, image_size))
+    model = models.get_model(name, weights=None, num_classes=num_classes, **options)
+    if blurpool and not add_blurpool(model):
+        raise ValueError(f"model.blurpool: {name} has no strided convolution of 16 or more input channels to blur")
+    return model.to(memory_format=torch.channels_last)
+
+
+def architecture_options(name: str, image_size: int | None = None) -> dict:
+    """The keywords of `torchvision.models.get_model` besides num_classes that build the model as
+    trained here: without auxiliary classifiers, and fixed-size models at their input size."""
+    options: dict = {}
     if name in AUX_LOGIT_MODELS:
         options.update(aux_logits=False, init_weights=True)
     if name in FIXED_SIZE_KEYWORDS:
@@ -44,10 +55,7 @@ def build_model(
             raise ValueError(f"{name} is built for one input size: give image_size")
         keyword = FIXED_SIZE_KEYWORDS[name]
         options[keyword] = (image_size, image_size) if keyword == "input_size" else image_size
-    model = models.get_model(name, weights=None, num_classes=num_classes, **options)
-    if blurpool and not add_blurpool(model):
-        raise ValueError(f"model.blurpool: {name} has no strided convolution of 16 or more input channels to blur")
-    return model.to(memory_format=torch.channels_last)
+    return options
 
 
 class BlurPoolConv2d(torch.nn.Module):

@@ -5,7 +5,7 @@ TrivialAugment Wide (Müller & Hutter, 2021) and RandAugment (Cubuk et al., 2020
 the same 14 for each train image. TrivialAugment: one operation, at one of 31 magnitude bins, both
 drawn uniformly. RandAugment: `ops` operations in a row, each drawn uniformly (with replacement),
 all at the fixed magnitude bin `magnitude` of 31. AutoAugment's ImageNet policy (Cubuk et al., 2019;
-torchvision's `--auto-augment imagenet`, its MobileNetV3 and EfficientNet recipes): one of 25
+torchvision's `--auto-augment imagenet`, its MobileNetV3 and ViT-B/32 recipes): one of 25
 sub-policies drawn uniformly, each two operations in a row at fixed bins of 10, each applied with its
 own probability; the sub-policies, ranges and bins are torchvision's (its policy table is read from
 `torchvision.transforms.AutoAugment`), not DALI's `get_image_net_policy`, which follows the paper's

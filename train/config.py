@@ -60,7 +60,7 @@ class DataConfig:
     crop_pct: float = option(DEFAULT_CROP_PCT, "val: resize to size / crop_pct, then center crop")
     interpolation: str = option(
         "bilinear",
-        "filter of the train and val resizes (torchvision's --interpolation; bicubic for EfficientNet)",
+        "filter of the train and val resizes (torchvision's --interpolation; its Swin and MaxViT recipes: bicubic)",
         INTERPOLATIONS,
     )
     aug_repeats: int = option(

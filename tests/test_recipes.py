@@ -68,6 +68,34 @@ def test_the_torchvision_recipe_follows_its_command():
     assert cfg.optim.ema_decay**32 == pytest.approx(1 - torchvision_alpha, abs=1e-8)
 
 
+def test_the_torchvision_mobilenet_recipe_follows_its_command():
+    """torchvision's MobileNetV3-Large command (8 x 128 images, --opt rmsprop --lr 0.064 --wd 0.00001
+    --lr-step-size 2 --lr-gamma 0.973 --auto-augment imagenet --random-erase 0.2 --epochs 600), with
+    its defaults: momentum 0.9, no warmup, no label smoothing, decay on every parameter, 224 px
+    center-cropped from 256."""
+    cfg = load_config(REPO_ROOT / "configs" / "torchvision-mobilenet-v3-large.yaml")
+    assert cfg.model.name == "mobilenet_v3_large" and cfg.train.epochs == 600
+    assert (cfg.optim.optimizer, cfg.optim.momentum, cfg.optim.weight_decay) == ("rmsprop", 0.9, 1e-5)
+    assert not cfg.optim.no_decay_bn_bias and cfg.optim.label_smoothing == 0.0
+    assert (cfg.optim.mixup_alpha, cfg.optim.cutmix_alpha, cfg.optim.random_erase, cfg.optim.ema_decay) == (
+        0,
+        0,
+        0.2,
+        0,
+    )
+    assert cfg.data.auto_augment == "auto_augment_imagenet" and cfg.data.interpolation == "bilinear"
+    assert cfg.data.aug_repeats == 1 and not cfg.eval.flip
+    assert {train_image_size(epoch, cfg.resolution) for epoch in range(cfg.train.epochs)} == {224}
+    assert cfg.resolution.val == 224 and val_resize_size(cfg.resolution.val, cfg.data.crop_pct) == 256
+
+    peak = cfg.peak_lr(8 * 128)
+    assert peak == pytest.approx(0.064)
+    steps = 10  # per epoch: torchvision's StepLR steps once per epoch, this schedule holds within one
+    lrs = [learning_rate(s, steps, cfg.train.epochs, peak, cfg.schedule) for s in range(steps * cfg.train.epochs)]
+    for epoch in (0, 1, 2, 3, 599):
+        assert lrs[epoch * steps : (epoch + 1) * steps] == [pytest.approx(0.064 * 0.973 ** (epoch // 2))] * steps
+
+
 @pytest.mark.parametrize("kind", ["cosine", "linear"])
 def test_cosine_and_linear_decay_end_at_the_floor(kind):
     """schedule.min_lr (torchvision's --lr-min): the decay runs from the peak to the floor, not to zero."""
@@ -81,16 +109,20 @@ def test_cosine_and_linear_decay_end_at_the_floor(kind):
     assert lrs[halfway] == pytest.approx((0.1 + 0.001) / 2)  # both decays pass the midpoint half way
 
 
-def test_the_resnet18_recipe_trains_and_evaluates(photo_shards, tmp_path):
-    """The recipe's own options together (BlurPool, flips, label smoothing, warmup), on DALI's CPU path.
+@pytest.mark.parametrize(
+    ("recipe", "name"), [("resnet18", "resnet18"), ("torchvision-mobilenet-v3-large", "mobilenet_v3_large")]
+)
+def test_a_recipe_trains_and_evaluates(photo_shards, tmp_path, recipe, name):
+    """The recipe's own options together, on DALI's CPU path: ResNet-18's BlurPool, flips, label
+    smoothing and warmup; MobileNetV3's RMSprop, step decay without warmup, AutoAugment and random
+    erasing.
 
-    The ResNet-50 recipe sets the same options with other numbers (checked above); training it here
-    too would add 15 s to the suite for no other code path.
+    The ResNet-50 recipes set ResNet-18's options with other numbers (checked above); training them
+    here too would add 15 s each to the suite for no other code path.
     """
-    name = "resnet18"
     run_dir = tmp_path / "run"
     result = run_tool(
-        "train", "--config", f"configs/{name}.yaml", f"data.shards={photo_shards}", f"run.dir={run_dir}",
+        "train", "--config", f"configs/{recipe}.yaml", f"data.shards={photo_shards}", f"run.dir={run_dir}",
         "data.backend=dali-cpu", "model.compile=false", "data.batch_size=8", "eval.batch_size=8", "data.workers=2",
         "resolution.min=32", "resolution.max=32", "resolution.val=32", "train.epochs=1", "log.every=2",
         "log.tensorboard=false",

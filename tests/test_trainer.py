@@ -267,6 +267,39 @@ def test_exported_weights_load_into_the_printed_model_and_score_as_the_checkpoin
     assert call.startswith("train.model.build_model('resnet18', ") and call.endswith(", blurpool=True)")
 
 
+@pytest.mark.parametrize("source", ["exported", "checkpoint"])
+def test_a_run_starts_from_given_weights_with_a_fresh_schedule(two_process_run, photo_shards, tmp_path, source):
+    """model.init_from: the fixture's weights, as tools.export_weights writes them or straight from
+    its checkpoint, are where a new run starts (at lr 0 its learned parameters stay theirs), at epoch 0."""
+    last = two_process_run[0] / "last.pt"
+    weights = tmp_path / "weights.pth" if source == "exported" else last
+    if source == "exported":
+        assert export_main(["--checkpoint", str(last), "--out", str(weights)]) == 0
+    run_dir = tmp_path / "run"
+    overrides = ["model.blurpool=true", f"model.init_from={weights}", "optim.lr=0", "train.epochs=1"]
+    result = run_tool(*train_args(photo_shards, run_dir, *overrides)[1:])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"initial weights from {weights}" in result.stdout
+    started, trained = model_from_checkpoint(load_checkpoint(last)), load_checkpoint(run_dir / "last.pt")
+    assert trained["epoch"] == 1  # from epoch 0: the fixture's run stopped at epoch 2
+    for name, parameter in started.named_parameters():
+        assert torch.equal(trained["model"][name], parameter), name
+
+
+def test_weights_that_do_not_fit_the_model_are_named_before_the_first_step(two_process_run, photo_shards, tmp_path):
+    last = two_process_run[0] / "last.pt"  # ResNet-18 with BlurPool
+    result = run_tool(*train_args(photo_shards, tmp_path / "run", f"model.init_from={last}")[1:])
+    assert result.returncode == 2
+    assert f"train: checkpoint error: model.init_from: {last}: its weights do not fit this run's model" in result.stderr
+    # BlurPool wraps the 6 strided convolutions of layers 2-4 (the first of each stage and its downsample)
+    assert "missing 6 (e.g. layer2.0.conv1.weight, " in result.stderr
+    assert "unexpected 6 (e.g. layer2.0.conv1.conv.weight, " in result.stderr
+    assert "epoch 0 step" not in result.stdout
+    absent = tmp_path / "absent.pth"
+    result = run_tool(*train_args(photo_shards, tmp_path / "run2", f"model.init_from={absent}")[1:])
+    assert result.returncode == 2 and f"model.init_from: not found: {absent}" in result.stderr
+
+
 def test_export_weights_names_what_it_cannot_do(two_process_run, tmp_path, capsys):
     missing = tmp_path / "no-such-dir" / "weights.pth"
     assert export_main(["--checkpoint", str(two_process_run[0] / "last.pt"), "--out", str(missing)]) == 2

@@ -44,6 +44,11 @@ class ModelConfig:
     )
     compile: bool = option(False, "torch.compile the model")
     blurpool: bool = option(False, "blur the input of each strided convolution (FFCV's BlurPool; costs step time)")
+    init_from: str | None = option(
+        None,
+        "start from these weights (a state_dict file, e.g. of tools.export_weights, or a checkpoint's model), with "
+        "a fresh optimizer and schedule; --resume continues a run instead",
+    )
 
 
 @dataclass

@@ -47,6 +47,7 @@ from train.checkpoint import (
     check_same_optimizer,
     keep_copy,
     load_checkpoint,
+    load_initial_weights,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -223,6 +224,10 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
         except ValueError as err:  # e.g. a size torchvision's MaxViT cannot partition
             raise ConfigError(f"model {cfg.model.name}: {err}") from err
         model = model.to(ctx.device)
+        checkpoint_path = _resolve_resume(resume, run_dir)
+        if checkpoint_path is None and cfg.model.init_from:  # a resumed run has its own weights
+            load_initial_weights(model, cfg.model.init_from)
+            log.line(f"initial weights from {cfg.model.init_from}")
         accumulate = cfg.optim.accumulate
         global_batch = cfg.data.batch_size * ctx.world_size * accumulate
         peak_lr = cfg.peak_lr(global_batch)
@@ -248,7 +253,6 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
 
         # resume
         position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_acc1": -math.inf}
-        checkpoint_path = _resolve_resume(resume, run_dir)
         checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path is not None else None
         if checkpoint is not None:
             check_same_model(checkpoint, checkpoint_path, cfg.model.name, cfg.model.blurpool)

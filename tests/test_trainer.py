@@ -30,6 +30,7 @@ from pipeline.transforms import torchvision_val_transform
 from shards.manifest import read_manifest
 from tests.conftest import REPO_ROOT, run_tool, subprocess_env
 from tests.test_loaders import shards_with_a_broken_jpeg
+from tools.average_checkpoints import main as average_main
 from tools.export_weights import main as export_main
 from tools.predict import main as predict_main
 from train.checkpoint import CheckpointError, keep_copy, load_checkpoint, save_checkpoint
@@ -290,7 +291,7 @@ def test_weights_that_do_not_fit_the_model_are_named_before_the_first_step(two_p
     last = two_process_run[0] / "last.pt"  # ResNet-18 with BlurPool
     result = run_tool(*train_args(photo_shards, tmp_path / "run", f"model.init_from={last}")[1:])
     assert result.returncode == 2
-    assert f"train: checkpoint error: model.init_from: {last}: its weights do not fit this run's model" in result.stderr
+    assert f"train: checkpoint error: model.init_from: {last}: its weights do not fit the model (" in result.stderr
     # BlurPool wraps the 6 strided convolutions of layers 2-4 (the first of each stage and its downsample)
     assert "missing 6 (e.g. layer2.0.conv1.weight, " in result.stderr
     assert "unexpected 6 (e.g. layer2.0.conv1.conv.weight, " in result.stderr
@@ -298,6 +299,66 @@ def test_weights_that_do_not_fit_the_model_are_named_before_the_first_step(two_p
     absent = tmp_path / "absent.pth"
     result = run_tool(*train_args(photo_shards, tmp_path / "run2", f"model.init_from={absent}")[1:])
     assert result.returncode == 2 and f"model.init_from: not found: {absent}" in result.stderr
+
+
+def test_averaged_checkpoints_are_the_mean_of_their_weights(two_process_run, tmp_path, capsys):
+    """The fixture keeps epoch-1.pt and epoch-2.pt: their mean, float tensors averaged and BatchNorm's
+    batch counters from the later; with --best 1 the one of higher val top-1 (the EMA's with --ema)."""
+    run_dir = two_process_run[0]
+    epochs = [run_dir / "epoch-1.pt", run_dir / "epoch-2.pt"]
+    out = tmp_path / "mean.pth"
+    assert average_main([*map(str, epochs), "--out", str(out)]) == 0
+    assert f"averaging {epochs[0]} (epoch 1 step 0, top-1 " in capsys.readouterr().out
+    first, second = (load_checkpoint(path)["model"] for path in epochs)
+    mean = torch.load(out, weights_only=True)
+    assert set(mean) == set(second) and not all(torch.equal(first[k], second[k]) for k in first)
+    for key, tensor in mean.items():
+        if tensor.is_floating_point():
+            torch.testing.assert_close(tensor, (first[key].double() + second[key].double()).div(2).float())
+        else:
+            assert torch.equal(tensor, second[key]), key
+    for ema in (False, True):
+        metric = "ema_acc1" if ema else "acc1"
+        better = max(epochs, key=lambda path: load_checkpoint(path)["metrics"][metric])
+        args = [*map(str, epochs), "--out", str(tmp_path / "best.pth"), "--best", "1"] + ["--ema"] * ema
+        assert average_main(args) == 0
+        best = torch.load(tmp_path / "best.pth", weights_only=True)
+        expected = model_from_checkpoint(load_checkpoint(better), use_ema=ema).state_dict()
+        assert best.keys() == expected.keys() and all(torch.equal(best[k], expected[k]) for k in best)
+
+
+def test_evaluate_scores_given_weights_with_the_checkpoints_settings(two_process_run, photo_shards, tmp_path, capsys):
+    """train.evaluate --weights: epoch-2's weights, exported, scored with epoch-1.pt's settings, score
+    as epoch-2.pt does."""
+    run_dir = two_process_run[0]
+    weights = tmp_path / "epoch-2.pth"
+    assert export_main(["--checkpoint", str(run_dir / "epoch-2.pt"), "--out", str(weights)]) == 0
+    common = ["--shards", str(photo_shards), "--batch-size", "8", "--workers", "1"]
+    assert evaluate_main(["--checkpoint", str(run_dir / "epoch-2.pt"), *common]) == 0
+    direct = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert evaluate_main(["--checkpoint", str(run_dir / "epoch-1.pt"), "--weights", str(weights), *common]) == 0
+    given = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert given["weights"] == str(weights) and direct["weights"] is None
+    assert (given["acc1"], given["acc5"], given["loss"]) == (direct["acc1"], direct["acc5"], direct["loss"])
+
+
+def test_average_checkpoints_names_what_it_cannot_average(two_process_run, tmp_path, capsys):
+    run_dir = two_process_run[0]
+    out = ["--out", str(tmp_path / "mean.pth")]
+    same_step = [str(run_dir / "epoch-2.pt"), str(run_dir / "last.pt")]
+    assert average_main([*same_step, *out]) == 2
+    assert f"{same_step[0]} and {same_step[1]} hold the same training step: give one of them" in capsys.readouterr().err
+    unscored, other_model = tmp_path / "mid-epoch.pt", tmp_path / "plain.pt"
+    checkpoint = load_checkpoint(run_dir / "epoch-1.pt")
+    save_checkpoint(unscored, checkpoint | {"metrics": {}})
+    config = checkpoint["config"] | {"model": checkpoint["config"]["model"] | {"blurpool": False}}
+    save_checkpoint(other_model, checkpoint | {"config": config})
+    assert average_main([str(run_dir / "epoch-2.pt"), str(unscored), *out, "--best", "1"]) == 2
+    assert f"--best needs each checkpoint's val top-1; saved without one: {unscored}" in capsys.readouterr().err
+    assert average_main([str(run_dir / "epoch-2.pt"), str(other_model), *out]) == 2
+    message = f"{other_model} holds resnet18, 100 classes; {run_dir / 'epoch-2.pt'} holds resnet18 with BlurPool"
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "mean.pth").exists()
 
 
 def test_export_weights_names_what_it_cannot_do(two_process_run, tmp_path, capsys):

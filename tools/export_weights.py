@@ -25,12 +25,12 @@ from train.evaluate import model_from_checkpoint
 from train.model import FIXED_SIZE_KEYWORDS, architecture_options
 
 HASH_DIGITS = 8  # torchvision's weight files: resnet50-0676ba61.pth
+HASH_NAME_HELP = "append the first 8 hex digits of the file's SHA-256 to its name (torch.hub's check_hash)"
 
 
-def exported_state(checkpoint: dict, use_ema: bool) -> dict[str, torch.Tensor]:
-    """The weights as a state_dict, loaded into the rebuilt model first (so they fit it), with every
-    tensor contiguous: channels_last strides would follow them into the user's model."""
-    model = model_from_checkpoint(checkpoint, use_ema)
+def portable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state_dict with every tensor contiguous: channels_last strides would otherwise
+    follow the weights into the user's model."""
     return {key: tensor.contiguous() for key, tensor in model.state_dict().items()}
 
 
@@ -53,33 +53,40 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def write_weights(model: torch.nn.Module, checkpoint: dict, out: Path, hash_name: bool, what: str) -> Path:
+    """Write `model`'s weights to `out` (renamed with its hash with `hash_name`), say what was written
+    (`what`) and how to load it; returns the final path. Raises CheckpointError if it cannot."""
+    state = portable_state(model)
+    save_atomically(out, state)
+    sha256 = file_sha256(out)
+    if hash_name:
+        named = out.with_name(f"{out.stem}-{sha256[:HASH_DIGITS]}{out.suffix}")
+        try:
+            os.replace(out, named)
+        except OSError as err:
+            raise CheckpointError(f"cannot rename {out} to {named} ({err.strerror or err})") from err
+        out = named
+    print(f"wrote {out}: {what}, {len(state)} tensors, sha256 {sha256}")
+    print(f"load with: {builder_call(checkpoint)}.load_state_dict(torch.load({str(out)!r}))")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.export_weights", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="a checkpoint of `python -m train` (last.pt, best.pt, ...)")
     p.add_argument("--out", required=True, type=Path, help="the state_dict file to write")
     p.add_argument("--ema", action="store_true", help="export the EMA weights (a run with optim.ema_decay)")
-    p.add_argument("--hash-name", action="store_true", help="append the first 8 digits of the file's SHA-256")
+    p.add_argument("--hash-name", action="store_true", help=HASH_NAME_HELP)
     args = p.parse_args(argv)
     try:
         checkpoint = load_checkpoint(args.checkpoint)
-        state = exported_state(checkpoint, args.ema)
-        save_atomically(args.out, state)
+        model = model_from_checkpoint(checkpoint, args.ema)  # the weights must fit the model they describe
+        weights = "EMA weights" if args.ema else "weights"
+        what = f"{weights} at epoch {checkpoint['epoch']} step {checkpoint['step_in_epoch']}"
+        write_weights(model, checkpoint, args.out, args.hash_name, what)
     except CheckpointError as err:
         print(f"export_weights: checkpoint error: {err}", file=sys.stderr)
         return 2
-    sha256 = file_sha256(args.out)
-    out = args.out
-    if args.hash_name:
-        out = out.with_name(f"{out.stem}-{sha256[:HASH_DIGITS]}{out.suffix}")
-        try:
-            os.replace(args.out, out)
-        except OSError as err:
-            print(f"export_weights: cannot rename {args.out} to {out} ({err.strerror or err})", file=sys.stderr)
-            return 2
-    weights = "EMA weights" if args.ema else "weights"
-    position = f"epoch {checkpoint['epoch']} step {checkpoint['step_in_epoch']}"
-    print(f"wrote {out}: {weights} at {position}, {len(state)} tensors, sha256 {sha256}")
-    print(f"load with: {builder_call(checkpoint)}.load_state_dict(torch.load({str(out)!r}))")
     return 0
 
 

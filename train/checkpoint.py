@@ -113,26 +113,24 @@ def load_checkpoint(path: str | Path) -> dict:
     return checkpoint
 
 
-def load_initial_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """`model.init_from`: copy the weights at `path` into `model` (strictly: every key, every shape).
+def load_weights(model: torch.nn.Module, path: str | Path, option: str = "model.init_from") -> None:
+    """Copy the weights at `path`, given by `option`, into `model` (strictly: every key, every shape).
 
     `path` holds a plain state_dict (`tools.export_weights`, torchvision's weight files) or a
     checkpoint of this project (its model's weights; for its EMA's, export them with --ema first).
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"model.init_from: not found: {path}")
+        raise CheckpointError(f"{option}: not found: {path}")
     try:
         contents = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
         reason = str(err).split(".")[0] or type(err).__name__
-        raise CheckpointError(
-            f"model.init_from: {path}: not a weights file torch.load can read safely ({reason})"
-        ) from None
+        raise CheckpointError(f"{option}: {path}: not a weights file torch.load can read safely ({reason})") from None
     is_checkpoint = isinstance(contents, dict) and "version" in contents and "model" in contents
     state = contents["model"] if is_checkpoint else contents
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"model.init_from: {path}: neither a state_dict nor a checkpoint of this project")
+        raise CheckpointError(f"{option}: {path}: neither a state_dict nor a checkpoint of this project")
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     reshaped = [k for k in sorted(set(own) & set(state)) if own[k].shape != state[k].shape]
@@ -143,8 +141,8 @@ def load_initial_weights(model: torch.nn.Module, path: str | Path) -> None:
             if keys
         ]
         raise CheckpointError(
-            f"model.init_from: {path}: its weights do not fit this run's model (model.name, model.blurpool, the "
-            f"class count): {'; '.join(problems)}"
+            f"{option}: {path}: its weights do not fit the model (model.name, model.blurpool, the class count): "
+            f"{'; '.join(problems)}"
         )
     model.load_state_dict(state)
 

@@ -21,6 +21,7 @@ from train.checkpoint import (
     CheckpointError,
     check_same_classes,
     load_checkpoint,
+    load_weights,
     saved_num_classes,
     trained_interpolation,
 )
@@ -33,14 +34,19 @@ from train.step import AUTOCAST_DTYPES, set_cuda_numerics
 from train.trainer import EXIT_CONFIG, EXIT_DATA
 
 
+def checkpoint_weights(checkpoint: dict, use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """The state_dict of the checkpoint's model, or of its EMA (without AveragedModel's step counter)."""
+    if not use_ema:
+        return checkpoint["model"]
+    if not checkpoint.get("ema"):
+        raise CheckpointError("checkpoint has no EMA weights (optim.ema_decay was 0)")
+    return {k.removeprefix("module."): v for k, v in checkpoint["ema"].items() if k.startswith("module.")}
+
+
 def model_from_checkpoint(checkpoint: dict, use_ema: bool = False) -> torch.nn.Module:
     """Rebuild the checkpoint's model (name and class count from its own record) with its weights."""
     config = checkpoint["config"]
-    state = checkpoint["model"]
-    if use_ema:
-        if not checkpoint.get("ema"):
-            raise CheckpointError("checkpoint has no EMA weights (optim.ema_decay was 0)")
-        state = {k.removeprefix("module."): v for k, v in checkpoint["ema"].items() if k.startswith("module.")}
+    state = checkpoint_weights(checkpoint, use_ema)
     model = build_model(
         config["model"]["name"],
         saved_num_classes(checkpoint),
@@ -68,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--precision", choices=list(AUTOCAST_DTYPES), default="bfloat16", help="on GPU; CPU uses float32")
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+    p.add_argument(
+        "--weights", help="evaluate these weights instead (tools.export_weights or tools.average_checkpoints' file)"
+    )
     flip_help = "also score each image mirrored, mean of the logits (default: the checkpoint's eval.flip)"
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, help=flip_help)
     args = p.parse_args(argv)
@@ -78,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         with fail_together(ctx, (CheckpointError, ConfigError, ShardError, SampleDecodeError, FileNotFoundError)):
             checkpoint = load_checkpoint(args.checkpoint)
             model = model_from_checkpoint(checkpoint, args.ema).to(ctx.device)
+            if args.weights:
+                load_weights(model, args.weights, "--weights")
             trained_size, model_name = checkpoint["config"]["resolution"]["val"], checkpoint["config"]["model"]["name"]
             if model_name in FIXED_SIZE_KEYWORDS and args.image_size not in (None, trained_size):
                 raise ConfigError(f"--image-size {args.image_size}: {model_name} was built for {trained_size} px only")
@@ -105,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--image-size": cfg.val_image_size,
                 "--precision": precision,
                 "--ema": args.ema,
+                "--weights": args.weights,
                 "--flip": flip,
                 "checkpoint (epoch, step, config digest)": checkpoint_identity(checkpoint),
                 "val steps": loader.steps_per_epoch,
@@ -118,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics = evaluate(model, loader, ctx, precision, flip)
         loader.close()
         if ctx.is_main:
-            print(json.dumps({"checkpoint": args.checkpoint, **metrics, "flip": flip}))
+            print(json.dumps({"checkpoint": args.checkpoint, "weights": args.weights, **metrics, "flip": flip}))
     except CheckpointError as err:
         print(f"evaluate: checkpoint error: {err}", file=sys.stderr, flush=True)
         return EXIT_CONFIG

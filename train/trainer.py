@@ -47,7 +47,7 @@ from train.checkpoint import (
     check_same_optimizer,
     keep_copy,
     load_checkpoint,
-    load_initial_weights,
+    load_weights,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -226,7 +226,7 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
         model = model.to(ctx.device)
         checkpoint_path = _resolve_resume(resume, run_dir)
         if checkpoint_path is None and cfg.model.init_from:  # a resumed run has its own weights
-            load_initial_weights(model, cfg.model.init_from)
+            load_weights(model, cfg.model.init_from)
             log.line(f"initial weights from {cfg.model.init_from}")
         accumulate = cfg.optim.accumulate
         global_batch = cfg.data.batch_size * ctx.world_size * accumulate

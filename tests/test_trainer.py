@@ -329,7 +329,7 @@ def test_averaged_checkpoints_are_the_mean_of_their_weights(two_process_run, tmp
 
 def test_evaluate_scores_given_weights_with_the_checkpoints_settings(two_process_run, photo_shards, tmp_path, capsys):
     """train.evaluate --weights: epoch-2's weights, exported, scored with epoch-1.pt's settings, score
-    as epoch-2.pt does."""
+    as epoch-2.pt does; tools.predict --weights likewise."""
     run_dir = two_process_run[0]
     weights = tmp_path / "epoch-2.pth"
     assert export_main(["--checkpoint", str(run_dir / "epoch-2.pt"), "--out", str(weights)]) == 0
@@ -340,6 +340,13 @@ def test_evaluate_scores_given_weights_with_the_checkpoints_settings(two_process
     given = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert given["weights"] == str(weights) and direct["weights"] is None
     assert (given["acc1"], given["acc5"], given["loss"]) == (direct["acc1"], direct["acc5"], direct["loss"])
+    picture = next((photo_shards.parent / "src" / "val").rglob("*.JPEG"))
+    assert predict_main(["--checkpoint", str(run_dir / "epoch-2.pt"), str(picture)]) == 0
+    direct = capsys.readouterr().out
+    assert predict_main(["--checkpoint", str(run_dir / "epoch-1.pt"), "--weights", str(weights), str(picture)]) == 0
+    assert capsys.readouterr().out == direct
+    assert predict_main(["--checkpoint", str(run_dir / "epoch-1.pt"), str(picture)]) == 0
+    assert capsys.readouterr().out != direct  # the two epochs' weights score it apart
 
 
 def test_average_checkpoints_names_what_it_cannot_average(two_process_run, tmp_path, capsys):

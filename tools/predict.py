@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from pipeline.transforms import torchvision_val_transform
-from train.checkpoint import CheckpointError, load_checkpoint, trained_interpolation
+from train.checkpoint import CheckpointError, load_checkpoint, load_weights, trained_interpolation
 from train.evaluate import model_from_checkpoint
 
 TOP_K = 5
@@ -33,11 +33,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.predict", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--ema", action="store_true", help="use the EMA weights (a run with optim.ema_decay)")
+    p.add_argument("--weights", help="use these weights instead (tools.export_weights or tools.average_checkpoints')")
     p.add_argument("images", nargs="+")
     args = p.parse_args(argv)
     try:
         checkpoint = load_checkpoint(args.checkpoint)
         model = model_from_checkpoint(checkpoint, args.ema).eval()
+        if args.weights:
+            load_weights(model, args.weights, "--weights")
     except CheckpointError as err:
         print(f"predict: checkpoint error: {err}", file=sys.stderr)
         return 2

@@ -347,6 +347,10 @@ def test_evaluate_scores_given_weights_with_the_checkpoints_settings(two_process
     assert capsys.readouterr().out == direct
     assert predict_main(["--checkpoint", str(run_dir / "epoch-1.pt"), str(picture)]) == 0
     assert capsys.readouterr().out != direct  # the two epochs' weights score it apart
+    for main in (evaluate_main, predict_main):  # the EMA or given weights, not both
+        with pytest.raises(SystemExit):
+            main(["--checkpoint", str(run_dir / "epoch-1.pt"), "--ema", "--weights", str(weights), str(picture)])
+        assert "argument --weights: not allowed with argument --ema" in capsys.readouterr().err
 
 
 def test_average_checkpoints_names_what_it_cannot_average(two_process_run, tmp_path, capsys):

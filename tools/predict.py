@@ -32,8 +32,11 @@ def class_probabilities(model: torch.nn.Module, image: torch.Tensor, flip: bool)
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.predict", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--ema", action="store_true", help="use the EMA weights (a run with optim.ema_decay)")
-    p.add_argument("--weights", help="use these weights instead (tools.export_weights or tools.average_checkpoints')")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--ema", action="store_true", help="use the EMA weights (a run with optim.ema_decay)")
+    weights.add_argument(
+        "--weights", help="use these weights instead (tools.export_weights or tools.average_checkpoints')"
+    )
     p.add_argument("images", nargs="+")
     args = p.parse_args(argv)
     try:

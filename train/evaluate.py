@@ -73,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, help="center-crop size (default: the checkpoint's resolution.val)")
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--precision", choices=list(AUTOCAST_DTYPES), default="bfloat16", help="on GPU; CPU uses float32")
-    p.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
-    p.add_argument(
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+    weights.add_argument(
         "--weights", help="evaluate these weights instead (tools.export_weights or tools.average_checkpoints' file)"
     )
     flip_help = "also score each image mirrored, mean of the logits (default: the checkpoint's eval.flip)"

@@ -367,7 +367,8 @@ def test_average_checkpoints_names_what_it_cannot_average(two_process_run, tmp_p
     assert average_main([str(run_dir / "epoch-2.pt"), str(unscored), *out, "--best", "1"]) == 2
     assert f"--best needs each checkpoint's val top-1; saved without one: {unscored}" in capsys.readouterr().err
     assert average_main([str(run_dir / "epoch-2.pt"), str(other_model), *out]) == 2
-    message = f"{other_model} holds resnet18, 100 classes; {run_dir / 'epoch-2.pt'} holds resnet18 with BlurPool"
+    classes = len(checkpoint["classes"])
+    message = f"{other_model} holds resnet18, {classes} classes; {run_dir / 'epoch-2.pt'} holds resnet18 with BlurPool"
     assert message in capsys.readouterr().err
     assert not (tmp_path / "mean.pth").exists()
 

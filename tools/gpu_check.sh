@@ -123,7 +123,7 @@ kill "$dmon" 2>/dev/null
 tar czf "$OUT/diagnostics.tgz" -C /tmp/gc diagnostics
 
 step "2. GPU-marked tests"
-limit 180 python -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
+limit 240 python -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider  # 15 tests, 8 of them not yet run on a GPU
 
 step "5. short real training run under torchrun (python -m torch.distributed.run), dali-gpu, BlurPool, eval flips, EMA, repeated augmentation, timed checkpoints"
 limit 150 python -m torch.distributed.run --standalone --nproc-per-node 1 -m train --config configs/demo.yaml data.shards=/tmp/gc/shards \

@@ -370,6 +370,10 @@ def test_average_checkpoints_names_what_it_cannot_average(two_process_run, tmp_p
     classes = len(checkpoint["classes"])
     message = f"{other_model} holds resnet18, {classes} classes; {run_dir / 'epoch-2.pt'} holds resnet18 with BlurPool"
     assert message in capsys.readouterr().err
+    relabelled = tmp_path / "relabelled.pt"
+    save_checkpoint(relabelled, checkpoint | {"classes": checkpoint["classes"][::-1]})
+    assert average_main([str(run_dir / "epoch-2.pt"), str(relabelled), *out]) == 2
+    assert f"{relabelled} and {run_dir / 'epoch-2.pt'} label other classes" in capsys.readouterr().err
     assert not (tmp_path / "mean.pth").exists()
 
 

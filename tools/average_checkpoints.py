@@ -15,6 +15,7 @@ same model (model.name, model.blurpool, class count), each a different training 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ class Candidate:
     step_in_epoch: int
     top1: float | None  # the val top-1 it was saved with (the EMA's with --ema); None if saved mid-epoch
     model: str  # name, BlurPool, class count: what must be the same in all
+    classes: str  # the class list's digest: label i must mean one class in all
 
     def describe(self) -> str:
         top1 = "no val top-1" if self.top1 is None else f"top-1 {self.top1:g}"
@@ -49,7 +51,9 @@ def read_candidate(path: Path, use_ema: bool) -> Candidate:
     top1 = checkpoint.get("metrics", {}).get("ema_acc1" if use_ema else "acc1")
     blurpool = " with BlurPool" if model.get("blurpool", False) else ""
     identity = f"{model['name']}{blurpool}, {saved_num_classes(checkpoint)} classes"
-    return Candidate(path, checkpoint["epoch"], checkpoint["global_step"], checkpoint["step_in_epoch"], top1, identity)
+    classes = hashlib.sha256(repr(checkpoint.get("classes")).encode()).hexdigest()
+    position = checkpoint["epoch"], checkpoint["global_step"], checkpoint["step_in_epoch"]
+    return Candidate(path, *position, top1, identity, classes)
 
 
 def choose(candidates: list[Candidate], best: int | None) -> list[Candidate]:
@@ -58,6 +62,8 @@ def choose(candidates: list[Candidate], best: int | None) -> list[Candidate]:
     for other in candidates[1:]:
         if other.model != first.model:
             raise CheckpointError(f"{other.path} holds {other.model}; {first.path} holds {first.model}")
+        if other.classes != first.classes:
+            raise CheckpointError(f"{other.path} and {first.path} label other classes (another class list or order)")
     by_step = {}
     for candidate in candidates:
         if candidate.step in by_step:

@@ -45,20 +45,13 @@ def builder_call(checkpoint: dict) -> str:
     return f"torchvision.models.get_model({name!r}{''.join(f', {k}={v!r}' for k, v in options.items())})"
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_weights(model: torch.nn.Module, checkpoint: dict, out: Path, hash_name: bool, what: str) -> Path:
     """Write `model`'s weights to `out` (renamed with its hash with `hash_name`), say what was written
     (`what`) and how to load it; returns the final path. Raises CheckpointError if it cannot."""
     state = portable_state(model)
     save_atomically(out, state)
-    sha256 = file_sha256(out)
+    with open(out, "rb") as f:
+        sha256 = hashlib.file_digest(f, "sha256").hexdigest()
     if hash_name:
         named = out.with_name(f"{out.stem}-{sha256[:HASH_DIGITS]}{out.suffix}")
         try:

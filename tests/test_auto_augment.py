@@ -15,6 +15,7 @@ from pipeline.auto_augment import (
     MAGNITUDES,
     OPERATIONS,
     POLICY_OPERATIONS,
+    TORCHVISION_NAMES,
     AutoAugment,
     imagenet_policy,
 )
@@ -166,9 +167,9 @@ def test_auto_augment_magnitudes_are_torchvisions():
     """Each policy operation's 10 magnitudes as torchvision's AutoAugment gives them (its table is
     private, so read here only to check ours)."""
     augment = AutoAugment("auto_augment_imagenet")
-    names = {"shear_x": "ShearX", "rotate": "Rotate", "color": "Color", "contrast": "Contrast"}
-    names |= {"sharpness": "Sharpness", "posterize": "Posterize", "solarize": "Solarize"}
-    assert set(names) == set(MAGNITUDES["auto_augment_imagenet"])
+    ranged = MAGNITUDES["auto_augment_imagenet"]
+    names = {ours: theirs for theirs, ours in TORCHVISION_NAMES.items() if ours in ranged}
+    assert set(names) == set(ranged)
     space = transforms.AutoAugment()._augmentation_space(augment.magnitude_bins, (SIZE, SIZE))
     for name, torchvision_name in names.items():
         theirs, signed = space[torchvision_name]

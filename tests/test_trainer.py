@@ -353,6 +353,24 @@ def test_evaluate_scores_given_weights_with_the_checkpoints_settings(two_process
         assert "argument --weights: not allowed with argument --ema" in capsys.readouterr().err
 
 
+def test_evaluate_can_resize_val_images_otherwise_than_the_run(two_process_run, photo_shards, capsys):
+    """--crop-pct (torchvision tunes its weights' val resize after training this way): the
+    checkpoint's own value scores as the default does, another one scores other pixels."""
+    checkpoint = str(two_process_run[0] / "epoch-2.pt")
+    common = ["--checkpoint", checkpoint, "--shards", str(photo_shards), "--batch-size", "8", "--workers", "1"]
+    results = {}
+    trained = load_checkpoint(checkpoint)["config"]["data"]["crop_pct"]
+    for crop_pct in (None, trained, 1.0):
+        assert evaluate_main(common + ([] if crop_pct is None else ["--crop-pct", str(crop_pct)])) == 0
+        results[crop_pct] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert results[None]["crop_pct"] == trained and results[1.0]["crop_pct"] == 1.0
+    assert results[trained]["loss"] == results[None]["loss"] != results[1.0]["loss"]
+    assert results[1.0]["samples"] == results[None]["samples"]
+    with pytest.raises(SystemExit):
+        evaluate_main([*common, "--crop-pct", "1.5"])
+    assert "--crop-pct must be in (0, 1], got 1.5" in capsys.readouterr().err
+
+
 def test_average_checkpoints_names_what_it_cannot_average(two_process_run, tmp_path, capsys):
     run_dir = two_process_run[0]
     out = ["--out", str(tmp_path / "mean.pth")]

@@ -71,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="default: dali-gpu with a GPU, else dali-cpu")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--image-size", type=int, help="center-crop size (default: the checkpoint's resolution.val)")
+    p.add_argument(
+        "--crop-pct",
+        type=float,
+        help="resize to image size / this, then crop (default: the checkpoint's data.crop_pct)",
+    )
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--precision", choices=list(AUTOCAST_DTYPES), default="bfloat16", help="on GPU; CPU uses float32")
     weights = p.add_mutually_exclusive_group()
@@ -81,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     flip_help = "also score each image mirrored, mean of the logits (default: the checkpoint's eval.flip)"
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, help=flip_help)
     args = p.parse_args(argv)
+    if args.crop_pct is not None and not 0.0 < args.crop_pct <= 1.0:
+        p.error(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
 
     ctx = setup_distributed()
     try:
@@ -99,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                 backend=args.backend or ("dali-gpu" if ctx.device.type == "cuda" else "dali-cpu"),
                 batch_size=args.batch_size,
                 val_image_size=args.image_size or checkpoint["config"]["resolution"]["val"],
-                crop_pct=checkpoint["config"]["data"]["crop_pct"],
+                crop_pct=args.crop_pct or checkpoint["config"]["data"]["crop_pct"],
                 interpolation=trained_interpolation(checkpoint),
                 workers=args.workers,
                 dtype=precision,
@@ -115,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--backend": cfg.backend,
                 "--batch-size": cfg.batch_size,
                 "--image-size": cfg.val_image_size,
+                "--crop-pct": cfg.crop_pct,
                 "--precision": precision,
                 "--ema": args.ema,
                 "--weights": args.weights,
@@ -131,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         metrics = evaluate(model, loader, ctx, precision, flip)
         loader.close()
         if ctx.is_main:
-            print(json.dumps({"checkpoint": args.checkpoint, "weights": args.weights, **metrics, "flip": flip}))
+            settings = {"image_size": cfg.val_image_size, "crop_pct": cfg.crop_pct, "flip": flip}
+            print(json.dumps({"checkpoint": args.checkpoint, "weights": args.weights, **metrics, **settings}))
     except CheckpointError as err:
         print(f"evaluate: checkpoint error: {err}", file=sys.stderr, flush=True)
         return EXIT_CONFIG

@@ -6,6 +6,7 @@ import torch
 from tests.conftest import REPO_ROOT
 from train.config import ConfigError, load_config
 from train.distributed import DistContext
+from train.lamb import Lamb
 from train.metrics import evaluate
 from train.model import MODEL_NAMES, BlurPoolConv2d, build_model
 from train.trainer import build_optimizer
@@ -113,7 +114,7 @@ def test_a_model_built_for_one_size_needs_one_resolution():
         load_config(DEMO, ["model.name=resnet17"])
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw", "rmsprop"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw", "rmsprop", "lamb"])
 def test_weight_decay_spares_norms_biases_and_transformer_embeddings(optimizer):
     cfg = load_config(DEMO, [f"optim.optimizer={optimizer}", "optim.weight_decay=0.05"])
     for name, spared in [
@@ -127,7 +128,9 @@ def test_weight_decay_spares_norms_biases_and_transformer_embeddings(optimizer):
         assert {id(p) for p in groups[1]["params"]} == {id(p) for n, p in model.named_parameters() if spared(n, p)}
     plain = load_config(DEMO, [f"optim.optimizer={optimizer}", "optim.no_decay_bn_bias=false"])
     assert len(build_optimizer(build_model("vit_b_32", 10, image_size=64), plain, 0.1).param_groups) == 1
-    expected = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop}[optimizer]
+    expected = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop, "lamb": Lamb}[
+        optimizer
+    ]
     built = build_optimizer(build_model("resnet18", 10), cfg, 0.1)
     assert type(built) is expected
     if optimizer == "rmsprop":  # torchvision's reference script's RMSprop

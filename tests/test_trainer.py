@@ -709,7 +709,7 @@ def test_the_train_loader_is_given_the_data_settings():
         ("optim.lr=[1,", "override 'optim.lr=[1,': not valid YAML"),
         ("optim.random_erase=1.5", "optim.random_erase: must be a probability in [0, 1], got 1.5"),
         ("schedule.min_lr=-1", "schedule.min_lr: must be 0 or more, got -1.0"),
-        ("optim.optimizer=lamb", "optim.optimizer: 'lamb' is not one of ['sgd', 'adamw', 'rmsprop']"),
+        ("optim.optimizer=lars", "optim.optimizer: 'lars' is not one of ['sgd', 'adamw', 'rmsprop', 'lamb']"),
         ("data.interpolation=lanczos", "data.interpolation: 'lanczos' is not one of ['bilinear', 'bicubic']"),
         (
             "data.auto_augment=randaugment",
@@ -1035,6 +1035,29 @@ def test_accumulation_and_ema_are_trained_and_evaluated(photo_shards, tmp_path):
     assert any(not torch.equal(ema, weights) for ema, weights in ema_and_model("last.pt")), "averaged after it"
     ema = load_checkpoint(run_dir / "last.pt")["ema"]
     assert ema["module.bn1.running_mean"].abs().sum() > 0, "the EMA model averages BatchNorm statistics too"
+
+
+def test_lamb_and_bce_train_and_resume_from_the_checkpoint(photo_shards, tmp_path):
+    """timm's "ResNet strikes back" parts through the trainer: LAMB with its gradient clipping, BCE
+    with a target threshold on CutMix's mixed labels; a second epoch continues from last.pt."""
+    run_dir = tmp_path / "run"
+    settings = ["optim.optimizer=lamb", "optim.lr=0.008", "optim.weight_decay=0.02", "optim.grad_clip=1",
+                "optim.loss=bce", "optim.label_smoothing=0", "optim.bce_target_threshold=0.2",
+                "optim.cutmix_alpha=1.0"]  # fmt: skip
+    run_tool(*train_args(photo_shards, run_dir, *settings, "train.epochs=1")[1:], check=True)
+    first = load_checkpoint(run_dir / "last.pt")
+    assert first["config"]["optim"]["loss"] == "bce" and first["config"]["optim"]["optimizer"] == "lamb"
+    states = first["optimizer"]["state"].values()
+    assert {s["step"] for s in states} == {first["global_step"]}, "every tensor took every step"
+    result = run_tool(*train_args(photo_shards, run_dir, *settings, "train.epochs=2")[1:], "--resume", "auto",
+                      check=True)  # fmt: skip
+    assert "resumed from" in result.stdout and "done: acc1" in result.stdout
+    losses = [r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r]
+    assert losses and all(math.isfinite(loss) for loss in losses)
+    # BCE averages over the classes: far below cross-entropy's log(classes) at the start.
+    assert losses[0] < 0.5 * math.log(first["num_classes"])
+    second = load_checkpoint(run_dir / "last.pt")
+    assert {s["step"] for s in second["optimizer"]["state"].values()} == {second["global_step"]}
 
 
 def test_trains_from_an_image_folder_without_shards(tmp_path, real_photos, demo_imagenet):

@@ -18,11 +18,12 @@ import yaml
 from pipeline.auto_augment import AUTO_AUGMENTS, AutoAugment
 from pipeline.loader import BACKENDS, LoaderConfig
 from pipeline.transforms import DEFAULT_CROP_PCT, INTERPOLATIONS
+from train.loss import LOSSES
 from train.model import FIXED_SIZE_KEYWORDS, MODEL_NAMES, RESNET_FAMILY
 from train.step import AUTOCAST_DTYPES
 
 SCHEDULES = ("cosine", "linear", "step")
-OPTIMIZERS = ("sgd", "adamw", "rmsprop")
+OPTIMIZERS = ("sgd", "adamw", "rmsprop", "lamb")
 WARMUPS = ("linear", "constant")
 STOP_METRICS = {"acc1": "max", "acc5": "max", "loss": "min"}  # which way is better
 
@@ -97,17 +98,30 @@ class ResolutionConfig:
 class OptimConfig:
     optimizer: str = option(
         "sgd",
-        "sgd (with momentum, nesterov), adamw (betas 0.9, 0.999; decoupled decay) or rmsprop (alpha 0.9, eps "
-        "0.0316, with momentum: torchvision's, for its MobileNet recipes)",
+        "sgd (with momentum, nesterov), adamw (betas 0.9, 0.999; decoupled decay), rmsprop (alpha 0.9, eps "
+        "0.0316, with momentum: torchvision's, for its MobileNet recipes) or lamb (timm's: betas 0.9, 0.999, eps "
+        "1e-6, decay inside the trust-ratio update; timm's also clips the gradient norm at 1: optim.grad_clip=1)",
         OPTIMIZERS,
     )
     lr: float = option(0.1, "peak learning rate for a global batch of lr_batch images")
     lr_batch: int = option(256, "global batch `lr` is given for; scaled linearly to the real one (0: lr as is)")
     momentum: float = option(0.9, "SGD and RMSprop momentum")
     nesterov: bool = option(False, "Nesterov momentum (SGD)")
-    weight_decay: float = option(5e-5, "weight decay (SGD: L2 in the gradient; AdamW: decoupled, typically 0.05)")
+    weight_decay: float = option(
+        5e-5,
+        "weight decay (SGD: L2 in the gradient; AdamW: decoupled, typically 0.05; LAMB: in the update its "
+        "trust ratio scales, timm's ResNet recipes 0.01-0.02)",
+    )
     no_decay_bn_bias: bool = option(True, "no weight decay on norm weights, biases and transformer embeddings")
-    label_smoothing: float = option(0.1, "cross-entropy label smoothing")
+    loss: str = option(
+        "cross_entropy",
+        "cross_entropy, or bce: a sigmoid per class (timm's --bce-loss; the val loss stays cross-entropy)",
+        LOSSES,
+    )
+    label_smoothing: float = option(0.1, "label smoothing: target * (1 - s) + s / classes, for either loss")
+    bce_target_threshold: float | None = option(
+        None, "bce: target probabilities above this become 1, the rest 0 (timm's --bce-target-thresh; unset: off)"
+    )
     mixup_alpha: float = option(0.0, "MixUp: mix each batch with itself rolled, weights ~ Beta(alpha, alpha) (0: off)")
     cutmix_alpha: float = option(0.0, "CutMix: paste a box of the rolled batch (0: off; with MixUp: one per batch)")
     random_erase: float = option(
@@ -371,6 +385,13 @@ def _check(config: Config) -> None:
         raise ConfigError(f"optim.random_erase: must be a probability in [0, 1], got {config.optim.random_erase}")
     if config.schedule.min_lr < 0:
         raise ConfigError(f"schedule.min_lr: must be 0 or more, got {config.schedule.min_lr}")
+    threshold = config.optim.bce_target_threshold
+    if threshold is not None and config.optim.loss != "bce":
+        raise ConfigError(f"optim.bce_target_threshold: applies to optim.loss bce, not {config.optim.loss}")
+    if threshold is not None and not 0.0 <= threshold < 1.0:
+        raise ConfigError(f"optim.bce_target_threshold: must be in [0, 1), got {threshold}")
+    if not 0.0 <= config.optim.label_smoothing < 1.0:
+        raise ConfigError(f"optim.label_smoothing: must be in [0, 1), got {config.optim.label_smoothing}")
     if not 0.0 <= config.optim.ema_decay < 1.0:
         raise ConfigError(f"optim.ema_decay: must be in [0, 1), got {config.optim.ema_decay}")
     data = config.data

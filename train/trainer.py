@@ -65,6 +65,8 @@ from train.distributed import (
 )
 from train.ema import update_ema
 from train.erasing import random_erasing
+from train.lamb import Lamb
+from train.loss import build_criterion
 from train.metrics import evaluate
 from train.mixing import batch_mixer
 from train.model import build_model
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config, peak_lr: float) -> torch.optim.Optimizer:
-    """SGD, AdamW or RMSprop. With `optim.no_decay_bn_bias`, norm layers' weights and all biases (1-D
+    """SGD, AdamW, RMSprop or LAMB. With `optim.no_decay_bn_bias`, norm layers' weights and all biases (1-D
     parameters) and the transformers' embeddings (`NO_DECAY_NAMES`) get no weight decay."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -158,6 +160,8 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, peak_lr: float) -> torc
         groups.append({"params": no_decay, "weight_decay": 0.0})
     if cfg.optim.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=peak_lr)
+    if cfg.optim.optimizer == "lamb":
+        return Lamb(groups, lr=peak_lr)
     if cfg.optim.optimizer == "rmsprop":  # torchvision's settings: eps 0.0316 is the root of TensorFlow's 1e-3
         return torch.optim.RMSprop(groups, lr=peak_lr, alpha=0.9, eps=0.0316, momentum=cfg.optim.momentum)
     return torch.optim.SGD(groups, lr=peak_lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov)
@@ -244,7 +248,7 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
             # the statistics it was created with.
             ema = AveragedModel(model, use_buffers=True)  # updated by `update_ema`
         ema_empty = True  # no update yet: the first one copies the weights
-        criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)  # soft targets too
+        criterion = build_criterion(cfg.optim.loss, cfg.optim.label_smoothing, cfg.optim.bce_target_threshold)
         mix = batch_mixer(num_classes, cfg.optim.mixup_alpha, cfg.optim.cutmix_alpha)
         steps_per_epoch = train_loader.steps_per_epoch // accumulate
         if steps_per_epoch == 0:

@@ -748,6 +748,24 @@ def test_a_broken_yaml_file_or_an_impossible_run_dir_is_a_config_error(tmp_path)
     assert result.returncode == 2 and f"run.dir: cannot create {in_the_way / 'run'}" in result.stderr, result.stderr
 
 
+def test_help_lists_every_config_key_and_print_config_resolves_without_training(tmp_path):
+    help_text = run_tool("train", "--help", check=True).stdout
+    settings = load_config(None).to_dict()
+    for section, values in settings.items():
+        for key, default in values.items():
+            assert f"  {section}.{key}: {json.dumps(default)} (" in help_text, f"{section}.{key} in --help"
+    assert 'optim.loss: "cross_entropy" (str)' in help_text and "one of: cross_entropy, bce" in help_text
+
+    overrides = ["optim.lr=0.3", "optim.loss=bce", f"run.dir={tmp_path / 'run'}"]
+    printed = run_tool("train", "--config", "configs/resnet18.yaml", "--print-config", *overrides, check=True).stdout
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(printed)
+    assert load_config(resolved).to_dict() == load_config("configs/resnet18.yaml", overrides).to_dict()
+    assert not (tmp_path / "run").exists(), "printing the config starts nothing"
+    wrong = run_tool("train", "--config", "configs/resnet18.yaml", "--print-config", "optim.loss=focal")
+    assert wrong.returncode == 2 and "optim.loss: 'focal' is not one of" in wrong.stderr
+
+
 def test_missing_tensorboard_is_a_config_error(photo_shards, tmp_path):
     """A machine without TensorBoard (a package that fails to import) and log.tensorboard on."""
     blocker = tmp_path / "site" / "tensorboard"

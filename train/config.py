@@ -8,6 +8,8 @@ The resolved config is written into the run directory.
 from __future__ import annotations
 
 import dataclasses
+import json
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -284,6 +286,27 @@ def config_changes(before: dict, after: dict) -> list[str]:
 def config_yaml(config: Config) -> str:
     """The resolved config as YAML, in the order of its sections and keys."""
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def config_reference(width: int = 100) -> str:
+    """Every section and key with its default, type, allowed values and help: the epilog of
+    `python -m train --help`, generated here so that it cannot drift from the dataclasses."""
+    lines = []
+    for section in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[section.name]
+        hints = typing.get_type_hints(cls)
+        if lines:
+            lines.append("")
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            hint = hints[f.name]
+            kind = hint.__name__ if isinstance(hint, type) else str(hint)
+            text = f"{section.name}.{f.name}: {json.dumps(default)} ({kind}) {f.metadata['help']}"
+            choices = f.metadata.get("choices")
+            if choices and len(choices) <= 12:
+                text += f"; one of: {', '.join(str(c) for c in choices)}"
+            lines.extend(textwrap.wrap(text, width, initial_indent="  ", subsequent_indent="    "))
+    return "\n".join(lines)
 
 
 def _build(cls, data, prefix: str):

@@ -52,7 +52,15 @@ from train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from train.config import STOP_METRICS, Config, ConfigError, config_changes, load_config
+from train.config import (
+    STOP_METRICS,
+    Config,
+    ConfigError,
+    config_changes,
+    config_reference,
+    config_yaml,
+    load_config,
+)
 from train.distributed import (
     DistContext,
     all_gather_objects,
@@ -92,8 +100,19 @@ class NonFiniteLoss(RuntimeError):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m train",
+        description=__doc__.split("\n\n")[0],
+        epilog="config keys (section.key: default (type) help), for the YAML file or as overrides:\n"
+        + config_reference(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", required=True, help="YAML recipe under configs/")
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (the file, then the overrides) as YAML and exit without training",
+    )
     p.add_argument(
         "--resume",
         default=None,
@@ -111,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"train: config error: {err}", file=sys.stderr)
         return EXIT_CONFIG
+    if args.print_config:
+        print(config_yaml(cfg), end="")
+        return EXIT_OK
     resume = args.resume
     if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
         resume = "auto"  # torchrun --max-restarts brought us back: continue from the last checkpoint

@@ -1,5 +1,5 @@
-"""TrivialAugment Wide, RandAugment and AutoAugment's ImageNet policy, as torchvision's and timm's
-ImageNet recipes use them.
+"""TrivialAugment Wide, RandAugment (torchvision's and timm's) and AutoAugment's ImageNet policy, as
+torchvision's and timm's ImageNet recipes use them.
 
 TrivialAugment Wide (Müller & Hutter, 2021) and RandAugment (Cubuk et al., 2020) pick operations of
 the same 14 for each train image. TrivialAugment: one operation, at one of 31 magnitude bins, both
@@ -12,6 +12,19 @@ own probability; the sub-policies, ranges and bins are torchvision's (its policy
 TensorFlow code (11 bins, other operations), so that every backend trains on the same policy.
 Signed operations get a random sign each time.
 
+timm's RandAugment (`rand_augment_timm`: timm's `rand-m9-mstd0.5-inc1`, the "ResNet strikes back"
+recipes' `rand-m6`/`rand-m7-mstd0.5-inc1`) differs from torchvision's: its 15 operations are the
+"increasing" ones (posterize, solarize and the enhancements grow stronger with the magnitude) plus
+invert and solarize-add, each of the `ops` is applied with probability 0.5, and each application
+draws its magnitude from a normal distribution around `magnitude` (0-10) with `magnitude_std`,
+clipped to 0-10 and kept here to steps of 0.1 (the suite's 101 bins: DALI computes each
+operation's parameter for every bin while it builds the graph, which takes minutes at 1,001
+bins). The operation parameters follow timm's formulas (`timm_parameter`; the tests check them
+against timm's `LEVEL_TO_ARG`). Where it differs from timm: geometric operations interpolate
+bilinearly and fill with gray 128 (timm's own default fill; its `create_transform` passes the mean
+colour instead, and its training script picks bilinear or bicubic at random unless
+`--train-interpolation` is given), and equalize follows OpenCV's formula, as for the other suites.
+
 The draws are made here, from the loaders' per-batch generator (seed, epoch, rank, step), not by
 DALI's random operators: so resuming repeats them, and the DALI backends and `torch-uint8` apply the
 same operations at the same magnitudes to the same crop. DALI applies them with its own suites
@@ -20,7 +33,8 @@ because torchvision's `TrivialAugmentWide`, `RandAugment` and `AutoAugment` draw
 magnitudes are DALI's, and its equalization follows DALI's formula). The `torch` backend uses
 torchvision's transforms as they are (for TrivialAugment and RandAugment their magnitudes differ a
 little: translations of 150/331 of the image instead of 100/224, solarize thresholds from 255
-instead of 256; for AutoAugment they are the same).
+instead of 256; for AutoAugment they are the same), and for timm's RandAugment, which torchvision
+lacks, torch-uint8's draws and operations on its PIL images (`pipeline.transforms.DrawnAugment`).
 
 The DALI backends and `torch-uint8` apply them to the resized crop (uint8, before the flip and the
 normalization); geometric operations fill with gray (128) and interpolate bilinearly.
@@ -38,7 +52,7 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-AUTO_AUGMENTS = ("none", "trivial_augment_wide", "rand_augment", "auto_augment_imagenet")
+AUTO_AUGMENTS = ("none", "trivial_augment_wide", "rand_augment", "auto_augment_imagenet", "rand_augment_timm")
 # TrivialAugment's and RandAugment's operations, in the order of DALI's suites (the same for both):
 # an index drawn here names the same operation in every backend.
 OPERATIONS = (
@@ -50,6 +64,18 @@ POLICY_OPERATIONS = (
     "shear_x", "rotate", "color", "contrast", "sharpness", "posterize", "solarize", "equalize", "auto_contrast",
     "invert", "identity",
 )  # fmt: skip
+# timm's RandAugment's operations (`_RAND_INCREASING_TRANSFORMS`, in timm's order); an operation that
+# is not applied (probability 0.5) is "identity".
+TIMM_OPERATIONS = (
+    "auto_contrast", "equalize", "invert", "rotate", "posterize", "solarize", "solarize_add", "color", "contrast",
+    "brightness", "sharpness", "shear_x", "shear_y", "translate_x", "translate_y", "identity",
+)  # fmt: skip
+TIMM_MAX_LEVEL = 10  # timm's magnitudes run from 0 to its _LEVEL_DENOM
+TIMM_LEVEL_STEPS = 10  # a drawn magnitude is kept to 0.1: bin b is magnitude b / 10
+TIMM_MAGNITUDE_BINS = TIMM_MAX_LEVEL * TIMM_LEVEL_STEPS + 1
+TIMM_OPERATION_CHANCE = 0.5  # timm's default `p`
+TIMM_TRANSLATE = 0.45  # of the image side at magnitude 10: timm's default translate_pct
+ENHANCEMENTS = ("brightness", "contrast", "color", "sharpness")
 MAGNITUDE_BINS = 31  # TrivialAugment's and RandAugment's
 POLICY_MAGNITUDE_BINS = 10  # AutoAugment's
 FILL = 128
@@ -93,7 +119,7 @@ MAGNITUDES = {
     },
 }
 RAND_AUGMENT_TRANSLATE = 100 / 224  # of the image side at the last bin: DALI's default
-UNSIGNED = ("posterize", "solarize")
+UNSIGNED = ("posterize", "solarize", "solarize_add")
 
 
 TORCHVISION_NAMES = {
@@ -115,21 +141,55 @@ def imagenet_policy() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.array(operations, np.int32), np.array(chances), np.array(bins, np.int32)
 
 
+def timm_parameter(name: str, level: float, image_size: int) -> float:
+    """The parameter timm's RandAugment gives operation `name` at magnitude `level` (0-10; negative
+    for a negated signed operation), by timm's formulas: degrees, shear factor, pixels, enhancement
+    offset from 1, bits kept, solarize threshold, solarize-add shift."""
+    fraction = level / TIMM_MAX_LEVEL
+    if name == "rotate":
+        return fraction * 30.0
+    if name in ("shear_x", "shear_y"):
+        return fraction * 0.3
+    if name in ("translate_x", "translate_y"):
+        return fraction * TIMM_TRANSLATE * image_size
+    if name in ENHANCEMENTS:
+        return fraction * 0.9
+    if name == "posterize":
+        return 4 - int(fraction * 4)
+    if name == "solarize":
+        return 256 - min(256, int(fraction * 256))
+    if name == "solarize_add":
+        return min(128, int(fraction * 110))
+    return 0.0
+
+
 @dataclass(frozen=True)
 class AutoAugment:
     """Which automatic augmentation the train images get: `name` of AUTO_AUGMENTS, and for
-    RandAugment its number of operations per image and their magnitude bin."""
+    RandAugment its number of operations per image and their magnitude (torchvision's: a bin of
+    31; timm's: 0-10, drawn around it with `magnitude_std`)."""
 
     name: str = "none"
     ops: int = 2
     magnitude: int = 9
+    magnitude_std: float = 0.5
 
     def check(self) -> None:
         if self.name not in AUTO_AUGMENTS:
             raise ValueError(f"data.auto_augment: {self.name!r} is not one of {list(AUTO_AUGMENTS)}")
         if self.ops < 1:
             raise ValueError(f"data.rand_augment_ops must be at least 1, got {self.ops}")
-        if not 0 <= self.magnitude < MAGNITUDE_BINS:
+        if self.name == "rand_augment_timm":
+            if not 0 <= self.magnitude <= TIMM_MAX_LEVEL:
+                raise ValueError(
+                    f"data.rand_augment_magnitude must be from 0 to {TIMM_MAX_LEVEL} for rand_augment_timm "
+                    f"(timm's m), got {self.magnitude}"
+                )
+            if not 0 <= self.magnitude_std <= TIMM_MAX_LEVEL:
+                raise ValueError(
+                    f"data.rand_augment_magnitude_std must be from 0 to {TIMM_MAX_LEVEL}, got {self.magnitude_std}"
+                )
+        elif not 0 <= self.magnitude < MAGNITUDE_BINS:
             raise ValueError(
                 f"data.rand_augment_magnitude must be a bin from 0 to {MAGNITUDE_BINS - 1}, got {self.magnitude}"
             )
@@ -141,15 +201,19 @@ class AutoAugment:
     @property
     def operations(self) -> tuple[str, ...]:
         """The suite's operations: a drawn operation index is a position in this."""
-        return POLICY_OPERATIONS if self.name == "auto_augment_imagenet" else OPERATIONS
+        return {"auto_augment_imagenet": POLICY_OPERATIONS, "rand_augment_timm": TIMM_OPERATIONS}.get(
+            self.name, OPERATIONS
+        )
 
     @property
     def magnitude_bins(self) -> int:
-        return POLICY_MAGNITUDE_BINS if self.name == "auto_augment_imagenet" else MAGNITUDE_BINS
+        return {"auto_augment_imagenet": POLICY_MAGNITUDE_BINS, "rand_augment_timm": TIMM_MAGNITUDE_BINS}.get(
+            self.name, MAGNITUDE_BINS
+        )
 
     @property
     def operations_per_image(self) -> int:
-        return {"rand_augment": self.ops, "auto_augment_imagenet": 2}.get(self.name, 1)
+        return {"rand_augment": self.ops, "rand_augment_timm": self.ops, "auto_augment_imagenet": 2}.get(self.name, 1)
 
     def translate_range(self, image_size: int) -> tuple[float, float]:
         """First and last translation in pixels, for images of `image_size`."""
@@ -173,12 +237,24 @@ class AutoAugment:
             signs = rng.integers(0, 2, shape, dtype=np.int32)
             operations = np.where(applied, policy_operations[chosen], POLICY_OPERATIONS.index("identity"))
             return operations.astype(np.int32), np.where(applied, policy_bins[chosen], 0).astype(np.int32), signs
+        if self.name == "rand_augment_timm":
+            operations = rng.integers(0, len(TIMM_OPERATIONS) - 1, shape, dtype=np.int32)  # identity excluded
+            applied = rng.uniform(size=shape) < TIMM_OPERATION_CHANCE
+            levels = rng.normal(self.magnitude, self.magnitude_std, shape) if self.magnitude_std > 0 else None
+            levels = np.full(shape, float(self.magnitude)) if levels is None else levels
+            bins = np.rint(np.clip(levels, 0, TIMM_MAX_LEVEL) * TIMM_LEVEL_STEPS).astype(np.int32)
+            signs = rng.integers(0, 2, shape, dtype=np.int32)
+            operations = np.where(applied, operations, TIMM_OPERATIONS.index("identity")).astype(np.int32)
+            return operations, np.where(applied, bins, 0).astype(np.int32), signs
         operations = rng.integers(0, len(OPERATIONS), shape, dtype=np.int32)
         signs = rng.integers(0, 2, shape, dtype=np.int32)
         return operations, np.full(shape, self.magnitude, np.int32), signs
 
     def magnitude_of(self, name: str, magnitude_bin: int, negate: int, image_size: int) -> float:
         """The magnitude DALI's suite gives operation `name` at this bin and sign."""
+        if self.name == "rand_augment_timm":
+            value = float(timm_parameter(name, magnitude_bin / TIMM_LEVEL_STEPS, image_size))
+            return -value if negate and name not in UNSIGNED else value
         if name in ("translate_x", "translate_y"):
             first, last = self.translate_range(image_size)
         elif name in MAGNITUDES[self.name]:
@@ -226,6 +302,8 @@ def apply_operation(image: torch.Tensor, name: str, m: float) -> torch.Tensor:
         return F.posterize(image, int(round(m)))
     if name == "solarize":
         return F.solarize(image, m) if m <= 255 else image  # a threshold above 255 inverts nothing
+    if name == "solarize_add":  # timm's: pixels below 128 raised by m (at most 128, so no overflow)
+        return torch.where(image < 128, image + int(m), image)
     if name == "equalize":
         return equalize_like_dali(image)
     if name == "auto_contrast":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 from nvidia.dali.auto_aug import augmentations
@@ -19,7 +20,16 @@ from nvidia.dali.auto_aug.core import augmentation, select, signed_bin
 from nvidia.dali.auto_aug.rand_augment import get_rand_augment_suite
 from nvidia.dali.auto_aug.trivial_augment import get_trivial_augment_wide_suite
 
-from pipeline.auto_augment import FILL, MAGNITUDES, NO_AUTO_AUGMENT, AutoAugment
+from pipeline.auto_augment import (
+    FILL,
+    MAGNITUDES,
+    NO_AUTO_AUGMENT,
+    TIMM_LEVEL_STEPS,
+    TIMM_MAX_LEVEL,
+    UNSIGNED,
+    AutoAugment,
+    timm_parameter,
+)
 from pipeline.transforms import PIXEL_MEAN, PIXEL_STD
 
 # Antialiased, DALI's cubic filter follows PIL's bicubic about as closely as its linear filter follows
@@ -70,9 +80,53 @@ def equalize(data, _):
     return fn.equalize(data)
 
 
+def posterize_mask(bits: float) -> np.ndarray:
+    """The AND mask that keeps `bits` high bits (0 keeps none: timm's strongest posterize is black,
+    where DALI's own mask function keeps at least one)."""
+    return np.uint8(255 ^ (2 ** (8 - int(bits)) - 1))
+
+
+# timm's operation parameter -> the parameter DALI's augmentation takes
+TIMM_TO_DALI = {
+    "shear_x": augmentations.warp_x_param,
+    "shear_y": augmentations.warp_y_param,
+    "translate_x": augmentations.warp_x_param,
+    "translate_y": augmentations.warp_y_param,
+    "brightness": augmentations.shift_enhance_range,
+    "contrast": augmentations.shift_enhance_range,
+    "color": augmentations.shift_enhance_range,
+    "sharpness": sharpness_kernel,
+    "posterize": posterize_mask,
+    "solarize_add": np.uint8,
+}
+
+
+def timm_augmentation(name: str, image_size: int):
+    """DALI's augmentation `name` for timm's RandAugment: it takes the magnitude (0-10, negated for a
+    negative sign) and computes the parameter with `timm_parameter`, as torch-uint8 does."""
+    base = {
+        "translate_x": augmentations.translate_x_no_shape,
+        "translate_y": augmentations.translate_y_no_shape,
+        "sharpness": sharpness,
+        "equalize": equalize,
+    }.get(name) or getattr(augmentations, name)
+    if name in ("auto_contrast", "equalize", "invert", "identity"):  # no parameter
+        return base
+
+    def mag_to_param(level):
+        level = round(float(level) * TIMM_LEVEL_STEPS) / TIMM_LEVEL_STEPS  # DALI's bins are float32: made exact
+        param = np.asarray(TIMM_TO_DALI.get(name, float)(timm_parameter(name, level, image_size)))
+        return param.astype(np.float32) if param.dtype == np.float64 else param
+
+    signed = name not in UNSIGNED
+    return base.augmentation(mag_range=(0, TIMM_MAX_LEVEL), randomly_negate=signed, mag_to_param=mag_to_param)
+
+
 def dali_suite(augment: AutoAugment, image_size: int) -> list:
     """DALI's operations of `augment`'s suite, in the order of `augment.operations`, for images of
     `image_size`."""
+    if augment.name == "rand_augment_timm":
+        return [timm_augmentation(name, image_size) for name in augment.operations]
     ranges = MAGNITUDES[augment.name]
     if augment.name == "trivial_augment_wide":
         suite = get_trivial_augment_wide_suite()

@@ -51,11 +51,14 @@ class LoaderConfig:
     aug_repeats: int = 1
     auto_augment: str = "none"  # train only: one of AUTO_AUGMENTS (pipeline/auto_augment.py)
     rand_augment_ops: int = 2  # RandAugment: operations per image
-    rand_augment_magnitude: int = 9  # RandAugment: magnitude bin of each, 0-30
+    rand_augment_magnitude: int = 9  # RandAugment: magnitude bin of each, 0-30 (timm's: its m, 0-10)
+    rand_augment_magnitude_std: float = 0.5  # timm's RandAugment: deviation of each drawn magnitude
 
     @property
     def augment(self) -> AutoAugment:
-        return AutoAugment(self.auto_augment, self.rand_augment_ops, self.rand_augment_magnitude)
+        return AutoAugment(
+            self.auto_augment, self.rand_augment_ops, self.rand_augment_magnitude, self.rand_augment_magnitude_std
+        )
 
     def check(self) -> None:
         if self.backend not in BACKENDS:

@@ -1,8 +1,8 @@
 """The augmentation spec shared by every backend, and its torchvision form.
 
 Train: random-resized-crop (area 8-100%, aspect 3/4-4/3) to `size`, horizontal flip, optionally
-TrivialAugment Wide, RandAugment or AutoAugment's ImageNet policy (`pipeline/auto_augment.py`),
-normalize.
+TrivialAugment Wide, RandAugment (torchvision's or timm's) or AutoAugment's ImageNet policy
+(`pipeline/auto_augment.py`), normalize.
 Val: resize the shorter side to size / crop_pct (256 for 224), center crop `size`, normalize.
 Both resize with antialiasing, bilinearly or (`interpolation`) bicubically.
 """
@@ -13,8 +13,10 @@ import math
 
 import numpy as np
 import torch
+from PIL import Image
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as F
 
 from pipeline.auto_augment import FILL, NO_AUTO_AUGMENT, AutoAugment
 
@@ -41,7 +43,7 @@ def torchvision_train_transform(
 ) -> transforms.Compose:
     """The train spec on PIL images; with an `auto_augment` torchvision's own TrivialAugmentWide,
     RandAugment or AutoAugment (ImageNet policy) after the flip, as torchvision's reference recipes
-    place them."""
+    place them (timm's RandAugment, which torchvision lacks: `DrawnAugment`)."""
     steps = [
         transforms.RandomResizedCrop(
             size, scale=RRC_AREA, ratio=RRC_ASPECT_RATIO, interpolation=InterpolationMode(interpolation), antialias=True
@@ -55,8 +57,25 @@ def torchvision_train_transform(
         steps.append(transforms.RandAugment(auto_augment.ops, auto_augment.magnitude, **warp))
     elif auto_augment.name == "auto_augment_imagenet":
         steps.append(transforms.AutoAugment(transforms.AutoAugmentPolicy.IMAGENET, **warp))
+    elif auto_augment.enabled:  # no torchvision transform: the operations torch-uint8 applies, on PIL images
+        steps.append(DrawnAugment(auto_augment))
     steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     return transforms.Compose(steps)
+
+
+class DrawnAugment:
+    """An `AutoAugment` on PIL images: its own draws (`AutoAugment.draw`, from torch's generator, which
+    DataLoader seeds per worker) and operations (`AutoAugment.apply`, torchvision's kernels), for the
+    suites torchvision has no transform of (timm's RandAugment)."""
+
+    def __init__(self, augment: AutoAugment):
+        self.augment = augment
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        rng = np.random.default_rng(int(torch.randint(0, 2**63 - 1, ())))
+        operations, bins, signs = self.augment.draw(1, rng)
+        pixels = self.augment.apply(F.pil_to_tensor(image), operations[0], bins[0], signs[0])
+        return F.to_pil_image(pixels)
 
 
 def random_resized_crops(

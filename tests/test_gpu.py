@@ -47,11 +47,13 @@ def test_dali_gpu_matches_dali_cpu(photo_shards, split, interpolation):
     assert_dali_gpu_matches_dali_cpu(photo_shards, split, interpolation=interpolation)
 
 
-@pytest.mark.parametrize("suite", ["trivial_augment_wide", "rand_augment", "auto_augment_imagenet"])
+@pytest.mark.parametrize(
+    "suite", ["trivial_augment_wide", "rand_augment", "auto_augment_imagenet", "rand_augment_timm"]
+)
 @pytest.mark.parametrize("stored", ["jpeg", "raw"])
 def test_auto_augment_on_dali_gpu_matches_dali_cpu(raw_and_jpeg_shards, stored, suite):
     """The operations are drawn on the host: the GPU graph applies the CPU graph's, with DALI's GPU
-    kernels (not yet run on a GPU when written, 2026-12-06)."""
+    kernels (not yet run on a GPU when written: 2026-12-06, timm's RandAugment 2026-12-07)."""
     raw, jpeg = raw_and_jpeg_shards
     assert_dali_gpu_matches_dali_cpu(raw if stored == "raw" else jpeg, "train", suite)
 

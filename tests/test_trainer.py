@@ -1055,13 +1055,15 @@ def test_accumulation_and_ema_are_trained_and_evaluated(photo_shards, tmp_path):
     assert ema["module.bn1.running_mean"].abs().sum() > 0, "the EMA model averages BatchNorm statistics too"
 
 
-def test_lamb_and_bce_train_and_resume_from_the_checkpoint(photo_shards, tmp_path):
+def test_timms_recipe_parts_train_and_resume_from_the_checkpoint(photo_shards, tmp_path):
     """timm's "ResNet strikes back" parts through the trainer: LAMB with its gradient clipping, BCE
-    with a target threshold on CutMix's mixed labels; a second epoch continues from last.pt."""
+    with a target threshold on CutMix's mixed labels, timm's RandAugment (rand-m6-mstd0.5-inc1) in
+    the DALI pipeline; a second epoch continues from last.pt."""
     run_dir = tmp_path / "run"
     settings = ["optim.optimizer=lamb", "optim.lr=0.008", "optim.weight_decay=0.02", "optim.grad_clip=1",
                 "optim.loss=bce", "optim.label_smoothing=0", "optim.bce_target_threshold=0.2",
-                "optim.cutmix_alpha=1.0"]  # fmt: skip
+                "optim.cutmix_alpha=1.0", "data.auto_augment=rand_augment_timm",
+                "data.rand_augment_magnitude=6"]  # fmt: skip
     run_tool(*train_args(photo_shards, run_dir, *settings, "train.epochs=1")[1:], check=True)
     first = load_checkpoint(run_dir / "last.pt")
     assert first["config"]["optim"]["loss"] == "bce" and first["config"]["optim"]["optimizer"] == "lamb"

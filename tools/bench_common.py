@@ -55,11 +55,17 @@ def bench_shards(workdir: str | Path, copies: int, workers: int) -> Path:
 HW_LOAD_HELP = "dali-gpu: share of JPEGs for the hardware decoder; a comma list measures each (e.g. 0.65,1.0)"
 WORKERS_HELP = "DALI threads / DataLoader workers; a comma list measures the DALI backends with each"
 AUTO_AUGMENT_HELP = (
-    "train augmentation (data.auto_augment; rand_augment with 2 operations at bin 9); a comma list measures each, "
+    "train augmentation (data.auto_augment; rand_augment with 2 operations at bin 9, rand_augment_timm as timm's "
+    "rand-m9-mstd0.5-inc1); a comma list measures each, "
     "e.g. none,trivial_augment_wide"
 )
 INTERPOLATION_HELP = "resize filter (data.interpolation); a comma list measures each, e.g. bilinear,bicubic"
-AUGMENT_SUFFIXES = {"trivial_augment_wide": " +TA", "rand_augment": " +RA", "auto_augment_imagenet": " +AA"}
+AUGMENT_SUFFIXES = {
+    "trivial_augment_wide": " +TA",
+    "rand_augment": " +RA",
+    "auto_augment_imagenet": " +AA",
+    "rand_augment_timm": " +RAtimm",
+}
 # tools.bench_train's feeds besides the project's loaders: BASELINES.md's plain DALI pipeline
 # (tools.bench_dali_reference), and images decoded once, augmented as raw pixels (tools.predecoded_loader)
 REFERENCE_BACKENDS = ("dali-reference",)

@@ -77,11 +77,19 @@ class DataConfig:
     auto_augment: str = option(
         "none",
         "train: trivial_augment_wide (TrivialAugment Wide after the flip, as torchvision's recipes), rand_augment "
-        "or auto_augment_imagenet (AutoAugment's ImageNet policy, torchvision's)",
+        "(torchvision's), auto_augment_imagenet (AutoAugment's ImageNet policy, torchvision's) or rand_augment_timm "
+        "(timm's rand-mM-nN-mstdS-inc1)",
         AUTO_AUGMENTS,
     )
-    rand_augment_ops: int = option(2, "rand_augment: operations applied to each image, in a row (torchvision: 2)")
-    rand_augment_magnitude: int = option(9, "rand_augment: magnitude bin of every operation, 0-30 (torchvision: 9)")
+    rand_augment_ops: int = option(
+        2, "rand_augment(_timm): operations drawn for each image, in a row (torchvision's and timm's: 2)"
+    )
+    rand_augment_magnitude: int = option(
+        9, "rand_augment: magnitude bin of every operation, 0-30 (torchvision: 9); rand_augment_timm: timm's m, 0-10"
+    )
+    rand_augment_magnitude_std: float = option(
+        0.5, "rand_augment_timm: each operation's magnitude is drawn around m with this deviation (timm's mstd)"
+    )
 
 
 @dataclass
@@ -228,6 +236,7 @@ class Config:
             auto_augment=self.data.auto_augment,
             rand_augment_ops=self.data.rand_augment_ops,
             rand_augment_magnitude=self.data.rand_augment_magnitude,
+            rand_augment_magnitude_std=self.data.rand_augment_magnitude_std,
         )
 
     def to_dict(self) -> dict:
@@ -419,6 +428,9 @@ def _check(config: Config) -> None:
         raise ConfigError(f"optim.ema_decay: must be in [0, 1), got {config.optim.ema_decay}")
     data = config.data
     try:
-        AutoAugment(data.auto_augment, data.rand_augment_ops, data.rand_augment_magnitude).check()
+        augment = AutoAugment(
+            data.auto_augment, data.rand_augment_ops, data.rand_augment_magnitude, data.rand_augment_magnitude_std
+        )
+        augment.check()
     except ValueError as err:
         raise ConfigError(str(err)) from None

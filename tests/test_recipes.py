@@ -96,6 +96,35 @@ def test_the_torchvision_mobilenet_recipe_follows_its_command():
         assert lrs[epoch * steps : (epoch + 1) * steps] == [pytest.approx(0.064 * 0.973 ** (epoch // 2))] * steps
 
 
+def test_the_rsb_a3_recipe_follows_mmpretrains_config():
+    """mmpretrain's resnet50_8xb256-rsb-a3-100e_in1k: 8 x 256 images, Lamb lr 0.008 wd 0.02 (none on
+    norms and biases; timm's Lamb, which clips the gradient norm at 1), LinearLR from 1e-4 over 5
+    epochs then cosine to 1e-6 at epoch 100, BCE (use_sigmoid) without smoothing, Mixup 0.1 or CutMix
+    1.0, RandAugment timm_increasing 2 x m6 std 0.5, bicubic crops to 224, val 236 -> 224, ResNet
+    with zero-initialised last norms."""
+    cfg = load_config(REPO_ROOT / "configs" / "rsb-a3-resnet50.yaml")
+    assert cfg.model.name == "resnet50" and cfg.model.zero_init_residual and not cfg.model.blurpool
+    assert (cfg.optim.optimizer, cfg.optim.weight_decay, cfg.optim.no_decay_bn_bias) == ("lamb", 0.02, True)
+    assert cfg.optim.grad_clip == 1.0 and cfg.optim.momentum == 0.9  # momentum: unused by LAMB
+    assert (cfg.optim.loss, cfg.optim.label_smoothing, cfg.optim.bce_target_threshold) == ("bce", 0.0, None)
+    assert (cfg.optim.mixup_alpha, cfg.optim.cutmix_alpha, cfg.optim.random_erase, cfg.optim.ema_decay) == (
+        0.1, 1.0, 0.0, 0.0
+    )  # fmt: skip
+    augment = (cfg.data.auto_augment, cfg.data.rand_augment_ops, cfg.data.rand_augment_magnitude)
+    assert augment == ("rand_augment_timm", 2, 6) and cfg.data.rand_augment_magnitude_std == 0.5
+    assert cfg.data.interpolation == "bicubic" and cfg.data.aug_repeats == 1 and not cfg.eval.flip
+    assert {train_image_size(epoch, cfg.resolution) for epoch in range(cfg.train.epochs)} == {224}
+    assert cfg.resolution.val == 224 and val_resize_size(cfg.resolution.val, cfg.data.crop_pct) == 236
+
+    peak = cfg.peak_lr(8 * 256)
+    assert peak == pytest.approx(0.008) and cfg.train.epochs == 100
+    steps = 100  # per epoch
+    lrs = [learning_rate(s, steps, cfg.train.epochs, peak, cfg.schedule) for s in range(steps * cfg.train.epochs)]
+    assert lrs[0] == pytest.approx(0.008 * 1e-4) and lrs.index(max(lrs)) == 5 * steps
+    assert lrs[steps * (5 + 95 // 2) + steps // 2] == pytest.approx((0.008 + 1e-6) / 2, rel=1e-3)
+    assert lrs[-1] == pytest.approx(1e-6, abs=1e-7)
+
+
 @pytest.mark.parametrize("kind", ["cosine", "linear"])
 def test_cosine_and_linear_decay_end_at_the_floor(kind):
     """schedule.min_lr (torchvision's --lr-min): the decay runs from the peak to the floor, not to zero."""

@@ -240,8 +240,7 @@ class AutoAugment:
         if self.name == "rand_augment_timm":
             operations = rng.integers(0, len(TIMM_OPERATIONS) - 1, shape, dtype=np.int32)  # identity excluded
             applied = rng.uniform(size=shape) < TIMM_OPERATION_CHANCE
-            levels = rng.normal(self.magnitude, self.magnitude_std, shape) if self.magnitude_std > 0 else None
-            levels = np.full(shape, float(self.magnitude)) if levels is None else levels
+            levels = rng.normal(self.magnitude, self.magnitude_std, shape)  # exactly `magnitude` at deviation 0
             bins = np.rint(np.clip(levels, 0, TIMM_MAX_LEVEL) * TIMM_LEVEL_STEPS).astype(np.int32)
             signs = rng.integers(0, 2, shape, dtype=np.int32)
             operations = np.where(applied, operations, TIMM_OPERATIONS.index("identity")).astype(np.int32)

@@ -146,8 +146,9 @@ def test_a_recipe_trains_and_evaluates(photo_shards, tmp_path, recipe, name):
     smoothing and warmup; MobileNetV3's RMSprop, step decay without warmup, AutoAugment and random
     erasing.
 
-    The ResNet-50 recipes set ResNet-18's options with other numbers (checked above); training them
-    here too would add 15 s each to the suite for no other code path.
+    The ResNet-50 recipes set ResNet-18's options with other numbers (checked above), or timm's parts
+    that test_trainer's test_timms_recipe_parts_train_and_resume_from_the_checkpoint trains together;
+    training them here too would add 15 s each to the suite for no other code path.
     """
     run_dir = tmp_path / "run"
     result = run_tool(

@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from shards.archives import is_archive, list_archive_classes, scan_class_archive, scan_flat_archive
-from shards.classes import ClassInfo, build_class_list, read_class_file
+from shards.classes import ClassInfo, build_class_list, imagenet_names, read_class_file
 from shards.devkit import is_devkit, read_devkit_classes
 from shards.image_check import CheckedImage, check_image_bytes
 from shards.inputs import (
@@ -83,6 +83,7 @@ class ConvertOptions:
     val_max_short_side: int | None = None
     train_raw_pixels: bool = False  # store train images as decoded pixels (PPM) instead of JPEG
     val_raw_pixels: bool = False
+    class_index_folders: bool = False  # class folders named 0, 1, ...: positions in the class list
     quality: int = DEFAULT_QUALITY
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     overwrite: bool = False
@@ -110,6 +111,8 @@ class ConvertOptions:
                 options[f"{split}_max_short_side"] = getattr(self, f"{split}_max_short_side")
             if self.raw_pixels(split):
                 options[f"{split}_raw_pixels"] = True
+        if self.class_index_folders:
+            options["class_index_folders"] = True
         return options
 
     def short_side_limit(self, split: str) -> int | None:
@@ -125,6 +128,9 @@ class ConvertOptions:
         """Option combinations no single flag can refuse."""
         if self.val and not self.val_labels and is_archive(self.val):
             raise ValueError(f"--val {self.val} is an archive, which is read as flat: it needs --val-labels")
+        foldered = (self.train and not is_archive(self.train)) or (self.val and not self.val_labels)
+        if self.class_index_folders and not foldered:
+            raise ValueError("--class-index-folders names the class folders of a foldered --train or --val; none given")
         for split in SPLITS:
             if self.raw_pixels(split) and self.short_side_limit(split) is None:
                 raise ValueError(
@@ -173,16 +179,32 @@ def resolve_classes(opts: ConvertOptions) -> list[ClassInfo]:
     if opts.classes:
         entries = read_class_file(opts.classes)
         classes = build_class_list([w for w, _ in entries], dict(entries))
+    elif opts.class_index_folders:
+        classes = build_class_list(sorted(imagenet_names()))  # ImageNet-1k's order: class i is the i-th wnid
     elif opts.train:
-        wnids = list_archive_classes(opts.train) if is_archive(opts.train) else list_class_folders(opts.train)
+        wnids = list_archive_classes(opts.train) if is_archive(opts.train) else _sorted_folders(opts.train)
         classes = build_class_list(wnids)
     elif opts.val and not opts.val_labels:
-        classes = build_class_list(list_class_folders(opts.val))
+        classes = build_class_list(_sorted_folders(opts.val))
     elif opts.val_labels and is_devkit(opts.val_labels):
         classes = build_class_list(read_devkit_classes(opts.val_labels))  # its 1000 classes, sorted
     else:
         raise ValueError("--classes is required when only a flat --val is given with a labels file")
     return classes
+
+
+def _sorted_folders(root: str) -> list[str]:
+    """The class folders in sorted order, the class list when no other is given; numbered folders
+    whose sorted order is not their numbers' (ImageNetV2's 0-999) are refused, not mislabelled."""
+    names = list_class_folders(root)
+    if all(name.isdecimal() for name in names) and names != sorted(names, key=int):
+        raise ValueError(
+            f"{root}: the class folders are numbered ({names[0]}, {names[1]}, ..., as ImageNetV2 ships them); "
+            f"sorted as names, folder {names[2]!r} would be class 2, not class {int(names[2])}: give "
+            "--class-index-folders (folder i holds class i of --classes, by default of ImageNet-1k's 1000 "
+            "classes), or --classes FILE to set the order"
+        )
+    return names
 
 
 def plan_splits(
@@ -194,12 +216,13 @@ def plan_splits(
     if opts.val_labels and not opts.val:
         raise ValueError("--val-labels needs --val")
     class_index = {c.wnid: c.index for c in classes}
+    folder_wnids = {str(c.index): c.wnid for c in classes} if opts.class_index_folders else None
     plans = {}
     if opts.train:
         if is_archive(opts.train):
             images, rejected = scan_class_archive(opts.train, class_index, opts.workers)
         else:
-            images, rejected = scan_foldered(opts.train, class_index)
+            images, rejected = scan_foldered(opts.train, class_index, folder_wnids)
         _require_every_class(opts.train, images, classes)
         # DALI's reader shuffles only inside a small buffer, so the global mix happens here.
         random.Random(opts.seed).shuffle(images)
@@ -209,7 +232,7 @@ def plan_splits(
             scan = scan_flat_archive if is_archive(opts.val) else scan_flat
             plans["val"] = scan(opts.val, opts.val_labels, class_index)
         else:
-            plans["val"] = scan_foldered(opts.val, class_index)
+            plans["val"] = scan_foldered(opts.val, class_index, folder_wnids)
     return plans
 
 

@@ -62,14 +62,16 @@ def list_class_folders(root: str | os.PathLike) -> list[str]:
 
 
 def scan_foldered(
-    root: str | os.PathLike, class_index: dict[str, int]
+    root: str | os.PathLike, class_index: dict[str, int], folder_wnids: dict[str, str] | None = None
 ) -> tuple[list[SourceImage], list[ScanRejection]]:
     """Every file under `root/<wnid>/` (recursively), labelled by its folder.
 
-    Files are taken whatever their extension (content is checked later, by bytes). A folder whose
-    name is not a known class is an error; a file directly under `root` is rejected, not dropped.
-    A folder with no class folders (ImageNet's flat val given without its labels) or no files in
-    them is an error too: converting it would write an empty split and report success.
+    `folder_wnids` maps folder names to wnids where the folders are not named by wnid (ImageNetV2's
+    are class indices: `--class-index-folders`). Files are taken whatever their extension (content
+    is checked later, by bytes). A folder that names no known class is an error; a file directly
+    under `root` is rejected, not dropped. A folder with no class folders (ImageNet's flat val given
+    without its labels) or no files in them is an error too: converting it would write an empty
+    split and report success.
     """
     root = Path(root).resolve()
     if not root.is_dir():
@@ -81,7 +83,13 @@ def scan_foldered(
         if entry.is_dir():
             if entry.name.startswith("."):
                 continue
-            if entry.name not in class_index:
+            wnid = entry.name if folder_wnids is None else folder_wnids.get(entry.name)
+            if folder_wnids is not None and wnid is None:
+                raise ValueError(
+                    f"{entry.path}: folder {entry.name!r} is not a class index from 0 to {len(folder_wnids) - 1} "
+                    "(--class-index-folders)"
+                )
+            if wnid not in class_index:
                 raise ValueError(
                     f"{entry.path}: folder {entry.name!r} is not one of the {len(class_index)} known classes"
                 )
@@ -90,7 +98,7 @@ def scan_foldered(
                 dirnames.sort()
                 folder = os.path.relpath(dirpath, root).replace(os.sep, "/")
                 for name in sorted(filenames):
-                    found.append(_on_disk(root, f"{folder}/{name}", entry.name))
+                    found.append(_on_disk(root, f"{folder}/{name}", wnid))
         else:
             rejected.append(ScanRejection(entry.name, "file outside any class folder"))
     _refuse_class_tars(root, [r.path for r in rejected])

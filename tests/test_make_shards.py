@@ -19,6 +19,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from shards.classes import imagenet_names
 from shards.convert import PROGRESS_NAME, ProgressLog, load_progress
 from shards.manifest import read_manifest
 from tests.conftest import REPO_ROOT, run_tool, subprocess_env
@@ -399,6 +400,48 @@ def test_a_split_that_would_be_empty_stops_before_any_shard_is_written(tmp_path,
     assert no_files.returncode == 2
     assert f"{empty_classes}: no files in its 3 class folder(s)" in no_files.stderr
     assert not out.exists()
+
+
+def test_class_index_folders_label_numbered_folders_by_their_numbers(tmp_path, demo_imagenet):
+    """ImageNetV2's layout, folders 0-999 named by class index: sorted as names they would mislabel
+    (ImageFolder's trap), so without --class-index-folders the run stops; with it folder i holds class i
+    of ImageNet-1k's sorted wnids, or of --classes."""
+    imagenet = sorted(imagenet_names())
+    photos = sorted((demo_imagenet / "train").rglob("*.JPEG"))
+    numbers = [0, 1, 2, 7, 10, 11, 42, 100, 250, 500, 999]
+    numbered = tmp_path / "imagenetv2"
+    for n, photo in zip(numbers, photos, strict=False):
+        (numbered / str(n)).mkdir(parents=True)
+        shutil.copy(photo, numbered / str(n) / f"{n}-{photo.name}")
+
+    refused = run_tool("tools.make_shards", "--val", str(numbered), "--out", str(tmp_path / "refused"))
+    assert refused.returncode == 2 and not (tmp_path / "refused").exists()
+    assert "folder '10' would be class 2, not class 10: give --class-index-folders" in refused.stderr
+
+    def labels_by_folder(out: Path) -> list[tuple[int, int, str]]:
+        urls = [str(out / s.file) for s in read_manifest(out).splits["val"].shards]
+        samples = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
+        rows = [(int(s["cls"]), json.loads(s["json"])) for s in samples]
+        return sorted((label, int(meta["path"].split("/")[0]), meta["wnid"]) for label, meta in rows)
+
+    args = ["--val", str(numbered), "--class-index-folders", "--workers", "2", "--no-progress"]
+    run_tool("tools.make_shards", *args, "--out", str(tmp_path / "v2"), check=True)
+    assert [c.wnid for c in read_manifest(tmp_path / "v2").classes] == imagenet
+    assert labels_by_folder(tmp_path / "v2") == [(n, n, imagenet[n]) for n in numbers]
+    run_tool("tools.verify_shards", str(tmp_path / "v2"), "--decode", check=True)
+
+    reversed_file = tmp_path / "reversed.txt"
+    reversed_file.write_text("".join(f"{wnid}\n" for wnid in reversed(imagenet)))
+    run_tool("tools.make_shards", *args, "--classes", str(reversed_file), "--out", str(tmp_path / "rev"), check=True)
+    assert labels_by_folder(tmp_path / "rev") == [(n, n, imagenet[999 - n]) for n in numbers]
+
+    (numbered / "1000").mkdir()
+    beyond = run_tool("tools.make_shards", *args, "--out", str(tmp_path / "beyond"))
+    assert beyond.returncode == 2 and "folder '1000' is not a class index from 0 to 999" in beyond.stderr
+    labels = demo_imagenet / "val_labels.txt"
+    flat = run_tool("tools.make_shards", "--val", str(demo_imagenet / "val"), "--val-labels", str(labels),
+                    "--class-index-folders", "--out", str(tmp_path / "flat"))  # fmt: skip
+    assert flat.returncode == 2 and "--class-index-folders names the class folders of a foldered" in flat.stderr
 
 
 def test_other_arguments_on_existing_output_need_overwrite(tmp_path, demo_imagenet):

@@ -4,13 +4,16 @@
         --val-labels LOC_val_solution.csv --out /data/imagenet-shards
     python -m tools.make_shards --train ILSVRC2012_img_train.tar --val ILSVRC2012_img_val.tar \
         --val-labels ILSVRC2012_devkit_t12.tar.gz --out /data/imagenet-shards
+    python -m tools.make_shards --val imagenetv2-matched-frequency-format-val --class-index-folders \
+        --out /data/imagenetv2-shards
 
 The second form reads image-net.org's three downloads as they are, without unpacking (shards/archives.py).
 `--train-max-short-side 256` stores train images at most 256 px on the shorter side (FFCV, too,
 stores ImageNet at a maximum resolution chosen at conversion): on the 1000 sample photographs, 31%
 of the bytes and 43% of the pixels to decode. Val stays full size, for evaluation at 256 px and above.
 `--train-raw-pixels` with such a limit stores the train images decoded (PPM pixels), so that reading
-them decodes no JPEG, at several times the size (docs/shards.md).
+them decodes no JPEG, at several times the size (docs/shards.md). The third converts ImageNetV2,
+whose folders are named by class index (0-999) rather than by wnid, for `train.evaluate`.
 
 Rerun the same command after a kill to resume. Exit status: 0 on success, 1 when --strict and
 some input was rejected, 2 on bad arguments or an output made with other arguments, 3 on an I/O
@@ -50,6 +53,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="FILE",
         help="class order, one wnid per line, optional name after a tab or space (Kaggle's LOC_synset_mapping.txt); "
         "default: sorted folders",
+    )
+    p.add_argument(
+        "--class-index-folders",
+        action="store_true",
+        help="the class folders are named by class index (0, 1, ..., as ImageNetV2 ships them): folder i holds class "
+        "i of --classes (default: ImageNet-1k's 1000 classes in sorted wnid order)",
     )
     p.add_argument("--out", metavar="DIR", required=True, help="output directory for shards and manifest.json")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes (default: all cores)")
@@ -115,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         val=args.val,
         val_labels=args.val_labels,
         classes=args.classes,
+        class_index_folders=args.class_index_folders,
         seed=args.seed,
         shard_size_mb=args.shard_size_mb,
         max_short_side=args.max_short_side,

@@ -155,10 +155,11 @@ def test_tensorboard_reads_the_event_files(two_process_run):
     assert len(list((run_dir / "tensorboard").iterdir())) == 1, "only rank 0 writes"
 
 
-def straightforward_eval(checkpoint: Path, shards: Path) -> dict:
+def straightforward_eval(checkpoint: Path, shards: Path, columns: list[int] | None = None) -> dict:
     """One process, one loop, argmax and a plain sum: the reference the distributed eval must equal.
     Each image is scored as it is and mirrored (the run's eval.flip), with BlurPool (model.blurpool),
-    resized bicubically (data.interpolation)."""
+    resized bicubically (data.interpolation). `columns`: label i is the model's output columns[i],
+    predicted among those outputs only."""
     model = model_from_checkpoint(load_checkpoint(checkpoint)).eval()
     cfg = LoaderConfig(
         backend="dali-cpu", batch_size=8, val_image_size=32, workers=1, dtype="float32", interpolation="bicubic"
@@ -170,6 +171,8 @@ def straightforward_eval(checkpoint: Path, shards: Path) -> dict:
         for images, labels in loader:
             keep = labels != PAD_LABEL
             logits = ((model(images) + model(torch.flip(images, dims=[3]))) / 2)[keep]
+            if columns is not None:
+                logits = logits[:, columns]
             labels = labels[keep]
             top5 = logits.topk(5, dim=1).indices
             correct1 += int((top5[:, 0] == labels).sum())
@@ -621,13 +624,14 @@ def test_resuming_another_model_names_both(two_process_run, photo_shards, tmp_pa
     assert f"{last}: {expected}" in result.stderr
 
 
-def val_shards_of(classes: list[Path], out: Path) -> Path:
-    """Val-only shards of these class folders (each keeps its images)."""
+def val_shards_of(classes: list[Path], out: Path, names: list[str] | None = None, *options: str) -> Path:
+    """Val-only shards of these class folders (each keeps its images), under their own or the given names."""
     tree = out.parent / (out.name + "-src")
     tree.mkdir()
-    for folder in classes:
-        (tree / folder.name).symlink_to(folder, target_is_directory=True)
-    run_tool("tools.make_shards", "--val", str(tree), "--out", str(out), "--workers", "2", "--no-progress", check=True)
+    for folder, name in zip(classes, names or [folder.name for folder in classes], strict=True):
+        (tree / name).symlink_to(folder, target_is_directory=True)
+    run_tool("tools.make_shards", "--val", str(tree), "--out", str(out), "--workers", "2", "--no-progress", *options,
+             check=True)  # fmt: skip
     return out
 
 
@@ -639,11 +643,50 @@ def test_evaluating_on_shards_of_other_classes_names_the_difference(two_process_
     renamed.symlink_to(folders[-1], target_is_directory=True)
     other = val_shards_of([*folders[:-1], renamed], tmp_path / "other")
     for shards, message in [
-        (fewer, f"{last}: a model of {len(folders)} classes; {fewer} has {len(folders) - 1}"),
+        (fewer, f"{last}: a model of {len(folders)} classes; {fewer} has {len(folders) - 1}; all {len(folders) - 1} "
+         f"classes of {fewer} are among the model's {len(folders)}: --class-subset predicts among them only"),
         (other, f"{last}: class {len(folders) - 1} is {folders[-1].name}; in {other} it is n99999999"),
-    ]:
+    ]:  # fmt: skip
         result = run_tool("train.evaluate", "--checkpoint", str(last), "--shards", str(shards), "--workers", "1")
         assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "--class-subset" not in result.stderr  # n99999999 is not one of the model's classes
+    result = run_tool(
+        "train.evaluate", "--checkpoint", str(last), "--shards", str(other), "--workers", "1", "--class-subset"
+    )
+    message = f"{last}: 1 of the {len(folders)} classes of {other} are not among the model's {len(folders)}"
+    assert result.returncode == 2 and f"{message}, e.g. ['n99999999']" in result.stderr, result.stderr
+
+
+def test_test_sets_of_the_models_classes_are_scored_by_wnid(two_process_run, photo_shards, tmp_path, capsys):
+    """ImageNetV2's layout (folders named by class index), converted with --class-index-folders, scores
+    as the val split it was made from; shards of some of the classes, as ImageNet-A and ImageNet-R
+    are, score with --class-subset as a plain loop that predicts among those classes' outputs."""
+    last = two_process_run[0] / "last.pt"
+    model_wnids = [wnid for wnid, _ in load_checkpoint(last)["classes"]]
+    folders = sorted((photo_shards.parent / "src" / "val").iterdir())
+    common = ["--checkpoint", str(last), "--batch-size", "8", "--workers", "1"]
+
+    def scores(shards: Path, *options: str) -> dict:
+        assert evaluate_main([*common, "--shards", str(shards), *options]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    class_file = tmp_path / "classes.txt"
+    class_file.write_text("".join(f"{wnid}\n" for wnid in model_wnids))
+    numbered = [str(model_wnids.index(folder.name)) for folder in folders]
+    v2 = val_shards_of(folders, tmp_path / "v2", numbered, "--class-index-folders", "--classes", str(class_file))
+    original, renamed = scores(photo_shards), scores(v2)
+    for key in ("acc1", "acc5", "samples", "classes"):
+        assert renamed[key] == original[key], key
+    assert original["classes"] == len(model_wnids)
+    assert renamed["loss"] == pytest.approx(original["loss"], rel=1e-6)  # the same images, read in another order
+
+    chosen = folders[::2]
+    part = val_shards_of(chosen, tmp_path / "part")
+    subset = scores(part, "--class-subset")
+    reference = straightforward_eval(last, part, [model_wnids.index(folder.name) for folder in chosen])
+    assert subset["classes"] == len(chosen) and subset["samples"] == reference["samples"]
+    assert (subset["acc1"], subset["acc5"]) == (reference["acc1"], reference["acc5"])
+    assert subset["loss"] == pytest.approx(reference["loss"], rel=1e-12)
 
 
 def start_and_kill_rank_1(torchrun_args: list[str], after_line: str) -> subprocess.Popen:
@@ -1088,6 +1131,20 @@ def test_trains_from_an_image_folder_without_shards(tmp_path, real_photos, demo_
     run_tool(*train_args(tree, run_dir, "data.backend=folder", "train.epochs=1")[1:], check=True)
     checkpoint = load_checkpoint(run_dir / "last.pt")
     assert [wnid for wnid, _ in checkpoint["classes"]] == sorted(p.name for p in (tree / "train").iterdir())
+    # train.evaluate reads a folder's class names too: another class in the last folder is named
+    common = ["--checkpoint", str(run_dir / "last.pt"), "--backend", "folder", "--workers", "1"]
+    scored = json.loads(run_tool("train.evaluate", *common, "--shards", str(tree), check=True).stdout.splitlines()[-1])
+    classes = len(checkpoint["classes"])  # 16 real photographs' classes, or the demo set's 10
+    assert scored["classes"] == classes and scored["samples"] == len(list((tree / "val").rglob("*.JPEG")))
+    other = tmp_path / "other"
+    shutil.copytree(tree / "val", other / "val", symlinks=True)
+    last_class = sorted((other / "val").iterdir())[-1]
+    last_class.rename(other / "val" / "n99999999")
+    result = run_tool("train.evaluate", *common, "--shards", str(other))
+    assert (
+        result.returncode == 2
+        and f"class {classes - 1} is {last_class.name}; in {other} it is n99999999" in result.stderr
+    )
 
 
 def test_another_torchvision_classifier_trains_with_its_recipes_parts_evaluates_and_predicts(

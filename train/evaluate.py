@@ -2,6 +2,10 @@
 
 python -m train.evaluate --checkpoint runs/resnet18/best.pt --shards /data/imagenet-shards
 torchrun --nproc-per-node 8 -m train.evaluate --checkpoint runs/resnet18/best.pt --shards /data/imagenet-shards
+python -m train.evaluate --checkpoint runs/resnet18/best.pt --shards /data/imagenet-r-shards --class-subset
+
+The val split of any shards whose classes are the model's (ImageNetV2, ImageNet-Sketch) scores as
+it is; shards of some of its classes (ImageNet-A, ImageNet-R) with `--class-subset`.
 """
 
 from __future__ import annotations
@@ -10,12 +14,14 @@ import argparse
 import hashlib
 import json
 import sys
+from pathlib import Path
 
 import torch
 
 from pipeline.errors import SampleDecodeError, data_error_message
 from pipeline.loader import BACKENDS, LoaderConfig, create_loader
 from pipeline.shard_set import ShardError
+from shards.inputs import list_class_folders
 from shards.manifest import manifest_digest, read_manifest
 from train.checkpoint import (
     CheckpointError,
@@ -57,6 +63,37 @@ def model_from_checkpoint(checkpoint: dict, use_ema: bool = False) -> torch.nn.M
     return model
 
 
+def check_classes_match(checkpoint: dict, path: str, num_classes: int, wnids: list[str], data: str) -> None:
+    """`check_same_classes`, naming `--class-subset` where the shards hold some of the model's classes."""
+    try:
+        check_same_classes(checkpoint, path, num_classes, wnids, data)
+    except CheckpointError as err:
+        saved = {wnid for wnid, _ in checkpoint.get("classes") or []}
+        if wnids and set(wnids) <= saved:
+            raise CheckpointError(
+                f"{err}; all {len(wnids)} classes of {data} are among the model's {len(saved)}: --class-subset "
+                "predicts among them only (as ImageNet-A and ImageNet-R are scored)"
+            ) from err
+        raise
+
+
+def class_columns(checkpoint: dict, path: str, wnids: list[str], data: str) -> torch.Tensor:
+    """For each label of `data`, the model output of the same wnid (`--class-subset`)."""
+    saved = [wnid for wnid, _ in checkpoint.get("classes") or []]
+    if not saved:
+        raise CheckpointError(
+            f"{path}: records no class wnids (a run on synthetic data), so --class-subset cannot match"
+        )
+    output_of = {wnid: i for i, wnid in enumerate(saved)}
+    unknown = [wnid for wnid in wnids if wnid not in output_of]
+    if unknown:
+        raise CheckpointError(
+            f"{path}: {len(unknown)} of the {len(wnids)} classes of {data} are not among the model's {len(saved)}, "
+            f"e.g. {unknown[:5]}"
+        )
+    return torch.tensor([output_of[wnid] for wnid in wnids])
+
+
 def checkpoint_identity(checkpoint: dict) -> tuple[int, int, str]:
     """Epoch, global step and a digest of the run's config: what tells two checkpoints apart cheaply."""
     config = json.dumps(checkpoint["config"], sort_keys=True, default=str).encode()
@@ -85,6 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     flip_help = "also score each image mirrored, mean of the logits (default: the checkpoint's eval.flip)"
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, help=flip_help)
+    p.add_argument(
+        "--class-subset",
+        action="store_true",
+        help="the shards hold some of the model's classes, matched by wnid in any order (ImageNet-A's and "
+        "ImageNet-R's 200): predict among those classes only, as those test sets are scored",
+    )
     args = p.parse_args(argv)
     if args.crop_pct is not None and not 0.0 < args.crop_pct <= 1.0:
         p.error(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
@@ -115,8 +158,15 @@ def main(argv: list[str] | None = None) -> int:
                 loader = create_loader(args.shards, "val", cfg, ctx.rank, ctx.world_size, ctx.device)
             except ValueError as err:  # a setting that cannot work here (e.g. dali-gpu without a GPU)
                 raise ConfigError(str(err)) from err
-            wnids = [] if cfg.backend == "folder" else [c.wnid for c in read_manifest(args.shards).classes]
-            check_same_classes(checkpoint, args.checkpoint, loader.num_classes, wnids, args.shards)
+            if cfg.backend == "folder":
+                wnids = list_class_folders(Path(args.shards) / "val")  # the folder loader's class order
+            else:
+                wnids = [c.wnid for c in read_manifest(args.shards).classes]
+            if args.class_subset:
+                columns = class_columns(checkpoint, args.checkpoint, wnids, args.shards).to(ctx.device)
+            else:
+                columns = None
+                check_classes_match(checkpoint, args.checkpoint, loader.num_classes, wnids, args.shards)
             flip = checkpoint["config"]["eval"].get("flip", False) if args.flip is None else args.flip
             facts = {
                 "--backend": cfg.backend,
@@ -127,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--ema": args.ema,
                 "--weights": args.weights,
                 "--flip": flip,
+                "--class-subset": args.class_subset,
                 "checkpoint (epoch, step, config digest)": checkpoint_identity(checkpoint),
                 "val steps": loader.steps_per_epoch,
             }
@@ -136,10 +187,11 @@ def main(argv: list[str] | None = None) -> int:
         # Each node reads its own --checkpoint and --shards: a mixture would be scored silently.
         advice = "every node must evaluate the same checkpoint on the same shards, with the same code and flags"
         require_agreement(facts, ctx, advice)
-        metrics = evaluate(model, loader, ctx, precision, flip)
+        metrics = evaluate(model, loader, ctx, precision, flip, columns)
         loader.close()
         if ctx.is_main:
             settings = {"image_size": cfg.val_image_size, "crop_pct": cfg.crop_pct, "flip": flip}
+            settings["classes"] = len(columns) if columns is not None else loader.num_classes  # predicted among
             print(json.dumps({"checkpoint": args.checkpoint, "weights": args.weights, **metrics, **settings}))
     except CheckpointError as err:
         print(f"evaluate: checkpoint error: {err}", file=sys.stderr, flush=True)

@@ -51,10 +51,19 @@ class EvalCounts:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, ctx: DistContext, precision: str, flip: bool = False) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module,
+    loader,
+    ctx: DistContext,
+    precision: str,
+    flip: bool = False,
+    class_columns: torch.Tensor | None = None,
+) -> dict[str, float]:
     """Top-1/top-5 accuracy and mean cross-entropy of `model` over the whole val split.
 
     `flip`: the logits are the mean of the image's and its mirror's (test-time augmentation).
+    `class_columns`: label i is scored by the model's output `class_columns[i]`, and the prediction
+    is made among those outputs only (how ImageNet-A and ImageNet-R, 200 of its classes, are scored).
     """
     was_training = model.training
     model.eval()
@@ -64,6 +73,8 @@ def evaluate(model: torch.nn.Module, loader, ctx: DistContext, precision: str, f
             logits = model(images)
             if flip:
                 logits = (logits.float() + model(images.flip(3)).float()) / 2
+        if class_columns is not None:
+            logits = logits.index_select(1, class_columns)
         counts.update(logits, labels)
     model.train(was_training)
     return counts.reduce(ctx)

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from pipeline.auto_augment import AutoAugment
-from pipeline.split import RankPart, rank_part
+from pipeline.sample_table import SampleTable
+from pipeline.split import RankPart, rank_part, shuffle_key
 from pipeline.transforms import DEFAULT_CROP_PCT, DTYPES, INTERPOLATIONS, val_resize_size
 
 BACKENDS = ("dali-gpu", "dali-cpu", "torch", "torch-uint8", "synthetic", "folder")
@@ -121,6 +122,8 @@ class Loader(ABC):
 class PartLoader(Loader):
     """A loader over a sample list split by `pipeline.split` (shards or folder files)."""
 
+    table: SampleTable  # where the samples lie; set by each backend
+
     def __init__(
         self, sizes: list[int], split: str, cfg: LoaderConfig, rank: int, world_size: int, device: torch.device
     ):
@@ -147,6 +150,15 @@ class PartLoader(Loader):
     @property
     def steps_per_epoch(self) -> int:
         return self.part.samples // self.batch_size
+
+    def sample_keys(self) -> list[str]:
+        """The keys of this epoch's samples on this rank, in the order its batches hold them (batch s
+        holds [s * batch_size, (s + 1) * batch_size)); val padding, marked by its labels, at the end.
+        What per-sample labels kept outside the shards (ImageNet-ReaL's) are matched by."""
+        rows = self.table.reading_order(
+            self.part, self.train, self.cfg.seed, self.epoch, shuffle_key(self.rank, self.cfg.aug_repeats)
+        )
+        return [self.table.key(row) for row in rows.tolist()]
 
     def padding_labels(self, labels: torch.Tensor, step: int) -> torch.Tensor:
         """Mark the samples of this batch that lie past the rank's real samples (val padding)."""

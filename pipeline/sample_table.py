@@ -89,8 +89,18 @@ class SampleTable:
         """`<tar>: sample <key>`, or the image file's path: how error messages name a sample."""
         if self.index_lines is None:
             return self.paths[row]
-        shard = int(np.searchsorted(self.first_row, row, side="right")) - 1
-        return f"{self.paths[shard]}: sample {sample_key(self.index_lines[shard][row - int(self.first_row[shard])])}"
+        return f"{self.paths[self._shard_of(row)]}: sample {self.key(row)}"
+
+    def key(self, row: int) -> str:
+        """The sample's key in its shard (its source file's name less the extension, as the converter
+        makes keys), or for an image folder the file's name less the extension."""
+        if self.index_lines is None:
+            return os.path.splitext(os.path.basename(self.paths[row]))[0]
+        shard = self._shard_of(row)
+        return sample_key(self.index_lines[shard][row - int(self.first_row[shard])])
+
+    def _shard_of(self, row: int) -> int:
+        return int(np.searchsorted(self.first_row, row, side="right")) - 1
 
 
 def shard_table(shard_set: ShardSet) -> SampleTable:

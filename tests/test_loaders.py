@@ -103,6 +103,26 @@ def test_val_labels_in_order_with_padding_marked(photo_shards, backend, world_si
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize(("split", "world_size"), [("train", 2), ("val", 3)])
+def test_sample_keys_name_each_batchs_samples_in_order(photo_shards, backend, split, world_size):
+    """What keeps labels from outside the shards (ImageNet-ReaL's) with their images: batch s holds
+    the samples of sample_keys()[s * B:(s + 1) * B], for every backend, in a shuffled train epoch and
+    on ranks with val padding."""
+    manifest = read_manifest(photo_shards)
+    urls = [str(photo_shards / s.file) for s in manifest.splits[split].shards]
+    label_of = {s["__key__"]: int(s["cls"]) for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)}
+    for rank in range(world_size):
+        loader = create_loader(str(photo_shards), split, config(backend), rank, world_size)
+        loader.set_epoch(1)
+        keys = loader.sample_keys()
+        labels = torch.cat([labels for _, labels in collect(loader, epoch=1)]).tolist()
+        assert len(keys) == len(labels) == loader.steps_per_epoch * 8
+        stored = [label_of[key] for key in keys]
+        assert labels == [PAD_LABEL if read == PAD_LABEL else label for read, label in zip(labels, stored, strict=True)]
+        assert len(set(keys)) > len(keys) // 2  # not one sample's key over and over
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_repeated_augmentation_gives_a_group_of_ranks_the_same_samples_cropped_apart(photo_shards, backend):
     """data.aug_repeats=2 on two ranks: both read the same samples in the same order (the split's
     promise, in each backend's reading order), as many steps as without, each rank its own crops."""
@@ -316,9 +336,11 @@ def test_folder_backend_and_seed_dataset(tmp_path, real_photos, demo_imagenet):
 
     tree = make_photo_tree(tmp_path, real_photos, demo_imagenet, num_classes=24)
     loader = create_loader(str(tree), "val", config("folder"))
+    keys = loader.sample_keys()
     labels = torch.cat([labels for _, labels in collect(loader)]).tolist()
     dataset = ImageNetDataset(tree / "val", is_training=False, image_size=64)
     assert [label for label in labels if label != PAD_LABEL] == [label for _, label in dataset.samples]
+    assert keys[: len(dataset)] == [Path(path).stem for path, _ in dataset.samples]  # a folder's keys: file names
     image, label = dataset[0]
     assert image.shape == (3, 64, 64) and label == 0
 

@@ -19,14 +19,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm.data
 import torch
 import torchvision
+import webdataset as wds
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train.model
 from pipeline.loader import PAD_LABEL, LoaderConfig, create_loader
 from pipeline.transforms import torchvision_val_transform
+from shards.classes import imagenet_names
 from shards.manifest import read_manifest
 from tests.conftest import REPO_ROOT, run_tool, subprocess_env
 from tests.test_loaders import shards_with_a_broken_jpeg
@@ -155,32 +158,36 @@ def test_tensorboard_reads_the_event_files(two_process_run):
     assert len(list((run_dir / "tensorboard").iterdir())) == 1, "only rank 0 writes"
 
 
-def straightforward_eval(checkpoint: Path, shards: Path, columns: list[int] | None = None) -> dict:
-    """One process, one loop, argmax and a plain sum: the reference the distributed eval must equal.
-    Each image is scored as it is and mirrored (the run's eval.flip), with BlurPool (model.blurpool),
-    resized bicubically (data.interpolation). `columns`: label i is the model's output columns[i],
-    predicted among those outputs only."""
+def straightforward_logits(checkpoint: Path, shards: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each val image's logits and label, in the shards' order, by one process in one plain loop: as
+    it is and mirrored (the run's eval.flip), with BlurPool (model.blurpool), resized bicubically
+    (data.interpolation)."""
     model = model_from_checkpoint(load_checkpoint(checkpoint)).eval()
     cfg = LoaderConfig(
         backend="dali-cpu", batch_size=8, val_image_size=32, workers=1, dtype="float32", interpolation="bicubic"
     )
     loader = create_loader(str(shards), "val", cfg)
-    correct1 = correct5 = count = 0
-    loss_sum = 0.0
+    all_logits, all_labels = [], []
     with torch.no_grad():
         for images, labels in loader:
             keep = labels != PAD_LABEL
-            logits = ((model(images) + model(torch.flip(images, dims=[3]))) / 2)[keep]
-            if columns is not None:
-                logits = logits[:, columns]
-            labels = labels[keep]
-            top5 = logits.topk(5, dim=1).indices
-            correct1 += int((top5[:, 0] == labels).sum())
-            correct5 += int((top5 == labels[:, None]).any(dim=1).sum())
-            losses = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
-            loss_sum += sum(losses.double().tolist())
-            count += len(labels)
+            all_logits.append(((model(images) + model(torch.flip(images, dims=[3]))) / 2)[keep])
+            all_labels.append(labels[keep])
     loader.close()
+    return torch.cat(all_logits), torch.cat(all_labels)
+
+
+def straightforward_eval(checkpoint: Path, shards: Path, columns: list[int] | None = None) -> dict:
+    """Argmax and a plain sum over `straightforward_logits`: the reference the distributed eval must
+    equal. `columns`: label i is the model's output columns[i], predicted among those outputs only."""
+    logits, labels = straightforward_logits(checkpoint, shards)
+    if columns is not None:
+        logits = logits[:, columns]
+    top5 = logits.topk(5, dim=1).indices
+    correct1 = int((top5[:, 0] == labels).sum())
+    correct5 = int((top5 == labels[:, None]).any(dim=1).sum())
+    loss_sum = sum(torch.nn.functional.cross_entropy(logits, labels, reduction="none").double().tolist())
+    count = len(labels)
     return {"acc1": 100 * correct1 / count, "acc5": 100 * correct5 / count, "loss": loss_sum / count, "samples": count}
 
 
@@ -687,6 +694,79 @@ def test_test_sets_of_the_models_classes_are_scored_by_wnid(two_process_run, pho
     assert subset["classes"] == len(chosen) and subset["samples"] == reference["samples"]
     assert (subset["acc1"], subset["acc5"]) == (reference["acc1"], reference["acc5"])
     assert subset["loss"] == pytest.approx(reference["loss"], rel=1e-12)
+
+
+def with_imagenet_head(checkpoint: Path, out: Path) -> Path:
+    """The run's model with its head spread over ImageNet-1k's 1000 classes in sorted wnid order: each
+    trained class keeps its output, at its ImageNet index; the other outputs score far below them."""
+    saved = load_checkpoint(checkpoint)
+    names = imagenet_names()
+    imagenet = sorted(names)
+    at = torch.tensor([imagenet.index(wnid) for wnid, _ in saved["classes"]])
+    state = dict(saved["model"])
+    state["fc.weight"] = torch.zeros(1000, state["fc.weight"].shape[1]).index_copy(0, at, state["fc.weight"])
+    state["fc.bias"] = torch.full((1000,), -100.0).index_copy(0, at, state["fc.bias"])
+    classes = [[wnid, names[wnid]] for wnid in imagenet]
+    unversioned = {k: v for k, v in saved.items() if k != "version"}
+    save_checkpoint(out, unversioned | {"model": state, "ema": {}, "classes": classes, "num_classes": 1000})
+    return out
+
+
+def test_real_labels_score_imagenets_val_images_by_their_file_names(
+    two_process_run, photo_shards, demo_imagenet, tmp_path
+):
+    """--real-labels with ImageNet-ReaL's real.json (timm's copy; 3,163 of its 50,000 images have no
+    label and count for nothing): on val shards of files named as ImageNet's val images, 1 and 3
+    processes report the ReaL top-1/top-5 of a plain loop that looks each file name up in the JSON."""
+    real_json = Path(timm.data.__file__).parent / "_info" / "imagenet_real_labels.json"
+    real_sets = json.loads(real_json.read_text())
+    checkpoint = with_imagenet_head(two_process_run[0] / "last.pt", tmp_path / "imagenet-head.pt")
+    class_file = tmp_path / "classes.txt"
+    class_file.write_text("".join(f"{wnid}\n" for wnid in sorted(imagenet_names())))
+    val, labels_file = demo_imagenet / "val", demo_imagenet / "val_labels.txt"
+    convert = ["--val-labels", str(labels_file), "--classes", str(class_file), "--workers", "2", "--no-progress"]
+    shards = tmp_path / "val-shards"
+    run_tool("tools.make_shards", "--val", str(val), *convert, "--out", str(shards), check=True)
+    args = ["-m", "train.evaluate", "--checkpoint", str(checkpoint), "--shards", str(shards), "--batch-size", "8",
+            "--workers", "1", "--real-labels", str(real_json)]  # fmt: skip
+    single = json.loads(run_tool(*args[1:], check=True).stdout.strip().splitlines()[-1])
+    three = torchrun(*args, nproc=3)
+    assert three.returncode == 0, three.stderr
+
+    logits, _ = straightforward_logits(checkpoint, shards)
+    urls = [str(shards / s.file) for s in read_manifest(shards).splits["val"].shards]
+    names = [sample["__key__"] for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False)]
+    hits1 = hits5 = labelled = 0
+    for name, top5 in zip(names, logits.topk(5, dim=1).indices.tolist(), strict=True):
+        real = real_sets[int(name.removeprefix("ILSVRC2012_val_")) - 1]
+        if real:
+            labelled += 1
+            hits1 += top5[0] in real
+            hits5 += any(prediction in real for prediction in top5)
+    assert 0 < labelled < len(names)  # the demo's names include ReaL images without a label
+    for result in (single, json.loads(three.stdout.strip().splitlines()[-1])):
+        assert result["real_samples"] == labelled and result["samples"] == len(names)
+        assert (result["real_acc1"], result["real_acc5"]) == (100 * hits1 / labelled, 100 * hits5 / labelled)
+
+    other_names = tmp_path / "other-val"
+    shutil.copytree(val, other_names)
+    first = sorted(other_names.iterdir())[0]
+    first.rename(other_names / "holiday-photo.JPEG")
+    other_labels = tmp_path / "other-labels.txt"
+    other_labels.write_text(labels_file.read_text().replace(first.name, "holiday-photo.JPEG"))
+    convert[1] = str(other_labels)
+    run_tool("tools.make_shards", "--val", str(other_names), *convert, "--out", str(tmp_path / "other"), check=True)
+    not_json = tmp_path / "real.json"
+    not_json.write_text(json.dumps(real_sets[:100]))
+    for checkpoint_used, shards_used, labels_used, message in [
+        (checkpoint, tmp_path / "other", real_json, "sample holiday-photo of"),
+        (checkpoint, shards, not_json, f"--real-labels {not_json}: not ReaL's real.json"),
+        (two_process_run[0] / "last.pt", photo_shards, real_json, "ReaL labels ImageNet-1k's 1000 classes in sorted"),
+    ]:
+        result = run_tool(
+            *args[1:3], str(checkpoint_used), "--shards", str(shards_used), "--real-labels", str(labels_used)
+        )
+        assert result.returncode == 2 and message in result.stderr, result.stderr
 
 
 def start_and_kill_rank_1(torchrun_args: list[str], after_line: str) -> subprocess.Popen:

@@ -3,9 +3,11 @@
 python -m train.evaluate --checkpoint runs/resnet18/best.pt --shards /data/imagenet-shards
 torchrun --nproc-per-node 8 -m train.evaluate --checkpoint runs/resnet18/best.pt --shards /data/imagenet-shards
 python -m train.evaluate --checkpoint runs/resnet18/best.pt --shards /data/imagenet-r-shards --class-subset
+python -m train.evaluate --checkpoint runs/resnet18/best.pt --shards /data/imagenet-shards --real-labels real.json
 
 The val split of any shards whose classes are the model's (ImageNetV2, ImageNet-Sketch) scores as
-it is; shards of some of its classes (ImageNet-A, ImageNet-R) with `--class-subset`.
+it is; shards of some of its classes (ImageNet-A, ImageNet-R) with `--class-subset`. `--real-labels`
+adds ImageNet-ReaL's top-1/top-5 on ImageNet's own val images.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -21,6 +24,7 @@ import torch
 from pipeline.errors import SampleDecodeError, data_error_message
 from pipeline.loader import BACKENDS, LoaderConfig, create_loader
 from pipeline.shard_set import ShardError
+from shards.classes import imagenet_names
 from shards.inputs import list_class_folders
 from shards.manifest import manifest_digest, read_manifest
 from train.checkpoint import (
@@ -33,11 +37,14 @@ from train.checkpoint import (
 )
 from train.config import ConfigError
 from train.distributed import fail_together, require_agreement, setup_distributed, teardown_distributed
-from train.metrics import evaluate
+from train.metrics import NO_LABEL, evaluate
 from train.model import FIXED_SIZE_KEYWORDS, build_model
 from train.run_log import software_facts
 from train.step import AUTOCAST_DTYPES, set_cuda_numerics
 from train.trainer import EXIT_CONFIG, EXIT_DATA
+
+REAL_IMAGES = 50_000  # ImageNet's val images, which ImageNet-ReaL relabelled
+REAL_KEY = re.compile(r"ILSVRC2012_val_(\d{8})")
 
 
 def checkpoint_weights(checkpoint: dict, use_ema: bool = False) -> dict[str, torch.Tensor]:
@@ -94,6 +101,61 @@ def class_columns(checkpoint: dict, path: str, wnids: list[str], data: str) -> t
     return torch.tensor([output_of[wnid] for wnid in wnids])
 
 
+def check_imagenet_classes(checkpoint: dict, path: str) -> None:
+    """ReaL's labels are indices of ImageNet-1k's classes in sorted wnid order: the model's must be those."""
+    saved = [wnid for wnid, _ in checkpoint.get("classes") or []]
+    imagenet = sorted(imagenet_names())
+    if saved != imagenet:
+        if len(saved) != len(imagenet):
+            found = f"{len(saved)} classes recorded" if saved else "no class wnids recorded (a run on synthetic data)"
+        else:
+            first = next(i for i, (a, b) in enumerate(zip(saved, imagenet, strict=True)) if a != b)
+            found = f"its class {first} is {saved[first]}, ImageNet's is {imagenet[first]}"
+        raise ConfigError(
+            f"--real-labels: ReaL labels ImageNet-1k's 1000 classes in sorted wnid order, and {path} has {found}"
+        )
+
+
+def real_label_sets(path: str, loader, data: str) -> torch.Tensor:
+    """ImageNet-ReaL's label set of each sample the loader yields on this rank, in its order, as
+    `train.metrics.evaluate` takes them: a row of class indices per sample, filled with NO_LABEL.
+
+    real.json lists the sets in the order of ImageNet's val file names (ILSVRC2012_val_00000001 is
+    the first); a sample is matched by its key, the converter's name for it (the file name less
+    its extension)."""
+    try:
+        sets = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--real-labels {path}: cannot be read as JSON ({err})") from err
+    valid = (
+        isinstance(sets, list)
+        and len(sets) == REAL_IMAGES
+        and all(
+            isinstance(labels, list) and all(isinstance(c, int) and 0 <= c < 1000 for c in labels) for labels in sets
+        )
+    )
+    if not valid:
+        raise ConfigError(
+            f"--real-labels {path}: not ReaL's real.json (a list of {REAL_IMAGES} lists of class indices 0-999)"
+        )
+    keys = loader.sample_keys()
+    rows = torch.full((len(keys), max(len(labels) for labels in sets)), NO_LABEL, dtype=torch.int64)
+    for row, key in enumerate(keys):
+        match = REAL_KEY.fullmatch(key)
+        if match is None or not 1 <= int(match[1]) <= REAL_IMAGES:
+            raise ConfigError(
+                f"--real-labels: sample {key} of {data} is not one of ImageNet's val images "
+                f"(ILSVRC2012_val_00000001 to ILSVRC2012_val_{REAL_IMAGES:08d}), which ReaL labels"
+            )
+        labels = sets[int(match[1]) - 1]
+        rows[row, : len(labels)] = torch.tensor(labels, dtype=torch.int64)
+    return rows
+
+
+def file_digest(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
 def checkpoint_identity(checkpoint: dict) -> tuple[int, int, str]:
     """Epoch, global step and a digest of the run's config: what tells two checkpoints apart cheaply."""
     config = json.dumps(checkpoint["config"], sort_keys=True, default=str).encode()
@@ -128,7 +190,15 @@ def main(argv: list[str] | None = None) -> int:
         help="the shards hold some of the model's classes, matched by wnid in any order (ImageNet-A's and "
         "ImageNet-R's 200): predict among those classes only, as those test sets are scored",
     )
+    p.add_argument(
+        "--real-labels",
+        metavar="FILE",
+        help="ImageNet-ReaL's real.json (the reassessed labels of ImageNet's 50,000 val images, a list of class "
+        "indices per image; timm ships it as timm/data/_info/imagenet_real_labels.json): also report ReaL top-1/top-5",
+    )
     args = p.parse_args(argv)
+    if args.real_labels and args.class_subset:
+        p.error("--real-labels scores ImageNet's val images among all 1000 classes: not with --class-subset")
     if args.crop_pct is not None and not 0.0 < args.crop_pct <= 1.0:
         p.error(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
 
@@ -167,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 columns = None
                 check_classes_match(checkpoint, args.checkpoint, loader.num_classes, wnids, args.shards)
+            label_sets = None
+            if args.real_labels:
+                check_imagenet_classes(checkpoint, args.checkpoint)
+                label_sets = real_label_sets(args.real_labels, loader, args.shards).to(ctx.device)
             flip = checkpoint["config"]["eval"].get("flip", False) if args.flip is None else args.flip
             facts = {
                 "--backend": cfg.backend,
@@ -178,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--weights": args.weights,
                 "--flip": flip,
                 "--class-subset": args.class_subset,
+                "--real-labels sha256": file_digest(args.real_labels) if args.real_labels else None,
                 "checkpoint (epoch, step, config digest)": checkpoint_identity(checkpoint),
                 "val steps": loader.steps_per_epoch,
             }
@@ -187,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         # Each node reads its own --checkpoint and --shards: a mixture would be scored silently.
         advice = "every node must evaluate the same checkpoint on the same shards, with the same code and flags"
         require_agreement(facts, ctx, advice)
-        metrics = evaluate(model, loader, ctx, precision, flip, columns)
+        metrics = evaluate(model, loader, ctx, precision, flip, columns, label_sets)
         loader.close()
         if ctx.is_main:
             settings = {"image_size": cfg.val_image_size, "crop_pct": cfg.crop_pct, "flip": flip}

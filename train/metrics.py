@@ -8,46 +8,58 @@ from pipeline.loader import PAD_LABEL
 from train.distributed import DistContext, all_reduce_sum
 from train.step import autocast
 
+NO_LABEL = -1  # fills the rows of a label-set tensor past each sample's own labels
+
 
 class EvalCounts:
     """Running top-1/top-5 correct counts, summed loss and sample count, kept on the device.
 
     Padding samples (label -1) are left out, so the totals are exact for any world size, unlike an
     average of per-batch means (biased by a smaller last batch) or a sampler that repeats images.
+    With `label_sets`, also the counts against a set of right answers per sample (ImageNet-ReaL's).
     """
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, label_sets: bool = False):
         # float64: exact integer counts up to 2**53, and a loss sum that barely depends on order.
-        self.totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss, count
+        # correct1, correct5, loss, count; with label sets: set-correct1, set-correct5, samples that have a set
+        self.totals = torch.zeros(7 if label_sets else 4, dtype=torch.float64, device=device)
 
     @torch.no_grad()
-    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, label_sets: torch.Tensor | None = None) -> None:
+        """`label_sets`: N x L class indices, each sample's right answers, filled with NO_LABEL; a
+        sample with none (ReaL's images that show no ImageNet class) is left out of those counts."""
         valid = labels != PAD_LABEL
         logits, labels = logits[valid].float(), labels[valid]
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top5 == labels[:, None]
         loss = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
-        self.totals += torch.stack(
-            [
-                hits[:, :1].any(dim=1).sum().double(),
-                hits.any(dim=1).sum().double(),
-                loss.double().sum(),
-                valid.sum().double(),
-            ]
-        )
+        counts = [hits[:, :1].any(dim=1).sum(), hits.any(dim=1).sum(), loss.double().sum(), valid.sum()]
+        if label_sets is not None:
+            label_sets = label_sets[valid]
+            in_set = (top5[:, :, None] == label_sets[:, None, :]).any(dim=2)  # each of the top 5 is a right answer
+            has_set = (label_sets != NO_LABEL).any(dim=1)
+            counts += [in_set[:, 0].sum(), in_set.any(dim=1).sum(), has_set.sum()]  # no set: no answer is in it
+        self.totals += torch.stack([count.double() for count in counts])
 
     def reduce(self, ctx: DistContext) -> dict[str, float]:
-        """All-reduce once and return acc1/acc5 (percent), mean loss and the sample count."""
+        """All-reduce once and return acc1/acc5 (percent), mean loss and the sample count (and with
+        label sets real_acc1, real_acc5 and real_samples, the samples that have a set)."""
         totals = all_reduce_sum(self.totals.clone(), ctx).tolist()  # the one sync point of evaluation
-        correct1, correct5, loss_sum, count = totals
+        correct1, correct5, loss_sum, count = totals[:4]
         if count == 0:
             raise RuntimeError("evaluation saw no samples")
-        return {
+        metrics = {
             "acc1": 100.0 * correct1 / count,
             "acc5": 100.0 * correct5 / count,
             "loss": loss_sum / count,
             "samples": int(count),
         }
+        if len(totals) > 4:
+            set_correct1, set_correct5, with_set = totals[4:]
+            metrics["real_acc1"] = 100.0 * set_correct1 / max(with_set, 1)
+            metrics["real_acc5"] = 100.0 * set_correct5 / max(with_set, 1)
+            metrics["real_samples"] = int(with_set)
+        return metrics
 
 
 @torch.no_grad()
@@ -58,16 +70,20 @@ def evaluate(
     precision: str,
     flip: bool = False,
     class_columns: torch.Tensor | None = None,
+    label_sets: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Top-1/top-5 accuracy and mean cross-entropy of `model` over the whole val split.
 
     `flip`: the logits are the mean of the image's and its mirror's (test-time augmentation).
     `class_columns`: label i is scored by the model's output `class_columns[i]`, and the prediction
     is made among those outputs only (how ImageNet-A and ImageNet-R, 200 of its classes, are scored).
+    `label_sets`: a row of right answers per sample of this rank, in the loader's order (see
+    `EvalCounts.update`), scored besides the labels: ImageNet-ReaL's top-1/top-5.
     """
     was_training = model.training
     model.eval()
-    counts = EvalCounts(ctx.device)
+    counts = EvalCounts(ctx.device, label_sets is not None)
+    seen = 0
     for images, labels in loader:
         with autocast(ctx.device, precision):
             logits = model(images)
@@ -75,6 +91,8 @@ def evaluate(
                 logits = (logits.float() + model(images.flip(3)).float()) / 2
         if class_columns is not None:
             logits = logits.index_select(1, class_columns)
-        counts.update(logits, labels)
+        batch_sets = label_sets[seen : seen + len(labels)] if label_sets is not None else None
+        seen += len(labels)
+        counts.update(logits, labels, batch_sets)
     model.train(was_training)
     return counts.reduce(ctx)

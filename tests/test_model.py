@@ -1,14 +1,16 @@
 """Models: torchvision's classifiers by name, and the options FFCV's recipes use (BlurPool, test-time flips)."""
 
 import pytest
+import timm
 import torch
+import torchvision
 
 from tests.conftest import REPO_ROOT
 from train.config import ConfigError, load_config
 from train.distributed import DistContext
 from train.lamb import Lamb
 from train.metrics import evaluate
-from train.model import MODEL_NAMES, BlurPoolConv2d, build_model
+from train.model import MODEL_NAMES, BatchNormDropPath, BlurPoolConv2d, build_model
 from train.trainer import build_optimizer
 
 DEMO = str(REPO_ROOT / "configs" / "demo.yaml")
@@ -98,6 +100,52 @@ def test_zero_init_residual_is_the_resnet_familys_only():
         build_model("mobilenet_v3_small", 10, zero_init_residual=True)
     with pytest.raises(ConfigError, match="model.zero_init_residual: mobilenet_v3_small has no such option"):
         load_config(DEMO, ["model.name=mobilenet_v3_small", "model.zero_init_residual=true"])
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_drop_path_skips_resnet_blocks_as_timms_resnets_do(name):
+    """model.drop_path on a ResNet: the rates per block and, given the same weights and random
+    numbers, the very outputs of timm's ResNet built with drop_path_rate (in training, where blocks
+    are skipped, and in evaluation, where none is); torchvision's state_dict keys unchanged."""
+    rate = 0.5  # high enough that many samples skip many blocks in one batch
+    ours = build_model(name, 10, drop_path=rate).to(memory_format=torch.contiguous_format)  # as timm's: same sums
+    theirs = timm.create_model(name, num_classes=10, drop_path_rate=rate)
+    with torch.no_grad():  # both zero each branch's last norm at first, leaving nothing to drop
+        for norm in (m for m in theirs.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            norm.weight.uniform_(0.5, 1.5)
+    assert ours.state_dict().keys() == build_model(name, 10).state_dict().keys()
+    ours.load_state_dict(theirs.state_dict())
+    blocks = [
+        m for m in theirs.modules() if isinstance(m, timm.models.resnet.BasicBlock | timm.models.resnet.Bottleneck)
+    ]
+    their_rates = [block.drop_path.drop_prob if block.drop_path is not None else 0.0 for block in blocks]
+    our_rates = [m.rate for m in ours.modules() if isinstance(m, BatchNormDropPath)]
+    assert [0.0, *our_rates] == their_rates and their_rates[-1] == rate
+    images = torch.randn(16, 3, 64, 64)
+    outputs = {}
+    for mode in ("train", "eval"):
+        for model_name, model in (("ours", ours), ("theirs", theirs), ("without", build_model(name, 10))):
+            if model_name == "without":
+                model.load_state_dict(theirs.state_dict())
+                model.to(memory_format=torch.contiguous_format)
+            torch.manual_seed(0)
+            outputs[mode, model_name] = model.train(mode == "train")(images)
+    for mode in ("train", "eval"):
+        torch.testing.assert_close(outputs[mode, "ours"], outputs[mode, "theirs"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(outputs["eval", "ours"], outputs["eval", "without"], rtol=1e-4, atol=1e-5)
+    assert (outputs["train", "ours"] - outputs["train", "without"]).abs().max() > 0.1  # blocks were skipped
+
+
+def test_drop_path_goes_to_the_builders_that_take_it_and_is_refused_elsewhere():
+    convnext = build_model("convnext_tiny", 10, drop_path=0.3)
+    rates = [m.p for m in convnext.modules() if isinstance(m, torchvision.ops.StochasticDepth)]
+    assert rates[-1] == pytest.approx(0.3) and rates[0] == 0.0
+    assert not any(isinstance(m, BatchNormDropPath) for m in build_model("resnet18", 10).modules())
+    assert not any(isinstance(m, BatchNormDropPath) for m in build_model("resnet18", 10, drop_path=0.0).modules())
+    with pytest.raises(ValueError, match="model.drop_path: torchvision's vit_b_32 takes no stochastic depth rate"):
+        build_model("vit_b_32", 10, image_size=64, drop_path=0.1)
+    with pytest.raises(ConfigError, match=r"model.drop_path: must be in \[0, 1\), got 1.0"):
+        load_config(DEMO, ["model.drop_path=1.0"])
 
 
 def test_blurpool_on_other_families_and_a_model_with_nothing_to_blur():

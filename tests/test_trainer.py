@@ -73,7 +73,7 @@ def model_weights(path: Path) -> dict[str, torch.Tensor]:
 def two_process_run(photo_shards, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ddp") / "run"
     overrides = ("train.epochs=2", "eval.every=1", "optim.ema_decay=0.9", "model.blurpool=true", "eval.flip=true",
-                 "data.aug_repeats=2", "data.interpolation=bicubic")  # fmt: skip
+                 "data.aug_repeats=2", "data.interpolation=bicubic", "model.drop_path=0.1")  # fmt: skip
     result = torchrun(*train_args(photo_shards, run_dir, *overrides, "checkpoint.keep_every_epochs=1"))
     assert result.returncode == 0, result.stdout + result.stderr
     return run_dir, result
@@ -421,9 +421,10 @@ def read_val_count(shards: Path) -> int:
 
 
 def test_resume_after_sigterm_gives_identical_weights(photo_shards, tmp_path):
-    """With TrivialAugment, random erasing, MixUp and CutMix on: their draws, too, continue where they were."""
+    """With TrivialAugment, random erasing, MixUp, CutMix and stochastic depth on: their draws, too,
+    continue where they were."""
     augment = ("data.auto_augment=trivial_augment_wide", "optim.random_erase=0.25", "optim.mixup_alpha=0.2",
-               "optim.cutmix_alpha=1.0")  # fmt: skip
+               "optim.cutmix_alpha=1.0", "model.drop_path=0.2")  # fmt: skip
     overrides = ("train.epochs=2", "eval.every=2", *augment)
     straight = tmp_path / "straight"
     finished = popen([sys.executable, *train_args(photo_shards, straight, *overrides)])
@@ -1181,12 +1182,12 @@ def test_accumulation_and_ema_are_trained_and_evaluated(photo_shards, tmp_path):
 def test_timms_recipe_parts_train_and_resume_from_the_checkpoint(photo_shards, tmp_path):
     """timm's "ResNet strikes back" parts through the trainer: LAMB with its gradient clipping, BCE
     with a target threshold on CutMix's mixed labels, timm's RandAugment (rand-m6-mstd0.5-inc1) in
-    the DALI pipeline; a second epoch continues from last.pt."""
+    the DALI pipeline, stochastic depth; a second epoch continues from last.pt."""
     run_dir = tmp_path / "run"
     settings = ["optim.optimizer=lamb", "optim.lr=0.008", "optim.weight_decay=0.02", "optim.grad_clip=1",
                 "optim.loss=bce", "optim.label_smoothing=0", "optim.bce_target_threshold=0.2",
                 "optim.cutmix_alpha=1.0", "data.auto_augment=rand_augment_timm",
-                "data.rand_augment_magnitude=6"]  # fmt: skip
+                "data.rand_augment_magnitude=6", "model.drop_path=0.05"]  # fmt: skip
     run_tool(*train_args(photo_shards, run_dir, *settings, "train.epochs=1")[1:], check=True)
     first = load_checkpoint(run_dir / "last.pt")
     assert first["config"]["optim"]["loss"] == "bce" and first["config"]["optim"]["optimizer"] == "lamb"

@@ -46,6 +46,12 @@ class ModelConfig:
         None, "zero the last BatchNorm of each residual block (ResNet family only; unset: yes for it)"
     )
     compile: bool = option(False, "torch.compile the model")
+    drop_path: float | None = option(
+        None,
+        "stochastic depth: the rate at which the last residual block is skipped per sample, rising linearly from 0 "
+        "in the first (timm's drop_path_rate; ResNet family, convnext_*, efficientnet_*; unset: the builder's "
+        "default, none for ResNets)",
+    )
     blurpool: bool = option(False, "blur the input of each strided convolution (FFCV's BlurPool; costs step time)")
     init_from: str | None = option(
         None,
@@ -403,6 +409,9 @@ def _check(config: Config) -> None:
             f"model.zero_init_residual: {config.model.name} has no such option (the ResNet family only); "
             "leave it unset or false"
         )
+    drop_path = config.model.drop_path
+    if drop_path is not None and not 0.0 <= drop_path < 1.0:
+        raise ConfigError(f"model.drop_path: must be in [0, 1), got {drop_path}")
     sizes = {config.resolution.min, config.resolution.max, config.resolution.val}
     if config.model.name in FIXED_SIZE_KEYWORDS and len(sizes) > 1:
         raise ConfigError(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 from torchvision import models
+from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.ops import stochastic_depth
 
 MODEL_NAMES = tuple(models.list_models(module=models))  # torchvision's ImageNet classifiers, by name
 RESNET_FAMILY = tuple(n for n in MODEL_NAMES if n.startswith(("resnet", "resnext", "wide_resnet")))
@@ -11,6 +13,10 @@ AUX_LOGIT_MODELS = ("googlenet", "inception_v3")  # trained here without their a
 # Models built for one input size (their position embeddings or attention partitions), and the
 # keyword torchvision takes it by.
 FIXED_SIZE_KEYWORDS = {**{n: "image_size" for n in MODEL_NAMES if n.startswith("vit_")}, "maxvit_t": "input_size"}
+# Models whose torchvision builder takes a stochastic depth rate (`stochastic_depth_prob`, the rate of
+# the last block, rising linearly from 0 over the blocks before it). Swin's and MaxViT's builders fix
+# their own and refuse another.
+STOCHASTIC_DEPTH_BUILDERS = tuple(n for n in MODEL_NAMES if n.startswith(("convnext_", "efficientnet_")))
 
 
 def build_model(
@@ -19,6 +25,7 @@ def build_model(
     zero_init_residual: bool | None = None,
     blurpool: bool = False,
     image_size: int | None = None,
+    drop_path: float | None = None,
 ) -> torch.nn.Module:
     """A randomly initialised torchvision classifier in channels_last memory format.
 
@@ -26,6 +33,8 @@ def build_model(
     every block starts as the identity (Goyal et al., 2017); None means yes for that family, which
     alone has the option. `blurpool` blurs the input of each strided convolution (`add_blurpool`).
     `image_size` is the input size of the models built for one (`FIXED_SIZE_KEYWORDS`).
+    `drop_path`: stochastic depth at this rate in the last block (`add_drop_path` for the ResNet
+    family, the builder's own for `STOCHASTIC_DEPTH_BUILDERS`); None leaves the builder's default.
     """
     if name not in MODEL_NAMES:
         raise ValueError(f"model.name: {name!r} is not one of torchvision's classifiers {list(MODEL_NAMES)}")
@@ -38,7 +47,16 @@ def build_model(
             "wide_resnet*); leave it unset or false"
         )
     options.update(architecture_options(name, image_size))
+    if drop_path is not None and name in STOCHASTIC_DEPTH_BUILDERS:
+        options["stochastic_depth_prob"] = drop_path
+    elif drop_path is not None and name not in RESNET_FAMILY:
+        raise ValueError(
+            f"model.drop_path: torchvision's {name} takes no stochastic depth rate; offered for the ResNet family "
+            "(resnet*, resnext*, wide_resnet*), convnext_* and efficientnet_*; leave it unset"
+        )
     model = models.get_model(name, weights=None, num_classes=num_classes, **options)
+    if drop_path and name in RESNET_FAMILY:
+        add_drop_path(model, drop_path)
     if blurpool and not add_blurpool(model):
         raise ValueError(f"model.blurpool: {name} has no strided convolution of 16 or more input channels to blur")
     return model.to(memory_format=torch.channels_last)
@@ -56,6 +74,40 @@ def architecture_options(name: str, image_size: int | None = None) -> dict:
         keyword = FIXED_SIZE_KEYWORDS[name]
         options[keyword] = (image_size, image_size) if keyword == "input_size" else image_size
     return options
+
+
+class BatchNormDropPath(torch.nn.BatchNorm2d):
+    """A residual branch's last BatchNorm followed by stochastic depth (Huang et al., 2016): in
+    training, each sample's branch is zeroed with probability `rate` and kept ones are scaled by
+    1 / (1 - rate), so the block passes a dropped sample's input through alone.
+
+    torchvision's ResNet blocks have no place for it, and timm's ResNets put it right after this
+    norm, before the shortcut is added: taking the norm's place puts it there while the state_dict
+    stays torchvision's (the exported weights load into its builders as they are).
+    """
+
+    def __init__(self, norm: torch.nn.BatchNorm2d, rate: float):
+        super().__init__(norm.num_features, norm.eps, norm.momentum, norm.affine, norm.track_running_stats)
+        self.load_state_dict(norm.state_dict())
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return stochastic_depth(super().forward(x), self.rate, "row", self.training)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, drop_path={self.rate:.4g}"
+
+
+def add_drop_path(model: torch.nn.Module, rate: float) -> list[float]:
+    """Stochastic depth in a ResNet's blocks as timm's ResNets apply it (`drop_path_rate`): block i
+    of n drops at rate * i / (n - 1), from none in the first to `rate` in the last. Returns the rates."""
+    blocks = [m for m in model.modules() if isinstance(m, BasicBlock | Bottleneck)]
+    rates = [rate * i / max(len(blocks) - 1, 1) for i in range(len(blocks))]
+    for block, block_rate in zip(blocks, rates, strict=True):
+        if block_rate > 0:
+            last = "bn3" if isinstance(block, Bottleneck) else "bn2"
+            setattr(block, last, BatchNormDropPath(getattr(block, last), block_rate))
+    return rates
 
 
 class BlurPoolConv2d(torch.nn.Module):

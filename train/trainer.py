@@ -245,7 +245,12 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
         # model, optimizer, precision
         try:
             model = build_model(
-                cfg.model.name, num_classes, cfg.model.zero_init_residual, cfg.model.blurpool, cfg.resolution.val
+                cfg.model.name,
+                num_classes,
+                cfg.model.zero_init_residual,
+                cfg.model.blurpool,
+                cfg.resolution.val,
+                cfg.model.drop_path,
             )
         except ValueError as err:  # e.g. a size torchvision's MaxViT cannot partition
             raise ConfigError(f"model {cfg.model.name}: {err}") from err

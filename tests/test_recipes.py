@@ -96,32 +96,43 @@ def test_the_torchvision_mobilenet_recipe_follows_its_command():
         assert lrs[epoch * steps : (epoch + 1) * steps] == [pytest.approx(0.064 * 0.973 ** (epoch // 2))] * steps
 
 
-def test_the_rsb_a3_recipe_follows_mmpretrains_config():
-    """mmpretrain's resnet50_8xb256-rsb-a3-100e_in1k: 8 x 256 images, Lamb lr 0.008 wd 0.02 (none on
-    norms and biases; timm's Lamb, which clips the gradient norm at 1), LinearLR from 1e-4 over 5
-    epochs then cosine to 1e-6 at epoch 100, BCE (use_sigmoid) without smoothing, Mixup 0.1 or CutMix
-    1.0, RandAugment timm_increasing 2 x m6 std 0.5, bicubic crops to 224, val 236 -> 224, ResNet
-    with zero-initialised last norms."""
-    cfg = load_config(REPO_ROOT / "configs" / "rsb-a3-resnet50.yaml")
+# mmpretrain's resnet50_8xb256-rsb-{a1-600e,a2-300e,a3-100e}_in1k and their bases, where they differ:
+# epochs, lr for 2048 images, weight decay, MixUp alpha, RandAugment magnitude, drop path, repeats.
+RSB_PROCEDURES = {
+    "a1": (600, 0.005, 0.01, 0.2, 7, 0.05, 3),
+    "a2": (300, 0.005, 0.02, 0.1, 7, 0.05, 3),
+    "a3": (100, 0.008, 0.02, 0.1, 6, None, 1),
+}
+
+
+@pytest.mark.parametrize("procedure", sorted(RSB_PROCEDURES))
+def test_the_rsb_recipes_follow_mmpretrains_configs(procedure):
+    """Alike in all three: 8 x 256 images, Lamb (none on norms and biases; timm's Lamb, which clips
+    the gradient norm at 1), LinearLR from 1e-4 over 5 epochs then cosine to 1e-6, BCE (use_sigmoid)
+    without smoothing, CutMix 1.0 beside MixUp, RandAugment timm_increasing 2 ops std 0.5, bicubic
+    crops to 224, val 236 -> 224, ResNet with zero-initialised last norms."""
+    epochs, lr, weight_decay, mixup, magnitude, drop_path, repeats = RSB_PROCEDURES[procedure]
+    cfg = load_config(REPO_ROOT / "configs" / f"rsb-{procedure}-resnet50.yaml")
     assert cfg.model.name == "resnet50" and cfg.model.zero_init_residual and not cfg.model.blurpool
-    assert (cfg.optim.optimizer, cfg.optim.weight_decay, cfg.optim.no_decay_bn_bias) == ("lamb", 0.02, True)
+    assert cfg.model.drop_path == drop_path and cfg.data.aug_repeats == repeats
+    assert (cfg.optim.optimizer, cfg.optim.weight_decay, cfg.optim.no_decay_bn_bias) == ("lamb", weight_decay, True)
     assert cfg.optim.grad_clip == 1.0 and cfg.optim.momentum == 0.9  # momentum: unused by LAMB
     assert (cfg.optim.loss, cfg.optim.label_smoothing, cfg.optim.bce_target_threshold) == ("bce", 0.0, None)
     assert (cfg.optim.mixup_alpha, cfg.optim.cutmix_alpha, cfg.optim.random_erase, cfg.optim.ema_decay) == (
-        0.1, 1.0, 0.0, 0.0
+        mixup, 1.0, 0.0, 0.0
     )  # fmt: skip
     augment = (cfg.data.auto_augment, cfg.data.rand_augment_ops, cfg.data.rand_augment_magnitude)
-    assert augment == ("rand_augment_timm", 2, 6) and cfg.data.rand_augment_magnitude_std == 0.5
-    assert cfg.data.interpolation == "bicubic" and cfg.data.aug_repeats == 1 and not cfg.eval.flip
+    assert augment == ("rand_augment_timm", 2, magnitude) and cfg.data.rand_augment_magnitude_std == 0.5
+    assert cfg.data.interpolation == "bicubic" and not cfg.eval.flip
     assert {train_image_size(epoch, cfg.resolution) for epoch in range(cfg.train.epochs)} == {224}
     assert cfg.resolution.val == 224 and val_resize_size(cfg.resolution.val, cfg.data.crop_pct) == 236
 
     peak = cfg.peak_lr(8 * 256)
-    assert peak == pytest.approx(0.008) and cfg.train.epochs == 100
-    steps = 100  # per epoch
+    assert peak == pytest.approx(lr) and cfg.train.epochs == epochs
+    steps = 10  # per epoch
     lrs = [learning_rate(s, steps, cfg.train.epochs, peak, cfg.schedule) for s in range(steps * cfg.train.epochs)]
-    assert lrs[0] == pytest.approx(0.008 * 1e-4) and lrs.index(max(lrs)) == 5 * steps
-    assert lrs[steps * (5 + 95 // 2) + steps // 2] == pytest.approx((0.008 + 1e-6) / 2, rel=1e-3)
+    assert lrs[0] == pytest.approx(lr * 1e-4) and lrs.index(max(lrs)) == 5 * steps
+    assert lrs[steps * (5 + (epochs - 5) // 2) + steps // 2] == pytest.approx((lr + 1e-6) / 2, rel=1e-2)
     assert lrs[-1] == pytest.approx(1e-6, abs=1e-7)
 
 

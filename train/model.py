@@ -98,16 +98,15 @@ class BatchNormDropPath(torch.nn.BatchNorm2d):
         return f"{super().extra_repr()}, drop_path={self.rate:.4g}"
 
 
-def add_drop_path(model: torch.nn.Module, rate: float) -> list[float]:
+def add_drop_path(model: torch.nn.Module, rate: float) -> None:
     """Stochastic depth in a ResNet's blocks as timm's ResNets apply it (`drop_path_rate`): block i
-    of n drops at rate * i / (n - 1), from none in the first to `rate` in the last. Returns the rates."""
+    of n drops at rate * i / (n - 1), from none in the first to `rate` in the last."""
     blocks = [m for m in model.modules() if isinstance(m, BasicBlock | Bottleneck)]
     rates = [rate * i / max(len(blocks) - 1, 1) for i in range(len(blocks))]
     for block, block_rate in zip(blocks, rates, strict=True):
         if block_rate > 0:
             last = "bn3" if isinstance(block, Bottleneck) else "bn2"
             setattr(block, last, BatchNormDropPath(getattr(block, last), block_rate))
-    return rates
 
 
 class BlurPoolConv2d(torch.nn.Module):

@@ -130,13 +130,14 @@ def test_predecoded_loader_feeds_the_first_images_of_the_split_with_their_labels
 
 def test_bench_train_measures_the_dali_backends_with_each_thread_count(photo_shards, tmp_path):
     """--workers 1,2: each DALI backend once per thread count, named by it; synthetic once. (With
-    --blurpool, the model of the ResNet recipes, named so in the report.)"""
+    --blurpool and --drop-path, parts of the recipes' models, named so in the report.)"""
     run_tool(
         "tools.bench_train", "--shards", str(photo_shards), "--backends", "dali-cpu", "--batch-size", "4",
-        "--image-size", "32", "--seconds", "0.2", "--workers", "1,2", "--blurpool",
+        "--image-size", "32", "--seconds", "0.2", "--workers", "1,2", "--blurpool", "--drop-path", "0.05",
         "--json", str(tmp_path / "bench_train_sweep.json"), check=True,
     )  # fmt: skip
-    assert "| resnet18, BlurPool, batch 4, 32 px | synthetic |" in run_tool("tools.gpu_report", str(tmp_path)).stdout
+    report = run_tool("tools.gpu_report", str(tmp_path)).stdout
+    assert "| resnet18, BlurPool, drop path 0.05, batch 4, 32 px | synthetic |" in report
     results = json.loads((tmp_path / "bench_train_sweep.json").read_text())["results"]
     assert [(r["name"], r["workers"]) for r in results] == [
         ("synthetic", 1),

@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="resnet18", choices=MODEL_NAMES, metavar="NAME", help="a torchvision classifier")
     p.add_argument("--blurpool", action="store_true", help="with FFCV's BlurPool (model.blurpool): its step cost")
     p.add_argument(
+        "--drop-path", type=float, metavar="RATE", help="with stochastic depth at this rate (model.drop_path): its cost"
+    )
+    p.add_argument(
         "--backends",
         default="dali-gpu,synthetic",
         help="always compared with synthetic; dali-reference: BASELINES.md's plain DALI pipeline"
@@ -142,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         # One model for every backend: compiled once, so each backend is measured on the same code.
         torch.manual_seed(0)
         set_cuda_numerics(device, precision)
-        model = build_model(args.model, num_classes, blurpool=args.blurpool, image_size=args.image_size).to(device)
+        model = build_model(
+            args.model, num_classes, blurpool=args.blurpool, image_size=args.image_size, drop_path=args.drop_path
+        ).to(device)
         step_model = torch.compile(model, mode=args.compile) if args.compile else model
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)

@@ -119,7 +119,10 @@ def train_section(reports: list[dict]) -> list[str]:
     for report in reports:
         args = report["args"]
         size = f", {args['image_size']} px" if args.get("image_size") else ""  # older files lack it
-        model = args["model"] + (", BlurPool" if args.get("blurpool") else "") + compiled_text(args["compile"])
+        model = args["model"] + (", BlurPool" if args.get("blurpool") else "")
+        model += (f", drop path {args['drop_path']:g}" if args.get("drop_path") else "") + compiled_text(
+            args["compile"]
+        )
         model += f", batch {args['batch_size']}{size}{_stored(report)}"
         connections = report["environment"].get("cuda_device_max_connections")
         if connections:

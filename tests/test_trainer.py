@@ -643,7 +643,7 @@ def val_shards_of(classes: list[Path], out: Path, names: list[str] | None = None
     return out
 
 
-def test_evaluating_on_shards_of_other_classes_names_the_difference(two_process_run, photo_shards, tmp_path):
+def test_evaluating_on_shards_of_other_classes_names_the_difference(two_process_run, photo_shards, tmp_path, capsys):
     last = two_process_run[0] / "last.pt"
     folders = sorted((photo_shards.parent / "src" / "val").iterdir())
     fewer = val_shards_of(folders[:-1], tmp_path / "fewer")
@@ -655,14 +655,13 @@ def test_evaluating_on_shards_of_other_classes_names_the_difference(two_process_
          f"classes of {fewer} are among the model's {len(folders)}: --class-subset predicts among them only"),
         (other, f"{last}: class {len(folders) - 1} is {folders[-1].name}; in {other} it is n99999999"),
     ]:  # fmt: skip
-        result = run_tool("train.evaluate", "--checkpoint", str(last), "--shards", str(shards), "--workers", "1")
-        assert result.returncode == 2 and message in result.stderr, result.stderr
-    assert "--class-subset" not in result.stderr  # n99999999 is not one of the model's classes
-    result = run_tool(
-        "train.evaluate", "--checkpoint", str(last), "--shards", str(other), "--workers", "1", "--class-subset"
-    )
+        assert evaluate_main(["--checkpoint", str(last), "--shards", str(shards), "--workers", "1"]) == 2
+        stderr = capsys.readouterr().err
+        assert message in stderr, stderr
+    assert "--class-subset" not in stderr  # n99999999 is not one of the model's classes
+    assert evaluate_main(["--checkpoint", str(last), "--shards", str(other), "--workers", "1", "--class-subset"]) == 2
     message = f"{last}: 1 of the {len(folders)} classes of {other} are not among the model's {len(folders)}"
-    assert result.returncode == 2 and f"{message}, e.g. ['n99999999']" in result.stderr, result.stderr
+    assert f"{message}, e.g. ['n99999999']" in capsys.readouterr().err
 
 
 def test_test_sets_of_the_models_classes_are_scored_by_wnid(two_process_run, photo_shards, tmp_path, capsys):
@@ -714,7 +713,7 @@ def with_imagenet_head(checkpoint: Path, out: Path) -> Path:
 
 
 def test_real_labels_score_imagenets_val_images_by_their_file_names(
-    two_process_run, photo_shards, demo_imagenet, tmp_path
+    two_process_run, photo_shards, demo_imagenet, tmp_path, capsys
 ):
     """--real-labels with ImageNet-ReaL's real.json (timm's copy; 3,163 of its 50,000 images have no
     label and count for nothing): on val shards of files named as ImageNet's val images, 1 and 3
@@ -730,7 +729,8 @@ def test_real_labels_score_imagenets_val_images_by_their_file_names(
     run_tool("tools.make_shards", "--val", str(val), *convert, "--out", str(shards), check=True)
     args = ["-m", "train.evaluate", "--checkpoint", str(checkpoint), "--shards", str(shards), "--batch-size", "8",
             "--workers", "1", "--real-labels", str(real_json)]  # fmt: skip
-    single = json.loads(run_tool(*args[1:], check=True).stdout.strip().splitlines()[-1])
+    assert evaluate_main(args[2:]) == 0
+    single = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     three = torchrun(*args, nproc=3)
     assert three.returncode == 0, three.stderr
 
@@ -764,10 +764,17 @@ def test_real_labels_score_imagenets_val_images_by_their_file_names(
         (checkpoint, shards, not_json, f"--real-labels {not_json}: not ReaL's real.json"),
         (two_process_run[0] / "last.pt", photo_shards, real_json, "ReaL labels ImageNet-1k's 1000 classes in sorted"),
     ]:
-        result = run_tool(
-            *args[1:3], str(checkpoint_used), "--shards", str(shards_used), "--real-labels", str(labels_used)
-        )
-        assert result.returncode == 2 and message in result.stderr, result.stderr
+        options = [
+            "--checkpoint",
+            str(checkpoint_used),
+            "--shards",
+            str(shards_used),
+            "--real-labels",
+            str(labels_used),
+        ]
+        assert evaluate_main([*options, "--workers", "1"]) == 2
+        stderr = capsys.readouterr().err
+        assert message in stderr, stderr
 
 
 def start_and_kill_rank_1(torchrun_args: list[str], after_line: str) -> subprocess.Popen:
@@ -1204,7 +1211,7 @@ def test_timms_recipe_parts_train_and_resume_from_the_checkpoint(photo_shards, t
     assert {s["step"] for s in second["optimizer"]["state"].values()} == {second["global_step"]}
 
 
-def test_trains_from_an_image_folder_without_shards(tmp_path, real_photos, demo_imagenet):
+def test_trains_from_an_image_folder_without_shards(tmp_path, real_photos, demo_imagenet, capsys):
     from tests.conftest import make_photo_tree
 
     tree = make_photo_tree(tmp_path / "imagenet", real_photos, demo_imagenet, num_classes=16)
@@ -1214,18 +1221,16 @@ def test_trains_from_an_image_folder_without_shards(tmp_path, real_photos, demo_
     assert [wnid for wnid, _ in checkpoint["classes"]] == sorted(p.name for p in (tree / "train").iterdir())
     # train.evaluate reads a folder's class names too: another class in the last folder is named
     common = ["--checkpoint", str(run_dir / "last.pt"), "--backend", "folder", "--workers", "1"]
-    scored = json.loads(run_tool("train.evaluate", *common, "--shards", str(tree), check=True).stdout.splitlines()[-1])
+    assert evaluate_main([*common, "--shards", str(tree)]) == 0
+    scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     classes = len(checkpoint["classes"])  # 16 real photographs' classes, or the demo set's 10
     assert scored["classes"] == classes and scored["samples"] == len(list((tree / "val").rglob("*.JPEG")))
     other = tmp_path / "other"
     shutil.copytree(tree / "val", other / "val", symlinks=True)
     last_class = sorted((other / "val").iterdir())[-1]
     last_class.rename(other / "val" / "n99999999")
-    result = run_tool("train.evaluate", *common, "--shards", str(other))
-    assert (
-        result.returncode == 2
-        and f"class {classes - 1} is {last_class.name}; in {other} it is n99999999" in result.stderr
-    )
+    assert evaluate_main([*common, "--shards", str(other)]) == 2
+    assert f"class {classes - 1} is {last_class.name}; in {other} it is n99999999" in capsys.readouterr().err
 
 
 def test_another_torchvision_classifier_trains_with_its_recipes_parts_evaluates_and_predicts(

@@ -27,6 +27,12 @@ def imagenet_names() -> dict[str, str]:
     return names
 
 
+def imagenet_wnids() -> list[str]:
+    """ImageNet-1k's 1000 wnids in its class order (sorted): class i is the i-th, as torchvision's
+    weights, ImageNet-ReaL's labels and ImageNetV2's folder numbers count them."""
+    return sorted(imagenet_names())
+
+
 def read_class_file(path: str | os.PathLike) -> list[tuple[str, str | None]]:
     """Read `--classes FILE`: one wnid per line, optionally a name after a tab or space.
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from shards.archives import is_archive, list_archive_classes, scan_class_archive, scan_flat_archive
-from shards.classes import ClassInfo, build_class_list, imagenet_names, read_class_file
+from shards.classes import ClassInfo, build_class_list, imagenet_wnids, read_class_file
 from shards.devkit import is_devkit, read_devkit_classes
 from shards.image_check import CheckedImage, check_image_bytes
 from shards.inputs import (
@@ -180,7 +180,7 @@ def resolve_classes(opts: ConvertOptions) -> list[ClassInfo]:
         entries = read_class_file(opts.classes)
         classes = build_class_list([w for w, _ in entries], dict(entries))
     elif opts.class_index_folders:
-        classes = build_class_list(sorted(imagenet_names()))  # ImageNet-1k's order: class i is the i-th wnid
+        classes = build_class_list(imagenet_wnids())
     elif opts.train:
         wnids = list_archive_classes(opts.train) if is_archive(opts.train) else _sorted_folders(opts.train)
         classes = build_class_list(wnids)

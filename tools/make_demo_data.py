@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from shards.classes import imagenet_names
+from shards.classes import imagenet_wnids
 
 # ../shared/data/imagenet-sample beside the checkout, or IMAGENET_SAMPLE_DIR (e.g. on the GPU machine).
 SHARED_SAMPLE_DIR = Path(
@@ -91,7 +91,7 @@ def build_demo_imagenet(
     """Write the demo folder under `out` and return it; classes are spread over ImageNet's 1000."""
     out = Path(out)
     rng = random.Random(seed)
-    all_wnids = sorted(imagenet_names())
+    all_wnids = imagenet_wnids()
     wnids = [all_wnids[i * len(all_wnids) // num_classes] for i in range(num_classes)]
     photos = real_sample_images(sample_dir)
     val_lines = []

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from shards.classes import imagenet_names
+from shards.classes import imagenet_wnids
 from train.checkpoint import CheckpointError, check_same_classes
 from train.config import ConfigError
 from train.metrics import NO_LABEL
@@ -53,7 +53,7 @@ def class_columns(checkpoint: dict, path: str, wnids: list[str], data: str) -> t
 def check_imagenet_classes(checkpoint: dict, path: str) -> None:
     """ReaL's labels are indices of ImageNet-1k's classes in sorted wnid order: the model's must be those."""
     saved = [wnid for wnid, _ in checkpoint.get("classes") or []]
-    imagenet = sorted(imagenet_names())
+    imagenet = imagenet_wnids()
     if saved != imagenet:
         if len(saved) != len(imagenet):
             found = f"{len(saved)} classes recorded" if saved else "no class wnids recorded (a run on synthetic data)"

@@ -8,7 +8,10 @@ DEMO_CLASSES = 10
 
 
 def test_demo_converts_verifies_trains_evaluates_and_predicts(tmp_path):
-    result = run_tool("tools.demo", "--out", str(tmp_path / "demo"), check=True, timeout=900)
+    # As a user runs it: torch with its default threads (tests/conftest.py sets one for the rest).
+    result = run_tool(
+        "tools.demo", "--out", str(tmp_path / "demo"), check=True, timeout=900, env={"OMP_NUM_THREADS": None}
+    )
     assert "verify_shards:" in result.stdout and "OK" in result.stdout
     final_acc1 = float(re.search(r"^done: acc1 ([\d.]+)", result.stdout, re.MULTILINE).group(1))
     chance = 100 / DEMO_CLASSES

@@ -964,7 +964,8 @@ def test_learns_a_handful_of_real_images_to_100_percent(tmp_path, real_photos, d
     Batches of 5 and up to 150 epochs: at batches of 4 and 80 epochs, 3 to 4 of seeds 0-5 stopped
     at 90% on the generated images (seeds 0 and 5 passed before the torch backend's worker seeds
     changed, 2, 3 and 5 after); these settings reached 100% within 84 epochs for seeds 0-1 on them
-    and within 44 on the photographs (2026-12-06)."""
+    and within 44 on the photographs (2026-12-06); with one torch thread (tests/conftest.py), within
+    54 for seeds 0-2 on the generated images (2026-12-07)."""
     from tests.conftest import make_photo_tree
 
     tree = make_photo_tree(tmp_path / "src", real_photos, demo_imagenet, num_classes=10)

@@ -837,6 +837,7 @@ def test_the_train_loader_is_given_the_data_settings():
         ("data.batch_size=0", "data.batch_size: must be at least 1"),
         ("checkpoint.every_steps=-1", "checkpoint.every_steps: must be 0 (off) or more, got -1"),
         ("checkpoint.every_minutes=-5", "checkpoint.every_minutes: must be 0 (off) or more, got -5.0"),
+        ("checkpoint.keep_best=-2", "checkpoint.keep_best: must be 0 (off) or more, got -2"),
         ("optim.lr=[1,", "override 'optim.lr=[1,': not valid YAML"),
         ("optim.random_erase=1.5", "optim.random_erase: must be a probability in [0, 1], got 1.5"),
         ("schedule.min_lr=-1", "schedule.min_lr: must be 0 or more, got -1.0"),
@@ -956,6 +957,43 @@ def test_training_stops_once_the_targets_are_met(photo_shards, tmp_path):
     result = run_tool(*train_args(photo_shards, tmp_path / "run", *overrides)[1:], check=True)
     assert "stop criteria {'loss': 1000.0} met after epoch 0" in result.stdout
     assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1
+
+
+def test_the_best_epochs_checkpoints_are_kept_and_a_resumed_run_knows_its_own(photo_shards, tmp_path, capsys):
+    """checkpoint.keep_best=2 over 4 evaluated epochs keeps the two best (earlier first among equal
+    scores), linked from each epoch's last.pt; going back to epoch 2 relinks its own file, drops a
+    missing one, and names (and leaves) the files it did not write."""
+    run_dir = tmp_path / "run"
+    keep = ("eval.every=1", "checkpoint.keep_best=2", "checkpoint.keep_every_epochs=1")
+    assert train_main(train_args(photo_shards, run_dir, "train.epochs=4", *keep)[2:]) == 0
+    scores = {r["epoch"] + 1: r["val/acc1"] for r in read_metrics(run_dir) if "val/acc1" in r}
+    assert sorted(scores) == [1, 2, 3, 4]
+    best_two = sorted(scores, key=lambda epoch: (-scores[epoch], epoch))[:2]
+    assert load_checkpoint(run_dir / "last.pt")["best_kept"] == [[scores[e], e] for e in best_two]
+    assert sorted(p.name for p in run_dir.glob("best-epoch-*.pt")) == sorted(f"best-epoch-{e}.pt" for e in best_two)
+    for epoch in best_two:
+        assert (run_dir / f"best-epoch-{epoch}.pt").read_bytes() == (run_dir / f"epoch-{epoch}.pt").read_bytes()
+
+    # Epoch 2's checkpoint kept epochs 1 and 2. As if the run had stopped before linking epoch 2's
+    # file and epoch 1's had been removed since; a file of another run lies beside them.
+    assert load_checkpoint(run_dir / "epoch-2.pt")["best_kept"] == [[scores[e], e] for e in sorted(
+        (1, 2), key=lambda epoch: (-scores[epoch], epoch))]  # fmt: skip
+    for epoch in (1, 2):
+        (run_dir / f"best-epoch-{epoch}.pt").unlink(missing_ok=True)
+    keep_copy(run_dir / "epoch-4.pt", run_dir / "best-epoch-9.pt")
+    capsys.readouterr()
+    resumed = train_args(photo_shards, run_dir, "train.epochs=3", *keep)[2:] + ["--resume", str(run_dir / "epoch-2.pt")]
+    assert train_main(resumed) == 0
+    out = capsys.readouterr().out
+    assert f"{run_dir / 'best-epoch-1.pt'} is missing: no longer among the best kept" in out
+    others = sorted({f"best-epoch-{e}.pt" for e in best_two if e > 2} | {"best-epoch-9.pt"})
+    assert f"{', '.join(others)} in {run_dir} are not among the best epochs kept by the checkpoint" in out
+    assert (run_dir / "best-epoch-2.pt").read_bytes() == (run_dir / "epoch-2.pt").read_bytes()
+    resumed_scores = {r["epoch"] + 1: r["val/acc1"] for r in read_metrics(run_dir) if "val/acc1" in r}
+    expected = sorted((2, 3), key=lambda epoch: (-resumed_scores[epoch], epoch))
+    assert load_checkpoint(run_dir / "last.pt")["best_kept"] == [[resumed_scores[e], e] for e in expected]
+    assert (run_dir / "best-epoch-3.pt").read_bytes() == (run_dir / "epoch-3.pt").read_bytes()
+    assert (run_dir / "best-epoch-9.pt").is_file() and not (run_dir / "best-epoch-1.pt").exists()
 
 
 def test_learns_a_handful_of_real_images_to_100_percent(tmp_path, real_photos, demo_imagenet):

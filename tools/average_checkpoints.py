@@ -1,6 +1,7 @@
 """The mean of several checkpoints' weights, written as tools.export_weights writes one checkpoint's.
 
     python -m tools.average_checkpoints runs/mnv3/epoch-*.pt --best 3 --out mnv3-avg.pth [--ema] [--hash-name]
+    python -m tools.average_checkpoints runs/rn50/best-epoch-*.pt --out rn50-avg.pth   # checkpoint.keep_best
     python -m train.evaluate --checkpoint runs/mnv3/last.pt --weights mnv3-avg.pth --shards /data/imagenet-shards
 
 Averaging the weights of a run's last good checkpoints is how torchvision made its MobileNetV3

@@ -190,6 +190,11 @@ class CheckpointConfig:
         0.0, "also save last.pt once this many minutes have passed since the last save, at a log step (0: off)"
     )
     keep_every_epochs: int = option(0, "keep last.pt of every this many epochs as epoch-N.pt (0: none kept)")
+    keep_best: int = option(
+        0,
+        "keep the checkpoints of the this many best-scoring evaluated epochs (val acc1; the EMA's with "
+        "optim.ema_decay) as best-epoch-N.pt, for tools.average_checkpoints (0: none kept)",
+    )
 
 
 @dataclass
@@ -393,7 +398,12 @@ def _check(config: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: must be at least 1, got {value}")
-    for key in ("checkpoint.every_steps", "checkpoint.every_minutes", "checkpoint.keep_every_epochs"):
+    for key in (
+        "checkpoint.every_steps",
+        "checkpoint.every_minutes",
+        "checkpoint.keep_every_epochs",
+        "checkpoint.keep_best",
+    ):
         value = getattr(config.checkpoint, key.split(".")[1])
         if value < 0:
             raise ConfigError(f"{key}: must be 0 (off) or more, got {value}")

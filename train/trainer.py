@@ -37,6 +37,7 @@ from pipeline.shard_set import ShardError
 from shards.classes import imagenet_names
 from shards.inputs import list_class_folders
 from shards.manifest import manifest_digest, read_manifest
+from train.best_kept import keep_epoch, rank_epochs, reconcile_on_resume
 from train.checkpoint import (
     BEST_NAME,
     LAST_NAME,
@@ -283,7 +284,7 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
             raise ConfigError(f"optim.accumulate={accumulate} exceeds the {batches} batches per epoch")
 
         # resume
-        position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_acc1": -math.inf}
+        position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_acc1": -math.inf, "best_kept": []}
         checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path is not None else None
         if checkpoint is not None:
             check_same_model(checkpoint, checkpoint_path, cfg.model.name, cfg.model.blurpool)
@@ -297,7 +298,11 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
             if ema is not None and checkpoint.get("ema"):
                 ema.load_state_dict(checkpoint["ema"])
                 ema_empty = int(ema.n_averaged) == 0
-            position = {k: checkpoint[k] for k in position}
+            position = {k: checkpoint[k] for k in position if k != "best_kept"}
+            position["best_kept"] = checkpoint.get("best_kept", [])  # checkpoints before 2026-12-07 lack it
+            if ctx.is_main:
+                for note in reconcile_on_resume(run_dir, position["best_kept"], checkpoint_path, checkpoint):
+                    log.line(note)
             log.line(f"resumed from {checkpoint_path}: epoch {position['epoch']} step {position['step_in_epoch']}")
             changes = config_changes(checkpoint["config"], cfg.to_dict())
             if changes:
@@ -484,9 +489,16 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
         improved = bool(metrics) and metrics[best_by] > position["best_acc1"]
         if improved:
             position["best_acc1"] = metrics[best_by]
+        dropped = []
+        if metrics and cfg.checkpoint.keep_best:
+            position["best_kept"], dropped = rank_epochs(
+                position["best_kept"], epoch + 1, metrics[best_by], cfg.checkpoint.keep_best
+            )
         save(LAST_NAME, metrics)
         if improved:
             save(BEST_NAME, metrics)
+        if ctx.is_main and metrics and cfg.checkpoint.keep_best:
+            keep_epoch(run_dir, run_dir / LAST_NAME, epoch + 1, position["best_kept"], dropped)
         keep_every = cfg.checkpoint.keep_every_epochs
         if ctx.is_main and keep_every and (epoch + 1) % keep_every == 0:
             keep_copy(run_dir / LAST_NAME, run_dir / f"epoch-{epoch + 1}.pt")

@@ -42,9 +42,10 @@ def list_archive_classes(path: str | os.PathLike) -> list[str]:
 
 
 def scan_class_archive(
-    path: str | os.PathLike, class_index: dict[str, int], workers: int = 1
+    path: str | os.PathLike, class_index: dict[str, int], workers: int = 1, leave_out_others: bool = False
 ) -> tuple[list[SourceImage], list[ScanRejection]]:
-    """Every file in the `<wnid>.tar` members of `path`, labelled by that wnid (as `scan_foldered`).
+    """Every file in the `<wnid>.tar` members of `path`, labelled by that wnid (as `scan_foldered`;
+    with `leave_out_others`, the members of other classes are left out unread).
 
     tarfile parses headers in Python (about 40 us each on this project's CPU machine: most of a
     minute for ImageNet's 1.28 million), so the class archives are listed by `workers` processes.
@@ -53,11 +54,13 @@ def scan_class_archive(
     with _open_tar(path) as outer:
         wnids = sorted(_class_members(path, outer))
     unknown = [w for w in wnids if w not in class_index]
-    if unknown:
+    if unknown and not leave_out_others:
         raise ValueError(
             f"{path}: {len(unknown)} class archive(s) are not among the {len(class_index)} known classes, e.g. "
-            f"{[f'{w}.tar' for w in unknown[:5]]}"
+            f"{[f'{w}.tar' for w in unknown[:5]]} (to convert only the classes of --classes, add "
+            "--only-listed-classes)"
         )
+    wnids = [w for w in wnids if w in class_index]
     # One part per worker: each part lists the outer archive again (ImageNet's classes are alike in size).
     parts = [(str(path), wnids[i::workers]) for i in range(min(len(wnids), workers))]
     found: list[Located] = []
@@ -98,7 +101,7 @@ def _scan_classes(task: tuple[str, list[str]]) -> tuple[list[Located], list[Scan
 
 
 def scan_flat_archive(
-    path: str | os.PathLike, labels_file: str | os.PathLike, class_index: dict[str, int]
+    path: str | os.PathLike, labels_file: str | os.PathLike, class_index: dict[str, int], leave_out_others: bool = False
 ) -> tuple[list[SourceImage], list[ScanRejection]]:
     """The files of a flat archive (ILSVRC2012_img_val.tar), labelled by `labels_file` (as `scan_flat`)."""
     path = Path(path).resolve()
@@ -110,7 +113,7 @@ def scan_flat_archive(
     if nested:
         raise ValueError(f"{path}: members in folders, e.g. {nested[:3]}: a flat archive of images was expected")
     archive = str(path)
-    labelled = label_flat(archive, sorted(members), labels_file, class_index)
+    labelled = label_flat(archive, sorted(members), labels_file, class_index, leave_out_others)
     found = [Located(name, wnid, archive, members[name].size, members[name].offset_data) for name, wnid in labelled]
     return with_keys(found, class_index), rejected
 

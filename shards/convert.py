@@ -84,6 +84,7 @@ class ConvertOptions:
     train_raw_pixels: bool = False  # store train images as decoded pixels (PPM) instead of JPEG
     val_raw_pixels: bool = False
     class_index_folders: bool = False  # class folders named 0, 1, ...: positions in the class list
+    only_listed_classes: bool = False  # convert the classes of `classes` only, leaving the others out
     quality: int = DEFAULT_QUALITY
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     overwrite: bool = False
@@ -113,6 +114,8 @@ class ConvertOptions:
                 options[f"{split}_raw_pixels"] = True
         if self.class_index_folders:
             options["class_index_folders"] = True
+        if self.only_listed_classes:
+            options["only_listed_classes"] = True
         return options
 
     def short_side_limit(self, split: str) -> int | None:
@@ -129,6 +132,13 @@ class ConvertOptions:
         if self.val and not self.val_labels and is_archive(self.val):
             raise ValueError(f"--val {self.val} is an archive, which is read as flat: it needs --val-labels")
         foldered = (self.train and not is_archive(self.train)) or (self.val and not self.val_labels)
+        if self.only_listed_classes and not self.classes:
+            raise ValueError("--only-listed-classes needs --classes FILE, the classes to convert")
+        if self.only_listed_classes and self.class_index_folders:
+            raise ValueError(
+                "--only-listed-classes and --class-index-folders: folder i is class i of the whole list; "
+                "convert every class, then evaluate with train.evaluate --class-subset"
+            )
         if self.class_index_folders and not foldered:
             raise ValueError("--class-index-folders names the class folders of a foldered --train or --val; none given")
         for split in SPLITS:
@@ -219,10 +229,11 @@ def plan_splits(
     folder_wnids = {str(c.index): c.wnid for c in classes} if opts.class_index_folders else None
     plans = {}
     if opts.train:
+        subset = opts.only_listed_classes
         if is_archive(opts.train):
-            images, rejected = scan_class_archive(opts.train, class_index, opts.workers)
+            images, rejected = scan_class_archive(opts.train, class_index, opts.workers, subset)
         else:
-            images, rejected = scan_foldered(opts.train, class_index, folder_wnids)
+            images, rejected = scan_foldered(opts.train, class_index, folder_wnids, subset)
         _require_every_class(opts.train, images, classes)
         # DALI's reader shuffles only inside a small buffer, so the global mix happens here.
         random.Random(opts.seed).shuffle(images)
@@ -230,9 +241,9 @@ def plan_splits(
     if opts.val:
         if opts.val_labels:
             scan = scan_flat_archive if is_archive(opts.val) else scan_flat
-            plans["val"] = scan(opts.val, opts.val_labels, class_index)
+            plans["val"] = scan(opts.val, opts.val_labels, class_index, opts.only_listed_classes)
         else:
-            plans["val"] = scan_foldered(opts.val, class_index, folder_wnids)
+            plans["val"] = scan_foldered(opts.val, class_index, folder_wnids, opts.only_listed_classes)
     return plans
 
 
@@ -514,7 +525,8 @@ def summary(result: ConvertResult) -> str:
     m = result.manifest
     lines = []
     state = "already complete" if result.already_complete else ("resumed and finished" if result.resumed else "done")
-    lines.append(f"make_shards: {state} in {result.seconds:.1f} s, {len(m.classes)} classes")
+    subset = " (those of --classes; images of other classes left out)" if m.options.get("only_listed_classes") else ""
+    lines.append(f"make_shards: {state} in {result.seconds:.1f} s, {len(m.classes)} classes{subset}")
     for split, info in m.splits.items():
         total_bytes = sum(s.bytes for s in info.shards)
         rejected = sum(1 for r in m.rejected if r.split == split)

@@ -62,13 +62,17 @@ def list_class_folders(root: str | os.PathLike) -> list[str]:
 
 
 def scan_foldered(
-    root: str | os.PathLike, class_index: dict[str, int], folder_wnids: dict[str, str] | None = None
+    root: str | os.PathLike,
+    class_index: dict[str, int],
+    folder_wnids: dict[str, str] | None = None,
+    leave_out_others: bool = False,
 ) -> tuple[list[SourceImage], list[ScanRejection]]:
     """Every file under `root/<wnid>/` (recursively), labelled by its folder.
 
     `folder_wnids` maps folder names to wnids where the folders are not named by wnid (ImageNetV2's
     are class indices: `--class-index-folders`). Files are taken whatever their extension (content
-    is checked later, by bytes). A folder that names no known class is an error; a file directly
+    is checked later, by bytes). A folder that names no known class is an error (left out, unread,
+    with `leave_out_others`: `--only-listed-classes`); a file directly
     under `root` is rejected, not dropped. A folder with no class folders (ImageNet's flat val given
     without its labels) or no files in them is an error too: converting it would write an empty
     split and report success.
@@ -90,8 +94,15 @@ def scan_foldered(
                     "(--class-index-folders)"
                 )
             if wnid not in class_index:
+                if leave_out_others:
+                    continue
                 raise ValueError(
                     f"{entry.path}: folder {entry.name!r} is not one of the {len(class_index)} known classes"
+                    + (
+                        " (to convert only the classes of --classes, add --only-listed-classes)"
+                        if folder_wnids is None
+                        else ""
+                    )
                 )
             folders += 1
             for dirpath, dirnames, filenames in os.walk(entry.path):
@@ -156,32 +167,43 @@ def read_val_labels(path: str | os.PathLike) -> dict[str, str]:
 
 
 def scan_flat(
-    root: str | os.PathLike, labels_file: str | os.PathLike, class_index: dict[str, int]
+    root: str | os.PathLike, labels_file: str | os.PathLike, class_index: dict[str, int], leave_out_others: bool = False
 ) -> tuple[list[SourceImage], list[ScanRejection]]:
-    """Files directly in `root`, labelled by `labels_file`; an unlabelled file, unknown wnid or no file is an error."""
+    """Files directly in `root`, labelled by `labels_file` (as `label_flat` says)."""
     root = Path(root).resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"input folder not found: {root}")
     names = [entry.name for entry in sorted(os.scandir(root), key=lambda e: e.name) if entry.is_file()]
-    labelled = label_flat(str(root), names, labels_file, class_index)
+    labelled = label_flat(str(root), names, labels_file, class_index, leave_out_others)
     return with_keys([_on_disk(root, name, wnid) for name, wnid in labelled], class_index), []
 
 
 def label_flat(
-    where: str, names: list[str], labels_file: str | os.PathLike, class_index: dict[str, int]
+    where: str,
+    names: list[str],
+    labels_file: str | os.PathLike,
+    class_index: dict[str, int],
+    leave_out_others: bool = False,
 ) -> list[tuple[str, str]]:
     """(name, wnid) for the flat files `names` of `where`, by `labels_file`: a file without a label,
-    a label naming an unknown class, or no file at all is an error."""
+    a label naming an unknown class, or no file at all is an error. With `leave_out_others`
+    (`--only-listed-classes`), files labelled with an unknown class are left out instead."""
     labels = read_val_labels(labels_file)
     unknown = sorted({w for w in labels.values() if w not in class_index})
-    if unknown:
-        raise ValueError(f"{labels_file}: {len(unknown)} label(s) name unknown classes, e.g. {unknown[:5]}")
+    if unknown and not leave_out_others:
+        raise ValueError(
+            f"{labels_file}: {len(unknown)} label(s) name unknown classes, e.g. {unknown[:5]} (to convert only "
+            "the classes of --classes, add --only-listed-classes)"
+        )
     unlabelled = [name for name in names if _stem(name) not in labels]
     if unlabelled:
         raise ValueError(f"{where}: {len(unlabelled)} image(s) have no label in {labels_file}, e.g. {unlabelled[:5]}")
     if not names:
         raise ValueError(f"{where}: no image files directly in it (a foldered {where}/<wnid>/ needs no labels file)")
-    return [(name, labels[_stem(name)]) for name in names]
+    labelled = [(name, labels[_stem(name)]) for name in names if labels[_stem(name)] in class_index]
+    if not labelled:
+        raise ValueError(f"{where}: none of its {len(names)} images is of a class in the class list")
+    return labelled
 
 
 def fingerprint(images: list[SourceImage]) -> str:

@@ -3,11 +3,13 @@ tars), ILSVRC2012_img_val.tar (flat) and the devkit, with nothing unpacked."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import tarfile
 from pathlib import Path
 
 import pytest
+import webdataset as wds
 
 from shards.devkit import DEVKIT_FOLDER
 from shards.manifest import read_manifest
@@ -164,3 +166,47 @@ def test_links_in_an_archive_are_listed_as_rejected_not_dropped(tmp_path, demo_i
     assert reasons[f"{wnid}/hard.JPEG"].startswith(f"a hard link in the archive (to {first.name}), not a file")
     images = sum(len(list(d.iterdir())) for d in (demo_imagenet / "train").iterdir())
     assert manifest.splits["train"].samples == images
+
+
+def test_only_the_listed_classes_are_converted_from_folders_and_archives(tmp_path, demo_imagenet, train_tar, capsys):
+    """ImageNet-100's way: --classes lists a subset in its own order and --only-listed-classes leaves
+    the other classes' folders, class archives and val labels out; both inputs give the same bytes."""
+    wnids = sorted(d.name for d in (demo_imagenet / "train").iterdir())
+    chosen = [wnids[7], wnids[2], wnids[5]]
+    classes = tmp_path / "subset.txt"
+    classes.write_text("".join(f"{w}\n" for w in chosen))
+    labels = demo_imagenet / "val_labels.txt"
+    val_tar = pack_flat_archive(demo_imagenet / "val", tmp_path / "ILSVRC2012_img_val.tar")
+    subset = ["--classes", str(classes), "--only-listed-classes", "--workers", "2", "--no-progress"]
+    from_folders, from_archives = tmp_path / "folders", tmp_path / "archives"
+    val = ["--val-labels", str(labels)]
+    assert make_shards(["--train", str(demo_imagenet / "train"), "--val", str(demo_imagenet / "val"), *val,
+                        "--out", str(from_folders), *subset]) == 0  # fmt: skip
+    assert "3 classes (those of --classes; images of other classes left out)" in capsys.readouterr().out
+    assert make_shards(["--train", str(train_tar), "--val", str(val_tar), *val, "--out", str(from_archives),
+                        *subset]) == 0  # fmt: skip
+
+    manifest = read_manifest(from_folders)
+    assert [c.wnid for c in manifest.classes] == chosen
+    expected = {
+        "train": sorted(p.name for w in chosen for p in (demo_imagenet / "train" / w).iterdir()),
+        "val": sorted(line.split()[0] for line in labels.read_text().splitlines() if line.split()[1] in chosen),
+    }
+    for split, names in expected.items():
+        urls = [str(from_folders / s.file) for s in manifest.splits[split].shards]
+        samples = [json.loads(s["json"]) | {"cls": int(s["cls"])} for s in wds.WebDataset(urls, shardshuffle=False)]
+        assert sorted(s["path"].rsplit("/", 1)[-1] for s in samples) == names, split
+        assert all(s["cls"] == chosen.index(s["wnid"]) for s in samples), split
+    written = sorted(p.name for p in from_folders.glob("*-*.*"))
+    assert written == sorted(p.name for p in from_archives.glob("*-*.*"))
+    for name in written:
+        assert (from_archives / name).read_bytes() == (from_folders / name).read_bytes(), name
+
+    without = make_shards_error(
+        capsys, "--train", str(train_tar), "--classes", str(classes), "--out", str(tmp_path / "a")
+    )
+    assert "7 class archive(s) are not among the 3 known classes" in without and "--only-listed-classes" in without
+    no_list = make_shards_error(
+        capsys, "--train", str(train_tar), "--only-listed-classes", "--out", str(tmp_path / "b")
+    )
+    assert "--only-listed-classes needs --classes FILE" in no_list

@@ -6,6 +6,8 @@
         --val-labels ILSVRC2012_devkit_t12.tar.gz --out /data/imagenet-shards
     python -m tools.make_shards --val imagenetv2-matched-frequency-format-val --class-index-folders \
         --out /data/imagenetv2-shards
+    python -m tools.make_shards --train ILSVRC2012_img_train.tar --val ILSVRC2012_img_val.tar \
+        --val-labels ILSVRC2012_devkit_t12.tar.gz --classes imagenet100.txt --only-listed-classes --out /data/in100
 
 The second form reads image-net.org's three downloads as they are, without unpacking (shards/archives.py).
 `--train-max-short-side 256` stores train images at most 256 px on the shorter side (FFCV, too,
@@ -13,7 +15,8 @@ stores ImageNet at a maximum resolution chosen at conversion): on the 1000 sampl
 of the bytes and 43% of the pixels to decode. Val stays full size, for evaluation at 256 px and above.
 `--train-raw-pixels` with such a limit stores the train images decoded (PPM pixels), so that reading
 them decodes no JPEG, at several times the size (docs/shards.md). The third converts ImageNetV2,
-whose folders are named by class index (0-999) rather than by wnid, for `train.evaluate`.
+whose folders are named by class index (0-999) rather than by wnid, for `train.evaluate`. The fourth
+converts 100 of the classes, in the order of the file listing them, leaving the others out.
 
 Rerun the same command after a kill to resume. Exit status: 0 on success, 1 when --strict and
 some input was rejected, 2 on bad arguments or an output made with other arguments, 3 on an I/O
@@ -59,6 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="the class folders are named by class index (0, 1, ..., as ImageNetV2 ships them): folder i holds class "
         "i of --classes (default: ImageNet-1k's 1000 classes in sorted wnid order)",
+    )
+    p.add_argument(
+        "--only-listed-classes",
+        action="store_true",
+        help="convert only the classes of --classes (e.g. ImageNet-100's list): class folders, class archives and "
+        "val labels of other classes are left out instead of refused",
     )
     p.add_argument("--out", metavar="DIR", required=True, help="output directory for shards and manifest.json")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes (default: all cores)")
@@ -125,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         val_labels=args.val_labels,
         classes=args.classes,
         class_index_folders=args.class_index_folders,
+        only_listed_classes=args.only_listed_classes,
         seed=args.seed,
         shard_size_mb=args.shard_size_mb,
         max_short_side=args.max_short_side,

@@ -65,6 +65,22 @@ def test_lamb_steps_as_timms_with_the_gradient_clipped_at_1():
     assert all(m > 0 for m in moved), "every tensor moved, the zero-initialised one too"
 
 
+def test_the_step_returns_the_gradient_norm_before_clipping():
+    """What log.grad_norm logs: the total L2 norm of all gradients as they were before clipping."""
+    for grad_clip, grad_norm in ((0.5, False), (0.0, True), (0.0, False)):
+        params = parameters()
+        give_gradients(params, 0)  # large: the clipping acts
+        expected = torch.cat([p.grad.flatten() for p in params]).double().norm().item()
+        before = [p.detach().clone() for p in params]
+        norm = optimizer_step(torch.optim.SGD(params, lr=1.0), params, grad_clip=grad_clip, grad_norm=grad_norm)
+        if not (grad_clip or grad_norm):
+            assert norm is None
+            continue
+        assert norm.item() == pytest.approx(expected, rel=1e-5)
+        step = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, params, strict=True)]).norm().item()
+        assert step == pytest.approx(grad_clip if grad_clip else expected, rel=1e-4), "the step itself was clipped"
+
+
 def test_lamb_moves_each_decayed_tensor_by_lr_times_its_norm_and_resumes_from_its_state():
     params = parameters()
     optimizer = Lamb(decay_groups(params), lr=0.01)

@@ -73,7 +73,8 @@ def model_weights(path: Path) -> dict[str, torch.Tensor]:
 def two_process_run(photo_shards, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ddp") / "run"
     overrides = ("train.epochs=2", "eval.every=1", "optim.ema_decay=0.9", "model.blurpool=true", "eval.flip=true",
-                 "data.aug_repeats=2", "data.interpolation=bicubic", "model.drop_path=0.1")  # fmt: skip
+                 "data.aug_repeats=2", "data.interpolation=bicubic", "model.drop_path=0.1",
+                 "log.grad_norm=true")  # fmt: skip
     result = torchrun(*train_args(photo_shards, run_dir, *overrides, "checkpoint.keep_every_epochs=1"))
     assert result.returncode == 0, result.stdout + result.stderr
     return run_dir, result
@@ -89,6 +90,7 @@ def test_two_process_run_logs_evaluates_and_checkpoints(two_process_run):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("train/loss" in r for r in records) and sum("val/acc1" in r for r in records) == 2
     for record in (r for r in records if "train/loss" in r):
+        assert 0 < record["train/grad_norm"] <= record["train/grad_norm_max"] < math.inf
         assert record["train/data_slowest_rank"] in (0, 1)
         assert record["train/data_time_fraction"] <= record["train/data_time_fraction_max"] <= 1.0
     checkpoint = load_checkpoint(run_dir / "last.pt")
@@ -152,7 +154,8 @@ def test_tensorboard_reads_the_event_files(two_process_run):
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"train/loss", "train/lr", "train/images_per_s", "train/data_time_fraction", "val/acc1", "val/acc5"} <= tags
+    assert {"train/loss", "train/lr", "train/images_per_s", "train/data_time_fraction", "val/acc1", "val/acc5",
+            "train/grad_norm", "train/grad_norm_max"} <= tags  # fmt: skip
     assert len(events.Scalars("val/acc1")) == 2
     assert "train/gpu_memory_gib" not in tags, "GPU memory is logged on GPUs only"
     assert len(list((run_dir / "tensorboard").iterdir())) == 1, "only rank 0 writes"

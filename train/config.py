@@ -181,6 +181,11 @@ class LogConfig:
     every: int = option(50, "log every this many optimizer steps (a host sync point)")
     tensorboard: bool = option(True, "write TensorBoard event files")
     histograms: bool = option(False, "weight histograms in TensorBoard at each eval")
+    grad_norm: bool = option(
+        False,
+        "log the gradients' total L2 norm before clipping (train/grad_norm, the window's mean, and "
+        "train/grad_norm_max): computed by optim.grad_clip anyway, else one norm per step",
+    )
 
 
 @dataclass

@@ -48,18 +48,24 @@ def optimizer_step(
     parameters,
     scaler: torch.amp.GradScaler | None = None,
     grad_clip: float = 0.0,
-) -> None:
-    """Clip (optionally), step, and clear the gradients."""
+    grad_norm: bool = False,
+) -> torch.Tensor | None:
+    """Clip (optionally), step, and clear the gradients. Returns the gradients' total L2 norm before
+    clipping (unscaled, on the device: no sync) when clipping computes it or `grad_norm` asks for it."""
     if scaler is not None:
         scaler.unscale_(optimizer)
+    norm = None
     if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+    elif grad_norm:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return norm
 
 
 def train_step(model, optimizer, criterion, images, labels, precision: str = "bfloat16") -> torch.Tensor:

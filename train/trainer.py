@@ -427,7 +427,9 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with timer.phase("optimizer"):
-                optimizer_step(optimizer, model.parameters(), scaler, cfg.optim.grad_clip)
+                grad_norm = optimizer_step(
+                    optimizer, model.parameters(), scaler, cfg.optim.grad_clip, cfg.log.grad_norm
+                )
                 if ema is not None:
                     # The EMA starts when the warmup ends (until then each update copies the
                     # weights), as torchvision's reference script restarts it during warmup.
@@ -437,7 +439,12 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
             timer.step_done()
             if sync_timer is not None:
                 sync_timer.step_done()
-            window.record(position["global_step"], step_loss, len(images) * accumulate * ctx.world_size)
+            window.record(
+                position["global_step"],
+                step_loss,
+                len(images) * accumulate * ctx.world_size,
+                grad_norm if cfg.log.grad_norm else None,
+            )
             position["global_step"] += 1
             position["step_in_epoch"] += 1
             bar.update(1)
@@ -531,14 +538,19 @@ class LogWindow:
     def __init__(self, size: int, ctx: DistContext, start_step: int):
         self.ctx = ctx
         self.losses = torch.zeros(size, device=ctx.device)
+        self.grad_norms = torch.zeros(size, device=ctx.device)
         self.reset(start_step)
 
     def reset(self, start_step: int) -> None:
         self.start, self.images, self.clock = start_step, 0, time.perf_counter()
         self.losses.zero_()
+        self.has_grad_norms = False
 
-    def record(self, global_step: int, loss: torch.Tensor, images: int) -> None:
+    def record(self, global_step: int, loss: torch.Tensor, images: int, grad_norm: torch.Tensor | None = None) -> None:
         self.losses[global_step - self.start] = loss  # a device copy: no sync
+        if grad_norm is not None:
+            self.grad_norms[global_step - self.start] = grad_norm
+            self.has_grad_norms = True
         self.images += images
 
     def steps(self, global_step: int) -> int:
@@ -563,7 +575,15 @@ class LogWindow:
             torch.distributed.all_reduce(first_bad, op=torch.distributed.ReduceOp.MIN)
         loss_sum, nonfinite, stop_votes, checkpoint_votes, *data_ms_by_rank = sums.tolist()  # the host sync point
         seconds = time.perf_counter() - self.clock
+        grad_norm = None
+        if self.has_grad_norms:
+            # The same on every rank (DDP averages the gradients): rank 0's, no all-reduce. Steps a
+            # float16 GradScaler skipped (an infinite norm) are left out, as their updates were.
+            norms = self.grad_norms[:steps]
+            finite = norms[torch.isfinite(norms)]
+            grad_norm = (finite.mean().item(), finite.max().item()) if len(finite) else None
         return {
+            "grad_norm": grad_norm,
             "data_ms_by_rank": data_ms_by_rank,
             "loss": loss_sum / (steps * self.ctx.world_size),  # mean over the window's steps and the ranks
             "first_nonfinite_step": int(first_bad.item()) if nonfinite else None,
@@ -588,6 +608,7 @@ def _log_train(log, epoch: int, position: dict, steps_per_epoch: int, window: di
         f"epoch {epoch} step {position['step_in_epoch']}/{steps_per_epoch} | loss {window['loss']:.4f} | "
         f"data {phases['data']:.1f}{slowest_text} fwd {phases['forward']:.1f} bwd {phases['backward']:.1f} "
         f"sync {sync_ms:.1f} opt {phases['optimizer']:.1f} ms | lr {lr:.4g} | {window['images_per_s']:.0f} img/s"
+        + (f" | grad norm {window['grad_norm'][0]:.3g}" if window["grad_norm"] is not None else "")
         + (f" | peak mem {window['gpu_memory_gib']:.1f} GiB" if window["gpu_memory_gib"] is not None else "")
     )
 
@@ -604,6 +625,8 @@ def _log_train(log, epoch: int, position: dict, steps_per_epoch: int, window: di
     if len(data_ms_by_rank) > 1:
         scalars["train/data_time_fraction_max"] = fraction(data_ms_by_rank[slowest])
         scalars["train/data_slowest_rank"] = slowest
+    if window["grad_norm"] is not None:
+        scalars["train/grad_norm"], scalars["train/grad_norm_max"] = window["grad_norm"]
     if window["gpu_memory_gib"] is not None:
         scalars["train/gpu_memory_gib"] = window["gpu_memory_gib"]  # rank 0's
     log.scalars(position["global_step"], scalars)

@@ -29,13 +29,18 @@ class ShardInfo:
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    """Write to a temporary name, fsync, rename: `path` is either absent or complete."""
+    """Write to a temporary name, fsync, rename: `path` is either absent or complete, and a failed
+    write (a full disk, a directory in the way) leaves no temporary file behind."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import itertools
 import json
@@ -189,24 +190,59 @@ def straightforward_eval(checkpoint: Path, shards: Path, columns: list[int] | No
     top5 = logits.topk(5, dim=1).indices
     correct1 = int((top5[:, 0] == labels).sum())
     correct5 = int((top5 == labels[:, None]).any(dim=1).sum())
-    loss_sum = sum(torch.nn.functional.cross_entropy(logits, labels, reduction="none").double().tolist())
+    losses = torch.nn.functional.cross_entropy(logits, labels, reduction="none").double().tolist()
     count = len(labels)
-    return {"acc1": 100 * correct1 / count, "acc5": 100 * correct5 / count, "loss": loss_sum / count, "samples": count}
+    per_class = {}  # label: [samples, top-1 correct, top-5 correct, loss sum]
+    for label, top, loss in zip(labels.tolist(), top5.tolist(), losses, strict=True):
+        row = per_class.setdefault(label, [0, 0, 0, 0.0])
+        row[0], row[1], row[2], row[3] = row[0] + 1, row[1] + (top[0] == label), row[2] + (label in top), row[3] + loss
+    return {"acc1": 100 * correct1 / count, "acc5": 100 * correct5 / count, "loss": sum(losses) / count,
+            "samples": count, "per_class": per_class}  # fmt: skip
 
 
-def test_evaluation_is_identical_for_1_2_and_3_processes(two_process_run, photo_shards):
+def check_per_class_file(path: Path, reference: dict, wnids: list[str]) -> None:
+    """The --per-class CSV has a line per class of the shards, in label order, with the reference's
+    counts (classes without val images have none), and its figures follow from them."""
+    with open(path, newline="") as f:
+        lines = list(csv.DictReader(f))
+    assert [line["wnid"] for line in lines] == wnids and [int(line["class"]) for line in lines] == list(
+        range(len(wnids))
+    )
+    names = imagenet_names()
+    for label, line in enumerate(lines):
+        samples, correct1, correct5, loss_sum = reference["per_class"].get(label, [0, 0, 0, 0.0])
+        assert (int(line["samples"]), int(line["top1_correct"]), int(line["top5_correct"])) == (
+            samples,
+            correct1,
+            correct5,
+        )
+        assert line["name"] == (names.get(line["wnid"]) or "")
+        if samples:
+            assert float(line["acc1"]) == pytest.approx(100 * correct1 / samples, abs=1e-4)
+            assert float(line["acc5"]) == pytest.approx(100 * correct5 / samples, abs=1e-4)
+            assert float(line["loss"]) == pytest.approx(loss_sum / samples, abs=2e-6)
+        else:
+            assert line["acc1"] == line["acc5"] == line["loss"] == ""
+    assert sum(int(line["samples"]) for line in lines) == reference["samples"]
+
+
+def test_evaluation_is_identical_for_1_2_and_3_processes(two_process_run, photo_shards, tmp_path):
     """...and equal to the trainer's own evaluation of the model it saved (every rank scores rank 0's
-    BatchNorm statistics, not those its own last batch left)."""
+    BatchNorm statistics, not those its own last batch left); so are the --per-class counts."""
     run_dir, _ = two_process_run
     args = ["-m", "train.evaluate", "--checkpoint", str(run_dir / "last.pt"), "--shards", str(photo_shards),
             "--batch-size", "8", "--workers", "1"]  # fmt: skip
-    single = run_tool(*args[1:], check=True)
+    single = run_tool(*args[1:], "--per-class", str(tmp_path / "1.csv"), check=True)
     results = [json.loads(single.stdout.strip().splitlines()[-1])]
     for nproc in (2, 3):
-        out = torchrun(*args, nproc=nproc)
+        out = torchrun(*args, *(["--per-class", str(tmp_path / "3.csv")] if nproc == 3 else []), nproc=nproc)
         assert out.returncode == 0, out.stderr
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     reference = straightforward_eval(run_dir / "last.pt", photo_shards)
+    wnids = [c.wnid for c in read_manifest(photo_shards).classes]
+    for name in ("1.csv", "3.csv"):
+        check_per_class_file(tmp_path / name, reference, wnids)
+    assert results[0]["per_class"] == str(tmp_path / "1.csv") and "per_class" not in results[1]
     for result in results:
         assert result["samples"] == reference["samples"] == read_val_count(photo_shards) and result["flip"]
         assert result["acc1"] == reference["acc1"] and result["acc5"] == reference["acc5"]
@@ -382,6 +418,22 @@ def test_evaluate_can_resize_val_images_otherwise_than_the_run(two_process_run, 
     with pytest.raises(SystemExit):
         evaluate_main([*common, "--crop-pct", "1.5"])
     assert "--crop-pct must be in (0, 1], got 1.5" in capsys.readouterr().err
+
+
+def test_a_per_class_file_that_cannot_be_written_is_named_and_the_scores_still_printed(
+    two_process_run, photo_shards, tmp_path, capsys
+):
+    common = ["--checkpoint", str(two_process_run[0] / "last.pt"), "--shards", str(photo_shards), "--workers", "1"]
+    with pytest.raises(SystemExit):  # before anything is evaluated
+        evaluate_main([*common, "--per-class", str(tmp_path / "no-such-dir" / "classes.csv")])
+    assert f"no directory {tmp_path / 'no-such-dir'} to write it in" in capsys.readouterr().err
+    taken = tmp_path / "taken.csv"
+    taken.mkdir()  # a directory where the file should go: the rename fails after the evaluation
+    assert evaluate_main([*common, "--per-class", str(taken)]) == 2
+    out, err = capsys.readouterr()
+    assert json.loads(out.strip().splitlines()[-1])["samples"] == read_val_count(photo_shards)
+    assert f"evaluate: error: cannot write --per-class {taken}" in err
+    assert list(tmp_path.iterdir()) == [taken], "no temporary file is left behind"
 
 
 def test_average_checkpoints_names_what_it_cannot_average(two_process_run, tmp_path, capsys):
@@ -692,8 +744,9 @@ def test_test_sets_of_the_models_classes_are_scored_by_wnid(two_process_run, pho
 
     chosen = folders[::2]
     part = val_shards_of(chosen, tmp_path / "part")
-    subset = scores(part, "--class-subset")
+    subset = scores(part, "--class-subset", "--per-class", str(tmp_path / "part.csv"))
     reference = straightforward_eval(last, part, [model_wnids.index(folder.name) for folder in chosen])
+    check_per_class_file(tmp_path / "part.csv", reference, [folder.name for folder in chosen])
     assert subset["classes"] == len(chosen) and subset["samples"] == reference["samples"]
     assert (subset["acc1"], subset["acc5"]) == (reference["acc1"], reference["acc5"])
     assert subset["loss"] == pytest.approx(reference["loss"], rel=1e-12)

@@ -4,16 +4,20 @@ python -m train.evaluate --checkpoint runs/resnet18/best.pt --shards /data/image
 torchrun --nproc-per-node 8 -m train.evaluate --checkpoint runs/resnet18/best.pt --shards /data/imagenet-shards
 python -m train.evaluate --checkpoint runs/resnet18/best.pt --shards /data/imagenet-r-shards --class-subset
 python -m train.evaluate --checkpoint runs/resnet18/best.pt --shards /data/imagenet-shards --real-labels real.json
+python -m train.evaluate --checkpoint runs/resnet18/best.pt --shards /data/imagenet-shards --per-class classes.csv
 
 The val split of any shards whose classes are the model's (ImageNetV2, ImageNet-Sketch) scores as
 it is; shards of some of its classes (ImageNet-A, ImageNet-R) with `--class-subset`. `--real-labels`
-adds ImageNet-ReaL's top-1/top-5 on ImageNet's own val images.
+adds ImageNet-ReaL's top-1/top-5 on ImageNet's own val images. `--per-class` writes each class's
+accuracy and loss to a CSV file, to find the classes a model gets wrong (or a split mislabelled).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
+import io
 import json
 import sys
 from pathlib import Path
@@ -23,8 +27,10 @@ import torch
 from pipeline.errors import SampleDecodeError, data_error_message
 from pipeline.loader import BACKENDS, LoaderConfig, create_loader
 from pipeline.shard_set import ShardError
+from shards.classes import build_class_list
 from shards.inputs import list_class_folders
 from shards.manifest import manifest_digest, read_manifest
+from shards.tar_writer import write_atomically
 from train.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -75,6 +81,28 @@ def checkpoint_identity(checkpoint: dict) -> tuple[int, int, str]:
     return checkpoint["epoch"], checkpoint["global_step"], hashlib.sha256(config).hexdigest()[:16]
 
 
+PER_CLASS_COLUMNS = ["class", "wnid", "name", "samples", "top1_correct", "top5_correct", "acc1", "acc5", "loss"]
+
+
+def write_per_class(path: Path, rows: list[list[float]], classes: list[tuple[str, str | None]]) -> None:
+    """Write one CSV line per class of the shards (by label index): its samples, correct counts,
+    top-1/top-5 accuracy (percent) and mean loss; a class without samples has empty figures.
+    Written whole or not at all (a temporary file renamed)."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(PER_CLASS_COLUMNS)
+    for index, ((samples, correct1, correct5, loss_sum), (wnid, name)) in enumerate(zip(rows, classes, strict=True)):
+        figures = ["", "", ""]
+        if samples:
+            figures = [
+                f"{100 * correct1 / samples:.4f}",
+                f"{100 * correct5 / samples:.4f}",
+                f"{loss_sum / samples:.6f}",
+            ]
+        writer.writerow([index, wnid, name or "", int(samples), int(correct1), int(correct5), *figures])
+    write_atomically(path, text.getvalue().encode())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True)
@@ -109,7 +137,16 @@ def main(argv: list[str] | None = None) -> int:
         help="ImageNet-ReaL's real.json (the reassessed labels of ImageNet's 50,000 val images, a list of class "
         "indices per image; timm ships it as timm/data/_info/imagenet_real_labels.json): also report ReaL top-1/top-5",
     )
+    p.add_argument(
+        "--per-class",
+        metavar="FILE",
+        type=Path,
+        help="also write each class's samples, top-1/top-5 accuracy and mean loss to this CSV file (one line per "
+        "class of the shards, by label index)",
+    )
     args = p.parse_args(argv)
+    if args.per_class is not None and not args.per_class.parent.is_dir():
+        p.error(f"--per-class {args.per_class}: no directory {args.per_class.parent} to write it in")
     if args.real_labels and args.class_subset:
         p.error("--real-labels scores ImageNet's val images among all 1000 classes: not with --class-subset")
     if args.crop_pct is not None and not 0.0 < args.crop_pct <= 1.0:
@@ -142,9 +179,10 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError as err:  # a setting that cannot work here (e.g. dali-gpu without a GPU)
                 raise ConfigError(str(err)) from err
             if cfg.backend == "folder":
-                wnids = list_class_folders(Path(args.shards) / "val")  # the folder loader's class order
+                classes = build_class_list(list_class_folders(Path(args.shards) / "val"))  # the folder loader's order
             else:
-                wnids = [c.wnid for c in read_manifest(args.shards).classes]
+                classes = read_manifest(args.shards).classes
+            wnids = [c.wnid for c in classes]
             if args.class_subset:
                 columns = class_columns(checkpoint, args.checkpoint, wnids, args.shards).to(ctx.device)
             else:
@@ -175,12 +213,23 @@ def main(argv: list[str] | None = None) -> int:
         # Each node reads its own --checkpoint and --shards: a mixture would be scored silently.
         advice = "every node must evaluate the same checkpoint on the same shards, with the same code and flags"
         require_agreement(facts, ctx, advice)
-        metrics = evaluate(model, loader, ctx, precision, flip, columns, label_sets)
+        per_class = len(wnids) if args.per_class is not None else 0
+        metrics = evaluate(model, loader, ctx, precision, flip, columns, label_sets, per_class)
         loader.close()
         if ctx.is_main:
+            rows, write_error = metrics.pop("per_class", None), None
+            if rows is not None:
+                try:
+                    write_per_class(args.per_class, rows, [(c.wnid, c.name) for c in classes])
+                    metrics["per_class"] = str(args.per_class)
+                except OSError as err:  # the scores are still printed: the evaluation is not lost
+                    write_error = f"cannot write --per-class {args.per_class} ({err.strerror or err})"
             settings = {"image_size": cfg.val_image_size, "crop_pct": cfg.crop_pct, "flip": flip}
             settings["classes"] = len(columns) if columns is not None else loader.num_classes  # predicted among
             print(json.dumps({"checkpoint": args.checkpoint, "weights": args.weights, **metrics, **settings}))
+            if write_error:
+                print(f"evaluate: error: {write_error}", file=sys.stderr, flush=True)
+                return EXIT_CONFIG
     except CheckpointError as err:
         print(f"evaluate: checkpoint error: {err}", file=sys.stderr, flush=True)
         return EXIT_CONFIG

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from pipeline.loader import PAD_LABEL
@@ -19,10 +21,12 @@ class EvalCounts:
     With `label_sets`, also the counts against a set of right answers per sample (ImageNet-ReaL's).
     """
 
-    def __init__(self, device: torch.device, label_sets: bool = False):
+    def __init__(self, device: torch.device, label_sets: bool = False, num_classes: int = 0):
         # float64: exact integer counts up to 2**53, and a loss sum that barely depends on order.
         # correct1, correct5, loss, count; with label sets: set-correct1, set-correct5, samples that have a set
         self.totals = torch.zeros(7 if label_sets else 4, dtype=torch.float64, device=device)
+        # With num_classes, the same per label: samples, correct1, correct5, loss (one row per class).
+        self.by_class = torch.zeros(num_classes, 4, dtype=torch.float64, device=device) if num_classes else None
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, labels: torch.Tensor, label_sets: torch.Tensor | None = None) -> None:
@@ -34,6 +38,9 @@ class EvalCounts:
         hits = top5 == labels[:, None]
         loss = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
         counts = [hits[:, :1].any(dim=1).sum(), hits.any(dim=1).sum(), loss.double().sum(), valid.sum()]
+        if self.by_class is not None:
+            rows = [torch.ones_like(loss), hits[:, :1].any(dim=1), hits.any(dim=1), loss]
+            self.by_class.index_add_(0, labels, torch.stack([row.double() for row in rows], dim=1))
         if label_sets is not None:
             label_sets = label_sets[valid]
             in_set = (top5[:, :, None] == label_sets[:, None, :]).any(dim=2)  # each of the top 5 is a right answer
@@ -41,10 +48,13 @@ class EvalCounts:
             counts += [in_set[:, 0].sum(), in_set.any(dim=1).sum(), has_set.sum()]  # no set: no answer is in it
         self.totals += torch.stack([count.double() for count in counts])
 
-    def reduce(self, ctx: DistContext) -> dict[str, float]:
+    def reduce(self, ctx: DistContext) -> dict[str, Any]:
         """All-reduce once and return acc1/acc5 (percent), mean loss and the sample count (and with
-        label sets real_acc1, real_acc5 and real_samples, the samples that have a set)."""
-        totals = all_reduce_sum(self.totals.clone(), ctx).tolist()  # the one sync point of evaluation
+        label sets real_acc1, real_acc5 and real_samples, the samples that have a set; with classes,
+        `per_class`: a [samples, correct1, correct5, loss sum] row per label)."""
+        parts = [self.totals] + ([self.by_class.flatten()] if self.by_class is not None else [])
+        summed = all_reduce_sum(torch.cat(parts), ctx).cpu()  # the one sync point of evaluation
+        totals = summed[: len(self.totals)].tolist()
         correct1, correct5, loss_sum, count = totals[:4]
         if count == 0:
             raise RuntimeError("evaluation saw no samples")
@@ -59,6 +69,8 @@ class EvalCounts:
             metrics["real_acc1"] = 100.0 * set_correct1 / max(with_set, 1)
             metrics["real_acc5"] = 100.0 * set_correct5 / max(with_set, 1)
             metrics["real_samples"] = int(with_set)
+        if self.by_class is not None:
+            metrics["per_class"] = summed[len(self.totals) :].view(-1, 4).tolist()
         return metrics
 
 
@@ -71,7 +83,8 @@ def evaluate(
     flip: bool = False,
     class_columns: torch.Tensor | None = None,
     label_sets: torch.Tensor | None = None,
-) -> dict[str, float]:
+    per_class: int = 0,
+) -> dict[str, Any]:
     """Top-1/top-5 accuracy and mean cross-entropy of `model` over the whole val split.
 
     `flip`: the logits are the mean of the image's and its mirror's (test-time augmentation).
@@ -79,10 +92,11 @@ def evaluate(
     is made among those outputs only (how ImageNet-A and ImageNet-R, 200 of its classes, are scored).
     `label_sets`: a row of right answers per sample of this rank, in the loader's order (see
     `EvalCounts.update`), scored besides the labels: ImageNet-ReaL's top-1/top-5.
+    `per_class`: the number of labels; also count each label's samples, hits and loss (`per_class`).
     """
     was_training = model.training
     model.eval()
-    counts = EvalCounts(ctx.device, label_sets is not None)
+    counts = EvalCounts(ctx.device, label_sets is not None, per_class)
     seen = 0
     for images, labels in loader:
         with autocast(ctx.device, precision):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 import hashlib
 import itertools
 import json
@@ -75,7 +76,7 @@ def two_process_run(photo_shards, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ddp") / "run"
     overrides = ("train.epochs=2", "eval.every=1", "optim.ema_decay=0.9", "model.blurpool=true", "eval.flip=true",
                  "data.aug_repeats=2", "data.interpolation=bicubic", "model.drop_path=0.1",
-                 "log.grad_norm=true")  # fmt: skip
+                 "log.grad_norm=true", "log.profile_steps=2", "log.profile_start=1")  # fmt: skip
     result = torchrun(*train_args(photo_shards, run_dir, *overrides, "checkpoint.keep_every_epochs=1"))
     assert result.returncode == 0, result.stdout + result.stderr
     return run_dir, result
@@ -103,6 +104,39 @@ def test_two_process_run_logs_evaluates_and_checkpoints(two_process_run):
     assert kept == ["epoch-1.pt", "epoch-2.pt"], "checkpoint.keep_every_epochs=1 keeps each epoch's last.pt"
     assert load_checkpoint(run_dir / "epoch-1.pt")["epoch"] == 1, "not replaced when last.pt is"
     assert (run_dir / "epoch-2.pt").read_bytes() == (run_dir / "last.pt").read_bytes()
+
+
+def profiled_names(trace: Path) -> set[str]:
+    return {event.get("name") for event in json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]}
+
+
+def test_each_rank_writes_a_trace_of_the_profiled_steps(two_process_run):
+    """log.profile_steps=2 from step 1: a Chrome trace per rank with each step and its phases named
+    around the operators, and a table of the slowest operators; the log names rank 0's files."""
+    run_dir, result = two_process_run
+    profile_dir = run_dir / "profile"
+    assert sorted(p.name for p in profile_dir.iterdir()) == [
+        f"rank{rank}-steps-1-2.{ext}" for rank in (0, 1) for ext in ("json.gz", "txt")
+    ]
+    for rank in (0, 1):
+        names = profiled_names(profile_dir / f"rank{rank}-steps-1-2.json.gz")
+        assert {"train step 1", "train step 2", "data", "forward", "backward", "optimizer"} <= names
+        assert "train step 0" not in names and "train step 3" not in names
+        assert "aten::convolution" in names
+        table = (profile_dir / f"rank{rank}-steps-1-2.txt").read_text()
+        assert "Self CPU" in table and "forward" in table
+    assert f"profiled steps 1-2 on every rank: {profile_dir / 'rank0-steps-1-2.json.gz'}" in result.stdout
+
+
+def test_a_profile_window_past_the_run_is_refused_and_one_over_its_end_is_cut_short(photo_shards, tmp_path, capsys):
+    args = train_args(photo_shards, tmp_path / "run", "train.epochs=1", "eval.every=1", "log.profile_steps=3")[2:]
+    assert train_main([*args, "log.profile_start=100000"]) == 2
+    message = re.search(r"log\.profile_start: step 100000 is past the run's last step, (\d+)", capsys.readouterr().err)
+    last = int(message.group(1))
+    assert train_main([*args, f"log.profile_start={last}"]) == 0
+    trace = tmp_path / "run" / "profile" / f"rank0-steps-{last}-{last}.json.gz"
+    assert f"train step {last}" in profiled_names(trace)
+    assert sorted(p.name for p in trace.parent.iterdir()) == [trace.name, f"rank0-steps-{last}-{last}.txt"]
 
 
 def test_the_log_window_gathers_each_ranks_wait_for_data(tmp_path):
@@ -894,6 +928,7 @@ def test_the_train_loader_is_given_the_data_settings():
         ("checkpoint.every_steps=-1", "checkpoint.every_steps: must be 0 (off) or more, got -1"),
         ("checkpoint.every_minutes=-5", "checkpoint.every_minutes: must be 0 (off) or more, got -5.0"),
         ("checkpoint.keep_best=-2", "checkpoint.keep_best: must be 0 (off) or more, got -2"),
+        ("log.profile_start=-1", "log.profile_start: must be 0 or more, got -1"),
         ("optim.lr=[1,", "override 'optim.lr=[1,': not valid YAML"),
         ("optim.random_erase=1.5", "optim.random_erase: must be a probability in [0, 1], got 1.5"),
         ("schedule.min_lr=-1", "schedule.min_lr: must be 0 or more, got -1.0"),

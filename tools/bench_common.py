@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import gzip
 import itertools
 import json
 import os
 import platform
 import resource
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -26,6 +24,7 @@ from shards.convert import ConvertOptions, convert
 from shards.manifest import MANIFEST_NAME, Manifest
 from tools.gpu_report import stored_text
 from tools.make_demo_data import build_demo_imagenet, link_sample_tree
+from train.profiling import write_profile
 
 
 def shard_dir(path: str) -> str:
@@ -405,19 +404,10 @@ def profile_steps(
     finally:
         batches.close()
         loader.close()
-    averages = profiler.key_averages()
     summary = [
         f"{name}: {seconds * 1e3:.1f} ms of host time over {steps} steps" for name, seconds in host_seconds.items()
     ]
-    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    out_stem.parent.mkdir(parents=True, exist_ok=True)
-    table = averages.table(sort_by=sort_by, row_limit=30)
-    Path(f"{out_stem}.txt").write_text("\n".join(summary) + "\n\n" + table + "\n")
-    with tempfile.TemporaryDirectory() as tmp:
-        trace = Path(tmp) / "trace.json"
-        profiler.export_chrome_trace(str(trace))
-        with open(trace, "rb") as raw, gzip.open(f"{out_stem}.json.gz", "wb") as packed:
-            shutil.copyfileobj(raw, packed)
+    write_profile(profiler, device.type == "cuda", out_stem, [*summary, ""])
 
 
 def _batches_across_epochs(loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

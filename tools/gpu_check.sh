@@ -125,11 +125,13 @@ tar czf "$OUT/diagnostics.tgz" -C /tmp/gc diagnostics
 step "2. GPU-marked tests"
 limit 240 python -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider  # 15 tests, 8 of them not yet run on a GPU
 
-step "5. short real training run under torchrun (python -m torch.distributed.run), dali-gpu, BlurPool, eval flips, EMA, repeated augmentation, timed checkpoints"
+step "5. short real training run under torchrun (python -m torch.distributed.run), dali-gpu, BlurPool, eval flips, EMA, repeated augmentation, timed checkpoints, gradient norms, a profile of steps 4-6"
 limit 150 python -m torch.distributed.run --standalone --nproc-per-node 1 -m train --config configs/demo.yaml data.shards=/tmp/gc/shards \
   data.backend=dali-gpu data.workers="$workers" data.batch_size=64 resolution.min=128 resolution.max=128 \
   resolution.val=128 train.epochs=2 eval.every=1 log.every=2 log.tensorboard="$tensorboard_ok" run.dir=/tmp/gc/run \
-  model.blurpool=true eval.flip=true optim.ema_decay=0.99 data.aug_repeats=2 checkpoint.every_minutes=0.01
+  model.blurpool=true eval.flip=true optim.ema_decay=0.99 data.aug_repeats=2 checkpoint.every_minutes=0.01 \
+  log.grad_norm=true log.profile_steps=3 log.profile_start=4
+head -n 20 /tmp/gc/run/profile/rank0-steps-4-6.txt  # not run on a GPU before (added the twenty-eighth session)
 limit 90 python -m train.evaluate --checkpoint /tmp/gc/run/last.pt --shards /tmp/gc/shards --workers "$workers"
 limit 90 python -m train.evaluate --checkpoint /tmp/gc/run/last.pt --shards /tmp/gc/shards --workers "$workers" --ema
 ls -la /tmp/gc/run

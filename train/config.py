@@ -186,6 +186,12 @@ class LogConfig:
         "log the gradients' total L2 norm before clipping (train/grad_norm, the window's mean, and "
         "train/grad_norm_max): computed by optim.grad_clip anyway, else one norm per step",
     )
+    profile_steps: int = option(
+        0,
+        "record this many optimizer steps with torch.profiler on every rank, from log.profile_start; each "
+        "rank writes a Chrome trace and a table of its slowest operators to run.dir/profile (0: off)",
+    )
+    profile_start: int = option(20, "the optimizer step (counted from the run's first) profiling starts at")
 
 
 @dataclass
@@ -408,10 +414,14 @@ def _check(config: Config) -> None:
         "checkpoint.every_minutes",
         "checkpoint.keep_every_epochs",
         "checkpoint.keep_best",
+        "log.profile_steps",
     ):
-        value = getattr(config.checkpoint, key.split(".")[1])
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
         if value < 0:
             raise ConfigError(f"{key}: must be 0 (off) or more, got {value}")
+    if config.log.profile_start < 0:
+        raise ConfigError(f"log.profile_start: must be 0 or more, got {config.log.profile_start}")
     if (config.data.backend == "folder") != (config.val_backend == "folder"):  # a folder tree, or shards
         raise ConfigError(
             f"data.val_backend: {config.val_backend!r} cannot read what data.backend {config.data.backend!r} reads"

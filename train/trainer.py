@@ -79,6 +79,7 @@ from train.loss import build_criterion
 from train.metrics import evaluate
 from train.mixing import batch_mixer
 from train.model import build_model
+from train.profiling import StepProfiler
 from train.run_log import RunLogError, create_run_log, software_facts
 from train.schedule import in_warmup, learning_rate, train_image_size
 from train.signals import StopRequest
@@ -282,6 +283,11 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
         if steps_per_epoch == 0:
             batches = train_loader.steps_per_epoch
             raise ConfigError(f"optim.accumulate={accumulate} exceeds the {batches} batches per epoch")
+        last_step = steps_per_epoch * cfg.train.epochs - 1
+        if cfg.log.profile_steps and cfg.log.profile_start > last_step:
+            raise ConfigError(
+                f"log.profile_start: step {cfg.log.profile_start} is past the run's last step, {last_step}"
+            )
 
         # resume
         position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_acc1": -math.inf, "best_kept": []}
@@ -360,6 +366,9 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
         + (f" (val {cfg.val_backend})" if cfg.val_backend != cfg.data.backend else "")
     )
     timer = PhaseTimer(ctx.device)
+    profiler = None
+    if cfg.log.profile_steps:
+        profiler = StepProfiler(cfg.log.profile_start, cfg.log.profile_steps, run_dir / "profile", ctx.rank, ctx.device)
     window = LogWindow(cfg.log.every, ctx, position["global_step"])
 
     def flush_window(epoch: int, lr: float) -> tuple[bool, bool]:
@@ -403,6 +412,9 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
             if micro < skip_micro:
                 next(batches)  # resuming mid-epoch: replay the data position, do not train on it
                 continue
+            if profiler is not None and micro % accumulate == 0:
+                profiler.before_step(position["global_step"])
+                timer.annotate = profiler.active
             with timer.data_wait():
                 images, labels = next(batches)
             if cfg.optim.random_erase > 0:
@@ -437,6 +449,9 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
                     update_ema(ema, model, cfg.optim.ema_decay, copy=ema_empty or warmup)
                     ema_empty = False
             timer.step_done()
+            if profiler is not None:
+                _log_profile(log, profiler.after_step(position["global_step"]))
+                timer.annotate = profiler.active
             if sync_timer is not None:
                 sync_timer.step_done()
             window.record(
@@ -523,6 +538,8 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
             )
             break
 
+    if profiler is not None:
+        _log_profile(log, profiler.finish(position["global_step"]))  # a run that ended inside the window
     train_loader.close()
     val_loader.close()
     if final_metrics and not stopped_by_signal:
@@ -530,6 +547,17 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
         log.line(f"done: acc1 {final_metrics['acc1']:.2f} acc5 {final_metrics['acc5']:.2f}{ema_text}; run in {run_dir}")
     log.close()
     return EXIT_OK
+
+
+def _log_profile(log, written: list[Path]) -> None:
+    """Name rank 0's profile files once they are written (every rank writes its own)."""
+    if written:
+        trace, table = written
+        first, last = trace.name.removesuffix(".json.gz").split("-")[2:]  # rank0-steps-20-29.json.gz
+        log.line(
+            f"profiled steps {first}-{last} on every rank: {trace} (chrome://tracing or "
+            f"ui.perfetto.dev), the slowest operators in {table.name}; other ranks' files beside them"
+        )
 
 
 class LogWindow:

@@ -226,30 +226,30 @@ def straightforward_eval(checkpoint: Path, shards: Path, columns: list[int] | No
     correct5 = int((top5 == labels[:, None]).any(dim=1).sum())
     losses = torch.nn.functional.cross_entropy(logits, labels, reduction="none").double().tolist()
     count = len(labels)
-    per_class = {}  # label: [samples, top-1 correct, top-5 correct, loss sum]
+    per_class = {}  # label: [samples, top-1 correct, top-5 correct, loss sum, {wrong top-1 prediction: times}]
     for label, top, loss in zip(labels.tolist(), top5.tolist(), losses, strict=True):
-        row = per_class.setdefault(label, [0, 0, 0, 0.0])
+        row = per_class.setdefault(label, [0, 0, 0, 0.0, {}])
         row[0], row[1], row[2], row[3] = row[0] + 1, row[1] + (top[0] == label), row[2] + (label in top), row[3] + loss
+        if top[0] != label:
+            row[4][top[0]] = row[4].get(top[0], 0) + 1
     return {"acc1": 100 * correct1 / count, "acc5": 100 * correct5 / count, "loss": sum(losses) / count,
             "samples": count, "per_class": per_class}  # fmt: skip
 
 
 def check_per_class_file(path: Path, reference: dict, wnids: list[str]) -> None:
     """The --per-class CSV has a line per class of the shards, in label order, with the reference's
-    counts (classes without val images have none), and its figures follow from them."""
+    counts (classes without val images have none), its figures follow from them, and it names the
+    class each class's images were most often predicted as instead."""
     with open(path, newline="") as f:
         lines = list(csv.DictReader(f))
-    assert [line["wnid"] for line in lines] == wnids and [int(line["class"]) for line in lines] == list(
-        range(len(wnids))
-    )
+    assert [line["wnid"] for line in lines] == wnids
+    assert [int(line["class"]) for line in lines] == list(range(len(wnids)))
     names = imagenet_names()
+    mistaken = 0
     for label, line in enumerate(lines):
-        samples, correct1, correct5, loss_sum = reference["per_class"].get(label, [0, 0, 0, 0.0])
-        assert (int(line["samples"]), int(line["top1_correct"]), int(line["top5_correct"])) == (
-            samples,
-            correct1,
-            correct5,
-        )
+        samples, correct1, correct5, loss_sum, wrong = reference["per_class"].get(label, [0, 0, 0, 0.0, {}])
+        counts = (int(line["samples"]), int(line["top1_correct"]), int(line["top5_correct"]))
+        assert counts == (samples, correct1, correct5)
         assert line["name"] == (names.get(line["wnid"]) or "")
         if samples:
             assert float(line["acc1"]) == pytest.approx(100 * correct1 / samples, abs=1e-4)
@@ -257,7 +257,16 @@ def check_per_class_file(path: Path, reference: dict, wnids: list[str]) -> None:
             assert float(line["loss"]) == pytest.approx(loss_sum / samples, abs=2e-6)
         else:
             assert line["acc1"] == line["acc5"] == line["loss"] == ""
+        if wrong:
+            times = max(wrong.values())
+            predicted = min(c for c, t in wrong.items() if t == times)  # the lowest class among equals
+            assert (line["mistaken_for"], int(line["mistaken_times"])) == (wnids[predicted], times)
+            assert line["mistaken_for_name"] == (names.get(wnids[predicted]) or "")
+            mistaken += 1
+        else:
+            assert line["mistaken_for"] == line["mistaken_for_name"] == line["mistaken_times"] == ""
     assert sum(int(line["samples"]) for line in lines) == reference["samples"]
+    assert mistaken, "the model makes mistakes: the file names them"
 
 
 def test_evaluation_is_identical_for_1_2_and_3_processes(two_process_run, photo_shards, tmp_path):

@@ -9,7 +9,7 @@ python -m train.evaluate --checkpoint runs/resnet18/best.pt --shards /data/image
 The val split of any shards whose classes are the model's (ImageNetV2, ImageNet-Sketch) scores as
 it is; shards of some of its classes (ImageNet-A, ImageNet-R) with `--class-subset`. `--real-labels`
 adds ImageNet-ReaL's top-1/top-5 on ImageNet's own val images. `--per-class` writes each class's
-accuracy and loss to a CSV file, to find the classes a model gets wrong (or a split mislabelled).
+accuracy, loss and most frequent mistake to a CSV file, to find the classes a model gets wrong.
 """
 
 from __future__ import annotations
@@ -81,17 +81,22 @@ def checkpoint_identity(checkpoint: dict) -> tuple[int, int, str]:
     return checkpoint["epoch"], checkpoint["global_step"], hashlib.sha256(config).hexdigest()[:16]
 
 
-PER_CLASS_COLUMNS = ["class", "wnid", "name", "samples", "top1_correct", "top5_correct", "acc1", "acc5", "loss"]
+PER_CLASS_COLUMNS = [
+    "class", "wnid", "name", "samples", "top1_correct", "top5_correct", "acc1", "acc5", "loss",
+    "mistaken_for", "mistaken_for_name", "mistaken_times",
+]  # fmt: skip
 
 
-def write_per_class(path: Path, rows: list[list[float]], classes: list[tuple[str, str | None]]) -> None:
+def write_per_class(path: Path, rows: list[list], classes: list[tuple[str, str | None]]) -> None:
     """Write one CSV line per class of the shards (by label index): its samples, correct counts,
-    top-1/top-5 accuracy (percent) and mean loss; a class without samples has empty figures.
+    top-1/top-5 accuracy (percent), mean loss, and the class its images were most often predicted
+    as instead, with how many of them; a class without samples or mistakes has those fields empty.
     Written whole or not at all (a temporary file renamed)."""
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(PER_CLASS_COLUMNS)
-    for index, ((samples, correct1, correct5, loss_sum), (wnid, name)) in enumerate(zip(rows, classes, strict=True)):
+    for index, (row, (wnid, name)) in enumerate(zip(rows, classes, strict=True)):
+        samples, correct1, correct5, loss_sum, mistaken_for, mistaken_times = row
         figures = ["", "", ""]
         if samples:
             figures = [
@@ -99,7 +104,10 @@ def write_per_class(path: Path, rows: list[list[float]], classes: list[tuple[str
                 f"{100 * correct5 / samples:.4f}",
                 f"{loss_sum / samples:.6f}",
             ]
-        writer.writerow([index, wnid, name or "", int(samples), int(correct1), int(correct5), *figures])
+        mistake = ["", "", ""]
+        if mistaken_for is not None:
+            mistake = [classes[mistaken_for][0], classes[mistaken_for][1] or "", mistaken_times]
+        writer.writerow([index, wnid, name or "", int(samples), int(correct1), int(correct5), *figures, *mistake])
     write_atomically(path, text.getvalue().encode())
 
 
@@ -141,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         "--per-class",
         metavar="FILE",
         type=Path,
-        help="also write each class's samples, top-1/top-5 accuracy and mean loss to this CSV file (one line per "
-        "class of the shards, by label index)",
+        help="also write each class's samples, top-1/top-5 accuracy, mean loss and the class it is most often "
+        "mistaken for to this CSV file (one line per class of the shards, by label index)",
     )
     args = p.parse_args(argv)
     if args.per_class is not None and not args.per_class.parent.is_dir():

@@ -11,6 +11,9 @@ from train.distributed import DistContext, all_reduce_sum
 from train.step import autocast
 
 NO_LABEL = -1  # fills the rows of a label-set tensor past each sample's own labels
+# Per-class counts include which class each class is most often mistaken for, from a classes x
+# classes float64 matrix: 8 MB for ImageNet's 1000 classes, 134 MB at this limit (above: left out).
+MAX_CONFUSION_CLASSES = 4096
 
 
 class EvalCounts:
@@ -25,8 +28,12 @@ class EvalCounts:
         # float64: exact integer counts up to 2**53, and a loss sum that barely depends on order.
         # correct1, correct5, loss, count; with label sets: set-correct1, set-correct5, samples that have a set
         self.totals = torch.zeros(7 if label_sets else 4, dtype=torch.float64, device=device)
-        # With num_classes, the same per label: samples, correct1, correct5, loss (one row per class).
+        # With num_classes, the same per label: samples, correct1, correct5, loss (one row per class),
+        # and a flattened confusion matrix: [label * num_classes + top-1 prediction] counts.
         self.by_class = torch.zeros(num_classes, 4, dtype=torch.float64, device=device) if num_classes else None
+        self.confusion = None
+        if 0 < num_classes <= MAX_CONFUSION_CLASSES:
+            self.confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=device)
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, labels: torch.Tensor, label_sets: torch.Tensor | None = None) -> None:
@@ -39,8 +46,14 @@ class EvalCounts:
         loss = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
         counts = [hits[:, :1].any(dim=1).sum(), hits.any(dim=1).sum(), loss.double().sum(), valid.sum()]
         if self.by_class is not None:
-            rows = [torch.ones_like(loss), hits[:, :1].any(dim=1), hits.any(dim=1), loss]
+            classes = len(self.by_class)
+            if logits.shape[1] != classes:
+                raise ValueError(f"per-class counts for {classes} classes, but the logits score {logits.shape[1]}")
+            ones = torch.ones_like(loss, dtype=torch.float64)
+            rows = [ones, hits[:, :1].any(dim=1), hits.any(dim=1), loss]
             self.by_class.index_add_(0, labels, torch.stack([row.double() for row in rows], dim=1))
+            if self.confusion is not None:
+                self.confusion.index_add_(0, labels * classes + top5[:, 0], ones)
         if label_sets is not None:
             label_sets = label_sets[valid]
             in_set = (top5[:, :, None] == label_sets[:, None, :]).any(dim=2)  # each of the top 5 is a right answer
@@ -51,8 +64,10 @@ class EvalCounts:
     def reduce(self, ctx: DistContext) -> dict[str, Any]:
         """All-reduce once and return acc1/acc5 (percent), mean loss and the sample count (and with
         label sets real_acc1, real_acc5 and real_samples, the samples that have a set; with classes,
-        `per_class`: a [samples, correct1, correct5, loss sum] row per label)."""
-        parts = [self.totals] + ([self.by_class.flatten()] if self.by_class is not None else [])
+        `per_class`: a [samples, correct1, correct5, loss sum, mistaken for, mistaken times] row per
+        label, the last two the class its samples were most often predicted as instead (the lowest
+        index among equals) and how many times, None when never or above MAX_CONFUSION_CLASSES)."""
+        parts = [self.totals] + [t.flatten() for t in (self.by_class, self.confusion) if t is not None]
         summed = all_reduce_sum(torch.cat(parts), ctx).cpu()  # the one sync point of evaluation
         totals = summed[: len(self.totals)].tolist()
         correct1, correct5, loss_sum, count = totals[:4]
@@ -70,7 +85,16 @@ class EvalCounts:
             metrics["real_acc5"] = 100.0 * set_correct5 / max(with_set, 1)
             metrics["real_samples"] = int(with_set)
         if self.by_class is not None:
-            metrics["per_class"] = summed[len(self.totals) :].view(-1, 4).tolist()
+            start, classes = len(self.totals), len(self.by_class)
+            rows = summed[start : start + 4 * classes].view(classes, 4).tolist()
+            mistakes = [(None, None)] * classes
+            if self.confusion is not None:
+                wrong = summed[start + 4 * classes :].view(classes, classes).fill_diagonal_(0)
+                times, mistaken_for = wrong.max(dim=1)  # the first of equal maxima
+                mistakes = [
+                    (int(c), int(t)) if t > 0 else (None, None) for c, t in zip(mistaken_for, times, strict=True)
+                ]
+            metrics["per_class"] = [[*row, *mistake] for row, mistake in zip(rows, mistakes, strict=True)]
         return metrics
 
 

@@ -148,7 +148,7 @@ def test_the_log_window_gathers_each_ranks_wait_for_data(tmp_path):
         "import json, torch\n"
         "from train.distributed import setup_distributed, teardown_distributed\n"
         "from train.signals import StopRequest\n"
-        "from train.trainer import LogWindow\n"
+        "from train.progress import LogWindow\n"
         "ctx = setup_distributed()\n"
         "window = LogWindow(4, ctx, start_step=10)\n"
         "for step in range(10, 13):\n"

@@ -80,6 +80,7 @@ from train.metrics import evaluate
 from train.mixing import batch_mixer
 from train.model import build_model
 from train.profiling import StepProfiler
+from train.progress import LogWindow, log_epoch_time, log_profile, log_train
 from train.run_log import RunLogError, create_run_log, software_facts
 from train.schedule import in_warmup, learning_rate, train_image_size
 from train.signals import StopRequest
@@ -383,7 +384,7 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
                 f"without saving: the last good checkpoint in {run_dir} is kept"
             )
         sync_ms = sync_timer.summary() if sync_timer is not None else 0.0
-        _log_train(log, epoch, position, steps_per_epoch, stats, timer.summary(), sync_ms, lr)
+        log_train(log, epoch, position, steps_per_epoch, stats, timer.summary(), sync_ms, lr)
         window.reset(position["global_step"])
         return stats["stop"], stats["checkpoint_due"]
 
@@ -450,7 +451,7 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
                     ema_empty = False
             timer.step_done()
             if profiler is not None:
-                _log_profile(log, profiler.after_step(position["global_step"]))
+                log_profile(log, profiler.after_step(position["global_step"]))
                 timer.annotate = profiler.active
             if sync_timer is not None:
                 sync_timer.step_done()
@@ -524,7 +525,7 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
         keep_every = cfg.checkpoint.keep_every_epochs
         if ctx.is_main and keep_every and (epoch + 1) % keep_every == 0:
             keep_copy(run_dir / LAST_NAME, run_dir / f"epoch-{epoch + 1}.pt")
-        _log_epoch_time(
+        log_epoch_time(
             log, epoch, time.perf_counter() - epoch_started, steps_to_train, steps_per_epoch, cfg.train.epochs
         )
         if metrics and _targets_met(metrics, cfg.train.stop_when):
@@ -539,7 +540,7 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
             break
 
     if profiler is not None:
-        _log_profile(log, profiler.finish(position["global_step"]))  # a run that ended inside the window
+        log_profile(log, profiler.finish(position["global_step"]))  # a run that ended inside the window
     train_loader.close()
     val_loader.close()
     if final_metrics and not stopped_by_signal:
@@ -547,137 +548,6 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
         log.line(f"done: acc1 {final_metrics['acc1']:.2f} acc5 {final_metrics['acc5']:.2f}{ema_text}; run in {run_dir}")
     log.close()
     return EXIT_OK
-
-
-def _log_profile(log, written: list[Path]) -> None:
-    """Name rank 0's profile files once they are written (every rank writes its own)."""
-    if written:
-        trace, table = written
-        first, last = trace.name.removesuffix(".json.gz").split("-")[2:]  # rank0-steps-20-29.json.gz
-        log.line(
-            f"profiled steps {first}-{last} on every rank: {trace} (chrome://tracing or "
-            f"ui.perfetto.dev), the slowest operators in {table.name}; other ranks' files beside them"
-        )
-
-
-class LogWindow:
-    """Per-step losses kept on the device between log lines, read at log time (one host sync)."""
-
-    def __init__(self, size: int, ctx: DistContext, start_step: int):
-        self.ctx = ctx
-        self.losses = torch.zeros(size, device=ctx.device)
-        self.grad_norms = torch.zeros(size, device=ctx.device)
-        self.reset(start_step)
-
-    def reset(self, start_step: int) -> None:
-        self.start, self.images, self.clock = start_step, 0, time.perf_counter()
-        self.losses.zero_()
-        self.has_grad_norms = False
-
-    def record(self, global_step: int, loss: torch.Tensor, images: int, grad_norm: torch.Tensor | None = None) -> None:
-        self.losses[global_step - self.start] = loss  # a device copy: no sync
-        if grad_norm is not None:
-            self.grad_norms[global_step - self.start] = grad_norm
-            self.has_grad_norms = True
-        self.images += images
-
-    def steps(self, global_step: int) -> int:
-        return global_step - self.start
-
-    def reduce(self, global_step: int, stop: StopRequest, data_ms: float = 0.0, checkpoint_due: bool = False) -> dict:
-        """Across ranks, in one all-reduce: mean loss, first non-finite step (or None), whether any
-        rank was signalled or found a checkpoint due (so that all save together), and each rank's
-        mean wait for data (`data_ms`, this rank's)."""
-        steps = self.steps(global_step)
-        losses = self.losses[:steps]
-        finite = torch.isfinite(losses)
-        positions = torch.arange(steps, device=losses.device, dtype=torch.float64)
-        first_bad = torch.where(finite, math.inf, positions).min() + self.start
-        votes = torch.tensor([float(stop.requested), float(checkpoint_due)], device=losses.device, dtype=torch.float64)
-        data_waits = torch.zeros(self.ctx.world_size, device=losses.device, dtype=torch.float64)
-        data_waits[self.ctx.rank] = data_ms  # every other rank adds 0 here: the sum is each rank's own
-        counts = torch.stack([losses.nan_to_num(0.0, 0.0, 0.0).double().sum(), (~finite).double().sum()])
-        sums = torch.cat([counts, votes, data_waits])
-        all_reduce_sum(sums, self.ctx)
-        if self.ctx.distributed:
-            torch.distributed.all_reduce(first_bad, op=torch.distributed.ReduceOp.MIN)
-        loss_sum, nonfinite, stop_votes, checkpoint_votes, *data_ms_by_rank = sums.tolist()  # the host sync point
-        seconds = time.perf_counter() - self.clock
-        grad_norm = None
-        if self.has_grad_norms:
-            # The same on every rank (DDP averages the gradients): rank 0's, no all-reduce. Steps a
-            # float16 GradScaler skipped (an infinite norm) are left out, as their updates were.
-            norms = self.grad_norms[:steps]
-            finite = norms[torch.isfinite(norms)]
-            grad_norm = (finite.mean().item(), finite.max().item()) if len(finite) else None
-        return {
-            "grad_norm": grad_norm,
-            "data_ms_by_rank": data_ms_by_rank,
-            "loss": loss_sum / (steps * self.ctx.world_size),  # mean over the window's steps and the ranks
-            "first_nonfinite_step": int(first_bad.item()) if nonfinite else None,
-            "stop": stop_votes > 0,
-            "checkpoint_due": checkpoint_votes > 0,
-            "images_per_s": self.images / max(seconds, 1e-9),  # all ranks together
-            "step_ms": 1000.0 * seconds / max(steps, 1),
-            # This rank's peak since the start: what decides whether a larger batch or image fits.
-            "gpu_memory_gib": torch.cuda.max_memory_allocated(self.ctx.device) / 2**30
-            if self.ctx.device.type == "cuda"
-            else None,
-        }
-
-
-def _log_train(log, epoch: int, position: dict, steps_per_epoch: int, window: dict, phases: dict, sync_ms, lr) -> None:
-    data_ms_by_rank = window["data_ms_by_rank"]
-    slowest = max(range(len(data_ms_by_rank)), key=data_ms_by_rank.__getitem__)
-    # A rank that waits for data far longer than rank 0 (a node with a slow disk or too few cores)
-    # holds every rank back at the gradient all-reduce: named here, or it would show only as `sync`.
-    slowest_text = f" (max {data_ms_by_rank[slowest]:.1f} on rank {slowest})" if len(data_ms_by_rank) > 1 else ""
-    log.line(
-        f"epoch {epoch} step {position['step_in_epoch']}/{steps_per_epoch} | loss {window['loss']:.4f} | "
-        f"data {phases['data']:.1f}{slowest_text} fwd {phases['forward']:.1f} bwd {phases['backward']:.1f} "
-        f"sync {sync_ms:.1f} opt {phases['optimizer']:.1f} ms | lr {lr:.4g} | {window['images_per_s']:.0f} img/s"
-        + (f" | grad norm {window['grad_norm'][0]:.3g}" if window["grad_norm"] is not None else "")
-        + (f" | peak mem {window['gpu_memory_gib']:.1f} GiB" if window["gpu_memory_gib"] is not None else "")
-    )
-
-    def fraction(data_ms: float) -> float:
-        return min(1.0, data_ms / max(window["step_ms"], 1e-9))
-
-    scalars = {
-        "train/loss": window["loss"],
-        "train/lr": lr,
-        "train/images_per_s": window["images_per_s"],
-        "train/data_time_fraction": fraction(phases["data"]),  # rank 0's
-        "epoch": epoch,
-    }
-    if len(data_ms_by_rank) > 1:
-        scalars["train/data_time_fraction_max"] = fraction(data_ms_by_rank[slowest])
-        scalars["train/data_slowest_rank"] = slowest
-    if window["grad_norm"] is not None:
-        scalars["train/grad_norm"], scalars["train/grad_norm_max"] = window["grad_norm"]
-    if window["gpu_memory_gib"] is not None:
-        scalars["train/gpu_memory_gib"] = window["gpu_memory_gib"]  # rank 0's
-    log.scalars(position["global_step"], scalars)
-
-
-def _log_epoch_time(log, epoch: int, seconds: float, steps_trained: int, steps_per_epoch: int, epochs: int) -> None:
-    """How long the epoch took (training, evaluation, checkpoints) and, at its pace, what is left."""
-    epochs_left = epochs - epoch - 1
-    text = f"epoch {epoch} took {_duration(seconds)}"
-    if epochs_left:
-        # Per step trained, so that an epoch resumed midway does not understate the pace.
-        left_s = seconds / max(steps_trained, 1) * steps_per_epoch * epochs_left
-        text += f"; about {_duration(left_s)} left for {epochs_left} epoch(s) at this pace"
-    log.line(text)
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    days, hours = divmod(hours, 24)
-    if days:
-        return f"{days}d {hours:02d}h {minutes:02d}m"
-    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s"
 
 
 def _stop_requested(stop: StopRequest, ctx: DistContext) -> bool:

@@ -142,7 +142,8 @@ def test_a_profile_window_past_the_run_is_refused_and_one_over_its_end_is_cut_sh
 def test_the_log_window_gathers_each_ranks_wait_for_data(tmp_path):
     """A rank that waits longer for its data (a slower disk or fewer cores on its node) holds the
     others back at the all-reduce; the log names it. Two gloo ranks, each its own wait and losses.
-    The ranks' clocks differ too: a timed checkpoint that one finds due, all save."""
+    The ranks' clocks differ too: a timed checkpoint that one finds due, all save. Gradient norms
+    are the window's mean and largest, leaving out a skipped step's infinite one."""
     script = tmp_path / "window.py"
     script.write_text(
         "import json, torch\n"
@@ -151,11 +152,17 @@ def test_the_log_window_gathers_each_ranks_wait_for_data(tmp_path):
         "from train.progress import LogWindow\n"
         "ctx = setup_distributed()\n"
         "window = LogWindow(4, ctx, start_step=10)\n"
+        "norms = [2.0, float('inf'), 4.0]  # the second step's skipped by a float16 GradScaler\n"
         "for step in range(10, 13):\n"
-        "    window.record(step, torch.tensor(float(ctx.rank + 1)), images=8)\n"
+        "    norm = torch.tensor(norms[step - 10])\n"
+        "    window.record(step, torch.tensor(float(ctx.rank + 1)), images=8, grad_norm=norm)\n"
         "stats = window.reduce(13, StopRequest(1.0), data_ms=[4.0, 40.0][ctx.rank], checkpoint_due=ctx.rank == 1)\n"
+        "window.reset(13)\n"
+        "window.record(13, torch.tensor(1.0), images=8)\n"
+        "unrecorded = window.reduce(14, StopRequest(1.0))['grad_norm']\n"
         f"path = {str(tmp_path)!r} + f'/rank-{{ctx.rank}}.json'\n"
-        "report = {'data': stats['data_ms_by_rank'], 'loss': stats['loss'], 'save': stats['checkpoint_due']}\n"
+        "report = {'data': stats['data_ms_by_rank'], 'loss': stats['loss'], 'save': stats['checkpoint_due'],\n"
+        "          'grad_norm': stats['grad_norm'], 'unrecorded': unrecorded}\n"
         "open(path, 'w').write(json.dumps(report))\n"
         "teardown_distributed(ctx)\n"
     )
@@ -165,6 +172,8 @@ def test_the_log_window_gathers_each_ranks_wait_for_data(tmp_path):
         report = json.loads((tmp_path / f"rank-{rank}.json").read_text())
         assert report["data"] == [4.0, 40.0] and report["loss"] == 1.5
         assert report["save"], "a checkpoint one rank finds due is saved by all (each takes part)"
+        assert report["grad_norm"] == [3.0, 4.0], "mean and max of the finite norms"
+        assert report["unrecorded"] is None, "a window without norms (log.grad_norm off) reports none"
 
 
 def test_two_processes_train_from_raw_pixels_with_torch_uint8(raw_and_jpeg_shards, tmp_path):

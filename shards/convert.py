@@ -324,14 +324,39 @@ def _check_source(image: SourceImage, task: ShardTask) -> CheckedImage:
     return check_image_bytes(data, task.max_short_side, task.quality, task.raw_pixels)
 
 
-def convert(opts: ConvertOptions) -> ConvertResult:
-    """Run (or resume) a conversion; returns the manifest it wrote."""
-    started = time.monotonic()
+def plan_conversion(
+    opts: ConvertOptions,
+) -> tuple[list[ClassInfo], dict[str, tuple[list[SourceImage], list[ScanRejection]]], dict, list[ShardTask]]:
+    """Everything a conversion decides before it decodes or writes anything: the classes, each
+    split's inputs in write order (and those rejected at scan), the options an existing output
+    must match, and the shards. Raises on any label or option problem."""
     opts.check()
     classes = resolve_classes(opts)
     plans = plan_splits(opts, classes)
     options = opts.defining_options()
     options["inputs"] = {split: fingerprint(images) for split, (images, _) in plans.items()}
+    tasks = [
+        ShardTask(
+            split,
+            number,
+            shard_images,
+            opts.short_side_limit(split),
+            opts.quality,
+            opts.raw_pixels(split),
+            label_digits(len(classes)),
+        )
+        for split, (images, _) in plans.items()
+        for number, shard_images in enumerate(
+            plan_shards(images, opts.shard_size_mb, opts.short_side_limit(split) if opts.raw_pixels(split) else None)
+        )
+    ]
+    return classes, plans, options, tasks
+
+
+def convert(opts: ConvertOptions) -> ConvertResult:
+    """Run (or resume) a conversion; returns the manifest it wrote."""
+    started = time.monotonic()
+    classes, plans, options, tasks = plan_conversion(opts)
 
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -349,21 +374,6 @@ def convert(opts: ConvertOptions) -> ConvertResult:
     progress = ProgressLog(out / PROGRESS_NAME, options)
     for tmp in out.glob("*.tmp"):
         tmp.unlink()
-    tasks = [
-        ShardTask(
-            split,
-            number,
-            shard_images,
-            opts.short_side_limit(split),
-            opts.quality,
-            opts.raw_pixels(split),
-            label_digits(len(classes)),
-        )
-        for split, (images, _) in plans.items()
-        for number, shard_images in enumerate(
-            plan_shards(images, opts.shard_size_mb, opts.short_side_limit(split) if opts.raw_pixels(split) else None)
-        )
-    ]
     todo = [t for t in tasks if (t.split, t.number) not in done]
     total_inputs = sum(len(t.images) for t in tasks)
     with tqdm(
@@ -518,6 +528,43 @@ class ProgressLog:
     def remove(self) -> None:
         self.file.close()
         self.path.unlink(missing_ok=True)
+
+
+def dry_run(opts: ConvertOptions) -> str:
+    """What `convert` would do with these options, without decoding or writing anything: the
+    classes, each split's images, source bytes and shards, the files rejected at scan, and what
+    --out holds. Raises as `convert` would on a label or option problem."""
+    classes, plans, options, tasks = plan_conversion(opts)
+    subset = " (those of --classes; images of other classes left out)" if opts.only_listed_classes else ""
+    lines = [f"make_shards --dry-run: nothing written; {len(classes)} classes{subset}"]
+    for split, (images, rejected) in plans.items():
+        shards = sum(1 for t in tasks if t.split == split)
+        lines.append(
+            f"  {split:5s}: {len(images)} images, {sum(i.size for i in images) / BYTES_PER_MB:.1f} MB of source "
+            f"files, {_count(shards, 'shard')}; {len(rejected)} rejected at scan"
+        )
+    for split, (_, rejected) in plans.items():
+        lines += [f"  rejected {split}/{r.path}: {r.reason}" for r in rejected]
+    lines.append(f"  --out {opts.out}: {_output_state(Path(opts.out), options, tasks, opts.overwrite)}")
+    return "\n".join(lines)
+
+
+def _output_state(out: Path, options: dict, tasks: list[ShardTask], overwrite: bool) -> str:
+    """What a run would find in `out`, read without changing it."""
+    if not out.is_dir() or not _owned_files(out):
+        return "holds no conversion; a run would write every shard"
+    if overwrite:
+        return "holds files of a conversion; with --overwrite a run would remove them and write every shard"
+    try:
+        existing = _existing_manifest(out)
+        if existing is not None:
+            if existing.options != options:
+                return "holds a conversion made with other arguments or inputs; a run would stop (use --overwrite)"
+            return "holds this conversion, complete; a run would do nothing"
+        done = load_progress(out, options)
+    except OutputMismatchError as err:
+        return f"a run would stop: {err}"
+    return f"holds {len(done)} of the {_count(len(tasks), 'shard')} of this conversion; a run would write the rest"
 
 
 def summary(result: ConvertResult) -> str:

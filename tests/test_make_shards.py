@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -24,6 +25,7 @@ from shards.convert import PROGRESS_NAME, ProgressLog, load_progress
 from shards.manifest import read_manifest
 from tests.conftest import REPO_ROOT, run_tool, subprocess_env
 from tests.test_loaders import shards_with_a_broken_jpeg
+from tools.make_shards import main as make_shards_main
 
 WDS2IDX = Path(sys.executable).with_name("wds2idx")
 
@@ -361,6 +363,47 @@ def test_strict_exits_nonzero_after_finishing(tmp_path, demo_imagenet):
     assert (tmp_path / "o" / "manifest.json").is_file(), "the run completes before --strict fails it"
 
 
+def dry_run(*args: str, capsys) -> tuple[int, str]:
+    code = make_shards_main([*args, "--dry-run"])
+    out, err = capsys.readouterr()
+    return code, out + err
+
+
+def test_a_dry_run_reports_what_a_run_writes_and_writes_nothing(tmp_path, demo_imagenet, capsys):
+    """--dry-run's counts are those of the run that follows, it names what --out holds, it reports
+    label errors as a run does, and it leaves --out as it found it."""
+    train = tmp_path / "train"
+    shutil.copytree(demo_imagenet / "train", train)
+    (train / "notes.txt").write_text("not an image")  # rejected at scan
+    out = tmp_path / "out"
+    args = ["--train", str(train), "--val", str(demo_imagenet / "val"), "--val-labels",
+            str(demo_imagenet / "val_labels.txt"), "--out", str(out), "--shard-size-mb", "0.05"]  # fmt: skip
+    code, text = dry_run(*args, capsys=capsys)
+    assert code == 0 and not out.exists(), text
+    assert "rejected train/notes.txt: file outside any class folder" in text
+    assert f"--out {out}: holds no conversion; a run would write every shard" in text
+    split_line = r"^  (\w+)\s*: (\d+) images, [\d.]+ MB of source files, (\d+) shards?; (\d+) rejected at scan"
+    planned = {m[0]: (int(m[1]), int(m[2]), int(m[3])) for m in re.findall(split_line, text, re.M)}
+    run_tool("tools.make_shards", *args, "--no-progress", check=True)
+    manifest = read_manifest(out)
+    for split, info in manifest.splits.items():
+        rejected = sum(1 for r in manifest.rejected if r.split == split)
+        assert planned[split] == (info.samples, len(info.shards), rejected), split
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "holds this conversion, complete; a run would do nothing" in dry_run(*args, capsys=capsys)[1]
+    _, text = dry_run(*args[:-1], "0.1", capsys=capsys)
+    assert "holds a conversion made with other arguments or inputs; a run would stop (use --overwrite)" in text
+    assert "with --overwrite a run would remove them" in dry_run(*args[:-1], "0.1", "--overwrite", capsys=capsys)[1]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before, "a dry run changes nothing, --overwrite or not"
+
+    labels = tmp_path / "labels.txt"
+    lines = (demo_imagenet / "val_labels.txt").read_text().splitlines()
+    labels.write_text("\n".join(lines[:-1] + [lines[-1].split()[0] + " n99999999"]) + "\n")
+    code, text = dry_run(*args[:5], str(labels), "--out", str(tmp_path / "other"), capsys=capsys)
+    assert code == 2 and "n99999999" in text and "labels.txt" in text
+    assert not (tmp_path / "other").exists()
+
+
 def test_label_errors_stop_before_any_shard_is_written(tmp_path, demo_imagenet):
     labels = (demo_imagenet / "val_labels.txt").read_text().splitlines()
     bad_wnid = tmp_path / "bad_wnid.txt"
@@ -575,6 +618,14 @@ def test_resume_after_kill_gives_the_uninterrupted_result(tmp_path, demo_imagene
     committed = load_progress(killed, options)
     ProgressLog(log_path, options).append(next(iter(committed.values())))
     assert load_progress(killed, options) == committed
+    shards = len(read_manifest(reference).splits["train"].shards)
+    before = {p.name: p.read_bytes() for p in killed.iterdir()}
+    planned = run_tool("tools.make_shards", *base, "--out", str(killed), "--dry-run", check=True)
+    assert (
+        f"holds {len(committed)} of the {shards} shards of this conversion; a run would write the rest"
+        in planned.stdout
+    )
+    assert {p.name: p.read_bytes() for p in killed.iterdir()} == before
     finished = run_tool("tools.make_shards", *base, "--out", str(killed), check=True)
     assert "resumed" in finished.stdout
     names = sorted(p.name for p in reference.iterdir())

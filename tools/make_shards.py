@@ -18,6 +18,9 @@ them decodes no JPEG, at several times the size (docs/shards.md). The third conv
 whose folders are named by class index (0-999) rather than by wnid, for `train.evaluate`. The fourth
 converts 100 of the classes, in the order of the file listing them, leaving the others out.
 
+`--dry-run` scans the inputs and prints what a run would write (and what --out already holds)
+without decoding or writing anything: label problems show in seconds, not after an hour.
+
 Rerun the same command after a kill to resume. Exit status: 0 on success, 1 when --strict and
 some input was rejected, 2 on bad arguments or an output made with other arguments, 3 on an I/O
 error such as a full disk (complete shards are kept; rerun to resume).
@@ -29,7 +32,15 @@ import argparse
 import os
 import sys
 
-from shards.convert import DEFAULT_QUALITY, DEFAULT_SHARD_SIZE_MB, ConvertOptions, OutputMismatchError, convert, summary
+from shards.convert import (
+    DEFAULT_QUALITY,
+    DEFAULT_SHARD_SIZE_MB,
+    ConvertOptions,
+    OutputMismatchError,
+    convert,
+    dry_run,
+    summary,
+)
 from shards.manifest import SPLITS
 
 
@@ -108,6 +119,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--strict", action="store_true", help="exit non-zero after the run if any input was rejected")
     p.add_argument("--overwrite", action="store_true", help="replace an output made with other arguments")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="scan the inputs and print what a run would convert and write (classes, images, shards, rejected "
+        "files, what --out holds), decoding and writing nothing; label problems are reported as a run reports them",
+    )
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error("--workers must be at least 1")
@@ -148,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         progress_bar=not args.no_progress,
     )
     try:
+        if args.dry_run:
+            print(dry_run(opts))
+            return 0
         result = convert(opts)
     except (OutputMismatchError, ValueError, FileNotFoundError) as err:
         print(f"make_shards: error: {err}", file=sys.stderr)

@@ -15,6 +15,8 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.profiler import record_function
 
+from train.profiling import StepProfiler
+
 PHASES = ("data", "forward", "backward", "optimizer")
 
 
@@ -40,24 +42,27 @@ class PhaseTimer:
     the next batch, wall-clock (the loaders sync on their own outputs).
     """
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, profiler: StepProfiler | None = None):
         self.clock = _Clock(device)
         self.spans: list[tuple[str, object, object]] = []
         self.host_data_s = 0.0
         self.steps = 0
-        self.annotate = False  # while a profiler records: name each phase in its trace
+        self.profiler = profiler  # while it records, each phase is a named range in its trace
+
+    def _range(self, name: str):
+        return record_function(name) if self.profiler is not None and self.profiler.active else nullcontext()
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         start = self.clock.now()
-        with record_function(name) if self.annotate else nullcontext():
+        with self._range(name):
             yield
         self.spans.append((name, start, self.clock.now()))
 
     @contextmanager
     def data_wait(self) -> Iterator[None]:
         start = time.perf_counter()
-        with record_function("data") if self.annotate else nullcontext():
+        with self._range("data"):
             yield
         self.host_data_s += time.perf_counter() - start
 

@@ -366,10 +366,10 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
         f"global batch {global_batch}, peak lr {peak_lr:.4g}, {steps_per_epoch} steps/epoch, data {cfg.data.backend}"
         + (f" (val {cfg.val_backend})" if cfg.val_backend != cfg.data.backend else "")
     )
-    timer = PhaseTimer(ctx.device)
     profiler = None
     if cfg.log.profile_steps:
         profiler = StepProfiler(cfg.log.profile_start, cfg.log.profile_steps, run_dir / "profile", ctx.rank, ctx.device)
+    timer = PhaseTimer(ctx.device, profiler)
     window = LogWindow(cfg.log.every, ctx, position["global_step"])
 
     def flush_window(epoch: int, lr: float) -> tuple[bool, bool]:
@@ -415,7 +415,6 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
                 continue
             if profiler is not None and micro % accumulate == 0:
                 profiler.before_step(position["global_step"])
-                timer.annotate = profiler.active
             with timer.data_wait():
                 images, labels = next(batches)
             if cfg.optim.random_erase > 0:
@@ -452,7 +451,6 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
             timer.step_done()
             if profiler is not None:
                 log_profile(log, profiler.after_step(position["global_step"]))
-                timer.annotate = profiler.active
             if sync_timer is not None:
                 sync_timer.step_done()
             window.record(

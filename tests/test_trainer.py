@@ -278,16 +278,36 @@ def check_per_class_file(path: Path, reference: dict, wnids: list[str]) -> None:
     assert mistaken, "the model makes mistakes: the file names them"
 
 
+def check_predictions_file(path: Path, checkpoint: Path, shards: Path, wnids: list[str]) -> None:
+    """--predictions has one line per val sample, sorted by key (named here by the webdataset
+    library), with its label and the top five of a plain loop's softmax."""
+    logits, labels = straightforward_logits(checkpoint, shards)
+    urls = [str(shards / s.file) for s in read_manifest(shards).splits["val"].shards]
+    keys = [sample["__key__"] for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False)]
+    probabilities, classes = logits.softmax(dim=1).topk(5, dim=1)
+    expected = sorted(zip(keys, labels.tolist(), classes.tolist(), probabilities.tolist(), strict=True))
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["key"] for r in records] == [key for key, *_ in expected]
+    for record, (key, label, top, probs) in zip(records, expected, strict=True):
+        assert (record["label"], record["wnid"], record["top5"]) == (label, wnids[label], top), key
+        assert record["top5_wnids"] == [wnids[c] for c in top]
+        assert record["top5_probs"] == pytest.approx(probs, abs=2e-6)
+
+
 def test_evaluation_is_identical_for_1_2_and_3_processes(two_process_run, photo_shards, tmp_path):
     """...and equal to the trainer's own evaluation of the model it saved (every rank scores rank 0's
-    BatchNorm statistics, not those its own last batch left); so are the --per-class counts."""
+    BatchNorm statistics, not those its own last batch left); so are the --per-class counts and the
+    --predictions file."""
     run_dir, _ = two_process_run
     args = ["-m", "train.evaluate", "--checkpoint", str(run_dir / "last.pt"), "--shards", str(photo_shards),
             "--batch-size", "8", "--workers", "1"]  # fmt: skip
-    single = run_tool(*args[1:], "--per-class", str(tmp_path / "1.csv"), check=True)
+    files = {
+        n: ["--per-class", str(tmp_path / f"{n}.csv"), "--predictions", str(tmp_path / f"{n}.jsonl")] for n in (1, 3)
+    }
+    single = run_tool(*args[1:], *files[1], check=True)
     results = [json.loads(single.stdout.strip().splitlines()[-1])]
     for nproc in (2, 3):
-        out = torchrun(*args, *(["--per-class", str(tmp_path / "3.csv")] if nproc == 3 else []), nproc=nproc)
+        out = torchrun(*args, *files.get(nproc, []), nproc=nproc)
         assert out.returncode == 0, out.stderr
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     reference = straightforward_eval(run_dir / "last.pt", photo_shards)
@@ -295,6 +315,9 @@ def test_evaluation_is_identical_for_1_2_and_3_processes(two_process_run, photo_
     for name in ("1.csv", "3.csv"):
         check_per_class_file(tmp_path / name, reference, wnids)
     assert results[0]["per_class"] == str(tmp_path / "1.csv") and "per_class" not in results[1]
+    check_predictions_file(tmp_path / "1.jsonl", run_dir / "last.pt", photo_shards, wnids)
+    assert (tmp_path / "3.jsonl").read_bytes() == (tmp_path / "1.jsonl").read_bytes()
+    assert results[0]["predictions"] == str(tmp_path / "1.jsonl")
     for result in results:
         assert result["samples"] == reference["samples"] == read_val_count(photo_shards) and result["flip"]
         assert result["acc1"] == reference["acc1"] and result["acc5"] == reference["acc5"]
@@ -486,6 +509,9 @@ def test_a_per_class_file_that_cannot_be_written_is_named_and_the_scores_still_p
     assert json.loads(out.strip().splitlines()[-1])["samples"] == read_val_count(photo_shards)
     assert f"evaluate: error: cannot write --per-class {taken}" in err
     assert list(tmp_path.iterdir()) == [taken], "no temporary file is left behind"
+    with pytest.raises(SystemExit):
+        evaluate_main([*common, "--predictions", str(tmp_path / "no-such-dir" / "val.jsonl")])
+    assert f"--predictions {tmp_path / 'no-such-dir' / 'val.jsonl'}: no directory" in capsys.readouterr().err
 
 
 def test_average_checkpoints_names_what_it_cannot_average(two_process_run, tmp_path, capsys):

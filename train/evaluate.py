@@ -5,11 +5,13 @@ torchrun --nproc-per-node 8 -m train.evaluate --checkpoint runs/resnet18/best.pt
 python -m train.evaluate --checkpoint runs/resnet18/best.pt --shards /data/imagenet-r-shards --class-subset
 python -m train.evaluate --checkpoint runs/resnet18/best.pt --shards /data/imagenet-shards --real-labels real.json
 python -m train.evaluate --checkpoint runs/resnet18/best.pt --shards /data/imagenet-shards --per-class classes.csv
+python -m train.evaluate --checkpoint runs/resnet18/best.pt --shards /data/imagenet-shards --predictions val.jsonl
 
 The val split of any shards whose classes are the model's (ImageNetV2, ImageNet-Sketch) scores as
 it is; shards of some of its classes (ImageNet-A, ImageNet-R) with `--class-subset`. `--real-labels`
 adds ImageNet-ReaL's top-1/top-5 on ImageNet's own val images. `--per-class` writes each class's
-accuracy, loss and most frequent mistake to a CSV file, to find the classes a model gets wrong.
+accuracy, loss and most frequent mistake to a CSV file, to find the classes a model gets wrong;
+`--predictions` each image's top five classes and their probabilities.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import SampleDecodeError, data_error_message
-from pipeline.loader import BACKENDS, LoaderConfig, create_loader
+from pipeline.loader import BACKENDS, PAD_LABEL, LoaderConfig, create_loader
 from pipeline.shard_set import ShardError
 from shards.classes import build_class_list
 from shards.inputs import list_class_folders
@@ -39,7 +41,14 @@ from train.checkpoint import (
     trained_interpolation,
 )
 from train.config import ConfigError
-from train.distributed import fail_together, require_agreement, setup_distributed, teardown_distributed
+from train.distributed import (
+    DistContext,
+    all_gather_objects,
+    fail_together,
+    require_agreement,
+    setup_distributed,
+    teardown_distributed,
+)
 from train.eval_labels import check_classes_match, check_imagenet_classes, class_columns, real_label_sets
 from train.metrics import evaluate
 from train.model import FIXED_SIZE_KEYWORDS, build_model
@@ -111,6 +120,38 @@ def write_per_class(path: Path, rows: list[list], classes: list[tuple[str, str |
     write_atomically(path, text.getvalue().encode())
 
 
+def gather_predictions(keys: list[str], predictions: tuple[torch.Tensor, ...], ctx: DistContext) -> list[tuple]:
+    """Every rank's (key, label, top-5 classes, top-5 probabilities) of its real samples (padding
+    left out), gathered on every rank and sorted by key: the same list for any number of ranks."""
+    labels, classes, probabilities = predictions
+    if len(keys) != len(labels):
+        raise RuntimeError(f"the loader named {len(keys)} samples but yielded {len(labels)}")
+    rows = [
+        (key, label, top, probs)
+        for key, label, top, probs in zip(keys, labels.tolist(), classes.tolist(), probabilities.tolist(), strict=True)
+        if label != PAD_LABEL
+    ]
+    return sorted(row for part in all_gather_objects(rows, ctx) for row in part)
+
+
+def write_predictions(path: Path, rows: list[tuple], classes: list[tuple[str, str | None]]) -> None:
+    """One JSON line per sample, by key: its label, and the five classes the model scored highest
+    with their probabilities (softmax; over the shards' classes with --class-subset). Written whole
+    or not at all."""
+    lines = []
+    for key, label, top, probs in rows:
+        record = {
+            "key": key,
+            "label": label,
+            "wnid": classes[label][0],
+            "top5": top,
+            "top5_wnids": [classes[c][0] for c in top],
+            "top5_probs": [round(p, 6) for p in probs],
+        }
+        lines.append(json.dumps(record) + "\n")
+    write_atomically(path, "".join(lines).encode())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True)
@@ -152,9 +193,17 @@ def main(argv: list[str] | None = None) -> int:
         help="also write each class's samples, top-1/top-5 accuracy, mean loss and the class it is most often "
         "mistaken for to this CSV file (one line per class of the shards, by label index)",
     )
+    p.add_argument(
+        "--predictions",
+        metavar="FILE",
+        type=Path,
+        help="also write each val sample's top-5 classes and probabilities to this file, one JSON line per "
+        "sample by key (for error analysis and ensembles)",
+    )
     args = p.parse_args(argv)
-    if args.per_class is not None and not args.per_class.parent.is_dir():
-        p.error(f"--per-class {args.per_class}: no directory {args.per_class.parent} to write it in")
+    for option, path in (("--per-class", args.per_class), ("--predictions", args.predictions)):
+        if path is not None and not path.parent.is_dir():
+            p.error(f"{option} {path}: no directory {path.parent} to write it in")
     if args.real_labels and args.class_subset:
         p.error("--real-labels scores ImageNet's val images among all 1000 classes: not with --class-subset")
     if args.crop_pct is not None and not 0.0 < args.crop_pct <= 1.0:
@@ -222,21 +271,37 @@ def main(argv: list[str] | None = None) -> int:
         advice = "every node must evaluate the same checkpoint on the same shards, with the same code and flags"
         require_agreement(facts, ctx, advice)
         per_class = len(wnids) if args.per_class is not None else 0
-        metrics = evaluate(model, loader, ctx, precision, flip, columns, label_sets, per_class)
+        want_predictions = args.predictions is not None
+        metrics = evaluate(model, loader, ctx, precision, flip, columns, label_sets, per_class, want_predictions)
+        predictions = None
+        if want_predictions:  # every rank takes part in the gather
+            predictions = gather_predictions(loader.sample_keys(), metrics.pop("predictions"), ctx)
+            if len(predictions) != metrics["samples"]:
+                raise RuntimeError(f"{len(predictions)} predictions for {metrics['samples']} samples")
         loader.close()
         if ctx.is_main:
-            rows, write_error = metrics.pop("per_class", None), None
-            if rows is not None:
+            names = [(c.wnid, c.name) for c in classes]
+            outputs = []  # (option, path, what writes it)
+            if per_class:
+                rows = metrics.pop("per_class")
+                outputs.append(("--per-class", args.per_class, lambda: write_per_class(args.per_class, rows, names)))
+            if predictions is not None:
+                outputs.append(
+                    ("--predictions", args.predictions, lambda: write_predictions(args.predictions, predictions, names))
+                )
+            write_errors = []
+            for option, path, write in outputs:
                 try:
-                    write_per_class(args.per_class, rows, [(c.wnid, c.name) for c in classes])
-                    metrics["per_class"] = str(args.per_class)
+                    write()
+                    metrics[option.removeprefix("--").replace("-", "_")] = str(path)
                 except OSError as err:  # the scores are still printed: the evaluation is not lost
-                    write_error = f"cannot write --per-class {args.per_class} ({err.strerror or err})"
+                    write_errors.append(f"cannot write {option} {path} ({err.strerror or err})")
             settings = {"image_size": cfg.val_image_size, "crop_pct": cfg.crop_pct, "flip": flip}
             settings["classes"] = len(columns) if columns is not None else loader.num_classes  # predicted among
             print(json.dumps({"checkpoint": args.checkpoint, "weights": args.weights, **metrics, **settings}))
-            if write_error:
-                print(f"evaluate: error: {write_error}", file=sys.stderr, flush=True)
+            for error in write_errors:
+                print(f"evaluate: error: {error}", file=sys.stderr, flush=True)
+            if write_errors:
                 return EXIT_CONFIG
     except CheckpointError as err:
         print(f"evaluate: checkpoint error: {err}", file=sys.stderr, flush=True)

@@ -108,6 +108,7 @@ def evaluate(
     class_columns: torch.Tensor | None = None,
     label_sets: torch.Tensor | None = None,
     per_class: int = 0,
+    predictions: bool = False,
 ) -> dict[str, Any]:
     """Top-1/top-5 accuracy and mean cross-entropy of `model` over the whole val split.
 
@@ -117,10 +118,13 @@ def evaluate(
     `label_sets`: a row of right answers per sample of this rank, in the loader's order (see
     `EvalCounts.update`), scored besides the labels: ImageNet-ReaL's top-1/top-5.
     `per_class`: the number of labels; also count each label's samples, hits and loss (`per_class`).
+    `predictions`: also return this rank's own (not reduced) top-5 classes and probabilities of
+    each sample, in the loader's order, padding included: `predictions` = (labels, classes, probabilities).
     """
     was_training = model.training
     model.eval()
     counts = EvalCounts(ctx.device, label_sets is not None, per_class)
+    kept: list[tuple[torch.Tensor, ...]] = []
     seen = 0
     for images, labels in loader:
         with autocast(ctx.device, precision):
@@ -132,5 +136,12 @@ def evaluate(
         batch_sets = label_sets[seen : seen + len(labels)] if label_sets is not None else None
         seen += len(labels)
         counts.update(logits, labels, batch_sets)
+        if predictions:
+            probabilities, classes = logits.float().softmax(dim=1).topk(min(5, logits.shape[1]), dim=1)
+            kept.append((labels, classes, probabilities))  # on the device: no sync per batch
     model.train(was_training)
-    return counts.reduce(ctx)
+    metrics = counts.reduce(ctx)
+    if predictions:
+        empty = (torch.empty(0, dtype=torch.int64), torch.empty(0, 5, dtype=torch.int64), torch.empty(0, 5))
+        metrics["predictions"] = tuple(torch.cat(parts).cpu() for parts in zip(*kept, strict=True)) if kept else empty
+    return metrics

@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FILE",
         type=Path,
         help="also write each val sample's top-5 classes and probabilities to this file, one JSON line per "
-        "sample by key (for error analysis and ensembles)",
+        "sample by key (for error analysis)",
     )
     args = p.parse_args(argv)
     for option, path in (("--per-class", args.per_class), ("--predictions", args.predictions)):

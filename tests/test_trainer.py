@@ -512,6 +512,9 @@ def test_a_per_class_file_that_cannot_be_written_is_named_and_the_scores_still_p
     with pytest.raises(SystemExit):
         evaluate_main([*common, "--predictions", str(tmp_path / "no-such-dir" / "val.jsonl")])
     assert f"--predictions {tmp_path / 'no-such-dir' / 'val.jsonl'}: no directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate_main([*common, "--per-class", str(tmp_path / "out"), "--predictions", str(tmp_path / "." / "out")])
+    assert "--per-class and --predictions name the same file" in capsys.readouterr().err
 
 
 def test_average_checkpoints_names_what_it_cannot_average(two_process_run, tmp_path, capsys):

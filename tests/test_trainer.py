@@ -495,7 +495,7 @@ def test_evaluate_can_resize_val_images_otherwise_than_the_run(two_process_run, 
     assert "--crop-pct must be in (0, 1], got 1.5" in capsys.readouterr().err
 
 
-def test_a_per_class_file_that_cannot_be_written_is_named_and_the_scores_still_printed(
+def test_evaluate_files_that_cannot_be_written_are_named_and_the_scores_still_printed(
     two_process_run, photo_shards, tmp_path, capsys
 ):
     common = ["--checkpoint", str(two_process_run[0] / "last.pt"), "--shards", str(photo_shards), "--workers", "1"]

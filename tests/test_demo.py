@@ -19,3 +19,5 @@ def test_demo_converts_verifies_trains_evaluates_and_predicts(tmp_path):
     assert '"acc1": ' in result.stdout, "train.evaluate printed its result"
     assert "%  " in result.stdout, "tools.predict printed top-5 classes"
     assert (tmp_path / "demo" / "train" / "best.pt").is_file()
+    per_class = (tmp_path / "demo" / "train" / "val-per-class.csv").read_text().splitlines()
+    assert per_class[0].startswith("class,wnid,name,samples,") and len(per_class) == 1 + DEMO_CLASSES

@@ -41,12 +41,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"$ rm -r {shlex.quote(str(run))}", flush=True)
             shutil.rmtree(run)
         run_step("train", "--config", "configs/demo.yaml", f"data.shards={shards}", f"run.dir={run}", *args.overrides)
-        run_step("train.evaluate", "--checkpoint", str(run / "best.pt"), "--shards", str(shards), "--workers", "2")
+        run_step(
+            "train.evaluate", "--checkpoint", str(run / "best.pt"), "--shards", str(shards), "--workers", "2",
+            "--per-class", str(run / "val-per-class.csv"),
+        )  # fmt: skip
         run_step("tools.predict", "--checkpoint", str(run / "best.pt"), *sorted(map(str, (data / "val").iterdir()))[:2])
     except subprocess.CalledProcessError as err:
         print(f"demo: step failed with exit status {err.returncode}", file=sys.stderr)
         return 1
-    print(f"demo: done; shards in {shards}, logs and checkpoints in {run} (tensorboard --logdir {run})")
+    print(
+        f"demo: done; shards in {shards}, logs and checkpoints in {run} (tensorboard --logdir {run}), each class's "
+        f"val accuracy in {run / 'val-per-class.csv'}"
+    )
     return 0
 
 

@@ -136,6 +136,7 @@ def test_a_profile_window_past_the_run_is_refused_and_one_over_its_end_is_cut_sh
     assert train_main([*args, f"log.profile_start={last}"]) == 0
     trace = tmp_path / "run" / "profile" / f"rank0-steps-{last}-{last}.json.gz"
     assert f"train step {last}" in profiled_names(trace)
+    assert f"profiled steps {last}-{last}: {trace} (chrome" in capsys.readouterr().out, "one process: no other ranks"
     assert sorted(p.name for p in trace.parent.iterdir()) == [trace.name, f"rank0-steps-{last}-{last}.txt"]
 
 

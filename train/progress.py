@@ -16,14 +16,15 @@ from train.run_log import SilentLog
 from train.signals import StopRequest
 
 
-def log_profile(log: SilentLog, written: list[Path]) -> None:
+def log_profile(log: SilentLog, written: list[Path], world_size: int) -> None:
     """Name rank 0's profile files once they are written (every rank writes its own)."""
     if written:
         trace, table = written
         first, last = trace.name.removesuffix(".json.gz").split("-")[2:]  # rank0-steps-20-29.json.gz
+        ranks = " on every rank" if world_size > 1 else ""
         log.line(
-            f"profiled steps {first}-{last} on every rank: {trace} (chrome://tracing or "
-            f"ui.perfetto.dev), the slowest operators in {table.name}; other ranks' files beside them"
+            f"profiled steps {first}-{last}{ranks}: {trace} (chrome://tracing or ui.perfetto.dev), the slowest "
+            f"operators in {table.name}" + ("; other ranks' files beside them" if world_size > 1 else "")
         )
 
 

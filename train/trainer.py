@@ -450,7 +450,7 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
                     ema_empty = False
             timer.step_done()
             if profiler is not None:
-                log_profile(log, profiler.after_step(position["global_step"]))
+                log_profile(log, profiler.after_step(position["global_step"]), ctx.world_size)
             if sync_timer is not None:
                 sync_timer.step_done()
             window.record(
@@ -538,7 +538,7 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
             break
 
     if profiler is not None:
-        log_profile(log, profiler.finish(position["global_step"]))  # a run that ended inside the window
+        log_profile(log, profiler.finish(position["global_step"]), ctx.world_size)  # a run that ended inside the window
     train_loader.close()
     val_loader.close()
     if final_metrics and not stopped_by_signal:

@@ -283,21 +283,19 @@ def main(argv: list[str] | None = None) -> int:
         loader.close()
         if ctx.is_main:
             names = [(c.wnid, c.name) for c in classes]
-            outputs = []  # (option, path, what writes it)
-            if per_class:
-                rows = metrics.pop("per_class")
-                outputs.append(("--per-class", args.per_class, lambda: write_per_class(args.per_class, rows, names)))
-            if predictions is not None:
-                outputs.append(
-                    ("--predictions", args.predictions, lambda: write_predictions(args.predictions, predictions, names))
-                )
+            outputs = [  # (JSON key and option, file, writer, what it writes)
+                ("per_class", args.per_class, write_per_class, metrics.pop("per_class", None)),
+                ("predictions", args.predictions, write_predictions, predictions),
+            ]
             write_errors = []
-            for option, path, write in outputs:
+            for key, path, write, rows in outputs:
+                if rows is None:
+                    continue
                 try:
-                    write()
-                    metrics[option.removeprefix("--").replace("-", "_")] = str(path)
+                    write(path, rows, names)
+                    metrics[key] = str(path)
                 except OSError as err:  # the scores are still printed: the evaluation is not lost
-                    write_errors.append(f"cannot write {option} {path} ({err.strerror or err})")
+                    write_errors.append(f"cannot write --{key.replace('_', '-')} {path} ({err.strerror or err})")
             settings = {"image_size": cfg.val_image_size, "crop_pct": cfg.crop_pct, "flip": flip}
             settings["classes"] = len(columns) if columns is not None else loader.num_classes  # predicted among
             print(json.dumps({"checkpoint": args.checkpoint, "weights": args.weights, **metrics, **settings}))

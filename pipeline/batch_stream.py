@@ -44,7 +44,8 @@ class EncodedBatch:
 
 
 class BatchStream:
-    """Batches of `epoch_rows(e)` for e = first_epoch, first_epoch + 1, ...; call it to get the next.
+    """Batches of `epoch_rows(e)` for e = first_epoch, first_epoch + 1, ..., from batch `first_step`
+    of the first; call it to get the next.
 
     `epoch_rows(epoch)` gives the table rows of one epoch in reading order (a whole number of
     batches is read from it; the split makes train parts whole batches). `make_inputs(batch)` turns
@@ -60,9 +61,10 @@ class BatchStream:
         batch_size: int,
         read_ahead: int,
         make_inputs: Callable[[EncodedBatch], tuple],
+        first_step: int = 0,
     ):
         self.table, self.batch_size, self._make_inputs = table, batch_size, make_inputs
-        self._epoch_rows, self._first_epoch = epoch_rows, first_epoch
+        self._epoch_rows, self._first_epoch, self._first_step = epoch_rows, first_epoch, first_step
         self._ready: queue.Queue = queue.Queue(maxsize=read_ahead)
         self._free: queue.SimpleQueue = queue.SimpleQueue()  # buffers whose batch DALI has finished
         self.handed: deque[EncodedBatch] = deque()  # given to the pipeline, outputs not yet received
@@ -100,20 +102,19 @@ class BatchStream:
 
     def _read_all(self) -> None:
         try:
-            epoch = self._first_epoch
+            epoch, first_step = self._first_epoch, self._first_step
             while not self._stop.is_set():
                 rows = self._epoch_rows(epoch)
-                batches = [
-                    rows[i : i + self.batch_size] for i in range(0, len(rows) - self.batch_size + 1, self.batch_size)
-                ]
+                starts = range(first_step * self.batch_size, len(rows) - self.batch_size + 1, self.batch_size)
+                batches = [rows[i : i + self.batch_size] for i in starts]
                 for ahead in batches[:ADVISE_BATCHES_AHEAD]:
                     self._reader.advise_rows(ahead)
-                for step, batch_rows in enumerate(batches):
-                    if step + ADVISE_BATCHES_AHEAD < len(batches):
-                        self._reader.advise_rows(batches[step + ADVISE_BATCHES_AHEAD])
-                    if not self._put(self._read_batch(epoch, step, batch_rows)):
+                for i, batch_rows in enumerate(batches):
+                    if i + ADVISE_BATCHES_AHEAD < len(batches):
+                        self._reader.advise_rows(batches[i + ADVISE_BATCHES_AHEAD])
+                    if not self._put(self._read_batch(epoch, first_step + i, batch_rows)):
                         return
-                epoch += 1
+                epoch, first_step = epoch + 1, 0
         except BaseException as err:  # handed to the consumer, raised where it asks for a batch
             self._put(err)
 

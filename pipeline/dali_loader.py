@@ -2,8 +2,9 @@
 
 One pipeline serves epoch after epoch: a `BatchStream` hands it the rank's samples in the split's
 order and runs on into the next epoch, so an epoch switch is just the next batch. A new pipeline is
-built only when the image size changes (progressive resizing) or when the loader is asked for an
-epoch the stream is not at (the first epoch, a resume, or a pass abandoned far from its end).
+built only when the image size changes (progressive resizing) or when the loader is asked for a
+batch the stream is not at or a few batches before (the first epoch, a resume, or a pass abandoned
+far from its end).
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ from pipeline.split import shuffle_key
 from pipeline.transforms import random_resized_crops
 from shards.image_header import UnreadableHeader, encoded_image_size, ppm_pixels
 
-# A pass left this close to its end is read to the end (decoded, not used) rather than replaced by a
-# new pipeline: a build costs about a second of GPU time on an H100, 16 batches less than that. The
-# trainer leaves up to `accumulate - 1` batches when they do not fill an optimizer step.
+# A stream this few batches before the one asked for is read up to it (decoded, not used) rather
+# than replaced by a new pipeline: a build costs about a second of GPU time on an H100, 16 batches
+# less than that. The trainer leaves up to `accumulate - 1` batches when they do not fill an
+# optimizer step.
 DRAIN_AT_MOST = 16
 
 
@@ -140,6 +142,7 @@ class DaliLoader(PartLoader):
             self.batch_size,
             read_ahead=max(2, self.cfg.prefetch),
             make_inputs=self._pipeline_inputs,
+            first_step=self.start_step,
         )
         pipe = imagenet_pipeline(
             source=stream,
@@ -169,18 +172,17 @@ class DaliLoader(PartLoader):
             if named is None:
                 raise
             raise named from err
-        return _Run(self.image_size, stream, pipe, batches, self.epoch, 0)
+        return _Run(self.image_size, stream, pipe, batches, self.epoch, self.start_step)
 
     def _ready_run(self) -> _Run:
-        """A run whose next batch is the first of the wanted pass: kept, drained to it, or new."""
+        """A run whose next batch is the wanted pass's first (`start_step`): kept, drained to it, or new."""
         run = self._run
         if run is not None and run.image_size == self.image_size:
-            # Train wants its epoch; val reads the same samples every pass, so any pass start will do.
-            wanted = self.epoch if self.train else run.epoch + (run.step > 0)
-            if (run.epoch, run.step) == (wanted, 0):
-                return run
-            if run.epoch + 1 == wanted and self.steps_per_epoch - run.step <= DRAIN_AT_MOST:
-                for _ in range(self.steps_per_epoch - run.step):
+            # Train wants its epoch; val reads the same samples every pass, so the next one will do.
+            wanted_epoch = self.epoch if self.train else run.epoch + (run.step > self.start_step)
+            ahead = (wanted_epoch - run.epoch) * self.steps_per_epoch + self.start_step - run.step
+            if wanted_epoch - run.epoch <= 1 and 0 <= ahead <= DRAIN_AT_MOST:
+                for _ in range(ahead):
                     self._next_batch(run)
                 return run
         self._close_run()
@@ -205,8 +207,10 @@ class DaliLoader(PartLoader):
         return out, batch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.start_step == self.steps_per_epoch:  # resumed at the end of an epoch: nothing to read
+            return
         run = self._ready_run()
-        for step in range(self.steps_per_epoch):
+        for step in range(self.start_step, self.steps_per_epoch):
             out, _ = self._next_batch(run)
             # DALI gives NHWC; the permuted view is NCHW in channels_last memory format, no copy.
             images = out["images"].permute(0, 3, 1, 2)

@@ -10,6 +10,9 @@ rank takes the same number of steps) carry the label `PAD_LABEL` (-1): metrics s
         loader.set_epoch(epoch)
         for images, labels in loader:
             ...
+
+`loader.set_epoch(epoch, start_step=k)` starts that epoch at batch k, with the batches an unbroken
+pass would give from there: a run resumed mid-epoch reads nothing it will not train on.
 """
 
 from __future__ import annotations
@@ -91,6 +94,7 @@ class Loader(ABC):
         self.train = split == "train"
         self.batch_size = cfg.batch_size
         self.epoch = 0
+        self.start_step = 0
         self.image_size = cfg.image_size if self.train else cfg.val_image_size
         self.dtype = DTYPES[cfg.dtype]
 
@@ -98,9 +102,17 @@ class Loader(ABC):
     @abstractmethod
     def steps_per_epoch(self) -> int: ...
 
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch: it decides the shuffle order and which train samples are dropped."""
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Choose the epoch: it decides the shuffle order and which train samples are dropped.
+
+        Iterating then yields its batches from `start_step` on, each the same as in a pass over the
+        whole epoch (order, crops, flips and augmentations are functions of seed, epoch, rank and
+        position): a run resumed mid-epoch continues exactly without reading the batches before.
+        """
         self.epoch = epoch
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(f"start_step {start_step} is outside epoch {epoch}'s {self.steps_per_epoch} steps")
+        self.start_step = start_step
 
     def set_image_size(self, size: int) -> None:
         """Change the output size from the next epoch on (progressive resizing)."""
@@ -143,9 +155,9 @@ class PartLoader(Loader):
             self.cfg.aug_repeats,
         )
 
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        self.part = self._part(epoch)
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.part = self._part(epoch)  # first: it decides the epoch's steps
+        super().set_epoch(epoch, start_step)
 
     @property
     def steps_per_epoch(self) -> int:

@@ -41,5 +41,5 @@ class SyntheticLoader(Loader):
             images = torch.randn(shape, device=self.device, generator=generator).to(self.dtype)
             labels = torch.randint(self.num_classes, (self.batch_size,), device=self.device, generator=generator)
             self._batch = images.contiguous(memory_format=torch.channels_last), labels
-        for _ in range(self._steps):
+        for _ in range(self._steps - self.start_step):
             yield self._batch

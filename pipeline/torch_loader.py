@@ -74,25 +74,40 @@ def stop_workers_on_error(batches: Iterator) -> Iterator:
 
 
 class ShardSampleDataset(Dataset):
-    """Map-style dataset over rows of a `SampleTable`: (normalized CHW float tensor, int label)."""
+    """Map-style dataset over `rows[first:]` of a `SampleTable`: (normalized CHW float tensor, int label).
 
-    def __init__(self, table: SampleTable, rows: np.ndarray, transform):
-        self.table, self.rows, self.transform = table, rows, transform
+    Row j is transformed under torch's generator seeded from `seeds + (j,)`: its crop, flip and
+    augmentation depend on nothing else, not on the worker that makes it nor on the samples made
+    before it, so a pass can start anywhere in an epoch (`first`) and give the same tensors.
+    """
+
+    def __init__(self, table: SampleTable, rows: np.ndarray, transform, seeds: tuple[int, ...] = (), first: int = 0):
+        self.table, self.rows, self.transform, self.seeds, self.first = table, rows, transform, seeds, first
         self._reader: SampleReader | None = None  # opened in each worker process, on first use
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.rows) - self.first
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         if self._reader is None:
             self._reader = SampleReader(self.table)
-        row = int(self.rows[i])
+        j = self.first + i
+        row = int(self.rows[j])
         label = self._reader.label(row)
         try:
             image = Image.open(io.BytesIO(self._reader.image(row))).convert("RGB")
         except Exception as err:  # PIL raises many types for bad data
             raise SampleDecodeError(f"{self.table.describe(row)}: cannot be decoded ({err})") from err
-        return self.transform(image), label
+        # torchvision's random transforms draw from torch's global CPU generator. Its state is put
+        # back after, so that without workers (in the trainer's own process) the trainer's draws are
+        # left as they were. (`torch.manual_seed` would seed every device too: 230 us, not 2.)
+        generator = torch.default_generator
+        saved = generator.get_state()
+        generator.manual_seed(int(np.random.SeedSequence((*self.seeds, j)).generate_state(1, np.uint64)[0]))
+        try:
+            return self.transform(image), label
+        finally:
+            generator.set_state(saved)
 
 
 class TorchShardLoader(PartLoader):
@@ -104,26 +119,30 @@ class TorchShardLoader(PartLoader):
         self.num_classes = shard_set.num_classes
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.start_step == self.steps_per_epoch:  # resumed at the end of an epoch: nothing to read
+            return
         # The DALI backends' reading order. Ranks given the same samples (repeated augmentation)
-        # read them in the same order, but the workers' seeds, so the crops, are the rank's own.
+        # read them in the same order, but the samples' seeds, so the crops, are the rank's own.
         key = shuffle_key(self.rank, self.cfg.aug_repeats)
         rows = self.table.reading_order(self.part, self.train, self.cfg.seed, self.epoch, key)
-        worker_seeds = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch * 10_007 + self.rank)
+        first = self.start_step * self.batch_size
         if self.train:
             transform = torchvision_train_transform(self.image_size, self.cfg.augment, self.cfg.interpolation)
         else:
             transform = torchvision_val_transform(self.image_size, self.cfg.crop_pct, self.cfg.interpolation)
         batches = DataLoader(
-            ShardSampleDataset(self.table, rows, transform),
+            ShardSampleDataset(self.table, rows, transform, (self.cfg.seed, self.epoch, self.rank), first),
             batch_size=self.batch_size,
             shuffle=False,
             drop_last=True,
             num_workers=self.cfg.workers,
             pin_memory=self.device.type == "cuda",
             prefetch_factor=self.cfg.prefetch if self.cfg.workers > 0 else None,
-            generator=worker_seeds,
             worker_init_fn=outlive_job_signals,
+            # Its own generator for the workers' base seed (unused: the samples have seeds of their
+            # own): a draw from torch's global one would shift the trainer's MixUp draws in a resumed run.
+            generator=torch.Generator().manual_seed(0),
         )
-        for step, (images, labels) in enumerate(stop_workers_on_error(iter(batches))):
+        for step, (images, labels) in enumerate(stop_workers_on_error(iter(batches)), start=self.start_step):
             labels = labels.to(self.device, non_blocking=True)
             yield to_training_layout(images, self.device, self.dtype), self.padding_labels(labels, step)

@@ -65,7 +65,7 @@ def torchvision_train_transform(
 
 class DrawnAugment:
     """An `AutoAugment` on PIL images: its own draws (`AutoAugment.draw`, from torch's generator, which
-    DataLoader seeds per worker) and operations (`AutoAugment.apply`, torchvision's kernels), for the
+    the torch backend seeds per sample) and operations (`AutoAugment.apply`, torchvision's kernels), for the
     suites torchvision has no transform of (timm's RandAugment)."""
 
     def __init__(self, augment: AutoAugment):

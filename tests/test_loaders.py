@@ -230,7 +230,7 @@ def test_torch_uint8_starts_afresh_whenever_a_pass_is_not_the_one_its_workers_we
         loader.set_epoch(0)
         batches = iter(loader)  # read as the trainer reads: its steps' batches and not one more
         assert_train_batches_agree(dali_cpus(0), [next(batches) for _ in range(loader.steps_per_epoch)])
-        assert loader._streamed_next == (1, 64, loader.steps_per_epoch), "the workers go on into epoch 1"
+        assert loader._streamed_next == (1, 64, 0, loader.steps_per_epoch), "the workers go on into epoch 1"
         for epoch, size in [(0, 64), (1, 64), (3, 64), (4, 48), (5, 48)]:
             loader.set_epoch(epoch)
             loader.set_image_size(size)
@@ -245,7 +245,7 @@ def test_torch_uint8_val_workers_go_on_into_the_same_pass_again(photo_shards):
     loader = create_loader(str(photo_shards), "val", config("torch-uint8", batch_size=2, workers=1, prefetch=1))
     try:
         first = list(loader)
-        assert loader._streamed_next == (0, 64, loader.steps_per_epoch), "the workers go on into the next pass"
+        assert loader._streamed_next == (0, 64, 0, loader.steps_per_epoch), "the workers go on into the next pass"
         for epoch in (1, 2):
             loader.set_epoch(epoch)
             again = list(loader)
@@ -321,6 +321,64 @@ def test_train_batches_do_not_depend_on_where_the_pipeline_started(photo_shards)
     resumed = collect(create_loader(str(photo_shards), "train", config("dali-cpu")), epoch=1)
     for (images, labels), (images_again, labels_again) in zip(second_epoch, resumed, strict=True):
         assert torch.equal(labels, labels_again) and torch.equal(images, images_again)
+
+
+@pytest.mark.parametrize("backend", [*CPU_BACKENDS, "folder", "synthetic"])
+def test_an_epoch_started_mid_way_gives_the_batches_of_a_whole_pass(
+    photo_shards, tmp_path, real_photos, demo_imagenet, backend
+):
+    """`set_epoch(epoch, start_step=k)`, as a run resumed mid-epoch asks: batches k, k+1, ... of that
+    epoch, each equal to a whole pass's (order, crops, flips, TrivialAugment), and then the next
+    epoch goes on as usual. The torch backend's crops do not depend on its number of workers."""
+    from tests.conftest import make_photo_tree
+
+    data = str(photo_shards)
+    if backend == "folder":
+        data = str(make_photo_tree(tmp_path, real_photos, demo_imagenet, num_classes=40))
+    settings = dict(auto_augment="trivial_augment_wide", workers=2)
+    whole_passes = []
+    straight = create_loader(data, "train", config(backend, **settings))
+    for epoch in (1, 2):
+        straight.set_epoch(epoch)
+        whole_passes.append(list(straight))
+    straight.close()
+    if backend == "torch":
+        settings["workers"] = 1
+    loader = create_loader(data, "train", config(backend, **settings))
+    start = 3
+    assert loader.steps_per_epoch > start
+    try:
+        loader.set_epoch(1, start_step=start)
+        resumed = [list(loader)]
+        loader.set_epoch(2)
+        resumed.append(list(loader))
+        loader.set_epoch(2, start_step=loader.steps_per_epoch)  # saved at an epoch's last step
+        assert list(loader) == []
+        with pytest.raises(ValueError, match=f"start_step {loader.steps_per_epoch + 1} is outside epoch 2"):
+            loader.set_epoch(2, start_step=loader.steps_per_epoch + 1)
+    finally:
+        loader.close()
+    assert [len(p) for p in resumed] == [len(whole_passes[0]) - start, len(whole_passes[1])]
+    for got, expected in zip(resumed[0] + resumed[1], whole_passes[0][start:] + whole_passes[1], strict=True):
+        assert torch.equal(got[1], expected[1]) and torch.equal(got[0], expected[0])
+
+
+def test_a_dali_pipeline_a_few_batches_behind_is_read_on_to_the_start_step(photo_shards):
+    """One pass read whole, then the next epoch started at step 2: no new pipeline (its stream is
+    two batches behind); started at a step it has passed, a new one."""
+    loader = create_loader(str(photo_shards), "train", config("dali-cpu"))
+    try:
+        loader.set_epoch(0)
+        list(loader)
+        loader.set_epoch(1, start_step=2)
+        from_step_2 = list(loader)
+        assert loader.pipelines_built == 1
+        loader.set_epoch(1, start_step=1)
+        from_step_1 = list(loader)
+        assert loader.pipelines_built == 2
+    finally:
+        loader.close()
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(from_step_2, from_step_1[1:], strict=True))
 
 
 def test_train_order_differs_between_epochs(photo_shards):

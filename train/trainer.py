@@ -397,8 +397,9 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
             image_size = train_image_size(epoch, cfg.resolution)
             log.line(f"epoch {epoch}: train images at {image_size} px")
         train_loader.set_image_size(image_size)
-        train_loader.set_epoch(epoch)
-        skip_micro = position["step_in_epoch"] * accumulate
+        # Resumed mid-epoch, the loader starts at the saved step with the batches an unbroken run read there.
+        first_micro = position["step_in_epoch"] * accumulate
+        train_loader.set_epoch(epoch, start_step=first_micro)
         epoch_started, steps_to_train = time.perf_counter(), steps_per_epoch - position["step_in_epoch"]
         model.train()
         bar = tqdm(
@@ -409,10 +410,7 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
             leave=False,
         )
         batches = iter(train_loader)
-        for micro in range(steps_per_epoch * accumulate):
-            if micro < skip_micro:
-                next(batches)  # resuming mid-epoch: replay the data position, do not train on it
-                continue
+        for micro in range(first_micro, steps_per_epoch * accumulate):
             if profiler is not None and micro % accumulate == 0:
                 profiler.before_step(position["global_step"])
             with timer.data_wait():

@@ -604,6 +604,31 @@ def test_resume_after_sigterm_gives_identical_weights(photo_shards, tmp_path):
     assert logged == [(r["step"], pytest.approx(r["train/loss"])) for r in records if "train/loss" in r]
 
 
+def test_a_run_stopped_at_an_epochs_last_step_resumes_into_its_evaluation(photo_shards, tmp_path):
+    """Stopped at the very end of an epoch (its last step is the first log step, where a stop is
+    taken), the resumed run has no batch of it left to read: it evaluates that epoch, tells no pace
+    from an epoch it trained no step of, and trains the next."""
+    steps = json.loads((photo_shards / "manifest.json").read_text())["splits"]["train"]["samples"] // 8
+    args = train_args(photo_shards, tmp_path / "run", f"log.every={steps}", "train.epochs=2", "eval.every=1")
+    process = popen([sys.executable, *args], stdout=subprocess.PIPE)
+    for line in process.stdout:
+        if line.startswith("training "):  # before the first step
+            process.send_signal(signal.SIGTERM)
+            break
+    rest = process.communicate(timeout=120)[0]
+    assert process.returncode == 0 and f"stopped by SIGTERM at epoch 0 step {steps};" in rest, rest
+
+    resumed = run_tool(*args[1:], "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {tmp_path / 'run' / 'last.pt'}: epoch 0 step {steps}\n" in resumed.stdout
+    lines = resumed.stdout.splitlines()
+    epoch_0 = next(line for line in lines if line.startswith("epoch 0 took "))
+    assert "left for" not in epoch_0, epoch_0
+    assert not any(line.startswith("epoch 0 step ") for line in lines), "no step of epoch 0 trained again"
+    assert any(line.startswith("epoch 0 val: ") for line in lines) and any(line.startswith("done: ") for line in lines)
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 2
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

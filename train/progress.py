@@ -144,9 +144,9 @@ def log_epoch_time(
     """How long the epoch took (training, evaluation, checkpoints) and, at its pace, what is left."""
     epochs_left = epochs - epoch - 1
     text = f"epoch {epoch} took {duration(seconds)}"
-    if epochs_left:
+    if epochs_left and steps_trained:  # an epoch resumed at its end trained no step: no pace to tell
         # Per step trained, so that an epoch resumed midway does not understate the pace.
-        left_s = seconds / max(steps_trained, 1) * steps_per_epoch * epochs_left
+        left_s = seconds / steps_trained * steps_per_epoch * epochs_left
         text += f"; about {duration(left_s)} left for {epochs_left} epoch(s) at this pace"
     log.line(text)
 

@@ -455,13 +455,14 @@ def test_measure_rate_counts_the_cpu_the_loader_takes_from_the_calling_thread():
 
 
 def test_measure_rate_counts_the_cores_the_whole_process_keeps_busy():
-    """The calling thread mostly sleeps; a busy helper thread (as DALI's threads are) shows as a core."""
+    """The calling thread mostly sleeps; a busy helper thread (as DALI's threads are) shows as a core,
+    or as much of one as it gets while another test file runs beside this one (pytest -n 2)."""
     idle = measure_rate(SlowSwitchLoader(0.05), torch.device("cpu"), seconds=0.5, warmup_batches=2)
     helped = measure_rate(
         SlowSwitchLoader(0.05, helper_thread=True), torch.device("cpu"), seconds=0.5, warmup_batches=2
     )
     assert idle.process_cpu_cores < 0.3
-    assert helped.process_cpu_cores > 0.6
+    assert helped.process_cpu_cores > idle.process_cpu_cores + 0.3
 
 
 def test_bench_pipeline_reports_an_undecodable_sample_and_measures_the_rest(photo_shards, tmp_path):

@@ -76,12 +76,15 @@ def stop_workers_on_error(batches: Iterator) -> Iterator:
 class ShardSampleDataset(Dataset):
     """Map-style dataset over `rows[first:]` of a `SampleTable`: (normalized CHW float tensor, int label).
 
-    Row j is transformed under torch's generator seeded from `seeds + (j,)`: its crop, flip and
-    augmentation depend on nothing else, not on the worker that makes it nor on the samples made
-    before it, so a pass can start anywhere in an epoch (`first`) and give the same tensors.
+    With `seeds` (a random transform), row j is transformed under torch's generator seeded from
+    `seeds + (j,)`: its crop, flip and augmentation depend on nothing else, not on the worker that
+    makes it nor on the samples made before it, so a pass can start anywhere in an epoch (`first`)
+    and give the same tensors.
     """
 
-    def __init__(self, table: SampleTable, rows: np.ndarray, transform, seeds: tuple[int, ...] = (), first: int = 0):
+    def __init__(
+        self, table: SampleTable, rows: np.ndarray, transform, seeds: tuple[int, ...] | None = None, first: int = 0
+    ):
         self.table, self.rows, self.transform, self.seeds, self.first = table, rows, transform, seeds, first
         self._reader: SampleReader | None = None  # opened in each worker process, on first use
 
@@ -98,6 +101,8 @@ class ShardSampleDataset(Dataset):
             image = Image.open(io.BytesIO(self._reader.image(row))).convert("RGB")
         except Exception as err:  # PIL raises many types for bad data
             raise SampleDecodeError(f"{self.table.describe(row)}: cannot be decoded ({err})") from err
+        if self.seeds is None:
+            return self.transform(image), label
         # torchvision's random transforms draw from torch's global CPU generator. Its state is put
         # back after, so that without workers (in the trainer's own process) the trainer's draws are
         # left as they were. (`torch.manual_seed` would seed every device too: 230 us, not 2.)
@@ -125,13 +130,14 @@ class TorchShardLoader(PartLoader):
         # read them in the same order, but the samples' seeds, so the crops, are the rank's own.
         key = shuffle_key(self.rank, self.cfg.aug_repeats)
         rows = self.table.reading_order(self.part, self.train, self.cfg.seed, self.epoch, key)
-        first = self.start_step * self.batch_size
+        first, seeds = self.start_step * self.batch_size, None
         if self.train:
             transform = torchvision_train_transform(self.image_size, self.cfg.augment, self.cfg.interpolation)
+            seeds = (self.cfg.seed, self.epoch, self.rank)
         else:
             transform = torchvision_val_transform(self.image_size, self.cfg.crop_pct, self.cfg.interpolation)
         batches = DataLoader(
-            ShardSampleDataset(self.table, rows, transform, (self.cfg.seed, self.epoch, self.rank), first),
+            ShardSampleDataset(self.table, rows, transform, seeds, first),
             batch_size=self.batch_size,
             shuffle=False,
             drop_last=True,

@@ -1,0 +1,277 @@
+"""Stopping and resuming: signals, killed ranks, torchrun restarts, full disks, kept and best
+checkpoints, stop criteria."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from pipeline.loader import LoaderConfig, create_loader
+from tests.conftest import run_tool
+from tests.training import model_weights, popen, read_metrics, train_args
+from train.checkpoint import keep_copy, load_checkpoint, save_checkpoint
+from train.trainer import _targets_met
+from train.trainer import main as train_main
+
+
+def test_resume_after_sigterm_gives_identical_weights(photo_shards, tmp_path):
+    """With TrivialAugment, random erasing, MixUp, CutMix and stochastic depth on: their draws, too,
+    continue where they were."""
+    augment = ("data.auto_augment=trivial_augment_wide", "optim.random_erase=0.25", "optim.mixup_alpha=0.2",
+               "optim.cutmix_alpha=1.0", "model.drop_path=0.2")  # fmt: skip
+    overrides = ("train.epochs=2", "eval.every=2", *augment)
+    straight = tmp_path / "straight"
+    finished = popen([sys.executable, *train_args(photo_shards, straight, *overrides)])
+    assert finished.wait(timeout=300) == 0
+
+    interrupted = tmp_path / "interrupted"
+    process = popen([sys.executable, *train_args(photo_shards, interrupted, *overrides)], stdout=subprocess.PIPE)
+    for line in process.stdout:
+        if line.startswith("epoch 0 step 4/"):
+            process.send_signal(signal.SIGTERM)
+            break
+    rest = process.communicate(timeout=120)[0]
+    assert process.returncode == 0
+    assert "stopped by SIGTERM at epoch 0 step 6" in rest
+    checkpoint = load_checkpoint(interrupted / "last.pt")
+    assert (checkpoint["epoch"], checkpoint["step_in_epoch"]) == (0, 6), "saved mid-epoch with its data position"
+
+    # Resumed in the straight run's directory, as if that run had died after its step-6 checkpoint:
+    # it logged steps the resumed run trains again, and only the resumed run's records may remain.
+    expected = model_weights(straight / "last.pt")
+    straight_records = read_metrics(straight)
+    shutil.copy(interrupted / "last.pt", tmp_path / "at-step-6.pt")
+    resumed = popen([sys.executable, *train_args(photo_shards, straight, *overrides), "--resume",
+                     str(tmp_path / "at-step-6.pt")], stdout=subprocess.PIPE)  # fmt: skip
+    output = resumed.communicate(timeout=300)[0]
+    assert "resumed from" in output and resumed.returncode == 0
+    assert f"settings that differ from the checkpoint's: run.dir: {interrupted} -> {straight}\n" in output
+    got = model_weights(straight / "last.pt")
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected), "resume is exact"
+
+    after_step_6 = sum(r["step"] > 6 for r in straight_records)
+    assert f"dropped {after_step_6} record(s) of {straight / 'metrics.jsonl'} logged after step 6" in output
+    records = read_metrics(straight)
+    assert [r["step"] for r in records] == [r["step"] for r in straight_records], "each step once, in order"
+    assert [r.get("train/loss") for r in records] == [r.get("train/loss") for r in straight_records]
+    events = EventAccumulator(str(straight / "tensorboard"))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert logged == [(r["step"], pytest.approx(r["train/loss"])) for r in records if "train/loss" in r]
+
+
+def test_a_run_stopped_at_an_epochs_last_step_resumes_into_its_evaluation(photo_shards, tmp_path):
+    """Stopped at the very end of an epoch (its last step is the first log step, where a stop is
+    taken), the resumed run has no batch of it left to read: it evaluates that epoch, tells no pace
+    from an epoch it trained no step of, and trains the next."""
+    steps = json.loads((photo_shards / "manifest.json").read_text())["splits"]["train"]["samples"] // 8
+    args = train_args(photo_shards, tmp_path / "run", f"log.every={steps}", "train.epochs=2", "eval.every=1")
+    process = popen([sys.executable, *args], stdout=subprocess.PIPE)
+    for line in process.stdout:
+        if line.startswith("training "):  # before the first step
+            process.send_signal(signal.SIGTERM)
+            break
+    rest = process.communicate(timeout=120)[0]
+    assert process.returncode == 0 and f"stopped by SIGTERM at epoch 0 step {steps};" in rest, rest
+
+    resumed = run_tool(*args[1:], "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {tmp_path / 'run' / 'last.pt'}: epoch 0 step {steps}\n" in resumed.stdout
+    lines = resumed.stdout.splitlines()
+    epoch_0 = next(line for line in lines if line.startswith("epoch 0 took "))
+    assert "left for" not in epoch_0, epoch_0
+    assert not any(line.startswith("epoch 0 step ") for line in lines), "no step of epoch 0 trained again"
+    assert any(line.startswith("epoch 0 val: ") for line in lines) and any(line.startswith("done: ") for line in lines)
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 2
+
+
+@pytest.mark.parametrize("backend", ["torch", "torch-uint8"])
+def test_sigterm_to_the_whole_process_group_still_saves(photo_shards, tmp_path, backend):
+    """Slurm's scancel (and a terminal's Ctrl-C) signals every process, DataLoader workers included:
+    the workers must outlive the signal so the trainer can read its next batch, checkpoint and stop."""
+    run_dir = tmp_path / "run"
+    args = train_args(photo_shards, run_dir, f"data.backend={backend}", "train.epochs=3", "eval.every=1")
+    process = popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    for line in process.stdout:
+        if line.startswith("epoch 1 step 4/"):
+            os.killpg(process.pid, signal.SIGTERM)
+            break
+    rest = process.communicate(timeout=120)[0]
+    assert process.returncode == 0, rest
+    assert "stopped by SIGTERM at epoch 1 step 6" in rest
+    assert "done:" not in rest, "a stopped run does not report itself finished (epoch 0 was evaluated)"
+    assert load_checkpoint(run_dir / "last.pt")["step_in_epoch"] == 6
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, a device that is always full")
+def test_a_second_run_in_a_run_dir_in_use_is_refused(photo_shards, tmp_path):
+    """A job submitted twice: the second is refused, naming the first, which goes on untouched."""
+    run_dir = tmp_path / "run"
+    first = popen([sys.executable, *train_args(photo_shards, run_dir, "train.epochs=50")], stdout=subprocess.PIPE)
+    for line in first.stdout:
+        if line.startswith("training resnet18"):
+            break
+    second = run_tool(*train_args(photo_shards, run_dir, "train.epochs=50")[1:], "--resume", "auto")
+    first.send_signal(signal.SIGTERM)
+    rest = first.communicate(timeout=120)[0]
+    assert second.returncode == 2, second.stdout + second.stderr
+    assert f"run.dir: {run_dir} is in use by another run (pid {first.pid} on " in second.stderr
+    assert first.returncode == 0 and "stopped by SIGTERM" in rest
+
+
+def test_a_full_disk_at_a_checkpoint_is_named_and_leaves_no_file(photo_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "last.pt.tmp").symlink_to("/dev/full")  # where the checkpoint is written before its rename
+    result = run_tool(*train_args(photo_shards, run_dir, "train.epochs=1")[1:])
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"checkpoint error: cannot write {run_dir / 'last.pt'} (No space left on device)" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (run_dir / "last.pt").exists() and not (run_dir / "last.pt.tmp").exists()
+
+
+def test_a_full_disk_at_a_log_line_is_named_in_one_line(photo_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").symlink_to("/dev/full")
+    result = run_tool(*train_args(photo_shards, run_dir, "train.epochs=1")[1:])
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"train: log error: cannot write {run_dir / 'metrics.jsonl'} (No space left on device)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def start_and_kill_rank_1(torchrun_args: list[str], after_line: str) -> subprocess.Popen:
+    """Launch torchrun, wait for a log line from rank 0, then SIGKILL the worker with RANK=1."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *torchrun_args]
+    launcher = popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    for line in launcher.stdout:
+        if line.startswith(after_line):
+            break
+    victim = next(pid for pid in _children(launcher.pid) if _environ(pid).get("RANK") == "1")
+    os.kill(victim, signal.SIGKILL)
+    return launcher
+
+
+def test_killed_rank_ends_the_job_within_seconds(photo_shards, tmp_path):
+    launcher = start_and_kill_rank_1(train_args(photo_shards, tmp_path / "run", "train.epochs=50"), "epoch 0 step 2/")
+    killed_at = time.monotonic()
+    launcher.communicate(timeout=120)
+    assert launcher.returncode != 0
+    assert time.monotonic() - killed_at < 30
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode(errors="replace").split("=", 1) for item in raw if b"=" in item)
+
+
+@pytest.mark.parametrize("links", ["allowed", "refused"])
+def test_a_kept_checkpoint_stays_as_it_was_when_last_pt_is_replaced(tmp_path, monkeypatch, links):
+    """A hard link where the filesystem allows one, else a copy; either way a complete file."""
+
+    def refuse(*args):  # as a filesystem without hard links does
+        raise PermissionError(1, "Operation not permitted")
+
+    if links == "refused":
+        monkeypatch.setattr(os, "link", refuse)
+    last = tmp_path / "last.pt"
+    save_checkpoint(last, {"epoch": 1})
+    keep_copy(last, tmp_path / "epoch-1.pt")
+    save_checkpoint(last, {"epoch": 2})
+    assert load_checkpoint(tmp_path / "epoch-1.pt")["epoch"] == 1 and load_checkpoint(last)["epoch"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-1.pt", "last.pt"]
+
+
+def test_stop_criteria_compare_in_the_right_direction():
+    assert _targets_met({"acc1": 76.0, "acc5": 95.5, "loss": 1.0}, {"acc1": 75, "acc5": 95})
+    assert not _targets_met({"acc1": 76.0, "acc5": 94.0, "loss": 1.0}, {"acc1": 75, "acc5": 95})
+    assert _targets_met({"acc1": 1.0, "acc5": 1.0, "loss": 0.9}, {"loss": 1.0}), "lower loss is better"
+    assert not _targets_met({"acc1": 1.0, "acc5": 1.0, "loss": 1.1}, {"loss": 1.0})
+    assert not _targets_met({"acc1": 99.0, "acc5": 99.0, "loss": 0.1}, {})
+
+
+def test_training_stops_once_the_targets_are_met(photo_shards, tmp_path):
+    overrides = ("train.epochs=5", "eval.every=1", "train.stop_when={loss: 1000}")
+    result = run_tool(*train_args(photo_shards, tmp_path / "run", *overrides)[1:], check=True)
+    assert "stop criteria {'loss': 1000.0} met after epoch 0" in result.stdout
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1
+
+
+def test_the_best_epochs_checkpoints_are_kept_and_a_resumed_run_knows_its_own(photo_shards, tmp_path, capsys):
+    """checkpoint.keep_best=2 over 4 evaluated epochs keeps the two best (earlier first among equal
+    scores), linked from each epoch's last.pt; going back to epoch 2 relinks its own file, drops a
+    missing one, and names (and leaves) the files it did not write."""
+    run_dir = tmp_path / "run"
+    keep = ("eval.every=1", "checkpoint.keep_best=2", "checkpoint.keep_every_epochs=1")
+    assert train_main(train_args(photo_shards, run_dir, "train.epochs=4", *keep)[2:]) == 0
+    scores = {r["epoch"] + 1: r["val/acc1"] for r in read_metrics(run_dir) if "val/acc1" in r}
+    assert sorted(scores) == [1, 2, 3, 4]
+    best_two = sorted(scores, key=lambda epoch: (-scores[epoch], epoch))[:2]
+    assert load_checkpoint(run_dir / "last.pt")["best_kept"] == [[scores[e], e] for e in best_two]
+    assert sorted(p.name for p in run_dir.glob("best-epoch-*.pt")) == sorted(f"best-epoch-{e}.pt" for e in best_two)
+    for epoch in best_two:
+        assert (run_dir / f"best-epoch-{epoch}.pt").read_bytes() == (run_dir / f"epoch-{epoch}.pt").read_bytes()
+
+    # Epoch 2's checkpoint kept epochs 1 and 2. As if the run had stopped before linking epoch 2's
+    # file and epoch 1's had been removed since; a file of another run lies beside them.
+    assert load_checkpoint(run_dir / "epoch-2.pt")["best_kept"] == [[scores[e], e] for e in sorted(
+        (1, 2), key=lambda epoch: (-scores[epoch], epoch))]  # fmt: skip
+    for epoch in (1, 2):
+        (run_dir / f"best-epoch-{epoch}.pt").unlink(missing_ok=True)
+    keep_copy(run_dir / "epoch-4.pt", run_dir / "best-epoch-9.pt")
+    capsys.readouterr()
+    resumed = train_args(photo_shards, run_dir, "train.epochs=3", *keep)[2:] + ["--resume", str(run_dir / "epoch-2.pt")]
+    assert train_main(resumed) == 0
+    out = capsys.readouterr().out
+    assert f"{run_dir / 'best-epoch-1.pt'} is missing: no longer among the best kept" in out
+    others = sorted({f"best-epoch-{e}.pt" for e in best_two if e > 2} | {"best-epoch-9.pt"})
+    assert f"{', '.join(others)} in {run_dir} are not among the best epochs kept by the checkpoint" in out
+    assert (run_dir / "best-epoch-2.pt").read_bytes() == (run_dir / "epoch-2.pt").read_bytes()
+    resumed_scores = {r["epoch"] + 1: r["val/acc1"] for r in read_metrics(run_dir) if "val/acc1" in r}
+    expected = sorted((2, 3), key=lambda epoch: (-resumed_scores[epoch], epoch))
+    assert load_checkpoint(run_dir / "last.pt")["best_kept"] == [[resumed_scores[e], e] for e in expected]
+    assert (run_dir / "best-epoch-3.pt").read_bytes() == (run_dir / "epoch-3.pt").read_bytes()
+    assert (run_dir / "best-epoch-9.pt").is_file() and not (run_dir / "best-epoch-1.pt").exists()
+
+
+def test_torchrun_restart_resumes_from_the_last_checkpoint(photo_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = ("train.epochs=2", "checkpoint.every_steps=2")
+    launcher = start_and_kill_rank_1(
+        ["--max-restarts=1", *train_args(photo_shards, run_dir, *overrides)], "epoch 0 step 4/"
+    )
+    rest = launcher.communicate(timeout=300)[0]
+    assert launcher.returncode == 0, rest
+    assert "resumed from" in rest
+    checkpoint = load_checkpoint(run_dir / "last.pt")
+    steps_per_epoch = create_loader(
+        str(photo_shards), "train", LoaderConfig("torch", batch_size=8), 0, 2
+    ).steps_per_epoch
+    assert checkpoint["epoch"] == 2 and checkpoint["global_step"] == 2 * steps_per_epoch
+
+
+def test_timed_checkpoints_are_saved_at_log_steps(photo_shards, tmp_path):
+    """checkpoint.every_minutes: once the time has passed, last.pt is saved at the next log step."""
+    run_dir = tmp_path / "run"
+    settings = ["train.epochs=1", "log.every=10", "checkpoint.every_minutes=0.000001"]
+    result = run_tool(*train_args(photo_shards, run_dir, *settings)[1:], check=True)
+    saved = re.findall(r"saved \S+last\.pt at epoch 0 step (\d+)\n", result.stdout)
+    steps_per_epoch = load_checkpoint(run_dir / "last.pt")["global_step"]
+    assert [int(step) for step in saved] == list(range(10, steps_per_epoch + 1, 10))

@@ -19,8 +19,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from pipeline.loader import LoaderConfig, create_loader
 from tests.conftest import run_tool
-from tests.training import model_weights, popen, read_metrics, train_args
-from train.checkpoint import keep_copy, load_checkpoint, save_checkpoint
+from tests.training import logged_rates_follow_the_schedule, model_weights, popen, read_metrics, train_args
+from train.checkpoint import keep_copy, load_checkpoint, save_checkpoint, saved_steps_per_epoch
 from train.trainer import _targets_met
 from train.trainer import main as train_main
 
@@ -95,6 +95,31 @@ def test_a_run_stopped_at_an_epochs_last_step_resumes_into_its_evaluation(photo_
     assert not any(line.startswith("epoch 0 step ") for line in lines), "no step of epoch 0 trained again"
     assert any(line.startswith("epoch 0 val: ") for line in lines) and any(line.startswith("done: ") for line in lines)
     assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 2
+
+
+def test_a_run_resumed_with_fewer_steps_per_epoch_goes_on_at_the_same_share_of_the_epoch(photo_shards, tmp_path):
+    """Stopped at step 6, resumed with optim.accumulate=2: an epoch now has half the steps, as on
+    twice the processes. The run goes on at the same share of the epoch, and the learning rate with
+    it (until 2026-12-07 the rate was read from the global step, and step 6 was taken as step 6 of
+    the shorter epoch)."""
+    args = train_args(photo_shards, tmp_path / "run", "train.epochs=2")
+    process = popen([sys.executable, *args], stdout=subprocess.PIPE)
+    for line in process.stdout:
+        if line.startswith("epoch 0 step 4/"):
+            process.send_signal(signal.SIGTERM)
+            break
+    rest = process.communicate(timeout=120)[0]
+    assert process.returncode == 0 and "stopped by SIGTERM at epoch 0 step 6;" in rest, rest
+    steps = load_checkpoint(tmp_path / "run" / "last.pt")["steps_per_epoch"]
+
+    resumed = run_tool(*args[1:], "optim.accumulate=2", "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr
+    halved, at = steps // 2, 6 * (steps // 2) // steps
+    expected = f"an epoch had {steps} steps in the checkpoint's run and has {halved} in this one: epoch 0 goes on at"
+    assert f"{expected} step {at}, the same share of it\n" in resumed.stdout, resumed.stdout
+    assert logged_rates_follow_the_schedule(resumed.stdout, ["train.epochs=2", "optim.accumulate=2"], 16) >= 2
+    final = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert (final["epoch"], final["global_step"]) == (2, 6 + halved - at + halved), "each step of the rest once"
 
 
 @pytest.mark.parametrize("backend", ["torch", "torch-uint8"])
@@ -275,3 +300,11 @@ def test_timed_checkpoints_are_saved_at_log_steps(photo_shards, tmp_path):
     saved = re.findall(r"saved \S+last\.pt at epoch 0 step (\d+)\n", result.stdout)
     steps_per_epoch = load_checkpoint(run_dir / "last.pt")["global_step"]
     assert [int(step) for step in saved] == list(range(10, steps_per_epoch + 1, 10))
+
+
+def test_an_older_checkpoint_tells_its_epoch_length_from_its_position():
+    """Checkpoints written before they recorded steps_per_epoch: from epoch 1 on, the global step
+    counted each step of the epochs before; in epoch 0 the length cannot be told."""
+    assert saved_steps_per_epoch({"epoch": 2, "step_in_epoch": 5, "global_step": 2 * 12 + 5}) == 12
+    assert saved_steps_per_epoch({"epoch": 0, "step_in_epoch": 5, "global_step": 5}) is None
+    assert saved_steps_per_epoch({"epoch": 0, "step_in_epoch": 5, "global_step": 5, "steps_per_epoch": 9}) == 9

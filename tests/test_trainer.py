@@ -31,7 +31,7 @@ from shards.classes import imagenet_names
 from shards.manifest import read_manifest
 from tests.conftest import run_tool
 from tests.test_loaders import shards_with_a_broken_jpeg
-from tests.training import read_val_count, torchrun, train_args
+from tests.training import logged_rates_follow_the_schedule, read_val_count, torchrun, train_args
 from tools.average_checkpoints import main as average_main
 from tools.export_weights import main as export_main
 from tools.predict import main as predict_main
@@ -562,6 +562,19 @@ def test_a_run_dir_with_checkpoints_is_not_started_afresh_over_them(two_process_
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"{run_dir / 'last.pt'} holds an earlier run: continue it with --resume auto" in result.stderr
     assert {path.name: path.read_bytes() for path in run_dir.iterdir() if path.is_file()} == before
+
+
+def test_a_run_resumed_on_one_process_keeps_its_place_in_the_schedule(two_process_run, photo_shards, tmp_path):
+    """The two-process run's last.pt (two epochs done) resumed by one process for a third: an epoch
+    now has twice the steps, and the learning rate goes on from epoch 2 of the schedule (until
+    2026-12-07 it was read from the global step, which put the run back at epoch 1)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_process_run[0], run_dir)
+    overrides = ["train.epochs=3", "model.blurpool=true"]
+    result = run_tool(*train_args(photo_shards, run_dir, *overrides)[1:], "--resume", "auto")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "the checkpoint was written by 2 processes, this run has 1" in result.stdout
+    assert logged_rates_follow_the_schedule(result.stdout, overrides, global_batch=8) >= 2
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(two_process_run, photo_shards, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -13,6 +14,8 @@ import torch
 
 from tests.conftest import REPO_ROOT, subprocess_env
 from train.checkpoint import load_checkpoint
+from train.config import load_config
+from train.schedule import learning_rate
 
 # Runs small enough for 2 cores: 32 px images, batches of 8, one loader thread.
 TINY = [
@@ -49,6 +52,18 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def read_val_count(shards: Path) -> int:
     return json.loads((shards / "manifest.json").read_text())["splits"]["val"]["samples"]
+
+
+def logged_rates_follow_the_schedule(output: str, overrides: list[str], global_batch: int) -> int:
+    """Assert that each log line's learning rate (`epoch E step S/N | ... | lr X |`) is the schedule's
+    at step S of epoch E (the rate of the step before the line); return how many lines there were."""
+    cfg = load_config(REPO_ROOT / "configs/demo.yaml", [*TINY, *overrides])
+    lines = re.findall(r"^epoch (\d+) step (\d+)/(\d+) \|.*\| lr (\S+) \|", output, re.M)
+    for epoch, step, steps, logged in lines:
+        position = int(epoch) * int(steps) + int(step) - 1
+        expected = learning_rate(position, int(steps), cfg.train.epochs, cfg.peak_lr(global_batch), cfg.schedule)
+        assert logged == f"{expected:.4g}", f"epoch {epoch} step {step}/{steps}: lr {logged}, schedule {expected}"
+    return len(lines)
 
 
 def _free_port() -> int:

@@ -182,6 +182,18 @@ def trained_interpolation(checkpoint: dict) -> str:
     return checkpoint["config"]["data"].get("interpolation", "bilinear")
 
 
+def saved_steps_per_epoch(checkpoint: dict) -> int | None:
+    """Optimizer steps per epoch of the run that wrote `checkpoint`; None where that cannot be told.
+
+    Checkpoints before 2026-12-07 do not record it; from epoch 1 on it follows from their position,
+    whose global step counted every step of the epochs before."""
+    if "steps_per_epoch" in checkpoint:
+        return checkpoint["steps_per_epoch"]
+    if checkpoint["epoch"] > 0:
+        return (checkpoint["global_step"] - checkpoint["step_in_epoch"]) // checkpoint["epoch"]
+    return None
+
+
 def check_same_classes(checkpoint: dict, path: str | Path, num_classes: int, wnids: list[str], data: str) -> None:
     """Label i must mean the same class to the checkpoint and to `data`: the same count, and the same
     wnids where both record them. Otherwise a resumed run learns the wrong names, and an evaluation

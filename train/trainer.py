@@ -51,6 +51,7 @@ from train.checkpoint import (
     load_weights,
     rng_state,
     save_checkpoint,
+    saved_steps_per_epoch,
     set_rng_state,
 )
 from train.config import (
@@ -311,6 +312,16 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
                 for note in reconcile_on_resume(run_dir, position["best_kept"], checkpoint_path, checkpoint):
                     log.line(note)
             log.line(f"resumed from {checkpoint_path}: epoch {position['epoch']} step {position['step_in_epoch']}")
+            # Another number of processes, batch size or accumulation gives an epoch another number of
+            # steps: go on at the same share of the epoch (rounded down), and the schedule with it.
+            # Unknown (epoch 0 of an older checkpoint): as now, unless its step shows the epoch was longer.
+            saved_steps = saved_steps_per_epoch(checkpoint) or max(steps_per_epoch, position["step_in_epoch"])
+            if saved_steps != steps_per_epoch and position["step_in_epoch"]:
+                position["step_in_epoch"] = position["step_in_epoch"] * steps_per_epoch // saved_steps
+                log.line(
+                    f"an epoch had {saved_steps} steps in the checkpoint's run and has {steps_per_epoch} in this "
+                    f"one: epoch {position['epoch']} goes on at step {position['step_in_epoch']}, the same share of it"
+                )
             changes = config_changes(checkpoint["config"], cfg.to_dict())
             if changes:
                 log.line(f"settings that differ from the checkpoint's: {'; '.join(changes)}")
@@ -358,6 +369,7 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
             "num_classes": num_classes,
             "rng": rngs,
             "world_size": ctx.world_size,
+            "steps_per_epoch": steps_per_epoch,
         }
         save_checkpoint(run_dir / name, payload)
 
@@ -433,7 +445,10 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
             if not last_micro:
                 continue
 
-            lr = learning_rate(position["global_step"], steps_per_epoch, cfg.train.epochs, peak_lr, cfg.schedule)
+            # The schedule follows the position in the epochs, not global_step (the steps taken), which
+            # differs from it after a resume with another number of steps per epoch.
+            schedule_step = epoch * steps_per_epoch + position["step_in_epoch"]
+            lr = learning_rate(schedule_step, steps_per_epoch, cfg.train.epochs, peak_lr, cfg.schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with timer.phase("optimizer"):
@@ -443,7 +458,7 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
                 if ema is not None:
                     # The EMA starts when the warmup ends (until then each update copies the
                     # weights), as torchvision's reference script restarts it during warmup.
-                    warmup = in_warmup(position["global_step"], steps_per_epoch, cfg.train.epochs, cfg.schedule)
+                    warmup = in_warmup(schedule_step, steps_per_epoch, cfg.train.epochs, cfg.schedule)
                     update_ema(ema, model, cfg.optim.ema_decay, copy=ema_empty or warmup)
                     ema_empty = False
             timer.step_done()

@@ -577,6 +577,19 @@ def test_a_run_resumed_on_one_process_keeps_its_place_in_the_schedule(two_proces
     assert logged_rates_follow_the_schedule(result.stdout, overrides, global_batch=8) >= 2
 
 
+def test_resuming_a_finished_run_says_there_is_nothing_left_to_train(two_process_run, photo_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_process_run[0], run_dir)
+    before = (run_dir / "last.pt").read_bytes()
+    result = run_tool(
+        *train_args(photo_shards, run_dir, "train.epochs=2", "model.blurpool=true")[1:], "--resume", "auto"
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    expected = "nothing left to train: the checkpoint has finished 2 epoch(s), train.epochs is 2 (raise it to train on)"
+    assert expected in result.stdout
+    assert (run_dir / "last.pt").read_bytes() == before
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(two_process_run, photo_shards, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(two_process_run[0], run_dir)

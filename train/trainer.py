@@ -402,6 +402,11 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
 
     stopped_by_signal = False
     final_metrics: dict = {}
+    if position["epoch"] >= cfg.train.epochs:  # e.g. a finished job requeued with --resume auto
+        log.line(
+            f"nothing left to train: the checkpoint has finished {position['epoch']} epoch(s), train.epochs is "
+            f"{cfg.train.epochs} (raise it to train on)"
+        )
 
     image_size = None
     for epoch in range(position["epoch"], cfg.train.epochs):

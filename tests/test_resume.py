@@ -122,6 +122,16 @@ def test_a_run_resumed_with_fewer_steps_per_epoch_goes_on_at_the_same_share_of_t
     assert (final["epoch"], final["global_step"]) == (2, 6 + halved - at + halved), "each step of the rest once"
 
 
+def test_a_run_in_this_process_puts_the_signal_handlers_back(photo_shards, tmp_path):
+    """train.trainer.main called as a function handles SIGTERM and SIGINT only while it runs. Left
+    installed, its handlers went on into processes forked later, where a multiprocessing Pool's
+    terminate() (it sends SIGTERM) no longer ended the workers: the suite hung in tools.make_shards."""
+    signals = (signal.SIGTERM, signal.SIGINT)
+    before = [signal.getsignal(sig) for sig in signals]
+    assert train_main(train_args(photo_shards, tmp_path / "run", "train.epochs=1", "log.tensorboard=false")[2:]) == 0
+    assert [signal.getsignal(sig) for sig in signals] == before
+
+
 @pytest.mark.parametrize("backend", ["torch", "torch-uint8"])
 def test_sigterm_to_the_whole_process_group_still_saves(photo_shards, tmp_path, backend):
     """Slurm's scancel (and a terminal's Ctrl-C) signals every process, DataLoader workers included:

@@ -19,10 +19,12 @@ class StopRequest:
         self.grace_s = grace_s
         self.signal_name: str | None = None
         self._timer: threading.Timer | None = None
+        self._previous: dict[signal.Signals, object] = {}
 
     def install(self) -> StopRequest:
+        """Handle SIGTERM and SIGINT until `done()`, which puts the previous handlers back."""
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+            self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     @property
@@ -48,5 +50,12 @@ class StopRequest:
         os._exit(FORCED_EXIT_STATUS)
 
     def done(self) -> None:
+        """Cancel the forced exit and restore the handlers `install` replaced. Left in place, they
+        outlive the run in a process that called `train.trainer.main` and go on into the processes
+        it forks: a multiprocessing Pool's terminate() then no longer ends its workers (it sends
+        SIGTERM), and the test suite hung in tools.make_shards after an in-process training run."""
         if self._timer is not None:
             self._timer.cancel()
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()

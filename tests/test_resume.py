@@ -25,6 +25,18 @@ from train.trainer import _targets_met
 from train.trainer import main as train_main
 
 
+def sigterm_at(args: list[str], line_start: str) -> tuple[int, str]:
+    """Run `python <args>`, send SIGTERM once a line of its output starts with `line_start`, and
+    return its exit status and the output after that line."""
+    process = popen([sys.executable, *args], stdout=subprocess.PIPE)
+    for line in process.stdout:
+        if line.startswith(line_start):
+            process.send_signal(signal.SIGTERM)
+            break
+    rest = process.communicate(timeout=120)[0]
+    return process.returncode, rest
+
+
 def test_resume_after_sigterm_gives_identical_weights(photo_shards, tmp_path):
     """With TrivialAugment, random erasing, MixUp, CutMix and stochastic depth on: their draws, too,
     continue where they were."""
@@ -36,13 +48,8 @@ def test_resume_after_sigterm_gives_identical_weights(photo_shards, tmp_path):
     assert finished.wait(timeout=300) == 0
 
     interrupted = tmp_path / "interrupted"
-    process = popen([sys.executable, *train_args(photo_shards, interrupted, *overrides)], stdout=subprocess.PIPE)
-    for line in process.stdout:
-        if line.startswith("epoch 0 step 4/"):
-            process.send_signal(signal.SIGTERM)
-            break
-    rest = process.communicate(timeout=120)[0]
-    assert process.returncode == 0
+    status, rest = sigterm_at(train_args(photo_shards, interrupted, *overrides), "epoch 0 step 4/")
+    assert status == 0
     assert "stopped by SIGTERM at epoch 0 step 6" in rest
     checkpoint = load_checkpoint(interrupted / "last.pt")
     assert (checkpoint["epoch"], checkpoint["step_in_epoch"]) == (0, 6), "saved mid-epoch with its data position"
@@ -78,13 +85,8 @@ def test_a_run_stopped_at_an_epochs_last_step_resumes_into_its_evaluation(photo_
     from an epoch it trained no step of, and trains the next."""
     steps = json.loads((photo_shards / "manifest.json").read_text())["splits"]["train"]["samples"] // 8
     args = train_args(photo_shards, tmp_path / "run", f"log.every={steps}", "train.epochs=2", "eval.every=1")
-    process = popen([sys.executable, *args], stdout=subprocess.PIPE)
-    for line in process.stdout:
-        if line.startswith("training "):  # before the first step
-            process.send_signal(signal.SIGTERM)
-            break
-    rest = process.communicate(timeout=120)[0]
-    assert process.returncode == 0 and f"stopped by SIGTERM at epoch 0 step {steps};" in rest, rest
+    status, rest = sigterm_at(args, "training ")  # before the first step
+    assert status == 0 and f"stopped by SIGTERM at epoch 0 step {steps};" in rest, rest
 
     resumed = run_tool(*args[1:], "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr
@@ -103,13 +105,8 @@ def test_a_run_resumed_with_fewer_steps_per_epoch_goes_on_at_the_same_share_of_t
     it (until 2026-12-07 the rate was read from the global step, and step 6 was taken as step 6 of
     the shorter epoch)."""
     args = train_args(photo_shards, tmp_path / "run", "train.epochs=2")
-    process = popen([sys.executable, *args], stdout=subprocess.PIPE)
-    for line in process.stdout:
-        if line.startswith("epoch 0 step 4/"):
-            process.send_signal(signal.SIGTERM)
-            break
-    rest = process.communicate(timeout=120)[0]
-    assert process.returncode == 0 and "stopped by SIGTERM at epoch 0 step 6;" in rest, rest
+    status, rest = sigterm_at(args, "epoch 0 step 4/")
+    assert status == 0 and "stopped by SIGTERM at epoch 0 step 6;" in rest, rest
     steps = load_checkpoint(tmp_path / "run" / "last.pt")["steps_per_epoch"]
 
     resumed = run_tool(*args[1:], "optim.accumulate=2", "--resume", "auto")

@@ -17,10 +17,10 @@ import contextlib
 import os
 import re
 import tarfile
-from multiprocessing import Pool
 from pathlib import Path
 
 from shards.inputs import Located, ScanRejection, SourceImage, label_flat, with_keys
+from shards.worker_pool import worker_pool
 
 _CLASS_TAR = re.compile(r"(n\d{8})\.tar")
 END_OF_ARCHIVE_BYTES = 2 * tarfile.BLOCKSIZE  # two zero blocks close every tar
@@ -65,7 +65,7 @@ def scan_class_archive(
     parts = [(str(path), wnids[i::workers]) for i in range(min(len(wnids), workers))]
     found: list[Located] = []
     rejected: list[ScanRejection] = []
-    with Pool(workers) if workers > 1 and len(parts) > 1 else contextlib.nullcontext() as pool:
+    with worker_pool(workers) if workers > 1 and len(parts) > 1 else contextlib.nullcontext() as pool:
         for part_found, part_rejected in (pool.imap_unordered if pool else map)(_scan_classes, parts):
             found += part_found
             rejected += part_rejected

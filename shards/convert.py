@@ -14,7 +14,6 @@ import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from multiprocessing import Pool
 from pathlib import Path
 
 from tqdm import tqdm
@@ -51,6 +50,7 @@ from shards.tar_writer import (
     encode_sample,
     write_atomically,
 )
+from shards.worker_pool import worker_pool
 
 DEFAULT_SHARD_SIZE_MB = 128  # ~1,100 train shards for ImageNet: enough to split over many ranks
 DEFAULT_QUALITY = 90
@@ -394,7 +394,7 @@ def convert(opts: ConvertOptions) -> ConvertResult:
 
             # One thread makes finished shards durable, so no worker sits in fsync.
             try:
-                with Pool(min(max(1, opts.workers), len(todo))) as pool, ThreadPoolExecutor(1) as committer:
+                with worker_pool(min(max(1, opts.workers), len(todo))) as pool, ThreadPoolExecutor(1) as committer:
                     commits = []
                     for result in pool.imap_unordered(_write_shard_in_worker, [(str(out), t) for t in todo]):
                         commits.append(committer.submit(commit, result))

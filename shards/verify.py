@@ -9,7 +9,6 @@ import os
 import tarfile
 from collections.abc import Iterator
 from functools import partial
-from multiprocessing import Pool
 from pathlib import Path
 
 from PIL import Image
@@ -17,6 +16,7 @@ from PIL import Image
 from shards.image_header import PPM_HEADER_MAX_BYTES, UnreadableHeader, encoded_image_size
 from shards.manifest import Manifest, label_digits, read_manifest
 from shards.tar_writer import ShardInfo, index_line, index_text
+from shards.worker_pool import worker_pool
 
 READ_CHUNK_BYTES = 1 << 20
 
@@ -32,7 +32,7 @@ def verify_directory(directory: str | os.PathLike, decode: bool = False, workers
     shards = [(shard, info.image_ext) for info in manifest.splits.values() for shard in info.shards]
     check = partial(check_shard, directory, num_classes=len(manifest.classes), decode=decode)
     if workers > 1 and len(shards) > 1:
-        with Pool(workers) as pool:
+        with worker_pool(workers) as pool:
             per_shard = pool.starmap(check, shards, chunksize=1)
     else:
         per_shard = [check(*job) for job in shards]

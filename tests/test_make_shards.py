@@ -766,3 +766,48 @@ def test_more_than_ten_thousand_classes_get_five_digit_labels(tmp_path):
     _, read = next(iter(loader))
     loader.close()
     assert sorted(read.tolist()) == list(range(10_001))
+
+
+# Run by the test below in a child process whose own SIGTERM handler returns, as a job runner's or a
+# training loop's does. Nothing sends the caller SIGTERM: the line it prints comes from a Pool worker
+# that inherited the handler, so it was not ended when its Pool was.
+CALLER_WITH_A_SIGTERM_HANDLER = """
+import os, signal, sys
+from pathlib import Path
+def on_sigterm(signum, frame):
+    print(f"the caller's SIGTERM handler ran in {os.getpid()}", flush=True)
+signal.signal(signal.SIGTERM, on_sigterm)
+from shards.worker_pool import worker_pool
+from tools.make_demo_data import pack_train_archive
+from tools.make_shards import main as make_shards
+from tools.verify_shards import main as verify_shards
+train, work = Path(sys.argv[1]), Path(sys.argv[2])
+with worker_pool(2) as pool:
+    assert set(pool.map(signal.getsignal, [signal.SIGTERM] * 8, chunksize=1)) == {signal.SIG_DFL}
+options = ["--shard-size-mb", "0.05", "--workers", "2", "--no-progress"]
+assert make_shards(["--train", str(train), "--out", str(work / "from-folder"), *options]) == 0
+archive = pack_train_archive(train, work / "ILSVRC2012_img_train.tar")
+assert make_shards(["--train", str(archive), "--out", str(work / "from-archive"), *options]) == 0
+assert verify_shards([str(work / "from-folder"), "--workers", "2"]) == 0
+print("all finished", flush=True)
+"""
+
+
+def test_the_worker_pools_end_in_a_process_with_its_own_sigterm_handler(tmp_path, demo_imagenet):
+    """A Pool ends its workers with SIGTERM when its `with` block ends. Forked workers inherit the
+    caller's handlers; one that returns left a worker waiting on a lock the Pool held, and the
+    verifier's Pool waited for it for ever (the worker's stack: sem_wait in SemLock.acquire). Whether
+    a Pool's workers are still alive when it ends is a race; the archive scan's always are."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", CALLER_WITH_A_SIGTERM_HANDLER, str(demo_imagenet / "train"), str(tmp_path)],
+        cwd=REPO_ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        output, _ = child.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)  # the caller and its stuck workers
+        output, _ = child.communicate()
+        pytest.fail(f"a worker Pool did not end within 120 s:\n{output}")
+    assert child.returncode == 0, output
+    assert "all finished" in output and "SIGTERM handler ran" not in output

@@ -26,7 +26,7 @@ from pipeline.errors import SampleDecodeError
 from pipeline.loader import LoaderConfig, PartLoader
 from pipeline.sample_table import SampleTable, file_table, shard_table
 from pipeline.shard_set import ShardError, ShardSet
-from pipeline.split import shuffle_key
+from pipeline.split import EarlierSplit
 from pipeline.transforms import random_resized_crops
 from shards.image_header import UnreadableHeader, encoded_image_size, ppm_pixels
 
@@ -72,10 +72,10 @@ class DaliLoader(PartLoader):
         self._run: _Run | None = None
         self.pipelines_built = 0  # one per image size when epochs are read in order
 
-    def _epoch_rows(self, epoch: int) -> np.ndarray:
-        """Table rows of the rank's part of `epoch`, in reading order: shuffled per sample for train."""
-        key = shuffle_key(self.rank, self.cfg.aug_repeats)
-        return self.table.reading_order(self._part(epoch), self.train, self.cfg.seed, epoch, key)
+    def set_epoch(self, epoch: int, start_step: int = 0, earlier: EarlierSplit | None = None) -> None:
+        super().set_epoch(epoch, start_step, earlier)
+        if self.rest_of_epoch is not None:  # a running stream has the unbroken epoch's rows
+            self._close_run()
 
     def _image_sizes(self, batch: EncodedBatch) -> tuple[np.ndarray, np.ndarray]:
         """Heights and widths of a batch's images: from the table, or on first read from their headers.
@@ -137,7 +137,7 @@ class DaliLoader(PartLoader):
         self.pipelines_built += 1
         stream = BatchStream(
             self.table,
-            self._epoch_rows,
+            self.epoch_rows,
             self.epoch,
             self.batch_size,
             read_ahead=max(2, self.cfg.prefetch),

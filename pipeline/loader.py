@@ -12,7 +12,9 @@ rank takes the same number of steps) carry the label `PAD_LABEL` (-1): metrics s
             ...
 
 `loader.set_epoch(epoch, start_step=k)` starts that epoch at batch k, with the batches an unbroken
-pass would give from there: a run resumed mid-epoch reads nothing it will not train on.
+pass would give from there: a run resumed mid-epoch reads nothing it will not train on. Resumed
+with another split (number of processes, batch size), `set_epoch(epoch, k, earlier=EarlierSplit(...))`
+reads from batch k on the samples of that epoch the interrupted run had not reached.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline.auto_augment import AutoAugment
 from pipeline.sample_table import SampleTable
-from pipeline.split import RankPart, rank_part, shuffle_key
+from pipeline.split import EarlierSplit, RankPart, rank_part, shuffle_key, split_train
 from pipeline.transforms import DEFAULT_CROP_PCT, DTYPES, INTERPOLATIONS, val_resize_size
 
 BACKENDS = ("dali-gpu", "dali-cpu", "torch", "torch-uint8", "synthetic", "folder")
@@ -102,12 +105,14 @@ class Loader(ABC):
     @abstractmethod
     def steps_per_epoch(self) -> int: ...
 
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+    def set_epoch(self, epoch: int, start_step: int = 0, earlier: EarlierSplit | None = None) -> None:
         """Choose the epoch: it decides the shuffle order and which train samples are dropped.
 
         Iterating then yields its batches from `start_step` on, each the same as in a pass over the
         whole epoch (order, crops, flips and augmentations are functions of seed, epoch, rank and
         position): a run resumed mid-epoch continues exactly without reading the batches before.
+        `earlier`: the split of a run that read part of this epoch; the batches from `start_step` on
+        then hold the samples it had not reached (loaders over shards or folders; train only).
         """
         self.epoch = epoch
         if not 0 <= start_step <= self.steps_per_epoch:
@@ -142,6 +147,7 @@ class PartLoader(Loader):
         super().__init__(split, cfg, rank, world_size, device)
         self.sizes = sizes
         self.part = self._part(0)  # raises now if the split cannot feed every rank
+        self.rest_of_epoch: tuple[int, np.ndarray] | None = None  # (epoch, rows): set_epoch's `earlier`
 
     def _part(self, epoch: int) -> RankPart:
         return rank_part(
@@ -155,9 +161,50 @@ class PartLoader(Loader):
             self.cfg.aug_repeats,
         )
 
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+    def set_epoch(self, epoch: int, start_step: int = 0, earlier: EarlierSplit | None = None) -> None:
         self.part = self._part(epoch)  # first: it decides the epoch's steps
         super().set_epoch(epoch, start_step)
+        self.rest_of_epoch = None
+        if earlier is not None and self.train:
+            self.rest_of_epoch = (epoch, self._rest_of_epoch_rows(earlier))
+
+    def epoch_rows(self, epoch: int) -> np.ndarray:
+        """Table rows of the rank's part of `epoch` in the order every backend reads them: for train
+        shuffled per sample; for an epoch set with `earlier`, the rest of it from `start_step` on."""
+        if self.rest_of_epoch is not None and self.rest_of_epoch[0] == epoch:
+            return self.rest_of_epoch[1]
+        key = shuffle_key(self.rank, self.cfg.aug_repeats)
+        return self.table.reading_order(self._part(epoch), self.train, self.cfg.seed, epoch, key)
+
+    def _rest_of_epoch_rows(self, earlier: EarlierSplit) -> np.ndarray:
+        """This epoch's rows with those from `start_step` on replaced by this rank's share of the
+        samples the earlier run had not read, each on one rank (as many times as the earlier split
+        dealt it: once, unless it repeated samples for repeated augmentation).
+
+        The earlier ranks' reading orders are recomputed (pure functions of the split); what they had
+        not reached is shuffled alike on every rank and dealt out in equal blocks. What is left over
+        (under about two global batches, from rounding the position to this run's steps) is dropped
+        for this epoch; what is short is filled with samples the earlier run dropped, then with ones
+        it read. Repeated augmentation's copies are not grouped in this rest of an epoch.
+        """
+        cut = earlier.batches_read * earlier.batch_size
+        read, unread = [], []
+        for rank in range(earlier.world_size):
+            part = split_train(
+                self.sizes, rank, earlier.world_size, earlier.batch_size, self.epoch, earlier.seed, earlier.repeats
+            )
+            rows = self.table.reading_order(part, True, earlier.seed, self.epoch, shuffle_key(rank, earlier.repeats))
+            read.append(rows[:cut])
+            unread.append(rows[cut:])
+        read, unread = np.concatenate(read), np.concatenate(unread)
+        never = np.setdiff1d(np.arange(len(self.table)), np.concatenate([read, unread]))
+        rng = np.random.default_rng([earlier.seed, self.epoch, earlier.world_size, earlier.batches_read])
+        candidates = np.concatenate([rng.permutation(unread), rng.permutation(never), rng.permutation(read)])
+        rows = self.epoch_rows(self.epoch).copy()  # the unbroken order: its batches before start_step are not read
+        first = self.start_step * self.batch_size
+        count = len(rows) - first
+        rows[first:] = candidates[self.rank * count : (self.rank + 1) * count]
+        return rows
 
     @property
     def steps_per_epoch(self) -> int:
@@ -167,10 +214,7 @@ class PartLoader(Loader):
         """The keys of this epoch's samples on this rank, in the order its batches hold them (batch s
         holds [s * batch_size, (s + 1) * batch_size)); val padding, marked by its labels, at the end.
         What per-sample labels kept outside the shards (ImageNet-ReaL's) are matched by."""
-        rows = self.table.reading_order(
-            self.part, self.train, self.cfg.seed, self.epoch, shuffle_key(self.rank, self.cfg.aug_repeats)
-        )
-        return [self.table.key(row) for row in rows.tolist()]
+        return [self.table.key(row) for row in self.epoch_rows(self.epoch).tolist()]
 
     def padding_labels(self, labels: torch.Tensor, step: int) -> torch.Tensor:
         """Mark the samples of this batch that lie past the rank's real samples (val padding)."""

@@ -37,6 +37,18 @@ class RankPart:
         return len(self.picks) if self.picks is not None else sum(len(p) for p in self.pieces)
 
 
+@dataclass(frozen=True)
+class EarlierSplit:
+    """How an interrupted run split the epoch it stopped in: enough to tell which samples it read,
+    so a run resumed with another split reads the rest of that epoch (`PartLoader.set_epoch`)."""
+
+    world_size: int
+    batch_size: int  # per rank, per loader batch
+    batches_read: int  # by each rank, in the epoch it stopped in
+    seed: int
+    repeats: int = 1
+
+
 def split_train(
     shard_sizes: list[int], rank: int, world_size: int, batch_size: int, epoch: int, seed: int, repeats: int = 1
 ) -> RankPart:

@@ -24,7 +24,6 @@ from pipeline.errors import SampleDecodeError
 from pipeline.loader import LoaderConfig, PartLoader
 from pipeline.sample_table import SampleReader, SampleTable, shard_table
 from pipeline.shard_set import ShardSet
-from pipeline.split import shuffle_key
 from pipeline.transforms import to_training_layout, torchvision_train_transform, torchvision_val_transform
 
 # Set by the main process as it exits; handed to its DataLoader workers by `outlive_job_signals`
@@ -128,8 +127,7 @@ class TorchShardLoader(PartLoader):
             return
         # The DALI backends' reading order. Ranks given the same samples (repeated augmentation)
         # read them in the same order, but the samples' seeds, so the crops, are the rank's own.
-        key = shuffle_key(self.rank, self.cfg.aug_repeats)
-        rows = self.table.reading_order(self.part, self.train, self.cfg.seed, self.epoch, key)
+        rows = self.epoch_rows(self.epoch)
         first, seeds = self.start_step * self.batch_size, None
         if self.train:
             transform = torchvision_train_transform(self.image_size, self.cfg.augment, self.cfg.interpolation)

@@ -33,7 +33,7 @@ from pipeline.errors import SampleDecodeError
 from pipeline.loader import LoaderConfig, PartLoader
 from pipeline.sample_table import SampleReader, SampleTable, shard_table
 from pipeline.shard_set import ShardSet
-from pipeline.split import rank_part, shuffle_key
+from pipeline.split import EarlierSplit, rank_part, shuffle_key
 from pipeline.torch_loader import outlive_job_signals, stop_workers_on_error
 from pipeline.transforms import PIXEL_MEAN, PIXEL_STD, random_resized_crops, val_resize_size
 from shards.image_header import UnreadableHeader, encoded_image_size, ppm_pixels
@@ -132,15 +132,19 @@ class Uint8Batches(Dataset):
         world_size: int,
         batch_size: int,
         ring: torch.Tensor,
+        rest_of_epoch: tuple[int, np.ndarray] | None = None,
     ):
         self.table, self.train, self.cfg, self.ring = table, train, cfg, ring  # BatchSlots.buffer
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+        self.rest_of_epoch = rest_of_epoch  # (epoch, rows): the loader's, for a resumed run's first epoch
         self._reader: SampleReader | None = None  # opened in each worker, on first use
         self._rows_epoch: int | None = None
         self._rows = np.empty(0, np.int64)
 
     def epoch_rows(self, epoch: int) -> np.ndarray:
         """Table rows of the rank's part of `epoch`, in the DALI backends' reading order (kept per epoch)."""
+        if self.rest_of_epoch is not None and self.rest_of_epoch[0] == epoch:
+            return self.rest_of_epoch[1]
         if epoch != self._rows_epoch:
             repeats = self.cfg.aug_repeats
             part = rank_part(
@@ -282,7 +286,14 @@ class Uint8Loader(PartLoader):
         self._slots = BatchSlots(count, self.batch_size, image_size, self.device)
         self._pass = EpochSteps(self._slots, self.train)
         dataset = Uint8Batches(
-            self.table, self.train, self.cfg, self.rank, self.world_size, self.batch_size, self._slots.buffer
+            self.table,
+            self.train,
+            self.cfg,
+            self.rank,
+            self.world_size,
+            self.batch_size,
+            self._slots.buffer,
+            self.rest_of_epoch,
         )
         self._batches = DataLoader(
             dataset,
@@ -297,6 +308,11 @@ class Uint8Loader(PartLoader):
             # from torch's global one would shift the trainer's MixUp draws in a resumed run.
             generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.rank),
         )
+
+    def set_epoch(self, epoch: int, start_step: int = 0, earlier: EarlierSplit | None = None) -> None:
+        super().set_epoch(epoch, start_step, earlier)
+        if self.rest_of_epoch is not None:  # the workers work out their rows themselves: new ones, told it
+            self._start_workers(self.image_size)
 
     def _normalized(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 N x H x W x 3 on the device -> normalized N x 3 x H x W, channels_last, `dtype`."""

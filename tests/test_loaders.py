@@ -19,6 +19,7 @@ from PIL import Image
 from pipeline.errors import SampleDecodeError
 from pipeline.loader import PAD_LABEL, LoaderConfig, create_loader
 from pipeline.shard_set import ShardError, open_shard_set
+from pipeline.split import EarlierSplit
 from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD
 from shards.manifest import read_manifest
 from shards.tar_writer import ShardWriter, encode_sample
@@ -361,6 +362,70 @@ def test_an_epoch_started_mid_way_gives_the_batches_of_a_whole_pass(
     assert [len(p) for p in resumed] == [len(whole_passes[0]) - start, len(whole_passes[1])]
     for got, expected in zip(resumed[0] + resumed[1], whole_passes[0][start:] + whole_passes[1], strict=True):
         assert torch.equal(got[1], expected[1]) and torch.equal(got[0], expected[0])
+
+
+@pytest.mark.parametrize(
+    ("earlier_world", "earlier_batch", "batches_read", "world_size", "batch_size"),
+    [(2, 4, 3, 3, 3), (4, 2, 2, 1, 8), (3, 3, 1, 2, 5), (1, 8, 4, 4, 2)],
+)
+def test_a_resumed_epoch_reads_what_the_earlier_split_had_not(
+    photo_shards, earlier_world, earlier_batch, batches_read, world_size, batch_size
+):
+    """A run stopped mid-epoch and resumed on another number of processes or batch size: from the
+    start step on, the new ranks read the samples the earlier ranks had not, each once. Only the
+    rounding of the position to the new run's steps leaves some out (or repeats some) of that epoch."""
+    epoch, total = 1, read_manifest(photo_shards).splits["train"].samples
+    earlier_keys = []
+    for rank in range(earlier_world):
+        settings = config("torch", batch_size=earlier_batch)
+        loader = create_loader(str(photo_shards), "train", settings, rank, earlier_world)
+        loader.set_epoch(epoch)
+        earlier_keys += loader.sample_keys()[: batches_read * earlier_batch]
+        earlier_steps = loader.steps_per_epoch
+    earlier = EarlierSplit(earlier_world, earlier_batch, batches_read, seed=0)
+    rest_keys = []
+    for rank in range(world_size):
+        loader = create_loader(str(photo_shards), "train", config("torch", batch_size=batch_size), rank, world_size)
+        start = batches_read * loader.steps_per_epoch // earlier_steps  # the same share of the epoch, as the trainer
+        loader.set_epoch(epoch, start, earlier)
+        keys = loader.sample_keys()
+        assert len(keys) == loader.steps_per_epoch * batch_size
+        rest_keys += keys[start * batch_size :]
+    assert len(set(rest_keys)) == len(rest_keys)
+    both = Counter(earlier_keys + rest_keys)
+    assert len(set(earlier_keys)) == len(earlier_keys) and len(both) <= total
+    overlap = len(earlier_keys) + len(rest_keys) - total
+    assert sum(n - 1 for n in both.values()) == max(0, overlap)  # read twice: only what the rest could not fill
+    assert total - len(both) == max(0, -overlap)  # left out: only what the rest had no steps for
+    assert abs(overlap) < 2 * max(earlier_world * earlier_batch, world_size * batch_size)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_every_backend_reads_the_rest_of_a_resumed_epoch(photo_shards, backend):
+    """The batches from the start step hold the samples `sample_keys` names for a resumed epoch
+    (the rest of what two earlier ranks had not read), though the loader had gone on to read that
+    epoch's unbroken batches ahead, and the next epoch is read as usual."""
+    manifest = read_manifest(photo_shards)
+    urls = [str(photo_shards / s.file) for s in manifest.splits["train"].shards]
+    label_of = {s["__key__"]: int(s["cls"]) for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)}
+    unbroken = create_loader(str(photo_shards), "train", config(backend))
+    next_epoch = collect(unbroken, epoch=2)
+    loader = create_loader(str(photo_shards), "train", config(backend))
+    try:
+        loader.set_epoch(0)
+        list(loader)
+        loader.set_epoch(1, start_step=2, earlier=EarlierSplit(2, 4, 4, seed=0))
+        keys = loader.sample_keys()[2 * 8 :]
+        labels = torch.cat([labels for _, labels in loader]).tolist()
+        assert labels == [label_of[key] for key in keys]
+        unbroken.set_epoch(1, start_step=2)
+        assert keys != unbroken.sample_keys()[2 * 8 :]
+        loader.set_epoch(2)
+        for (images, labels), (images_again, labels_again) in zip(loader, next_epoch, strict=True):
+            assert torch.equal(labels, labels_again) and torch.equal(images, images_again)
+    finally:
+        loader.close()
+        unbroken.close()
 
 
 def test_a_dali_pipeline_a_few_batches_behind_is_read_on_to_the_start_step(photo_shards):

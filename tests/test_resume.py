@@ -100,21 +100,25 @@ def test_a_run_stopped_at_an_epochs_last_step_resumes_into_its_evaluation(photo_
 
 
 def test_a_run_resumed_with_fewer_steps_per_epoch_goes_on_at_the_same_share_of_the_epoch(photo_shards, tmp_path):
-    """Stopped at step 6, resumed with optim.accumulate=2: an epoch now has half the steps, as on
-    twice the processes. The run goes on at the same share of the epoch, and the learning rate with
-    it (until 2026-12-07 the rate was read from the global step, and step 6 was taken as step 6 of
-    the shorter epoch)."""
+    """Stopped at step 6, resumed with batches of 4 and optim.accumulate=4: an epoch now has half
+    the steps, as on twice the processes. The run goes on at the same share of the epoch, and the
+    learning rate with it (until 2026-12-07 the rate was read from the global step, and step 6 was
+    taken as step 6 of the shorter epoch); its loader, split in batches of 4, reads the samples the
+    stopped run had not (tests/test_loaders.py checks which)."""
     args = train_args(photo_shards, tmp_path / "run", "train.epochs=2")
     status, rest = sigterm_at(args, "epoch 0 step 4/")
     assert status == 0 and "stopped by SIGTERM at epoch 0 step 6;" in rest, rest
     steps = load_checkpoint(tmp_path / "run" / "last.pt")["steps_per_epoch"]
 
-    resumed = run_tool(*args[1:], "optim.accumulate=2", "--resume", "auto")
+    changes = ["data.batch_size=4", "optim.accumulate=4"]
+    resumed = run_tool(*args[1:], *changes, "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr
     halved, at = steps // 2, 6 * (steps // 2) // steps
     expected = f"an epoch had {steps} steps in the checkpoint's run and has {halved} in this one: epoch 0 goes on at"
     assert f"{expected} step {at}, the same share of it\n" in resumed.stdout, resumed.stdout
-    assert logged_rates_follow_the_schedule(resumed.stdout, ["train.epochs=2", "optim.accumulate=2"], 16) >= 2
+    expected = "epoch 0 goes on with the samples the checkpoint's run had not read (it split the epoch over 1"
+    assert f"{expected} process(es) in batches of 8 and had read 6 each)\n" in resumed.stdout, resumed.stdout
+    assert logged_rates_follow_the_schedule(resumed.stdout, ["train.epochs=2", *changes], 16) >= 2
     final = load_checkpoint(tmp_path / "run" / "last.pt")
     assert (final["epoch"], final["global_step"]) == (2, 6 + halved - at + halved), "each step of the rest once"
 

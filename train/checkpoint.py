@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.split import EarlierSplit
 from shards.tar_writer import fsync_dir
 from train.distributed import DistContext, all_gather_objects
 
@@ -192,6 +193,19 @@ def saved_steps_per_epoch(checkpoint: dict) -> int | None:
     if checkpoint["epoch"] > 0:
         return (checkpoint["global_step"] - checkpoint["step_in_epoch"]) // checkpoint["epoch"]
     return None
+
+
+def interrupted_split(checkpoint: dict) -> EarlierSplit:
+    """How the run that wrote `checkpoint` split the epoch it stopped in: what a run resumed with
+    another split needs to read the rest of that epoch (`pipeline.split.EarlierSplit`)."""
+    config = checkpoint["config"]
+    return EarlierSplit(
+        world_size=checkpoint["world_size"],
+        batch_size=config["data"]["batch_size"],
+        batches_read=checkpoint["step_in_epoch"] * config["optim"].get("accumulate", 1),
+        seed=config["train"]["seed"],
+        repeats=config["data"].get("aug_repeats", 1),
+    )
 
 
 def check_same_classes(checkpoint: dict, path: str | Path, num_classes: int, wnids: list[str], data: str) -> None:

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from pipeline.errors import SampleDecodeError, data_error_message
 from pipeline.loader import create_loader
 from pipeline.shard_set import ShardError
+from pipeline.split import EarlierSplit
 from shards.classes import imagenet_names
 from shards.inputs import list_class_folders
 from shards.manifest import manifest_digest, read_manifest
@@ -46,6 +47,7 @@ from train.checkpoint import (
     check_same_classes,
     check_same_model,
     check_same_optimizer,
+    interrupted_split,
     keep_copy,
     load_checkpoint,
     load_weights,
@@ -293,6 +295,7 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
 
         # resume
         position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_acc1": -math.inf, "best_kept": []}
+        earlier_split = None  # resumed mid-epoch with another data split: how the checkpoint's run split it
         checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path is not None else None
         if checkpoint is not None:
             check_same_model(checkpoint, checkpoint_path, cfg.model.name, cfg.model.blurpool)
@@ -316,12 +319,24 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
             # steps: go on at the same share of the epoch (rounded down), and the schedule with it.
             # Unknown (epoch 0 of an older checkpoint): as now, unless its step shows the epoch was longer.
             saved_steps = saved_steps_per_epoch(checkpoint) or max(steps_per_epoch, position["step_in_epoch"])
+            earlier_split = interrupted_split(checkpoint) if position["step_in_epoch"] else None
             if saved_steps != steps_per_epoch and position["step_in_epoch"]:
                 position["step_in_epoch"] = position["step_in_epoch"] * steps_per_epoch // saved_steps
                 log.line(
                     f"an epoch had {saved_steps} steps in the checkpoint's run and has {steps_per_epoch} in this "
                     f"one: epoch {position['epoch']} goes on at step {position['step_in_epoch']}, the same share of it"
                 )
+            # Split as now and read to the same batch, the unbroken order goes on; otherwise the loader
+            # reads the samples the checkpoint's run had not reached (pipeline.loader.PartLoader).
+            unbroken = EarlierSplit(
+                ctx.world_size,
+                cfg.data.batch_size,
+                position["step_in_epoch"] * accumulate,
+                cfg.train.seed,
+                cfg.data.aug_repeats,
+            )
+            if earlier_split == unbroken or cfg.data.backend == "synthetic":
+                earlier_split = None
             changes = config_changes(checkpoint["config"], cfg.to_dict())
             if changes:
                 log.line(f"settings that differ from the checkpoint's: {'; '.join(changes)}")
@@ -330,8 +345,8 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
             else:
                 log.line(
                     f"note: the checkpoint was written by {checkpoint['world_size']} processes, this run has "
-                    f"{ctx.world_size}: random streams start afresh, the data split changes (a resume mid-epoch "
-                    "no longer continues the same sample order) and the global batch, and with it the lr, is this run's"
+                    f"{ctx.world_size}: random streams start afresh, the data split changes and the global batch, "
+                    "and with it the lr, is this run's"
                 )
         log.start_at(position["global_step"])
         facts = shared_facts(cfg, classes, num_classes, train_loader.steps_per_epoch, val_loader.steps_per_epoch)
@@ -416,7 +431,14 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
         train_loader.set_image_size(image_size)
         # Resumed mid-epoch, the loader starts at the saved step with the batches an unbroken run read there.
         first_micro = position["step_in_epoch"] * accumulate
-        train_loader.set_epoch(epoch, start_step=first_micro)
+        train_loader.set_epoch(epoch, start_step=first_micro, earlier=earlier_split)
+        if earlier_split is not None:
+            log.line(
+                f"epoch {epoch} goes on with the samples the checkpoint's run had not read (it split the epoch "
+                f"over {earlier_split.world_size} process(es) in batches of {earlier_split.batch_size} and had "
+                f"read {earlier_split.batches_read} each)"
+            )
+            earlier_split = None
         epoch_started, steps_to_train = time.perf_counter(), steps_per_epoch - position["step_in_epoch"]
         model.train()
         bar = tqdm(

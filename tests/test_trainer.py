@@ -448,6 +448,63 @@ def test_evaluate_scores_given_weights_with_the_checkpoints_settings(two_process
         assert "argument --weights: not allowed with argument --ema" in capsys.readouterr().err
 
 
+def test_evaluate_scores_several_checkpoints_as_one_ensemble(two_process_run, photo_shards, tmp_path, capsys):
+    """Two --checkpoint score as the mean of their softmax probabilities (worked out here from the
+    two models on the same val images); one checkpoint given twice scores as it does alone; members
+    trained with other val settings need the flag that decides them, and --weights only one member."""
+    run_dir = two_process_run[0]
+    first, second = str(run_dir / "epoch-1.pt"), str(run_dir / "epoch-2.pt")
+    common = ["--shards", str(photo_shards), "--batch-size", "8", "--workers", "1", "--no-flip"]
+
+    def scores(*checkpoints: str, extra: tuple[str, ...] = ()) -> dict:
+        assert evaluate_main([arg for c in checkpoints for arg in ("--checkpoint", c)] + common + list(extra)) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    alone, twice, both = scores(first), scores(first, first), scores(first, second)
+    assert alone["checkpoint"] == first and both["checkpoint"] == [first, second]
+    assert (twice["acc1"], twice["acc5"], twice["samples"]) == (alone["acc1"], alone["acc5"], alone["samples"])
+    assert twice["loss"] == pytest.approx(alone["loss"], abs=1e-5)
+
+    config = load_checkpoint(first)["config"]
+    settings = LoaderConfig(
+        backend="dali-cpu", batch_size=8, workers=1, dtype="float32", val_image_size=config["resolution"]["val"],
+        crop_pct=config["data"]["crop_pct"], interpolation=config["data"]["interpolation"],
+    )  # fmt: skip
+    loader = create_loader(str(photo_shards), "val", settings)
+    models = [model_from_checkpoint(load_checkpoint(path)).eval() for path in (first, second)]
+    hits = top5_hits = 0
+    log_likelihood, samples = 0.0, 0
+    with torch.no_grad():
+        for images, labels in loader:
+            probabilities = torch.stack([model(images).softmax(dim=1) for model in models]).mean(dim=0)
+            real = labels != PAD_LABEL
+            probabilities, labels = probabilities[real], labels[real]
+            hits += (probabilities.argmax(dim=1) == labels).sum().item()
+            top5_hits += (probabilities.topk(5, dim=1).indices == labels[:, None]).any(dim=1).sum().item()
+            log_likelihood += probabilities[torch.arange(len(labels)), labels].log().sum().item()
+            samples += len(labels)
+    loader.close()
+    assert both["samples"] == samples
+    assert both["acc1"] == pytest.approx(100 * hits / samples)
+    assert both["acc5"] == pytest.approx(100 * top5_hits / samples)
+    assert both["loss"] == pytest.approx(-log_likelihood / samples, rel=1e-6)
+    assert both["loss"] not in (alone["loss"], scores(second)["loss"])
+
+    other = tmp_path / "other-size.pt"
+    checkpoint = load_checkpoint(second)
+    checkpoint["config"]["resolution"]["val"] = 48
+    torch.save(checkpoint, other)
+    assert evaluate_main(["--checkpoint", first, "--checkpoint", str(other), *common]) == 2
+    expected = f"{other} was trained with resolution.val 48, {first} with {config['resolution']['val']}"
+    assert f"{expected}: the ensemble's members are scored on the same images, so give --image-size" in (
+        capsys.readouterr().err
+    )
+    assert scores(first, str(other), extra=("--image-size", "48"))["image_size"] == 48
+    with pytest.raises(SystemExit):
+        evaluate_main(["--checkpoint", first, "--checkpoint", second, "--weights", str(tmp_path / "w.pth"), *common])
+    assert "--weights replaces one checkpoint's weights: not with several --checkpoint" in capsys.readouterr().err
+
+
 def test_evaluate_can_resize_val_images_otherwise_than_the_run(two_process_run, photo_shards, capsys):
     """--crop-pct (torchvision tunes its weights' val resize after training this way): the
     checkpoint's own value scores as the default does, another one scores other pixels."""
@@ -690,7 +747,8 @@ def test_evaluating_on_shards_of_other_classes_names_the_difference(two_process_
 def test_test_sets_of_the_models_classes_are_scored_by_wnid(two_process_run, photo_shards, tmp_path, capsys):
     """ImageNetV2's layout (folders named by class index), converted with --class-index-folders, scores
     as the val split it was made from; shards of some of the classes, as ImageNet-A and ImageNet-R
-    are, score with --class-subset as a plain loop that predicts among those classes' outputs."""
+    are, score with --class-subset as a plain loop that predicts among those classes' outputs (and
+    an ensemble of the model and itself as the model)."""
     last = two_process_run[0] / "last.pt"
     model_wnids = [wnid for wnid, _ in load_checkpoint(last)["classes"]]
     folders = sorted((photo_shards.parent / "src" / "val").iterdir())
@@ -718,6 +776,9 @@ def test_test_sets_of_the_models_classes_are_scored_by_wnid(two_process_run, pho
     assert subset["classes"] == len(chosen) and subset["samples"] == reference["samples"]
     assert (subset["acc1"], subset["acc5"]) == (reference["acc1"], reference["acc5"])
     assert subset["loss"] == pytest.approx(reference["loss"], rel=1e-12)
+    pair = scores(part, "--class-subset", "--checkpoint", str(last))  # an ensemble of the model and itself
+    assert (pair["classes"], pair["acc1"], pair["acc5"]) == (subset["classes"], subset["acc1"], subset["acc5"])
+    assert pair["loss"] == pytest.approx(subset["loss"], rel=1e-6)
 
 
 def with_imagenet_head(checkpoint: Path, out: Path) -> Path:

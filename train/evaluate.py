@@ -6,12 +6,14 @@ python -m train.evaluate --checkpoint runs/resnet18/best.pt --shards /data/image
 python -m train.evaluate --checkpoint runs/resnet18/best.pt --shards /data/imagenet-shards --real-labels real.json
 python -m train.evaluate --checkpoint runs/resnet18/best.pt --shards /data/imagenet-shards --per-class classes.csv
 python -m train.evaluate --checkpoint runs/resnet18/best.pt --shards /data/imagenet-shards --predictions val.jsonl
+python -m train.evaluate --checkpoint runs/resnet18/best.pt --checkpoint runs/resnet50/best.pt --shards /data/imagenet
 
 The val split of any shards whose classes are the model's (ImageNetV2, ImageNet-Sketch) scores as
 it is; shards of some of its classes (ImageNet-A, ImageNet-R) with `--class-subset`. `--real-labels`
 adds ImageNet-ReaL's top-1/top-5 on ImageNet's own val images. `--per-class` writes each class's
 accuracy, loss and most frequent mistake to a CSV file, to find the classes a model gets wrong;
-`--predictions` each image's top five classes and their probabilities.
+`--predictions` each image's top five classes and their probabilities. Several `--checkpoint`s are
+scored as one ensemble: the mean of their softmax probabilities.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 from pipeline.errors import SampleDecodeError, data_error_message
 from pipeline.loader import BACKENDS, PAD_LABEL, LoaderConfig, create_loader
 from pipeline.shard_set import ShardError
+from pipeline.transforms import INTERPOLATIONS
 from shards.classes import build_class_list
 from shards.inputs import list_class_folders
 from shards.manifest import manifest_digest, read_manifest
@@ -78,6 +81,41 @@ def model_from_checkpoint(checkpoint: dict, use_ema: bool = False) -> torch.nn.M
     )
     model.load_state_dict(state)
     return model
+
+
+class Ensemble(torch.nn.Module):
+    """Several classifiers scored as one: its outputs are the log of the members' mean softmax
+    probabilities, so top-k, loss and probabilities are the ensemble's. `columns[i]`: the outputs of
+    member i to keep, in the order of the labels (`--class-subset`), or None for all of them."""
+
+    def __init__(self, members: list[torch.nn.Module], columns: list[torch.Tensor | None]):
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+        self.columns = columns
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        total = None
+        for member, columns in zip(self.members, self.columns, strict=True):
+            logits = member(images).float()
+            if columns is not None:
+                logits = logits.index_select(1, columns)
+            probabilities = logits.softmax(dim=1)
+            total = probabilities if total is None else total + probabilities
+        # a probability that rounds to 0 would make the loss infinite: the smallest float instead
+        return (total / len(self.members)).clamp_min(torch.finfo(torch.float32).tiny).log()
+
+
+def shared_setting(checkpoints: list[dict], paths: list[str], read, what: str, flag: str) -> object:
+    """A val setting every checkpoint of an ensemble must share, read from each by `read`; the
+    first's where they agree, else an error naming the two that differ and the flag that decides."""
+    first = read(checkpoints[0])
+    for path, checkpoint in zip(paths[1:], checkpoints[1:], strict=True):
+        if read(checkpoint) != first:
+            raise ConfigError(
+                f"{path} was trained with {what} {read(checkpoint)}, {paths[0]} with {first}: the ensemble's members "
+                f"are scored on the same images, so give {flag}"
+            )
+    return first
 
 
 def file_digest(path: str) -> str:
@@ -154,7 +192,12 @@ def write_predictions(path: Path, rows: list[tuple], classes: list[tuple[str, st
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        action="append",
+        help="the checkpoint to score; given more than once, an ensemble of them (the mean of their probabilities)",
+    )
     p.add_argument("--shards", required=True, help="shard directory with a val split")
     p.add_argument("--backend", default=None, choices=[b for b in BACKENDS if b != "synthetic"],
                    help="default: dali-gpu with a GPU, else dali-cpu")  # fmt: skip
@@ -164,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
         "--crop-pct",
         type=float,
         help="resize to image size / this, then crop (default: the checkpoint's data.crop_pct)",
+    )
+    p.add_argument(
+        "--interpolation",
+        choices=INTERPOLATIONS,
+        help="of the val resize (default: the checkpoint's data.interpolation)",
     )
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--precision", choices=list(AUTOCAST_DTYPES), default="bfloat16", help="on GPU; CPU uses float32")
@@ -210,26 +258,41 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--real-labels scores ImageNet's val images among all 1000 classes: not with --class-subset")
     if args.crop_pct is not None and not 0.0 < args.crop_pct <= 1.0:
         p.error(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
+    if args.weights and len(args.checkpoint) > 1:
+        p.error("--weights replaces one checkpoint's weights: not with several --checkpoint")
 
     ctx = setup_distributed()
     try:
         # per-rank setup: a file missing on one node stops every rank, none left waiting
         with fail_together(ctx, (CheckpointError, ConfigError, ShardError, SampleDecodeError, FileNotFoundError)):
-            checkpoint = load_checkpoint(args.checkpoint)
-            model = model_from_checkpoint(checkpoint, args.ema).to(ctx.device)
+            paths = args.checkpoint
+            checkpoints = [load_checkpoint(path) for path in paths]
+            models = [model_from_checkpoint(checkpoint, args.ema).to(ctx.device) for checkpoint in checkpoints]
             if args.weights:
-                load_weights(model, args.weights, "--weights")
-            trained_size, model_name = checkpoint["config"]["resolution"]["val"], checkpoint["config"]["model"]["name"]
-            if model_name in FIXED_SIZE_KEYWORDS and args.image_size not in (None, trained_size):
-                raise ConfigError(f"--image-size {args.image_size}: {model_name} was built for {trained_size} px only")
+                load_weights(models[0], args.weights, "--weights")
+            for path, checkpoint in zip(paths, checkpoints, strict=True):
+                config = checkpoint["config"]
+                name, trained_size = config["model"]["name"], config["resolution"]["val"]
+                if name in FIXED_SIZE_KEYWORDS and args.image_size not in (None, trained_size):
+                    raise ConfigError(f"--image-size {args.image_size}: {name} ({path}) is built for {trained_size} px")
+
+            def setting(given, read, what: str, flag: str):
+                """The flag's value if given, else the checkpoints' (they must agree)."""
+                return given if given is not None else shared_setting(checkpoints, paths, read, what, flag)
+
+            image_size = setting(
+                args.image_size, lambda c: c["config"]["resolution"]["val"], "resolution.val", "--image-size"
+            )
+            crop_pct = setting(args.crop_pct, lambda c: c["config"]["data"]["crop_pct"], "data.crop_pct", "--crop-pct")
+            interpolation = setting(args.interpolation, trained_interpolation, "data.interpolation", "--interpolation")
             precision = args.precision if ctx.device.type == "cuda" else "float32"
             set_cuda_numerics(ctx.device, precision)
             cfg = LoaderConfig(
                 backend=args.backend or ("dali-gpu" if ctx.device.type == "cuda" else "dali-cpu"),
                 batch_size=args.batch_size,
-                val_image_size=args.image_size or checkpoint["config"]["resolution"]["val"],
-                crop_pct=args.crop_pct or checkpoint["config"]["data"]["crop_pct"],
-                interpolation=trained_interpolation(checkpoint),
+                val_image_size=image_size,
+                crop_pct=crop_pct,
+                interpolation=interpolation,
                 workers=args.workers,
                 dtype=precision,
             )
@@ -242,16 +305,23 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 classes = read_manifest(args.shards).classes
             wnids = [c.wnid for c in classes]
-            if args.class_subset:
-                columns = class_columns(checkpoint, args.checkpoint, wnids, args.shards).to(ctx.device)
-            else:
-                columns = None
-                check_classes_match(checkpoint, args.checkpoint, loader.num_classes, wnids, args.shards)
+            member_columns = []
+            for path, checkpoint in zip(paths, checkpoints, strict=True):
+                if args.class_subset:
+                    member_columns.append(class_columns(checkpoint, path, wnids, args.shards).to(ctx.device))
+                else:
+                    member_columns.append(None)
+                    check_classes_match(checkpoint, path, loader.num_classes, wnids, args.shards)
+                if args.real_labels:
+                    check_imagenet_classes(checkpoint, path)
             label_sets = None
             if args.real_labels:
-                check_imagenet_classes(checkpoint, args.checkpoint)
                 label_sets = real_label_sets(args.real_labels, loader, args.shards).to(ctx.device)
-            flip = checkpoint["config"]["eval"].get("flip", False) if args.flip is None else args.flip
+            if len(models) == 1:  # its own logits, as the trainer's evaluation scores them
+                model, columns = models[0], member_columns[0]
+            else:
+                model, columns = Ensemble(models, member_columns), None
+            flip = setting(args.flip, lambda c: c["config"]["eval"].get("flip", False), "eval.flip", "--flip/--no-flip")
             facts = {
                 "--backend": cfg.backend,
                 "--batch-size": cfg.batch_size,
@@ -263,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
                 "--flip": flip,
                 "--class-subset": args.class_subset,
                 "--real-labels sha256": file_digest(args.real_labels) if args.real_labels else None,
-                "checkpoint (epoch, step, config digest)": checkpoint_identity(checkpoint),
+                "--interpolation": cfg.interpolation,
+                "checkpoints (epoch, step, config digest)": [checkpoint_identity(c) for c in checkpoints],
                 "val steps": loader.steps_per_epoch,
             }
             if cfg.backend != "folder":
@@ -297,8 +368,10 @@ def main(argv: list[str] | None = None) -> int:
                 except OSError as err:  # the scores are still printed: the evaluation is not lost
                     write_errors.append(f"cannot write --{key.replace('_', '-')} {path} ({err.strerror or err})")
             settings = {"image_size": cfg.val_image_size, "crop_pct": cfg.crop_pct, "flip": flip}
+            settings["interpolation"] = cfg.interpolation
             settings["classes"] = len(columns) if columns is not None else loader.num_classes  # predicted among
-            print(json.dumps({"checkpoint": args.checkpoint, "weights": args.weights, **metrics, **settings}))
+            scored = paths[0] if len(paths) == 1 else paths  # an ensemble: the list of its checkpoints
+            print(json.dumps({"checkpoint": scored, "weights": args.weights, **metrics, **settings}))
             for error in write_errors:
                 print(f"evaluate: error: {error}", file=sys.stderr, flush=True)
             if write_errors:

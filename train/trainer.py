@@ -327,7 +327,7 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
                     f"one: epoch {position['epoch']} goes on at step {position['step_in_epoch']}, the same share of it"
                 )
             # Split as now and read to the same batch, the unbroken order goes on; otherwise the loader
-            # reads the samples the checkpoint's run had not reached (pipeline.loader.PartLoader).
+            # reads the samples the checkpoint's run had not reached (pipeline.loader.PartLoader), if any.
             unbroken = EarlierSplit(
                 ctx.world_size,
                 cfg.data.batch_size,
@@ -335,7 +335,8 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
                 cfg.train.seed,
                 cfg.data.aug_repeats,
             )
-            if earlier_split == unbroken or cfg.data.backend == "synthetic":
+            epoch_done = position["step_in_epoch"] == steps_per_epoch
+            if earlier_split == unbroken or epoch_done or cfg.data.backend == "synthetic":
                 earlier_split = None
             changes = config_changes(checkpoint["config"], cfg.to_dict())
             if changes:

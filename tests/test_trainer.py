@@ -507,7 +507,8 @@ def test_evaluate_scores_several_checkpoints_as_one_ensemble(two_process_run, ph
 
 def test_evaluate_can_resize_val_images_otherwise_than_the_run(two_process_run, photo_shards, capsys):
     """--crop-pct (torchvision tunes its weights' val resize after training this way): the
-    checkpoint's own value scores as the default does, another one scores other pixels."""
+    checkpoint's own value scores as the default does, another one scores other pixels; so does
+    --interpolation, another resize filter than the run's."""
     checkpoint = str(two_process_run[0] / "epoch-2.pt")
     common = ["--checkpoint", checkpoint, "--shards", str(photo_shards), "--batch-size", "8", "--workers", "1"]
     results = {}
@@ -518,6 +519,11 @@ def test_evaluate_can_resize_val_images_otherwise_than_the_run(two_process_run, 
     assert results[None]["crop_pct"] == trained and results[1.0]["crop_pct"] == 1.0
     assert results[trained]["loss"] == results[None]["loss"] != results[1.0]["loss"]
     assert results[1.0]["samples"] == results[None]["samples"]
+    trained = load_checkpoint(checkpoint)["config"]["data"]["interpolation"]
+    assert results[None]["interpolation"] == trained == "bicubic"
+    assert evaluate_main([*common, "--interpolation", "bilinear"]) == 0
+    bilinear = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert bilinear["interpolation"] == "bilinear" and bilinear["loss"] != results[None]["loss"]
     with pytest.raises(SystemExit):
         evaluate_main([*common, "--crop-pct", "1.5"])
     assert "--crop-pct must be in (0, 1], got 1.5" in capsys.readouterr().err

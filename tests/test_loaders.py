@@ -54,10 +54,18 @@ def collect(loader, epoch: int = 0):
     return batches
 
 
+def stored_samples(shards: Path, split: str) -> list[dict]:
+    """The split's samples as the webdataset library reads them, in manifest order."""
+    urls = [str(shards / s.file) for s in read_manifest(shards).splits[split].shards]
+    return list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
+
+
 def manifest_labels_in_order(shards: Path, split: str) -> list[int]:
-    manifest = read_manifest(shards)
-    urls = [str(shards / s.file) for s in manifest.splits[split].shards]
-    return [int(s["cls"]) for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)]
+    return [int(s["cls"]) for s in stored_samples(shards, split)]
+
+
+def labels_by_key(shards: Path, split: str) -> dict[str, int]:
+    return {s["__key__"]: int(s["cls"]) for s in stored_samples(shards, split)}
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS + ["synthetic"])
@@ -109,9 +117,7 @@ def test_sample_keys_name_each_batchs_samples_in_order(photo_shards, backend, sp
     """What keeps labels from outside the shards (ImageNet-ReaL's) with their images: batch s holds
     the samples of sample_keys()[s * B:(s + 1) * B], for every backend, in a shuffled train epoch and
     on ranks with val padding."""
-    manifest = read_manifest(photo_shards)
-    urls = [str(photo_shards / s.file) for s in manifest.splits[split].shards]
-    label_of = {s["__key__"]: int(s["cls"]) for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)}
+    label_of = labels_by_key(photo_shards, split)
     for rank in range(world_size):
         loader = create_loader(str(photo_shards), split, config(backend), rank, world_size)
         loader.set_epoch(1)
@@ -405,9 +411,7 @@ def test_every_backend_reads_the_rest_of_a_resumed_epoch(photo_shards, backend):
     """The batches from the start step hold the samples `sample_keys` names for a resumed epoch
     (the rest of what two earlier ranks had not read), though the loader had gone on to read that
     epoch's unbroken batches ahead, and the next epoch is read as usual."""
-    manifest = read_manifest(photo_shards)
-    urls = [str(photo_shards / s.file) for s in manifest.splits["train"].shards]
-    label_of = {s["__key__"]: int(s["cls"]) for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)}
+    label_of = labels_by_key(photo_shards, "train")
     unbroken = create_loader(str(photo_shards), "train", config(backend))
     next_epoch = collect(unbroken, epoch=2)
     loader = create_loader(str(photo_shards), "train", config(backend))

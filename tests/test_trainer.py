@@ -526,7 +526,7 @@ def test_evaluate_can_resize_val_images_otherwise_than_the_run(two_process_run, 
     assert bilinear["interpolation"] == "bilinear" and bilinear["loss"] != results[None]["loss"]
     with pytest.raises(SystemExit):
         evaluate_main([*common, "--crop-pct", "1.5"])
-    assert "--crop-pct must be in (0, 1], got 1.5" in capsys.readouterr().err
+    assert "argument --crop-pct: must be in (0, 1], got 1.5" in capsys.readouterr().err
 
 
 def test_evaluate_files_that_cannot_be_written_are_named_and_the_scores_still_printed(

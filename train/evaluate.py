@@ -31,7 +31,6 @@ import torch
 from pipeline.errors import SampleDecodeError, data_error_message
 from pipeline.loader import BACKENDS, PAD_LABEL, LoaderConfig, create_loader
 from pipeline.shard_set import ShardError
-from pipeline.transforms import INTERPOLATIONS
 from shards.classes import build_class_list
 from shards.inputs import list_class_folders
 from shards.manifest import manifest_digest, read_manifest
@@ -41,7 +40,6 @@ from train.checkpoint import (
     load_checkpoint,
     load_weights,
     saved_num_classes,
-    trained_interpolation,
 )
 from train.config import ConfigError
 from train.distributed import (
@@ -54,10 +52,11 @@ from train.distributed import (
 )
 from train.eval_labels import check_classes_match, check_imagenet_classes, class_columns, real_label_sets
 from train.metrics import evaluate
-from train.model import FIXED_SIZE_KEYWORDS, build_model
+from train.model import build_model
 from train.run_log import software_facts
 from train.step import AUTOCAST_DTYPES, set_cuda_numerics
 from train.trainer import EXIT_CONFIG, EXIT_DATA
+from train.val_settings import add_val_setting_flags, val_settings
 
 
 def checkpoint_weights(checkpoint: dict, use_ema: bool = False) -> dict[str, torch.Tensor]:
@@ -103,19 +102,6 @@ class Ensemble(torch.nn.Module):
             total = probabilities if total is None else total + probabilities
         # a probability that rounds to 0 would make the loss infinite: the smallest float instead
         return (total / len(self.members)).clamp_min(torch.finfo(torch.float32).tiny).log()
-
-
-def shared_setting(checkpoints: list[dict], paths: list[str], read, what: str, flag: str) -> object:
-    """A val setting every checkpoint of an ensemble must share, read from each by `read`; the
-    first's where they agree, else an error naming the two that differ and the flag that decides."""
-    first = read(checkpoints[0])
-    for path, checkpoint in zip(paths[1:], checkpoints[1:], strict=True):
-        if read(checkpoint) != first:
-            raise ConfigError(
-                f"{path} was trained with {what} {read(checkpoint)}, {paths[0]} with {first}: the ensemble's members "
-                f"are scored on the same images, so give {flag}"
-            )
-    return first
 
 
 def file_digest(path: str) -> str:
@@ -202,17 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default=None, choices=[b for b in BACKENDS if b != "synthetic"],
                    help="default: dali-gpu with a GPU, else dali-cpu")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--image-size", type=int, help="center-crop size (default: the checkpoint's resolution.val)")
-    p.add_argument(
-        "--crop-pct",
-        type=float,
-        help="resize to image size / this, then crop (default: the checkpoint's data.crop_pct)",
-    )
-    p.add_argument(
-        "--interpolation",
-        choices=INTERPOLATIONS,
-        help="of the val resize (default: the checkpoint's data.interpolation)",
-    )
+    add_val_setting_flags(p)
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--precision", choices=list(AUTOCAST_DTYPES), default="bfloat16", help="on GPU; CPU uses float32")
     weights = p.add_mutually_exclusive_group()
@@ -220,8 +196,6 @@ def main(argv: list[str] | None = None) -> int:
     weights.add_argument(
         "--weights", help="evaluate these weights instead (tools.export_weights or tools.average_checkpoints' file)"
     )
-    flip_help = "also score each image mirrored, mean of the logits (default: the checkpoint's eval.flip)"
-    p.add_argument("--flip", action=argparse.BooleanOptionalAction, help=flip_help)
     p.add_argument(
         "--class-subset",
         action="store_true",
@@ -256,8 +230,6 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--per-class and --predictions name the same file, {args.per_class}: one would replace the other")
     if args.real_labels and args.class_subset:
         p.error("--real-labels scores ImageNet's val images among all 1000 classes: not with --class-subset")
-    if args.crop_pct is not None and not 0.0 < args.crop_pct <= 1.0:
-        p.error(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
     if args.weights and len(args.checkpoint) > 1:
         p.error("--weights replaces one checkpoint's weights: not with several --checkpoint")
 
@@ -270,29 +242,15 @@ def main(argv: list[str] | None = None) -> int:
             models = [model_from_checkpoint(checkpoint, args.ema).to(ctx.device) for checkpoint in checkpoints]
             if args.weights:
                 load_weights(models[0], args.weights, "--weights")
-            for path, checkpoint in zip(paths, checkpoints, strict=True):
-                config = checkpoint["config"]
-                name, trained_size = config["model"]["name"], config["resolution"]["val"]
-                if name in FIXED_SIZE_KEYWORDS and args.image_size not in (None, trained_size):
-                    raise ConfigError(f"--image-size {args.image_size}: {name} ({path}) is built for {trained_size} px")
-
-            def setting(given, read, what: str, flag: str):
-                """The flag's value if given, else the checkpoints' (they must agree)."""
-                return given if given is not None else shared_setting(checkpoints, paths, read, what, flag)
-
-            image_size = setting(
-                args.image_size, lambda c: c["config"]["resolution"]["val"], "resolution.val", "--image-size"
-            )
-            crop_pct = setting(args.crop_pct, lambda c: c["config"]["data"]["crop_pct"], "data.crop_pct", "--crop-pct")
-            interpolation = setting(args.interpolation, trained_interpolation, "data.interpolation", "--interpolation")
+            settings = val_settings(args, checkpoints, paths)
             precision = args.precision if ctx.device.type == "cuda" else "float32"
             set_cuda_numerics(ctx.device, precision)
             cfg = LoaderConfig(
                 backend=args.backend or ("dali-gpu" if ctx.device.type == "cuda" else "dali-cpu"),
                 batch_size=args.batch_size,
-                val_image_size=image_size,
-                crop_pct=crop_pct,
-                interpolation=interpolation,
+                val_image_size=settings.image_size,
+                crop_pct=settings.crop_pct,
+                interpolation=settings.interpolation,
                 workers=args.workers,
                 dtype=precision,
             )
@@ -321,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                 model, columns = models[0], member_columns[0]
             else:
                 model, columns = Ensemble(models, member_columns), None
-            flip = setting(args.flip, lambda c: c["config"]["eval"].get("flip", False), "eval.flip", "--flip/--no-flip")
+            flip = settings.flip
             facts = {
                 "--backend": cfg.backend,
                 "--batch-size": cfg.batch_size,
@@ -367,11 +325,11 @@ def main(argv: list[str] | None = None) -> int:
                     metrics[key] = str(path)
                 except OSError as err:  # the scores are still printed: the evaluation is not lost
                     write_errors.append(f"cannot write --{key.replace('_', '-')} {path} ({err.strerror or err})")
-            settings = {"image_size": cfg.val_image_size, "crop_pct": cfg.crop_pct, "flip": flip}
-            settings["interpolation"] = cfg.interpolation
-            settings["classes"] = len(columns) if columns is not None else loader.num_classes  # predicted among
+            scored_with = {"image_size": cfg.val_image_size, "crop_pct": cfg.crop_pct, "flip": flip}
+            scored_with["interpolation"] = cfg.interpolation
+            scored_with["classes"] = len(columns) if columns is not None else loader.num_classes  # predicted among
             scored = paths[0] if len(paths) == 1 else paths  # an ensemble: the list of its checkpoints
-            print(json.dumps({"checkpoint": scored, "weights": args.weights, **metrics, **settings}))
+            print(json.dumps({"checkpoint": scored, "weights": args.weights, **metrics, **scored_with}))
             for error in write_errors:
                 print(f"evaluate: error: {error}", file=sys.stderr, flush=True)
             if write_errors:

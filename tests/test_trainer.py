@@ -331,6 +331,60 @@ def test_predict_scores_an_image_as_the_run_evaluated_it(two_process_run, tmp_pa
     assert [line.rsplit("(", 1)[1].rstrip(")") for line in printed[1:]] == [wnids[i] for i in top.indices.tolist()]
 
 
+def test_predict_with_several_checkpoints_predicts_as_their_ensemble(two_process_run, photo_shards, tmp_path, capsys):
+    """Two --checkpoint: an image's top five are the ensemble's as train.evaluate scores it (the log
+    of the members' mean softmax, averaged with its mirror's as the run's eval.flip says), worked
+    out here from the two models. Members must predict the same classes and agree on the val size
+    unless --image-size decides it; --weights replaces one checkpoint's weights only."""
+    run_dir = two_process_run[0]
+    first, second = str(run_dir / "epoch-1.pt"), str(run_dir / "epoch-2.pt")
+    picture = str(next((photo_shards.parent / "src" / "val").rglob("*.JPEG")))
+
+    def predicted(*args: str) -> list[str]:
+        assert predict_main(list(args)) == 0
+        return capsys.readouterr().out.splitlines()
+
+    printed = predicted("--checkpoint", first, "--checkpoint", second, picture)
+    assert printed not in (predicted("--checkpoint", first, picture), predicted("--checkpoint", second, picture))
+
+    checkpoints = [load_checkpoint(path) for path in (first, second)]
+    models = [model_from_checkpoint(checkpoint).eval() for checkpoint in checkpoints]
+    config = checkpoints[0]["config"]
+    assert config["eval"]["flip"] and config["data"]["interpolation"] == "bicubic"
+    transform = torchvision_val_transform(config["resolution"]["val"], config["data"]["crop_pct"], "bicubic")
+    image = transform(Image.open(picture).convert("RGB"))[None]
+
+    def ensemble(batch: torch.Tensor) -> torch.Tensor:
+        return torch.stack([model(batch).softmax(dim=1) for model in models]).mean(dim=0).log()
+
+    with torch.no_grad():
+        top = ((ensemble(image) + ensemble(image.flip(3))) / 2).softmax(dim=1)[0].topk(5)
+    wnids = [wnid for wnid, _ in checkpoints[0]["classes"]]
+    assert printed[0] == picture
+    assert [line.split()[0] for line in printed[1:]] == [f"{p:.1%}" for p in top.values.tolist()]
+    assert [line.rsplit("(", 1)[1].rstrip(")") for line in printed[1:]] == [wnids[i] for i in top.indices.tolist()]
+
+    other_size, other_classes = tmp_path / "other-size.pt", tmp_path / "other-classes.pt"
+    checkpoint = load_checkpoint(second)
+    checkpoint["config"]["resolution"]["val"] = 48
+    torch.save(checkpoint, other_size)
+    checkpoint = load_checkpoint(second)
+    checkpoint["classes"] = checkpoint["classes"][1:] + checkpoint["classes"][:1]
+    torch.save(checkpoint, other_classes)
+    assert predict_main(["--checkpoint", first, "--checkpoint", str(other_size), picture]) == 2
+    expected = f"{other_size} was trained with resolution.val 48, {first} with {config['resolution']['val']}"
+    expected += ": the ensemble's members are scored on the same images, so give --image-size"
+    assert f"predict: error: {expected}" in capsys.readouterr().err
+    assert len(predicted("--checkpoint", first, "--checkpoint", str(other_size), "--image-size", "48", picture)) == 6
+    assert predict_main(["--checkpoint", first, "--checkpoint", str(other_classes), picture]) == 2
+    assert f"predict: checkpoint error: {other_classes}: class 0 is {wnids[1]}; in {first} it is {wnids[0]}" in (
+        capsys.readouterr().err
+    )
+    with pytest.raises(SystemExit):
+        predict_main(["--checkpoint", first, "--checkpoint", second, "--weights", str(tmp_path / "w.pth"), picture])
+    assert "--weights replaces one checkpoint's weights: not with several --checkpoint" in capsys.readouterr().err
+
+
 def assert_exported_weights_score_as_the_checkpoint(checkpoint_path: Path, out: Path, ema: bool, capsys) -> str:
     """Exports with --hash-name, builds the model by the printed call, loads the file into it
     strictly, and compares its logits with the checkpoint's model's. Returns the builder call."""

@@ -18,9 +18,12 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pipeline.loader import LoaderConfig, create_loader
+from pipeline.split import EarlierSplit
 from tests.conftest import run_tool
 from tests.training import logged_rates_follow_the_schedule, model_weights, popen, read_metrics, train_args
-from train.checkpoint import keep_copy, load_checkpoint, save_checkpoint, saved_steps_per_epoch
+from train.checkpoint import keep_copy, load_checkpoint, save_checkpoint
+from train.config import load_config
+from train.resume import resume_point, saved_steps_per_epoch
 from train.trainer import _targets_met
 from train.trainer import main as train_main
 
@@ -319,3 +322,64 @@ def test_an_older_checkpoint_tells_its_epoch_length_from_its_position():
     assert saved_steps_per_epoch({"epoch": 2, "step_in_epoch": 5, "global_step": 2 * 12 + 5}) == 12
     assert saved_steps_per_epoch({"epoch": 0, "step_in_epoch": 5, "global_step": 5}) is None
     assert saved_steps_per_epoch({"epoch": 0, "step_in_epoch": 5, "global_step": 5, "steps_per_epoch": 9}) == 9
+
+
+def written_at(step_in_epoch: int, world_size: int, batch_size: int, steps_per_epoch: int | None, **more) -> dict:
+    """The position and settings of a checkpoint written in epoch 3 (as train.trainer saves them)."""
+    config = load_config("configs/demo.yaml", [f"data.batch_size={batch_size}"]).to_dict()
+    checkpoint = {
+        "epoch": 3, "step_in_epoch": step_in_epoch, "global_step": 100, "best_acc1": 12.5, "best_kept": [[2, 12.5]],
+        "world_size": world_size, "config": config,
+    }  # fmt: skip
+    if steps_per_epoch is not None:
+        checkpoint["steps_per_epoch"] = steps_per_epoch
+    return checkpoint | more
+
+
+@pytest.mark.parametrize(
+    "now, world_size, steps_per_epoch, step, reads_the_rest",
+    [
+        ([], 2, 12, 5, False),  # the same split: the unbroken order goes on
+        ([], 4, 6, 2, True),  # twice the processes: half the steps, the same share of the epoch
+        (["data.batch_size=4", "optim.accumulate=2"], 2, 12, 5, True),  # as many steps, other batches
+        (["train.seed=1"], 2, 12, 5, True),  # another seed orders the epoch otherwise
+        (["data.aug_repeats=2"], 2, 12, 5, True),
+        (["data.backend=synthetic"], 4, 6, 2, False),  # nothing to read
+    ],
+)
+def test_a_resume_goes_on_at_the_same_share_of_the_epoch_and_reads_the_rest(
+    now, world_size, steps_per_epoch, step, reads_the_rest
+):
+    """train.resume.resume_point: the checkpoint (2 processes, batches of 8, step 5 of 12) mapped onto
+    this run's steps, and the checkpoint's split handed to the loaders wherever this run's differs."""
+    checkpoint = written_at(5, world_size=2, batch_size=8, steps_per_epoch=12)
+    cfg = load_config("configs/demo.yaml", ["data.batch_size=8", *now])
+    resumed = resume_point(checkpoint, cfg, world_size, steps_per_epoch)
+    assert resumed.position == {**checkpoint_position(checkpoint), "step_in_epoch": step}
+    expected = EarlierSplit(world_size=2, batch_size=8, batches_read=5, seed=0, repeats=1)
+    assert resumed.earlier_split == (expected if reads_the_rest else None)
+    rescaled = f"an epoch had 12 steps in the checkpoint's run and has 6 in this one: epoch 3 goes on at step {step}"
+    assert resumed.notes == ([f"{rescaled}, the same share of it"] if steps_per_epoch != 12 else [])
+
+
+def checkpoint_position(checkpoint: dict) -> dict:
+    return {key: checkpoint[key] for key in ("epoch", "step_in_epoch", "global_step", "best_acc1", "best_kept")}
+
+
+def test_a_resume_at_an_epochs_end_or_start_reads_nothing_of_an_earlier_split():
+    """Stopped after the last step of an epoch (before its evaluation), the new split has nothing of
+    it left to read; stopped at step 0, nothing was read. An older checkpoint without its epoch
+    length, in epoch 0 at a step past this run's epoch end, has that epoch done; and one without
+    best_kept keeps none."""
+    demo = load_config("configs/demo.yaml", ["data.batch_size=8"])
+    done = resume_point(written_at(12, world_size=2, batch_size=8, steps_per_epoch=12), demo, 4, 6)
+    assert (done.position["step_in_epoch"], done.earlier_split) == (6, None)
+    start = resume_point(written_at(0, world_size=2, batch_size=8, steps_per_epoch=12), demo, 4, 6)
+    assert (start.position["step_in_epoch"], start.earlier_split, start.notes) == (0, None, [])
+    older = written_at(20, world_size=1, batch_size=8, steps_per_epoch=None, epoch=0, global_step=20)
+    del older["best_kept"]
+    resumed = resume_point(older, demo, 2, 12)
+    assert (resumed.position["step_in_epoch"], resumed.earlier_split) == (12, None)
+    assert resumed.position["best_kept"] == []
+    assert resumed.notes == ["an epoch had 20 steps in the checkpoint's run and has 12 in this one: epoch 0 goes on "
+                             "at step 12, the same share of it"]  # fmt: skip

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.split import EarlierSplit
 from shards.tar_writer import fsync_dir
 from train.distributed import DistContext, all_gather_objects
 
@@ -181,31 +180,6 @@ def saved_num_classes(checkpoint: dict) -> int:
 def trained_interpolation(checkpoint: dict) -> str:
     """The resize filter the checkpoint's model was trained with (bilinear before data.interpolation)."""
     return checkpoint["config"]["data"].get("interpolation", "bilinear")
-
-
-def saved_steps_per_epoch(checkpoint: dict) -> int | None:
-    """Optimizer steps per epoch of the run that wrote `checkpoint`; None where that cannot be told.
-
-    Checkpoints before 2026-12-07 do not record it; from epoch 1 on it follows from their position,
-    whose global step counted every step of the epochs before."""
-    if "steps_per_epoch" in checkpoint:
-        return checkpoint["steps_per_epoch"]
-    if checkpoint["epoch"] > 0:
-        return (checkpoint["global_step"] - checkpoint["step_in_epoch"]) // checkpoint["epoch"]
-    return None
-
-
-def interrupted_split(checkpoint: dict) -> EarlierSplit:
-    """How the run that wrote `checkpoint` split the epoch it stopped in: what a run resumed with
-    another split needs to read the rest of that epoch (`pipeline.split.EarlierSplit`)."""
-    config = checkpoint["config"]
-    return EarlierSplit(
-        world_size=checkpoint["world_size"],
-        batch_size=config["data"]["batch_size"],
-        batches_read=checkpoint["step_in_epoch"] * config["optim"].get("accumulate", 1),
-        seed=config["train"]["seed"],
-        repeats=config["data"].get("aug_repeats", 1),
-    )
 
 
 def check_same_classes(checkpoint: dict, path: str | Path, num_classes: int, wnids: list[str], data: str) -> None:

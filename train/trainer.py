@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import math
 import os
 import random
 import sys
@@ -34,7 +33,6 @@ from tqdm import tqdm
 from pipeline.errors import SampleDecodeError, data_error_message
 from pipeline.loader import create_loader
 from pipeline.shard_set import ShardError
-from pipeline.split import EarlierSplit
 from shards.classes import imagenet_names
 from shards.inputs import list_class_folders
 from shards.manifest import manifest_digest, read_manifest
@@ -47,13 +45,11 @@ from train.checkpoint import (
     check_same_classes,
     check_same_model,
     check_same_optimizer,
-    interrupted_split,
     keep_copy,
     load_checkpoint,
     load_weights,
     rng_state,
     save_checkpoint,
-    saved_steps_per_epoch,
     set_rng_state,
 )
 from train.config import (
@@ -84,6 +80,7 @@ from train.mixing import batch_mixer
 from train.model import build_model
 from train.profiling import StepProfiler
 from train.progress import LogWindow, log_epoch_time, log_profile, log_train
+from train.resume import resume_point, start_position
 from train.run_log import RunLogError, create_run_log, software_facts
 from train.schedule import in_warmup, learning_rate, train_image_size
 from train.signals import StopRequest
@@ -294,7 +291,7 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
             )
 
         # resume
-        position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_acc1": -math.inf, "best_kept": []}
+        position = start_position()
         earlier_split = None  # resumed mid-epoch with another data split: how the checkpoint's run split it
         checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path is not None else None
         if checkpoint is not None:
@@ -309,35 +306,14 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
             if ema is not None and checkpoint.get("ema"):
                 ema.load_state_dict(checkpoint["ema"])
                 ema_empty = int(ema.n_averaged) == 0
-            position = {k: checkpoint[k] for k in position if k != "best_kept"}
-            position["best_kept"] = checkpoint.get("best_kept", [])  # checkpoints before 2026-12-07 lack it
+            resumed = resume_point(checkpoint, cfg, ctx.world_size, steps_per_epoch)
+            position, earlier_split = resumed.position, resumed.earlier_split
             if ctx.is_main:
                 for note in reconcile_on_resume(run_dir, position["best_kept"], checkpoint_path, checkpoint):
                     log.line(note)
-            log.line(f"resumed from {checkpoint_path}: epoch {position['epoch']} step {position['step_in_epoch']}")
-            # Another number of processes, batch size or accumulation gives an epoch another number of
-            # steps: go on at the same share of the epoch (rounded down), and the schedule with it.
-            # Unknown (epoch 0 of an older checkpoint): as now, unless its step shows the epoch was longer.
-            saved_steps = saved_steps_per_epoch(checkpoint) or max(steps_per_epoch, position["step_in_epoch"])
-            earlier_split = interrupted_split(checkpoint) if position["step_in_epoch"] else None
-            if saved_steps != steps_per_epoch and position["step_in_epoch"]:
-                position["step_in_epoch"] = position["step_in_epoch"] * steps_per_epoch // saved_steps
-                log.line(
-                    f"an epoch had {saved_steps} steps in the checkpoint's run and has {steps_per_epoch} in this "
-                    f"one: epoch {position['epoch']} goes on at step {position['step_in_epoch']}, the same share of it"
-                )
-            # Split as now and read to the same batch, the unbroken order goes on; otherwise the loader
-            # reads the samples the checkpoint's run had not reached (pipeline.loader.PartLoader), if any.
-            unbroken = EarlierSplit(
-                ctx.world_size,
-                cfg.data.batch_size,
-                position["step_in_epoch"] * accumulate,
-                cfg.train.seed,
-                cfg.data.aug_repeats,
-            )
-            epoch_done = position["step_in_epoch"] == steps_per_epoch
-            if earlier_split == unbroken or epoch_done or cfg.data.backend == "synthetic":
-                earlier_split = None
+            log.line(f"resumed from {checkpoint_path}: epoch {position['epoch']} step {checkpoint['step_in_epoch']}")
+            for note in resumed.notes:
+                log.line(note)
             changes = config_changes(checkpoint["config"], cfg.to_dict())
             if changes:
                 log.line(f"settings that differ from the checkpoint's: {'; '.join(changes)}")

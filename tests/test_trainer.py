@@ -330,6 +330,14 @@ def test_predict_scores_an_image_as_the_run_evaluated_it(two_process_run, tmp_pa
     wnids = [wnid for wnid, _ in checkpoint["classes"]]
     assert [line.rsplit("(", 1)[1].rstrip(")") for line in printed[1:]] == [wnids[i] for i in top.indices.tolist()]
 
+    assert predict_main(["--checkpoint", str(last), "--json", str(picture)] + (["--ema"] if ema else [])) == 0
+    row = json.loads(capsys.readouterr().out)  # one line: the same top five, unrounded
+    indices = top.indices.tolist()
+    assert row["image"] == str(picture) and row["top5"] == indices
+    assert row["top5_probs"] == pytest.approx(top.values.tolist(), rel=1e-5)
+    assert row["top5_wnids"] == [wnids[i] for i in indices]
+    assert row["top5_names"] == [checkpoint["classes"][i][1] or wnids[i] for i in indices]
+
 
 def test_predict_with_several_checkpoints_predicts_as_their_ensemble(two_process_run, photo_shards, tmp_path, capsys):
     """Two --checkpoint: an image's top five are the ensemble's as train.evaluate scores it (the log

@@ -10,6 +10,7 @@ Several `--checkpoint`s predict as one ensemble (the mean of their softmax proba
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import torch
@@ -49,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     weights.add_argument(
         "--weights", help="use these weights instead (tools.export_weights or tools.average_checkpoints')"
     )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON line per image instead (image, top5 class indices, top5_wnids, top5_names, top5_probs)",
+    )
     p.add_argument("images", nargs="+")
     args = p.parse_args(argv)
     if args.weights and len(args.checkpoint) > 1:
@@ -81,9 +87,20 @@ def main(argv: list[str] | None = None) -> int:
             continue
         probabilities = class_probabilities(model, transform(image), settings.flip)
         top = probabilities.topk(min(TOP_K, len(probabilities)))
+        indices, probs = top.indices.tolist(), top.values.tolist()
+        names = [classes[i] if i < len(classes) else (str(i), "") for i in indices]  # [wnid, name]
+        if args.json:
+            row = {
+                "image": path,
+                "top5": indices,
+                "top5_wnids": [wnid for wnid, _ in names],
+                "top5_names": [name or wnid for wnid, name in names],
+                "top5_probs": probs,
+            }
+            print(json.dumps(row))
+            continue
         print(path)
-        for probability, index in zip(top.values.tolist(), top.indices.tolist(), strict=True):
-            wnid, name = classes[index] if index < len(classes) else (str(index), "")
+        for probability, (wnid, name) in zip(probs, names, strict=True):
             print(f"  {probability:6.1%}  {name or wnid}  ({wnid})")
     return status
 

@@ -22,7 +22,8 @@ from PIL import Image
 
 from shards.classes import imagenet_names
 from shards.convert import PROGRESS_NAME, ProgressLog, load_progress
-from shards.manifest import read_manifest
+from shards.manifest import read_manifest, write_manifest
+from shards.tar_writer import ShardWriter, encode_sample
 from tests.conftest import REPO_ROOT, run_tool, subprocess_env
 from tests.test_loaders import shards_with_a_broken_jpeg
 from tools.make_shards import main as make_shards_main
@@ -256,6 +257,53 @@ def test_verify_names_the_sample_with_a_bad_label(tmp_path, demo_imagenet):
     key = first_cls.name.split(".")[0]
     assert bad.returncode == 1
     assert f"{shard.name}: sample {key}: label 9999 out of range 0..9" in bad.stdout
+
+
+def test_verify_names_each_bad_sample_of_a_shard_made_by_another_tool(tmp_path, demo_imagenet):
+    """A shard written by other code, listed in the manifest with its true size and checksum: verify
+    names each bad sample and what is wrong with it (components, label, metadata; with --decode also
+    an image that is not JPEG, here a PNG, which DALI would decode, and one that does not decode),
+    one line each, and nothing about the good sample."""
+    out = tmp_path / "out"
+    run_tool("tools.make_shards", "--train", str(demo_imagenet / "train"), "--out", str(out), "--no-progress",
+             check=True)  # fmt: skip
+    jpeg = next((demo_imagenet / "train").rglob("*.JPEG")).read_bytes()
+    png = io.BytesIO()
+    Image.open(io.BytesIO(jpeg)).save(png, format="PNG")
+    samples = {
+        "good": [("cls", b"0003"), ("jpg", jpeg), ("json", b"{}")],
+        "png": [("cls", b"0003"), ("jpg", png.getvalue()), ("json", b"{}")],
+        "cut": [("cls", b"0003"), ("jpg", jpeg[: len(jpeg) // 2]), ("json", b"{}")],
+        "short": [("cls", b"12"), ("jpg", jpeg), ("json", b"{}")],
+        "badjson": [("cls", b"0003"), ("jpg", jpeg), ("json", b"{")],
+        "nojson": [("cls", b"0003"), ("jpg", jpeg)],
+    }
+    writer = ShardWriter(out, "train-000099")
+    for key, components in samples.items():
+        writer.add(encode_sample(key, components))
+    shard = writer.close()
+    manifest = read_manifest(out)
+    manifest.splits["train"].shards.append(shard)
+    manifest.splits["train"].samples += shard.samples
+    write_manifest(out, manifest)
+
+    found = {
+        "short": "label b'12' is not 4 ASCII digits",
+        "badjson": "metadata .json does not parse",
+        "nojson": "has components ['cls', 'jpg'], expected ['cls', 'jpg', 'json']",
+    }
+    decoded = {"png": "image is PNG, not JPEG", "cut": "image does not decode: "}  # then PIL's words
+    for flags, expected in (([], found), (["--decode"], found | decoded)):
+        result = run_tool("tools.verify_shards", str(out), *flags)
+        assert result.returncode == 1
+        named = {}
+        for line in result.stdout.splitlines():
+            if line.startswith(shard.file):
+                key, problem = line.removeprefix(f"{shard.file}: sample ").split(": ", 1)
+                named.setdefault(key, []).append(problem)
+        assert sorted(named) == sorted(expected), result.stdout
+        for key, problem in expected.items():
+            assert len(named[key]) == 1 and named[key][0].startswith(problem), result.stdout
 
 
 def write_bad_inputs(train: Path, real_jpeg: bytes) -> dict[str, str]:

@@ -1,5 +1,7 @@
 """Models: torchvision's classifiers by name, and the options FFCV's recipes use (BlurPool, test-time flips)."""
 
+import argparse
+
 import pytest
 import timm
 import torch
@@ -12,6 +14,7 @@ from train.lamb import Lamb
 from train.metrics import evaluate
 from train.model import MODEL_NAMES, BatchNormDropPath, BlurPoolConv2d, build_model
 from train.trainer import build_optimizer
+from train.val_settings import add_val_setting_flags, val_settings
 
 DEMO = str(REPO_ROOT / "configs" / "demo.yaml")
 CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -160,6 +163,19 @@ def test_a_model_built_for_one_size_needs_one_resolution():
         load_config(DEMO, ["model.name=vit_b_32", "resolution.val=80"])
     with pytest.raises(ConfigError, match="model.name: 'resnet17' is not one of"):
         load_config(DEMO, ["model.name=resnet17"])
+
+
+def test_evaluation_keeps_a_fixed_size_model_at_its_size():
+    """train.evaluate's and tools.predict's --image-size may change a ResNet's val crop, not a ViT's
+    (its position embeddings are built for one size): the error names the model and the checkpoint."""
+    vit = {"config": load_config(DEMO, ["model.name=vit_b_32"]).to_dict()}
+    resnet = {"config": load_config(DEMO, []).to_dict()}
+    flags = argparse.ArgumentParser()
+    add_val_setting_flags(flags)
+    assert val_settings(flags.parse_args(["--image-size", "64"]), [vit], ["vit.pt"]).image_size == 64  # its own
+    assert val_settings(flags.parse_args(["--image-size", "96"]), [resnet], ["resnet.pt"]).image_size == 96
+    with pytest.raises(ConfigError, match=r"--image-size 96: vit_b_32 \(vit.pt\) is built for 64 px"):
+        val_settings(flags.parse_args(["--image-size", "96"]), [resnet, vit], ["resnet.pt", "vit.pt"])
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw", "rmsprop", "lamb"])

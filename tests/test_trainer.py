@@ -338,6 +338,12 @@ def test_predict_scores_an_image_as_the_run_evaluated_it(two_process_run, tmp_pa
     assert row["top5_wnids"] == [wnids[i] for i in indices]
     assert row["top5_names"] == [checkpoint["classes"][i][1] or wnids[i] for i in indices]
 
+    not_an_image = tmp_path / "notes.jpg"
+    not_an_image.write_text("not a picture")
+    assert predict_main(["--checkpoint", str(last), str(not_an_image), str(picture)]) == 1  # the others still predicted
+    result = capsys.readouterr()
+    assert result.err.startswith(f"{not_an_image}: cannot read image (") and result.out.splitlines()[0] == str(picture)
+
 
 def test_predict_with_several_checkpoints_predicts_as_their_ensemble(two_process_run, photo_shards, tmp_path, capsys):
     """Two --checkpoint: an image's top five are the ensemble's as train.evaluate scores it (the log

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import re
+import zlib
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 
 from pipeline.transforms import RRC_AREA, RRC_ASPECT_RATIO, random_resized_crops
-from shards.image_header import UnreadableHeader, encoded_image_size
+from shards.image_header import UnreadableHeader, encoded_image_size, ppm_header
 
 
 def encoded(image: Image.Image, format: str, **options) -> bytes:
@@ -88,6 +90,66 @@ def test_a_png_is_checked_chunk_by_chunk():
         encoded_image_size(png[:100])
     with pytest.raises(UnreadableHeader, match="before its IEND"):
         encoded_image_size(png[:-12])
+
+
+def jpeg_segment(marker: int, payload: bytes) -> bytes:
+    return bytes([0xFF, marker]) + (len(payload) + 2).to_bytes(2, "big") + payload
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return len(payload).to_bytes(4, "big") + kind + payload + zlib.crc32(kind + payload).to_bytes(4, "big")
+
+
+FRAME_64x80 = jpeg_segment(0xC0, bytes([8, 0, 64, 0, 80, 3]) + bytes(9))  # baseline: 8 bit, 64 high, 80 wide
+SCAN = jpeg_segment(0xDA, bytes(10))
+PNG_IHDR = b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", (80).to_bytes(4, "big") + (64).to_bytes(4, "big") + bytes(5))
+
+
+@pytest.mark.parametrize(
+    "data, size_or_error",
+    [
+        (b"\xff\xd8\xff" + FRAME_64x80 + SCAN, (64, 80)),  # a fill byte before a marker
+        (b"\xff\xd8\xff\xd0\xff\x01" + FRAME_64x80 + SCAN, (64, 80)),  # RST0 and TEM have no length
+        (b"\xff\xd8" + jpeg_segment(0xC2, bytes([8, 0, 64])) + SCAN, "frame header at byte 2 is too short"),
+        (b"\xff\xd8" + jpeg_segment(0xC0, bytes([8, 0, 0, 0, 80, 3]) + bytes(9)) + SCAN, "gives a 80x0 image"),
+        (b"\xff\xd8" + SCAN + FRAME_64x80, "scan before any frame header"),
+        (b"\xff\xd8" + jpeg_segment(0xE0, b"JFIF\x00" + bytes(9)) + SCAN, "scan before any frame header"),
+        (b"\xff\xd8" + jpeg_segment(0xE0, b"JFIF\x00" + bytes(9)), "no JPEG frame header"),
+        (PNG_IHDR + png_chunk(b"IEND", b""), (64, 80)),
+        (PNG_IHDR[:8] + png_chunk(b"tEXt", b"a\x00b") + PNG_IHDR[8:], "does not start with its IHDR chunk"),
+        (PNG_IHDR[:8] + png_chunk(b"IHDR", bytes(13)) + png_chunk(b"IEND", b""), "PNG header gives a 0x0 image"),
+    ],
+)
+def test_header_walk_edge_cases(data, size_or_error):
+    """The header walk on hand-made headers: what JPEG allows between markers, and what it and PNG
+    must not hold (each error, as the converter and verify_shards report it)."""
+    if isinstance(size_or_error, tuple):
+        assert encoded_image_size(data) == size_or_error
+    else:
+        with pytest.raises(UnreadableHeader, match=re.escape(size_or_error)):
+            encoded_image_size(data)
+
+
+@pytest.mark.parametrize(
+    "head, header_or_error",
+    [
+        (b"P6 4 3 255\n", (3, 4)),
+        (b"P6\n# made by hand\n4 3\t# two comments\r\n255 ", (3, 4)),
+        (b"P5 4 3 255\n", "not a binary PPM"),
+        (b"P6 4 x 255\n", "width, height and maximum value expected"),
+        (b"P6 4 3 255", "no whitespace before the pixels"),
+        (b"P6 4 3 65535\n", "PPM of 4x3 with maximum value 65535: 8-bit RGB expected"),
+        (b"P6 0 3 255\n", "PPM of 0x3 with maximum value 255"),
+    ],
+)
+def test_ppm_headers(head, header_or_error):
+    """Raw-pixel samples' headers: height, width and where the pixels start (comments allowed)."""
+    data = head + bytes(36) if head.endswith((b"\n", b" ")) else head
+    if isinstance(header_or_error, tuple):
+        assert ppm_header(data) == (*header_or_error, len(head))  # the pixels follow the header
+    else:
+        with pytest.raises(UnreadableHeader, match=re.escape(header_or_error)):
+            ppm_header(data)
 
 
 @pytest.mark.parametrize("height, width", [(375, 500), (500, 333), (100, 400), (64, 64)])

@@ -15,9 +15,10 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 
-from pipeline.auto_augment import AUTO_AUGMENTS, AutoAugment
+from pipeline.auto_augment import AUTO_AUGMENTS
 from pipeline.loader import BACKENDS, LoaderConfig
 from pipeline.transforms import DEFAULT_CROP_PCT, INTERPOLATIONS
 from train.loss import LOSSES
@@ -460,11 +461,10 @@ def _check(config: Config) -> None:
         raise ConfigError(f"optim.label_smoothing: must be in [0, 1), got {config.optim.label_smoothing}")
     if not 0.0 <= config.optim.ema_decay < 1.0:
         raise ConfigError(f"optim.ema_decay: must be in [0, 1), got {config.optim.ema_decay}")
-    data = config.data
-    try:
-        augment = AutoAugment(
-            data.auto_augment, data.rand_augment_ops, data.rand_augment_magnitude, data.rand_augment_magnitude_std
-        )
-        augment.check()
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+    # The loaders' own rules (data.hw_decoder_load, data.crop_pct, data.prefetch, the automatic
+    # augmentation, ...), here so that a bad value stops the run before it writes anything.
+    for split in ("train", "val"):
+        try:
+            config.loader_config(split, torch.device("cpu")).check()
+        except ValueError as err:
+            raise ConfigError(str(err)) from None

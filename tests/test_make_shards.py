@@ -22,6 +22,7 @@ from PIL import Image
 
 from shards.classes import imagenet_names
 from shards.convert import PROGRESS_NAME, ProgressLog, load_progress
+from shards.inputs import read_val_labels
 from shards.manifest import read_manifest, write_manifest
 from shards.tar_writer import ShardWriter, encode_sample
 from tests.conftest import REPO_ROOT, run_tool, subprocess_env
@@ -467,6 +468,43 @@ def test_label_errors_stop_before_any_shard_is_written(tmp_path, demo_imagenet):
     assert result.returncode == 2
     assert "no label" in result.stderr and labels[-1].split()[0] in result.stderr
     assert not list(out.glob("*.tar"))
+
+
+def test_val_label_files_are_read_line_by_line_and_a_bad_line_is_named(tmp_path):
+    """Kaggle's CSV and 'filename wnid' lines (blank lines and # comments skipped): a malformed row
+    names the file and its line number; a file of no labels is an error, not an empty split."""
+    kaggle = tmp_path / "LOC_val_solution.csv"
+    kaggle.write_text("ImageId,PredictionString\nILSVRC2012_val_00000001,n01751748 1 2 3 4\n\n")
+    assert read_val_labels(kaggle) == {"ILSVRC2012_val_00000001": "n01751748"}
+    kaggle.write_text("ImageId,PredictionString\nILSVRC2012_val_00000001,n01751748 1 2 3 4\nILSVRC2012_val_2\n")
+    expected = f"{kaggle}:3: expected 'ImageId,PredictionString', got ['ILSVRC2012_val_2']"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        read_val_labels(kaggle)
+    plain = tmp_path / "labels.txt"
+    plain.write_text("# file wnid\n\nILSVRC2012_val_00000001.JPEG n01751748\nval/b.jpg n01440764\n")
+    assert read_val_labels(plain) == {"ILSVRC2012_val_00000001": "n01751748", "b": "n01440764"}
+    plain.write_text("a.JPEG n01751748\nb.JPEG n01440764 extra\n")
+    with pytest.raises(ValueError, match=f"{plain}:2: expected '<filename> <wnid>'"):
+        read_val_labels(plain)
+    plain.write_text("# nothing but a comment\n")
+    with pytest.raises(ValueError, match=f"{plain}: no labels found"):
+        read_val_labels(plain)
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--workers", "0"], "--workers must be at least 1"),
+        (["--shard-size-mb", "0"], "--shard-size-mb must be positive"),
+        (["--quality", "101"], "--quality must be between 1 and 100"),
+        (["--max-short-side", "0"], "--max-short-side must be at least 1"),
+    ],
+)
+def test_make_shards_options_out_of_range_are_usage_errors(tmp_path, capsys, option, message):
+    with pytest.raises(SystemExit) as exit_info:
+        make_shards_main(["--train", str(tmp_path), "--out", str(tmp_path / "out"), *option])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_split_that_would_be_empty_stops_before_any_shard_is_written(tmp_path, demo_imagenet):

@@ -383,3 +383,39 @@ def test_a_resume_at_an_epochs_end_or_start_reads_nothing_of_an_earlier_split():
     assert resumed.position["best_kept"] == []
     assert resumed.notes == ["an epoch had 20 steps in the checkpoint's run and has 12 in this one: epoch 0 goes on "
                              "at step 12, the same share of it"]  # fmt: skip
+
+
+def test_a_run_that_cannot_stop_in_its_grace_period_exits_on_its_own(photo_shards, tmp_path):
+    """A signalled run stops at its next log step; one that cannot get there within
+    run.signal_grace_s (a rank stuck in a collective; here, log steps an epoch apart and a grace of
+    1 s) exits with status 143 and says why, writing no checkpoint. A second signal exits at once."""
+    steps = json.loads((photo_shards / "manifest.json").read_text())["splits"]["train"]["samples"] // 8
+
+    def signalled(run_dir: Path, grace_s: int, signals: int) -> tuple[int, str]:
+        """Run until training starts, send SIGTERM (again once the run has said it received one)."""
+        slower = ["resolution.min=64", "resolution.max=64", "resolution.val=64"]  # an epoch of seconds
+        args = train_args(photo_shards, run_dir, f"log.every={steps}", f"run.signal_grace_s={grace_s}", *slower)
+        process = popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        output, sent = [], 0
+        for line in process.stdout:
+            output.append(line)
+            # the run's stderr line may follow stdout's unfinished one on the same line
+            if sent < signals and (line.startswith("training ") or "received SIGTERM" in line):
+                process.send_signal(signal.SIGTERM)
+                sent += 1
+                if sent == signals:
+                    break
+        output.append(process.communicate(timeout=120)[0])
+        return process.returncode, "".join(output)
+
+    started = time.monotonic()
+    status, output = signalled(tmp_path / "slow", grace_s=1, signals=1)
+    assert status == 143, output
+    assert "received SIGTERM: saving and stopping at the next log interval (forced exit in 1 s)" in output
+    assert "no clean stop within 1 s of SIGTERM: exiting" in output
+    assert not list((tmp_path / "slow").glob("*.pt*")), "no checkpoint, whole or partial"
+
+    status, output = signalled(tmp_path / "twice", grace_s=600, signals=2)
+    assert status == 143 and "no clean stop" not in output, output
+    assert not list((tmp_path / "twice").glob("*.pt*"))
+    assert time.monotonic() - started < 300

@@ -38,6 +38,7 @@ from tools.predict import main as predict_main
 from train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from train.evaluate import main as evaluate_main
 from train.evaluate import model_from_checkpoint
+from train.model import build_model
 from train.trainer import main as train_main
 
 
@@ -46,7 +47,7 @@ def two_process_run(photo_shards, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ddp") / "run"
     overrides = ("train.epochs=2", "eval.every=1", "optim.ema_decay=0.9", "model.blurpool=true", "eval.flip=true",
                  "data.aug_repeats=2", "data.interpolation=bicubic", "model.drop_path=0.1",
-                 "log.grad_norm=true", "log.profile_steps=2", "log.profile_start=1")  # fmt: skip
+                 "log.grad_norm=true", "log.profile_steps=2", "log.profile_start=1", "log.histograms=true")  # fmt: skip
     result = torchrun(*train_args(photo_shards, run_dir, *overrides, "checkpoint.keep_every_epochs=1"))
     assert result.returncode == 0, result.stdout + result.stderr
     return run_dir, result
@@ -174,6 +175,12 @@ def test_tensorboard_reads_the_event_files(two_process_run):
     assert len(events.Scalars("val/acc1")) == 2
     assert "train/gpu_memory_gib" not in tags, "GPU memory is logged on GPUs only"
     assert len(list((run_dir / "tensorboard").iterdir())) == 1, "only rank 0 writes"
+    # log.histograms: each parameter's weights at each evaluation (the last one kept by the reader)
+    last = load_checkpoint(run_dir / "last.pt")
+    names = [name for name, _ in build_model("resnet18", last["num_classes"], blurpool=True).named_parameters()]
+    assert set(events.Tags()["histograms"]) == {f"weights/{name}" for name in names}
+    histogram = events.Histograms("weights/fc.weight")[-1]
+    assert histogram.step == last["global_step"] and histogram.histogram_value.num == last["num_classes"] * 512
 
 
 def straightforward_logits(checkpoint: Path, shards: Path) -> tuple[torch.Tensor, torch.Tensor]:

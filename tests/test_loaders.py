@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import multiprocessing
+import re
 import shutil
 import sys
 from collections import Counter
@@ -513,6 +514,40 @@ def test_index_entry_past_the_end_of_its_tar_is_named(photo_shards, tmp_path):
     key = fields[3].split(".")[0]
     with pytest.raises(ShardError, match=f"{shard.index_file}: does not match {shard.file} \\(sample {key} ends past"):
         create_loader(str(shards), "train", config("dali-cpu"))
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("missing", "{index}: listed in manifest.json but missing"),
+        ("header", "{index}: not a DALI v1.2 index file"),
+        ("fields", "{index}: bad index line .* \\(13 fields, not groups of 4\\)"),
+        ("members", "{index}: bad index line .* \\(no cls member\\)"),
+        ("empty split", "manifest.json: the 'train' split has no shards"),
+    ],
+)
+def test_damaged_index_files_are_named_before_the_first_step(photo_shards, tmp_path, damage, message):
+    """An index file missing, of another format, or with a line that is not whole samples' members,
+    and a split that lists no shards: create_loader names the file, whatever reads the shards."""
+    shards = copy_shards(photo_shards, tmp_path)
+    shard = read_manifest(shards).splits["train"].shards[0]
+    index = shards / shard.index_file
+    lines = index.read_text().splitlines()  # lines[0] is the header: "v1.2 <samples>"
+    if damage == "missing":
+        index.unlink()
+    elif damage == "header":
+        index.write_text("\n".join(["v9.9 x", *lines[1:]]) + "\n")
+    elif damage in ("fields", "members"):
+        fields = lines[2].split()  # cls, jpg and json members: 12 fields
+        lines[2] = " ".join(fields + ["stray"] if damage == "fields" else fields[4:])  # or no cls member
+        index.write_text("\n".join(lines) + "\n")
+    else:
+        data = json.loads((shards / "manifest.json").read_text())
+        data["splits"]["train"].update(shards=[], samples=0)
+        (shards / "manifest.json").write_text(json.dumps(data))
+    for backend in CPU_BACKENDS:
+        with pytest.raises(ShardError, match=message.format(index=re.escape(str(index)))):
+            create_loader(str(shards), "train", config(backend))
 
 
 def test_manifest_problems_are_named(photo_shards, tmp_path):

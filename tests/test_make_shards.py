@@ -20,7 +20,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from shards.classes import imagenet_names
+from shards.classes import imagenet_names, read_class_file
 from shards.convert import PROGRESS_NAME, ProgressLog, load_progress
 from shards.inputs import read_val_labels
 from shards.manifest import read_manifest, write_manifest
@@ -489,6 +489,21 @@ def test_val_label_files_are_read_line_by_line_and_a_bad_line_is_named(tmp_path)
     plain.write_text("# nothing but a comment\n")
     with pytest.raises(ValueError, match=f"{plain}: no labels found"):
         read_val_labels(plain)
+
+
+def test_a_classes_file_listing_a_class_twice_or_none_is_refused(tmp_path):
+    """--classes FILE: one wnid per line, a name after it optional; a wnid listed twice would give
+    two labels one class, and a file of none would give no classes: both are errors naming the line."""
+    classes = tmp_path / "classes.txt"
+    classes.write_text("# wnid name\nn01440764 tench, Tinca tinca\n\nn01443537\tgoldfish\nn01484850\n")
+    assert read_class_file(classes) == [("n01440764", "tench, Tinca tinca"), ("n01443537", "goldfish"),
+                                        ("n01484850", None)]  # fmt: skip
+    classes.write_text("n01440764 tench\nn01443537 goldfish\nn01440764 tench again\n")
+    with pytest.raises(ValueError, match=f"{classes}:3: class 'n01440764' listed twice"):
+        read_class_file(classes)
+    classes.write_text("# no classes\n\n")
+    with pytest.raises(ValueError, match=f"{classes}: no classes listed"):
+        read_class_file(classes)
 
 
 @pytest.mark.parametrize(

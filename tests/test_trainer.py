@@ -35,7 +35,7 @@ from tests.training import logged_rates_follow_the_schedule, read_val_count, tor
 from tools.average_checkpoints import main as average_main
 from tools.export_weights import main as export_main
 from tools.predict import main as predict_main
-from train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from train.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
 from train.evaluate import main as evaluate_main
 from train.evaluate import model_from_checkpoint
 from train.model import build_model
@@ -310,6 +310,19 @@ def test_evaluation_is_identical_for_1_2_and_3_processes(two_process_run, photo_
     assert trained["val/ema_loss"] == pytest.approx(ema["loss"], rel=1e-12)
     unflipped = json.loads(run_tool(*args[1:], "--no-flip", check=True).stdout.strip().splitlines()[-1])
     assert not unflipped["flip"] and unflipped["loss"] != reference["loss"]
+
+
+def test_a_weights_file_that_is_not_a_state_dict_is_named(tmp_path):
+    """--weights and model.init_from: a file torch.load cannot read safely, or one holding something
+    else than tensors by name, is an error naming the option and the file."""
+    model = build_model("resnet18", 10)
+    garbage, listed = tmp_path / "garbage.pth", tmp_path / "list.pth"
+    garbage.write_bytes(b"not a pickle")
+    torch.save([torch.zeros(1)], listed)
+    with pytest.raises(CheckpointError, match=f"--weights: {garbage}: not a weights file torch.load can read safely"):
+        load_weights(model, garbage, "--weights")
+    with pytest.raises(CheckpointError, match=f"--weights: {listed}: neither a state_dict nor a checkpoint"):
+        load_weights(model, listed, "--weights")
 
 
 @pytest.mark.parametrize("ema", [False, True])

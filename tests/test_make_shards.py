@@ -491,6 +491,29 @@ def test_val_label_files_are_read_line_by_line_and_a_bad_line_is_named(tmp_path)
         read_val_labels(plain)
 
 
+@pytest.mark.parametrize("layout", ["absent", "no class folders", "an unlisted class"])
+def test_a_train_folder_of_another_layout_is_named(tmp_path, capsys, layout):
+    """--train must be a folder of class folders (those of --classes, when given): otherwise the
+    error names the folder, exit 2, and --out is not created."""
+    train = tmp_path / "train"
+    extra = []
+    if layout == "no class folders":
+        train.mkdir()
+        (train / "photo.JPEG").write_bytes(b"")
+        message = f"{train}: no class folders found (expected {train}/<wnid>/*.JPEG)"
+    elif layout == "an unlisted class":
+        for wnid in ("n01440764", "n01443537"):
+            (train / wnid).mkdir(parents=True)
+        (tmp_path / "classes.txt").write_text("n01440764\n")
+        extra = ["--classes", str(tmp_path / "classes.txt")]
+        message = f"{train / 'n01443537'}: folder 'n01443537' is not one of the 1 known classes"
+    else:
+        message = f"input folder not found: {train}"
+    assert make_shards_main(["--train", str(train), "--out", str(tmp_path / "out"), "--no-progress", *extra]) == 2
+    assert f"make_shards: error: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_classes_file_listing_a_class_twice_or_none_is_refused(tmp_path):
     """--classes FILE: one wnid per line, a name after it optional; a wnid listed twice would give
     two labels one class, and a file of none would give no classes: both are errors naming the line."""

@@ -545,6 +545,31 @@ def test_make_shards_options_out_of_range_are_usage_errors(tmp_path, capsys, opt
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("found", ["a damaged manifest", "shards of an unknown conversion", "another unfinished one"])
+def test_an_output_folder_holding_something_else_is_left_alone(tmp_path, demo_imagenet, capsys, found):
+    """What --out already holds and this run cannot account for (a manifest it cannot read, shards
+    without a manifest or progress file, an unfinished conversion of other arguments) stops the run
+    with exit 2 naming it, every file untouched; --overwrite replaces it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    if found == "a damaged manifest":
+        (out / "manifest.json").write_text("{")
+        message = "manifest.json: not a valid manifest"
+    elif found == "shards of an unknown conversion":
+        (out / "train-000000.tar").write_bytes(b"someone else's")
+        message = f"{out} already holds shards (train-000000.tar, ...) from an unknown conversion; use --overwrite"
+    else:
+        (out / PROGRESS_NAME).write_text(json.dumps({"options": {"seed": 7}}) + "\n")
+        message = f"{out} holds an unfinished conversion with other arguments or inputs; use --overwrite to restart"
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    args = ["--train", str(demo_imagenet / "train"), "--out", str(out), "--workers", "1", "--no-progress"]
+    assert make_shards_main(args) == 2
+    assert message in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    assert make_shards_main([*args, "--overwrite"]) == 0
+    assert read_manifest(out).splits["train"].samples > 0
+
+
 def test_a_split_that_would_be_empty_stops_before_any_shard_is_written(tmp_path, demo_imagenet):
     out = tmp_path / "out"
     train, val = demo_imagenet / "train", demo_imagenet / "val"

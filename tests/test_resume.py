@@ -24,6 +24,7 @@ from tests.training import logged_rates_follow_the_schedule, model_weights, pope
 from train.checkpoint import keep_copy, load_checkpoint, save_checkpoint
 from train.config import load_config
 from train.resume import resume_point, saved_steps_per_epoch
+from train.run_log import create_run_log
 from train.trainer import _targets_met
 from train.trainer import main as train_main
 
@@ -419,3 +420,17 @@ def test_a_run_that_cannot_stop_in_its_grace_period_exits_on_its_own(photo_shard
     assert status == 143 and "no clean stop" not in output, output
     assert not list((tmp_path / "twice").glob("*.pt*"))
     assert time.monotonic() - started < 300
+
+
+def test_a_metrics_line_cut_short_by_a_crash_is_dropped_when_the_run_resumes(tmp_path, capsys):
+    """A run killed while writing metrics.jsonl leaves a last line without its end; the resumed run
+    keeps the records up to its checkpoint's step and drops the rest, that line included."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    records = [json.dumps({"step": step, "train/loss": 1.0}) + "\n" for step in (2, 4, 6)]
+    (run_dir / "metrics.jsonl").write_text("".join(records) + '{"step": 8, "train/lo')
+    log = create_run_log(run_dir, load_config("configs/demo.yaml", ["log.tensorboard=false"]), is_main=True)
+    log.start_at(4)
+    log.close()
+    assert (run_dir / "metrics.jsonl").read_text() == "".join(records[:2])
+    assert f"dropped 2 record(s) of {run_dir / 'metrics.jsonl'} logged after step 4" in capsys.readouterr().out

@@ -476,19 +476,22 @@ def test_val_label_files_are_read_line_by_line_and_a_bad_line_is_named(tmp_path)
     kaggle = tmp_path / "LOC_val_solution.csv"
     kaggle.write_text("ImageId,PredictionString\nILSVRC2012_val_00000001,n01751748 1 2 3 4\n\n")
     assert read_val_labels(kaggle) == {"ILSVRC2012_val_00000001": "n01751748"}
-    kaggle.write_text("ImageId,PredictionString\nILSVRC2012_val_00000001,n01751748 1 2 3 4\nILSVRC2012_val_2\n")
+    two_rows = "ImageId,PredictionString\nILSVRC2012_val_00000001,n01751748 1 2 3 4\nILSVRC2012_val_2\n"
     expected = f"{kaggle}:3: expected 'ImageId,PredictionString', got ['ILSVRC2012_val_2']"
-    with pytest.raises(ValueError, match=re.escape(expected)):
-        read_val_labels(kaggle)
+    assert_refused(read_val_labels, kaggle, two_rows, expected)
     plain = tmp_path / "labels.txt"
     plain.write_text("# file wnid\n\nILSVRC2012_val_00000001.JPEG n01751748\nval/b.jpg n01440764\n")
     assert read_val_labels(plain) == {"ILSVRC2012_val_00000001": "n01751748", "b": "n01440764"}
-    plain.write_text("a.JPEG n01751748\nb.JPEG n01440764 extra\n")
-    with pytest.raises(ValueError, match=f"{plain}:2: expected '<filename> <wnid>'"):
-        read_val_labels(plain)
-    plain.write_text("# nothing but a comment\n")
-    with pytest.raises(ValueError, match=f"{plain}: no labels found"):
-        read_val_labels(plain)
+    extra = "a.JPEG n01751748\nb.JPEG n01440764 extra\n"
+    assert_refused(read_val_labels, plain, extra, f"{plain}:2: expected '<filename> <wnid>'")
+    assert_refused(read_val_labels, plain, "# nothing but a comment\n", f"{plain}: no labels found")
+
+
+def assert_refused(read, path: Path, text: str, message: str) -> None:
+    """`read(path)` of a file holding `text` raises a ValueError whose message holds `message`."""
+    path.write_text(text)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        read(path)
 
 
 @pytest.mark.parametrize("layout", ["absent", "no class folders", "an unlisted class"])
@@ -521,12 +524,9 @@ def test_a_classes_file_listing_a_class_twice_or_none_is_refused(tmp_path):
     classes.write_text("# wnid name\nn01440764 tench, Tinca tinca\n\nn01443537\tgoldfish\nn01484850\n")
     assert read_class_file(classes) == [("n01440764", "tench, Tinca tinca"), ("n01443537", "goldfish"),
                                         ("n01484850", None)]  # fmt: skip
-    classes.write_text("n01440764 tench\nn01443537 goldfish\nn01440764 tench again\n")
-    with pytest.raises(ValueError, match=f"{classes}:3: class 'n01440764' listed twice"):
-        read_class_file(classes)
-    classes.write_text("# no classes\n\n")
-    with pytest.raises(ValueError, match=f"{classes}: no classes listed"):
-        read_class_file(classes)
+    twice = "n01440764 tench\nn01443537 goldfish\nn01440764 tench again\n"
+    assert_refused(read_class_file, classes, twice, f"{classes}:3: class 'n01440764' listed twice")
+    assert_refused(read_class_file, classes, "# no classes\n\n", f"{classes}: no classes listed")
 
 
 @pytest.mark.parametrize(

@@ -55,6 +55,7 @@ def test_the_train_loader_is_given_the_data_settings():
         ("data.interpolation=lanczos", "data.interpolation: 'lanczos' is not one of ['bilinear', 'bicubic']"),
         ("data.hw_decoder_load=1.5", "data.hw_decoder_load must be in [0, 1], got 1.5"),
         ("data.crop_pct=0", "data.crop_pct must be in (0, 1], got 0.0"),
+        ("resolution.min=0", "resolution.min: must be at least 1, got 0"),
         (
             "data.auto_augment=randaugment",
             "data.auto_augment: 'randaugment' is not one of ['none', 'trivial_augment_wide', 'rand_augment', 'auto_aug",

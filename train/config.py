@@ -406,6 +406,8 @@ def _check(config: Config) -> None:
         "eval.every": config.eval.every,
         "data.workers": config.data.workers,
         "data.aug_repeats": config.data.aug_repeats,
+        "resolution.min": config.resolution.min,
+        "resolution.val": config.resolution.val,
     }
     for key, value in positive.items():
         if value < 1:

@@ -409,7 +409,6 @@ def test_a_run_that_cannot_stop_in_its_grace_period_exits_on_its_own(photo_shard
         output.append(process.communicate(timeout=120)[0])
         return process.returncode, "".join(output)
 
-    started = time.monotonic()
     status, output = signalled(tmp_path / "slow", grace_s=1, signals=1)
     assert status == 143, output
     assert "received SIGTERM: saving and stopping at the next log interval (forced exit in 1 s)" in output
@@ -419,7 +418,6 @@ def test_a_run_that_cannot_stop_in_its_grace_period_exits_on_its_own(photo_shard
     status, output = signalled(tmp_path / "twice", grace_s=600, signals=2)
     assert status == 143 and "no clean stop" not in output, output
     assert not list((tmp_path / "twice").glob("*.pt*"))
-    assert time.monotonic() - started < 300
 
 
 def test_a_metrics_line_cut_short_by_a_crash_is_dropped_when_the_run_resumes(tmp_path, capsys):

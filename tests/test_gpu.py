@@ -58,8 +58,10 @@ def test_auto_augment_on_dali_gpu_matches_dali_cpu(raw_and_jpeg_shards, stored, 
     assert_dali_gpu_matches_dali_cpu(raw if stored == "raw" else jpeg, "train", suite)
 
 
-def test_exact_eval_on_gpu_equals_cpu(photo_shards, tmp_path):
-    """Same checkpoint, same decoded inputs (dali-cpu), float32: GPU and CPU counts agree exactly."""
+def test_exact_eval_and_predict_on_gpu_equal_cpu(photo_shards, tmp_path):
+    """Same checkpoint, same decoded inputs (dali-cpu), float32: GPU and CPU counts agree exactly, and
+    tools.predict's batches scored on the GPU give the CPU's top five (not yet run on a GPU when
+    written: 2026-12-07)."""
     run = tmp_path / "run"
     run_tool(
         "train", "--config", "configs/demo.yaml", f"data.shards={photo_shards}", f"run.dir={run}",
@@ -82,6 +84,24 @@ def test_exact_eval_on_gpu_equals_cpu(photo_shards, tmp_path):
     assert results["cuda"]["acc1"] == results["cpu"]["acc1"]
     assert results["cuda"]["acc5"] == results["cpu"]["acc5"]
     assert results["cuda"]["loss"] == pytest.approx(results["cpu"]["loss"], rel=1e-4)
+
+    pictures = sorted(str(path) for path in (photo_shards.parent / "src" / "val").rglob("*.JPEG"))[:24]
+    predicted = {}
+    for device in ("cuda", "cpu"):
+        out = run_tool(
+            "tools.predict", "--checkpoint", str(run / "last.pt"), "--device", device, "--precision", "float32",
+            "--batch-size", "8", "--workers", "2", "--json", *pictures, check=True,
+        )  # fmt: skip
+        predicted[device] = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [row["image"] for row in predicted["cuda"]] == pictures
+    for on_gpu, on_cpu in zip(predicted["cuda"], predicted["cpu"], strict=True):
+        assert on_gpu["top5_probs"] == pytest.approx(on_cpu["top5_probs"], rel=1e-3, abs=1e-6)
+        probs = on_cpu["top5_probs"]
+        for k, (gpu_class, cpu_class) in enumerate(zip(on_gpu["top5"], on_cpu["top5"], strict=True)):
+            neighbours = probs[max(k - 1, 0) : k] + probs[k + 1 : k + 2]
+            tied = any(abs(probs[k] - other) <= 1e-3 * probs[k] for other in neighbours)
+            # Classes of near-equal probability may swap places (the last with the unlisted sixth).
+            assert gpu_class == cpu_class or tied or k == len(probs) - 1
 
 
 @pytest.mark.parametrize("split", ["train", "val"])

@@ -365,6 +365,54 @@ def test_predict_scores_an_image_as_the_run_evaluated_it(two_process_run, tmp_pa
     assert result.err.startswith(f"{not_an_image}: cannot read image (") and result.out.splitlines()[0] == str(picture)
 
 
+def test_predict_in_batches_scores_each_image_as_alone(two_process_run, photo_shards, tmp_path, capsys):
+    """Images scored in batches read by DataLoader workers get the top five each gets alone, in the
+    order given; an unreadable file in a batch is reported in its place and the others are scored.
+    A batch size or device that cannot work is a usage error naming the option, before any work."""
+    last = str(two_process_run[0] / "last.pt")
+    pictures = sorted(str(path) for path in (photo_shards.parent / "src" / "val").rglob("*.JPEG"))[:6]
+    not_an_image = tmp_path / "notes.jpg"
+    not_an_image.write_text("not a picture")
+    images = pictures[:3] + [str(not_an_image)] + pictures[3:]
+
+    def predicted(*options: str) -> tuple[list[dict], str]:
+        assert predict_main(["--checkpoint", last, "--json", *options, *images]) == 1
+        result = capsys.readouterr()
+        return [json.loads(line) for line in result.out.splitlines()], result.err
+
+    alone, alone_err = predicted("--batch-size", "1", "--workers", "0")
+    batched, batched_err = predicted("--batch-size", "3", "--workers", "2")  # the bad file is in the second batch
+    assert [row["image"] for row in batched] == [row["image"] for row in alone] == pictures
+    for in_batch, by_itself in zip(batched, alone, strict=True):
+        assert in_batch["top5"] == by_itself["top5"]
+        assert in_batch["top5_probs"] == pytest.approx(by_itself["top5_probs"], rel=1e-4)
+    assert batched_err == alone_err and batched_err.startswith(f"{not_an_image}: cannot read image (")
+
+    folder = tmp_path / "photos"
+    for n, picture in enumerate(pictures[:3]):  # under a folder too; names sort in another order than n
+        (folder / f"{n % 2}").mkdir(parents=True, exist_ok=True)
+        shutil.copy(picture, folder / f"{n % 2}" / f"{9 - n}.JPEG")
+    (folder / ".thumbnails").mkdir()
+    (folder / ".thumbnails" / "0.JPEG").write_text("hidden: not predicted")
+    assert predict_main(["--checkpoint", last, "--json", "--batch-size", "2", str(folder), pictures[3]]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    copies = [str(folder / "0" / "7.JPEG"), str(folder / "0" / "9.JPEG"), str(folder / "1" / "8.JPEG")]
+    assert [row["image"] for row in rows] == copies + [pictures[3]]
+    assert [row["top5"] for row in rows] == [alone[n]["top5"] for n in (2, 0, 1, 3)]
+
+    for options, message in [
+        (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (["--workers", "-1"], "--workers must be 0 or more, got -1"),
+        (["--device", "gpu"], "--device 'gpu': not a device name"),
+        (["--device", f"cuda:{torch.cuda.device_count()}"], "CUDA device(s)"),
+        ([str(tmp_path / "empty")], f"{tmp_path / 'empty'}: a folder without files"),
+    ]:
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        with pytest.raises(SystemExit) as stopped:
+            predict_main(["--checkpoint", last, *options, pictures[0]])
+        assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_predict_with_several_checkpoints_predicts_as_their_ensemble(two_process_run, photo_shards, tmp_path, capsys):
     """Two --checkpoint: an image's top five are the ensemble's as train.evaluate scores it (the log
     of the members' mean softmax, averaged with its mirror's as the run's eval.flip says), worked

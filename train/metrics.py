@@ -98,6 +98,18 @@ class EvalCounts:
         return metrics
 
 
+def val_logits(
+    model: torch.nn.Module, images: torch.Tensor, flip: bool, device: torch.device, precision: str
+) -> torch.Tensor:
+    """`model`'s logits for a batch, as evaluation scores it: under `precision`'s autocast, and with
+    `flip` the mean of each image's and its mirror's logits (in float32)."""
+    with autocast(device, precision):
+        logits = model(images)
+        if flip:
+            logits = (logits.float() + model(images.flip(3)).float()) / 2
+    return logits
+
+
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
@@ -127,10 +139,7 @@ def evaluate(
     kept: list[tuple[torch.Tensor, ...]] = []
     seen = 0
     for images, labels in loader:
-        with autocast(ctx.device, precision):
-            logits = model(images)
-            if flip:
-                logits = (logits.float() + model(images.flip(3)).float()) / 2
+        logits = val_logits(model, images, flip, ctx.device, precision)
         if class_columns is not None:
             logits = logits.index_select(1, class_columns)
         batch_sets = label_sets[seen : seen + len(labels)] if label_sets is not None else None

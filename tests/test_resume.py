@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from pipeline.loader import LoaderConfig, create_loader
 from pipeline.split import EarlierSplit
-from tests.conftest import run_tool
+from tests.conftest import REPO_ROOT, run_tool, subprocess_env
 from tests.training import logged_rates_follow_the_schedule, model_weights, popen, read_metrics, train_args
 from train.checkpoint import keep_copy, load_checkpoint, save_checkpoint
 from train.config import load_config
@@ -155,7 +156,6 @@ def test_sigterm_to_the_whole_process_group_still_saves(photo_shards, tmp_path, 
     assert load_checkpoint(run_dir / "last.pt")["step_in_epoch"] == 6
 
 
-@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, a device that is always full")
 def test_a_second_run_in_a_run_dir_in_use_is_refused(photo_shards, tmp_path):
     """A job submitted twice: the second is refused, naming the first, which goes on untouched."""
     run_dir = tmp_path / "run"
@@ -171,6 +171,7 @@ def test_a_second_run_in_a_run_dir_in_use_is_refused(photo_shards, tmp_path):
     assert first.returncode == 0 and "stopped by SIGTERM" in rest
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, a device that is always full")
 def test_a_full_disk_at_a_checkpoint_is_named_and_leaves_no_file(photo_shards, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -182,6 +183,32 @@ def test_a_full_disk_at_a_checkpoint_is_named_and_leaves_no_file(photo_shards, t
     assert not (run_dir / "last.pt").exists() and not (run_dir / "last.pt.tmp").exists()
 
 
+def test_a_disk_that_fills_up_partway_through_a_checkpoint_is_named(tmp_path):
+    """Writes fail partway through torch.save (a file size limit: EFBIG past it, as on a disk that
+    fills up), where torch's zip writer raises a RuntimeError of its own ("unexpected pos"): the
+    error still names the file and the system's reason, the checkpoint there is unchanged and no
+    temporary file is left."""
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"model": {"weight": torch.zeros(10)}})
+    before = path.read_bytes()
+    script = textwrap.dedent(f"""
+        import resource, torch
+        from train.checkpoint import CheckpointError, save_checkpoint
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
+        try:
+            save_checkpoint({str(path)!r}, {{"model": {{"weight": torch.zeros(1_000_000)}}}})
+        except CheckpointError as err:
+            print(err)
+    """)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"cannot write {path} (File too large); the file there, if any, is unchanged"
+    assert path.read_bytes() == before and not path.with_name("last.pt.tmp").exists()
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, a device that is always full")
 def test_a_full_disk_at_a_log_line_is_named_in_one_line(photo_shards, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()

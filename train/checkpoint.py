@@ -62,13 +62,24 @@ def save_atomically(path: str | Path, contents: dict) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as err:  # a full disk, a quota: the message alone would not say which file
+    except (OSError, RuntimeError) as err:  # a full disk, a quota: the message alone would not say which file
+        cause = write_error(err)
+        if cause is None:
+            raise
         raise CheckpointError(
-            f"cannot write {path} ({err.strerror or err}); the file there, if any, is unchanged"
+            f"cannot write {path} ({cause.strerror or cause}); the file there, if any, is unchanged"
         ) from err
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
+
+
+def write_error(err: BaseException) -> OSError | None:
+    """The OSError behind `err`, if any. A disk that fills up partway through `torch.save` surfaces as
+    a RuntimeError of its zip writer ("unexpected pos ...") raised while handling the OSError."""
+    while err is not None and not isinstance(err, OSError):
+        err = err.__cause__ or err.__context__
+    return err
 
 
 def keep_copy(path: Path, copy: Path) -> None:

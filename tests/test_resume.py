@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -217,6 +218,26 @@ def test_a_full_disk_at_a_log_line_is_named_in_one_line(photo_shards, tmp_path):
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"train: log error: cannot write {run_dir / 'metrics.jsonl'} (No space left on device)" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_full_disk_under_the_tensorboard_files_is_named_in_one_line(photo_shards, tmp_path):
+    """Files may not grow past 50 kB (RLIMIT_FSIZE: writes then fail with EFBIG, as on a full disk):
+    the weight histograms of the first evaluation pass that in TensorBoard's writer thread, before
+    any checkpoint is written. The run stops there with exit status 2 and one line naming the
+    folder: no traceback, from that thread or the main one."""
+    run_dir = tmp_path / "run"
+
+    def limit_file_size() -> None:  # in the child, before it runs the trainer
+        resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
+
+    result = subprocess.run(
+        [sys.executable, *train_args(photo_shards, run_dir, "train.epochs=1", "log.histograms=true")],
+        cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"train: log error: cannot write {run_dir / 'tensorboard'} (File too large)" in result.stderr
+    assert "Traceback" not in result.stderr and "epoch 0 val:" not in result.stdout
+    assert not (run_dir / "last.pt").exists()
 
 
 def start_and_kill_rank_1(torchrun_args: list[str], after_line: str) -> subprocess.Popen:

@@ -6,6 +6,7 @@ Other ranks get a `SilentLog`, so no code path on them can write by accident.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -13,7 +14,9 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
@@ -100,8 +103,10 @@ class RunLog(SilentLog):
                 )
         self.metrics = open(metrics_path, "a", buffering=1)
         if self.writer_class is not None:
-            # purge_step: TensorBoard hides the earlier event files' events at this step and after.
-            self.tensorboard = self.writer_class(str(self.run_dir / "tensorboard"), purge_step=global_step + 1)
+            _quiet_event_writer_thread()
+            with self._writing_tensorboard():
+                # purge_step: TensorBoard hides the earlier event files' events at this step and after.
+                self.tensorboard = self.writer_class(str(self.run_dir / "tensorboard"), purge_step=global_step + 1)
 
     def line(self, text: str) -> None:
         print(text, flush=True)
@@ -112,20 +117,36 @@ class RunLog(SilentLog):
         except OSError as err:
             raise _cannot_write(self.run_dir / METRICS_NAME, err) from err
         if self.tensorboard is not None:
-            for tag, value in values.items():
-                self.tensorboard.add_scalar(tag, value, step)
+            with self._writing_tensorboard():
+                for tag, value in values.items():
+                    self.tensorboard.add_scalar(tag, value, step)
+                self.tensorboard.flush()
 
     def histograms(self, step: int, model: torch.nn.Module) -> None:
         if self.tensorboard is not None and self.histograms_enabled:
-            for name, param in model.named_parameters():
-                self.tensorboard.add_histogram(f"weights/{name}", param.detach().float().cpu(), step)
+            with self._writing_tensorboard():
+                for name, param in model.named_parameters():
+                    self.tensorboard.add_histogram(f"weights/{name}", param.detach().float().cpu(), step)
+                self.tensorboard.flush()
 
     def close(self) -> None:
         if self.metrics is not None:
             self.metrics.close()
         if self.tensorboard is not None:
-            self.tensorboard.close()
+            with self._writing_tensorboard():
+                self.tensorboard.flush()
+                self.tensorboard.close()
         self.lock.close()
+
+    @contextlib.contextmanager
+    def _writing_tensorboard(self) -> Iterator[None]:
+        """A full disk under the event files is named as for the other records. The writer's thread
+        writes them; `flush` waits for it and raises its error here, so the step that wrote is the
+        step that fails."""
+        try:
+            yield
+        except OSError as err:
+            raise _cannot_write(self.run_dir / "tensorboard", err) from err
 
 
 def create_run_log(run_dir: str | Path, config: Config, is_main: bool) -> SilentLog:
@@ -205,6 +226,23 @@ def _code_version() -> str:
         return commit + (" (uncommitted changes)" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return f"unknown (no git); python {sys.version.split()[0]}"
+
+
+def _quiet_event_writer_thread() -> None:
+    """Leave TensorBoard's writer thread's failures to the main thread, which raises them again at
+    its next write or flush (`RunLog._writing_tensorboard`): printed by the thread as well, a full
+    disk would be reported twice, once as a raw traceback. Other threads' errors print as before."""
+    previous = threading.excepthook
+    if getattr(previous, "quiets_event_writer", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        from_writer = type(args.thread).__module__ == "tensorboard.summary.writer.event_file_writer"
+        if not (from_writer and isinstance(args.exc_value, OSError)):
+            previous(args)
+
+    hook.quiets_event_writer = True
+    threading.excepthook = hook
 
 
 def _summary_writer_class():

@@ -240,6 +240,28 @@ def test_a_full_disk_under_the_tensorboard_files_is_named_in_one_line(photo_shar
     assert not (run_dir / "last.pt").exists()
 
 
+def test_a_full_disk_at_a_profile_is_named_in_one_line(photo_shards, tmp_path):
+    """log.profile_steps: the Chrome trace (about 1 MB unpacked) passes a 500 kB file size limit
+    (RLIMIT_FSIZE, as a full disk): exit status 2, one line naming the profile, no traceback, and
+    no half-written profile file."""
+    run_dir = tmp_path / "run"
+
+    def limit_file_size() -> None:  # in the child, before it runs the trainer
+        resource.setrlimit(resource.RLIMIT_FSIZE, (500_000, 500_000))
+
+    overrides = ["train.epochs=1", "log.profile_steps=2", "log.profile_start=1", "log.tensorboard=false"]
+    result = subprocess.run(
+        [sys.executable, *train_args(photo_shards, run_dir, *overrides)],
+        cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    stem = run_dir / "profile" / "rank0-steps-1-2"
+    # torch.profiler's trace writer fails with a message of its own and raises nothing
+    assert f"train: log error: cannot write {stem}.* (torch.profiler wrote no trace: a full disk?" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert [path.name for path in (run_dir / "profile").iterdir()] == [f"{stem.name}.txt"]  # written before the trace
+
+
 def start_and_kill_rank_1(torchrun_args: list[str], after_line: str) -> subprocess.Popen:
     """Launch torchrun, wait for a log line from rank 0, then SIGKILL the worker with RANK=1."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *torchrun_args]

@@ -19,6 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from shards.tar_writer import write_atomically
+from train.run_log import record_write_error
 
 
 class StepProfiler:
@@ -67,9 +68,11 @@ class StepProfiler:
             torch.cuda.synchronize()  # the last steps' kernels belong in the trace
         profiler, self.profiler = self.profiler, None
         profiler.stop()
-        return write_profile(
-            profiler, self.cuda, self.out_dir / f"rank{self.rank}-steps-{self.first_step}-{next_step - 1}"
-        )
+        out_stem = self.out_dir / f"rank{self.rank}-steps-{self.first_step}-{next_step - 1}"
+        try:
+            return write_profile(profiler, self.cuda, out_stem)
+        except OSError as err:  # a full disk: named as the run's other records are
+            raise record_write_error(Path(f"{out_stem}.*"), err) from err
 
 
 def write_profile(profiler: profile, cuda: bool, out_stem: Path, header: list[str] | None = None) -> list[Path]:
@@ -85,6 +88,8 @@ def write_profile(profiler: profile, cuda: bool, out_stem: Path, header: list[st
     with tempfile.TemporaryDirectory(dir=out_stem.parent) as tmp:
         unpacked = Path(tmp) / "trace.json"
         profiler.export_chrome_trace(str(unpacked))  # writes a path only: packed here
+        if not unpacked.is_file():  # torch's trace writer reports a failed write on stderr alone
+            raise OSError("torch.profiler wrote no trace: a full disk? its own message above says more")
         with open(unpacked, "rb") as raw, gzip.open(unpacked.with_suffix(".json.gz"), "wb") as packed:
             shutil.copyfileobj(raw, packed)
         os.replace(unpacked.with_suffix(".json.gz"), trace)

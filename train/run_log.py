@@ -38,10 +38,11 @@ def _write_record(path: Path, text: str) -> None:
     try:
         path.write_text(text)
     except OSError as err:
-        raise _cannot_write(path, err) from err
+        raise record_write_error(path, err) from err
 
 
-def _cannot_write(path: Path, err: OSError) -> RunLogError:
+def record_write_error(path: Path, err: OSError) -> RunLogError:
+    """The error that stops a run whose record `path` cannot be written (the checkpoints are kept)."""
     return RunLogError(
         f"cannot write {path} ({err.strerror or err}); the checkpoints beside it are kept: "
         "free space, then continue with --resume auto"
@@ -96,7 +97,7 @@ class RunLog(SilentLog):
                 try:
                     write_atomically(metrics_path, "".join(kept).encode())
                 except OSError as err:
-                    raise _cannot_write(metrics_path, err) from err
+                    raise record_write_error(metrics_path, err) from err
                 self.line(
                     f"dropped {dropped} record(s) of {metrics_path} logged after step {global_step} by an earlier "
                     "attempt (TensorBoard hides its events after that step too)"
@@ -115,7 +116,7 @@ class RunLog(SilentLog):
         try:
             self.metrics.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
         except OSError as err:
-            raise _cannot_write(self.run_dir / METRICS_NAME, err) from err
+            raise record_write_error(self.run_dir / METRICS_NAME, err) from err
         if self.tensorboard is not None:
             with self._writing_tensorboard():
                 for tag, value in values.items():
@@ -146,7 +147,7 @@ class RunLog(SilentLog):
         try:
             yield
         except OSError as err:
-            raise _cannot_write(self.run_dir / "tensorboard", err) from err
+            raise record_write_error(self.run_dir / "tensorboard", err) from err
 
 
 def create_run_log(run_dir: str | Path, config: Config, is_main: bool) -> SilentLog:

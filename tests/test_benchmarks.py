@@ -2,6 +2,9 @@
 
 import json
 import re
+import resource
+import subprocess
+import sys
 import threading
 import time
 
@@ -9,7 +12,7 @@ import pytest
 import torch
 
 from pipeline.loader import LoaderConfig, create_loader
-from tests.conftest import run_tool
+from tests.conftest import REPO_ROOT, run_tool, subprocess_env
 from tests.test_loaders import shards_with_a_broken_jpeg
 from tools.bench_common import measure_rate
 
@@ -208,6 +211,40 @@ def test_benchmarks_refuse_a_folder_without_a_manifest_before_any_work(tool, tmp
     result = run_tool(tool, "--shards", str(tmp_path))
     assert result.returncode == 2
     assert f"argument --shards: {tmp_path}: no manifest.json" in result.stderr
+
+
+@pytest.mark.parametrize("tool", ["tools.bench_pipeline", "tools.bench_train"])
+def test_benchmarks_refuse_a_json_file_they_could_not_write_before_any_work(tool, photo_shards, tmp_path):
+    """A typo in --json's folder would otherwise end a measurement of minutes in a traceback (every
+    benchmark takes --json from `bench_common.add_json_flag`)."""
+    for json_file, message in [
+        (
+            tmp_path / "missing" / "rates.json",
+            f"{tmp_path / 'missing' / 'rates.json'}: there is no folder {tmp_path / 'missing'}",
+        ),
+        (tmp_path, f"{tmp_path} is a folder: give a file name"),
+    ]:
+        result = run_tool(tool, "--shards", str(photo_shards), "--json", str(json_file))
+        assert result.returncode == 2 and f"argument --json: {message}" in result.stderr, result.stderr
+        assert "device:" not in result.stdout  # nothing was measured
+
+
+def test_a_json_file_that_cannot_be_written_after_the_measurement_is_named(photo_shards, tmp_path):
+    """Files may not grow past 300 bytes (RLIMIT_FSIZE, as a full disk): the rates are printed, then
+    one line names --json's file (exit 1), and no temporary file is left."""
+    json_file = tmp_path / "rates.json"
+
+    def limit_file_size() -> None:  # in the child, before it runs the benchmark
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300, 300))
+
+    args = ["--shards", str(photo_shards), "--backends", "synthetic", "--splits", "train", "--seconds", "0.2"]
+    result = subprocess.run(
+        [sys.executable, "-m", "tools.bench_pipeline", *args, "--json", str(json_file)],
+        cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size,
+    )  # fmt: skip
+    assert result.returncode == 1 and "synthetic        train" in result.stdout
+    assert f"pipeline: cannot write --json {json_file} (File too large)" in result.stderr
+    assert "Traceback" not in result.stderr and list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without a GPU")

@@ -30,7 +30,7 @@ from pipeline.sample_table import SampleTable, shard_table
 from pipeline.shard_set import ShardError, open_shard_set
 from pipeline.uint8_loader import Uint8Batches
 from shards.manifest import read_manifest
-from tools.bench_common import finish_report, shard_dir, stored_image_exts
+from tools.bench_common import add_json_flag, finish_report, shard_dir, stored_image_exts
 
 SPLIT = "train"
 WARM_ENOUGH = 0.9  # cold/warm above this: the disk kept up, or the pages were not evicted
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--steps", type=int, default=0, help="batches per pass (0: a whole epoch)")
     p.add_argument("--passes", type=int, default=2, help="cold-then-warm passes, each a new epoch's order")
-    p.add_argument("--json", help="write the results here")
+    add_json_flag(p)
     args = p.parse_args(argv)
     if min(args.workers, args.batch_size, args.image_size, args.passes) < 1 or args.steps < 0:
         p.error("--workers, --batch-size, --image-size and --passes must be at least 1, --steps at least 0")

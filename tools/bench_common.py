@@ -22,6 +22,7 @@ from pipeline.loader import LoaderConfig
 from pipeline.transforms import INTERPOLATIONS
 from shards.convert import ConvertOptions, convert
 from shards.manifest import MANIFEST_NAME, Manifest
+from shards.tar_writer import write_atomically
 from tools.gpu_report import stored_text
 from tools.make_demo_data import build_demo_imagenet, link_sample_tree
 from train.profiling import write_profile
@@ -33,6 +34,23 @@ def shard_dir(path: str) -> str:
         raise argparse.ArgumentTypeError(
             f"{path}: no {MANIFEST_NAME} (is this a directory written by tools.make_shards?)"
         )
+    return path
+
+
+def add_json_flag(parser: argparse.ArgumentParser) -> None:
+    """`--json FILE`, checked before any measurement (which may take minutes): a file in a folder
+    that exists and can be written to."""
+    parser.add_argument("--json", type=json_path, help="write the results here")
+
+
+def json_path(path: str) -> str:
+    folder = Path(path).parent
+    if Path(path).is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a folder: give a file name")
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"{path}: there is no folder {folder}")
+    if not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{path}: cannot write in {folder}")
     return path
 
 
@@ -220,7 +238,10 @@ def finish_report(
         payload["stored_short_side_max"] = stored_sides or {}
         payload["stored_image_ext"] = stored_exts or {}
         payload["failed"] = list(failed)
-        Path(args.json).write_text(json.dumps(payload, indent=1) + "\n")
+        try:
+            write_atomically(Path(args.json), (json.dumps(payload, indent=1) + "\n").encode())
+        except OSError as err:  # a full disk: the figures are printed above all the same
+            raise SystemExit(f"{benchmark}: cannot write --json {args.json} ({err.strerror or err})") from None
         print(f"wrote {args.json}")
 
 

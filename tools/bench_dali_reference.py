@@ -25,6 +25,7 @@ from pipeline.transforms import PIXEL_MEAN, PIXEL_STD
 from shards.manifest import label_digits
 from tools.bench_common import (
     HW_LOAD_HELP,
+    add_json_flag,
     finish_report,
     float_list,
     int_list,
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int_list, default=[8], help="DALI threads; a comma list measures each")
     p.add_argument("--hw-decoder-load", type=float_list, default=[1.0], help=HW_LOAD_HELP)
     p.add_argument("--device", choices=["gpu", "cpu"], default="gpu" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--json", help="write the results here")
+    add_json_flag(p)
     args = p.parse_args(argv)
     loads = args.hw_decoder_load if args.device == "gpu" else [None]
     shard_set = open_shard_set(args.shards, "train")

@@ -21,6 +21,7 @@ from pipeline.errors import data_error_message
 from pipeline.loader import BACKENDS, create_loader
 from shards.manifest import read_manifest
 from tools.bench_common import (
+    add_json_flag,
     add_loader_sweeps,
     bench_shards,
     default_device,
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float16")
     add_loader_sweeps(p)
     p.add_argument("--copies", type=int, default=4, help="links per sample photograph in the bench shards")
-    p.add_argument("--json", help="write the results here")
+    add_json_flag(p)
     args = p.parse_args(argv)
     backends = args.backends.split(",")
     unknown = [b for b in backends if b not in BACKENDS or b == "folder"]

@@ -38,6 +38,7 @@ from shards.manifest import read_manifest
 from tools.bench_common import (
     PREDECODED_BACKEND,
     REFERENCE_BACKENDS,
+    add_json_flag,
     add_loader_sweeps,
     bench_shards,
     default_device,
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         help="also measure every backend with the step confined to this many SMs (a comma list measures each;"
         " the rest stay free for DALI's kernels)",
     )
-    p.add_argument("--json", help="write the results here")
+    add_json_flag(p)
     p.add_argument(
         "--profile", metavar="DIR", help="after each rate, profile --profile-steps steps into DIR (table and trace)"
     )

@@ -10,7 +10,8 @@ import csv
 import hashlib
 import os
 import re
-from dataclasses import dataclass
+import stat
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from shards.devkit import is_devkit, read_devkit_labels
@@ -109,7 +110,7 @@ def scan_foldered(
                 dirnames.sort()
                 folder = os.path.relpath(dirpath, root).replace(os.sep, "/")
                 for name in sorted(filenames):
-                    found.append(_on_disk(root, f"{folder}/{name}", wnid))
+                    _locate(root, f"{folder}/{name}", wnid, found, rejected)
         else:
             rejected.append(ScanRejection(entry.name, "file outside any class folder"))
     _refuse_class_tars(root, [r.path for r in rejected])
@@ -173,9 +174,14 @@ def scan_flat(
     root = Path(root).resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"input folder not found: {root}")
-    names = [entry.name for entry in sorted(os.scandir(root), key=lambda e: e.name) if entry.is_file()]
-    labelled = label_flat(str(root), names, labels_file, class_index, leave_out_others)
-    return with_keys([_on_disk(root, name, wnid) for name, wnid in labelled], class_index), []
+    names = [entry.name for entry in sorted(os.scandir(root), key=lambda e: e.name) if not entry.is_dir()]
+    readable: list[Located] = []
+    rejected: list[ScanRejection] = []
+    for name in names:
+        _locate(root, name, "", readable, rejected)
+    by_name = {item.relpath: item for item in readable}
+    labelled = label_flat(str(root), list(by_name), labels_file, class_index, leave_out_others)
+    return with_keys([replace(by_name[name], wnid=wnid) for name, wnid in labelled], class_index), rejected
 
 
 def label_flat(
@@ -232,9 +238,20 @@ def make_key(filename: str) -> str:
     return _UNSAFE_KEY_CHARS.sub("_", stem)[:MAX_KEY_CHARS]
 
 
-def _on_disk(root: Path, relpath: str, wnid: str) -> Located:
+def _locate(root: Path, relpath: str, wnid: str, found: list[Located], rejected: list[ScanRejection]) -> None:
+    """Add the file at `relpath` to `found`, or to `rejected` where it cannot be read (a link to
+    nothing, a file removed while scanning) or is no regular file (a pipe would block its reader):
+    listed with the other rejected files, not dropped."""
     path = os.path.join(root, relpath)
-    return Located(relpath, wnid, path, os.stat(path).st_size)
+    try:
+        status = os.stat(path)
+    except OSError as err:
+        rejected.append(ScanRejection(relpath, f"cannot be read ({err.strerror or err})"))
+        return
+    if not stat.S_ISREG(status.st_mode):
+        rejected.append(ScanRejection(relpath, "not a regular file"))
+        return
+    found.append(Located(relpath, wnid, path, status.st_size))
 
 
 def with_keys(found: list[Located], class_index: dict[str, int]) -> list[SourceImage]:

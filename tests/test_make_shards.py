@@ -412,6 +412,36 @@ def test_strict_exits_nonzero_after_finishing(tmp_path, demo_imagenet):
     assert (tmp_path / "o" / "manifest.json").is_file(), "the run completes before --strict fails it"
 
 
+def test_links_to_nothing_and_pipes_are_rejected_and_listed_not_dropped_or_waited_on(tmp_path, demo_imagenet):
+    """A link whose target is gone, or a named pipe (reading one would block), in a class folder or
+    a flat val folder: the run goes on without it and lists it with the reason, as any other file it
+    cannot use (before: the link stopped the whole run, in flat val it was dropped silently)."""
+    train, val = tmp_path / "train", tmp_path / "val"
+    shutil.copytree(demo_imagenet / "train", train)
+    shutil.copytree(demo_imagenet / "val", val)
+    wnid = sorted(p.name for p in train.iterdir())[0]
+    (train / wnid / "gone.JPEG").symlink_to(tmp_path / "nothing-here.JPEG")
+    os.mkfifo(train / wnid / "pipe.JPEG")
+    (val / "ILSVRC2012_val_99999999.JPEG").symlink_to(tmp_path / "nothing-here.JPEG")
+    os.mkfifo(val / "ILSVRC2012_val_99999998.JPEG")
+    out = tmp_path / "out"
+    args = ["--train", str(train), "--val", str(val), "--val-labels", str(demo_imagenet / "val_labels.txt")]
+    result = run_tool("tools.make_shards", *args, "--out", str(out), "--no-progress", timeout=120, check=True)
+    expected = {
+        ("train", f"{wnid}/gone.JPEG", "cannot be read (No such file or directory)"),
+        ("train", f"{wnid}/pipe.JPEG", "not a regular file"),
+        ("val", "ILSVRC2012_val_99999999.JPEG", "cannot be read (No such file or directory)"),
+        ("val", "ILSVRC2012_val_99999998.JPEG", "not a regular file"),
+    }
+    manifest = read_manifest(out)
+    assert {(r.split, r.path, r.reason) for r in manifest.rejected} == expected
+    for split, path, reason in expected:
+        assert f"rejected {split}/{path}: {reason}" in result.stdout
+    for split in ("train", "val"):
+        images = sum(1 for p in (demo_imagenet / split).rglob("*.JPEG"))
+        assert manifest.splits[split].samples == images
+
+
 def dry_run(*args: str, capsys) -> tuple[int, str]:
     code = make_shards_main([*args, "--dry-run"])
     out, err = capsys.readouterr()

@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import json
 import math
+import os
 import re
 import shutil
 from pathlib import Path
@@ -394,11 +395,16 @@ def test_predict_in_batches_scores_each_image_as_alone(two_process_run, photo_sh
         shutil.copy(picture, folder / f"{n % 2}" / f"{9 - n}.JPEG")
     (folder / ".thumbnails").mkdir()
     (folder / ".thumbnails" / "0.JPEG").write_text("hidden: not predicted")
-    assert predict_main(["--checkpoint", last, "--json", "--batch-size", "2", str(folder), pictures[3]]) == 0
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    (folder / "1" / "gone.JPEG").symlink_to(tmp_path / "nothing-here.JPEG")  # reported, not skipped
+    os.mkfifo(folder / "1" / "pipe.JPEG")  # reported, not waited on
+    assert predict_main(["--checkpoint", last, "--json", "--batch-size", "2", str(folder), pictures[3]]) == 1
+    result = capsys.readouterr()
+    rows = [json.loads(line) for line in result.out.splitlines()]
     copies = [str(folder / "0" / "7.JPEG"), str(folder / "0" / "9.JPEG"), str(folder / "1" / "8.JPEG")]
     assert [row["image"] for row in rows] == copies + [pictures[3]]
     assert [row["top5"] for row in rows] == [alone[n]["top5"] for n in (2, 0, 1, 3)]
+    assert result.err.splitlines()[0].startswith(f"{folder / '1' / 'gone.JPEG'}: cannot read image (")
+    assert result.err.splitlines()[1] == f"{folder / '1' / 'pipe.JPEG'}: not a regular file"
 
     for options, message in [
         (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),

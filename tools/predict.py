@@ -43,8 +43,11 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor | str:
+        path = self.paths[index]
+        if os.path.exists(path) and not os.path.isfile(path):  # a pipe would block the reader
+            return "not a regular file"
         try:
-            with Image.open(self.paths[index]) as image:
+            with Image.open(path) as image:
                 return self.transform(image.convert("RGB"))
         except Exception as err:  # PIL raises many types for bad files
             return f"cannot read image ({err})"
@@ -136,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         readable = [image for image in batch if isinstance(image, torch.Tensor)]
         if readable:
             probabilities = iter(class_probabilities(model, torch.stack(readable), settings.flip, device, precision))
-        for path, image in zip(images[first:], batch, strict=False):
+        for path, image in zip(images[first : first + len(batch)], batch, strict=True):
             if isinstance(image, str):
                 print(f"{path}: {image}", file=sys.stderr)
                 status = 1
@@ -147,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def image_files(arguments: list[str]) -> list[str] | str:
     """The files to predict: each argument, or for a folder every file under it (sorted; hidden ones
-    left out), or why there are none. Files that are not images are reported when read, not skipped."""
+    left out), or why there are none. Files that are not images, links to nothing included, are
+    reported when read, not skipped."""
     files = []
     for argument in arguments:
         folder = Path(argument)
@@ -157,7 +161,7 @@ def image_files(arguments: list[str]) -> list[str] | str:
         found = sorted(
             path
             for path in folder.rglob("*")
-            if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+            if not path.is_dir() and not any(part.startswith(".") for part in path.relative_to(folder).parts)
         )
         if not found:
             return f"{argument}: a folder without files"

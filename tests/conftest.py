@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +51,19 @@ def run_tool(
     if check and result.returncode != 0:
         raise AssertionError(f"{module} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def run_with_file_size_limit(limit: int, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python <args>` from the repository root with no file allowed past `limit` bytes
+    (RLIMIT_FSIZE): writes past it fail with EFBIG, as on a disk that fills up."""
+
+    def limit_file_size() -> None:  # in the child, before it runs Python
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True,
+        timeout=timeout, preexec_fn=limit_file_size,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="session")

@@ -2,9 +2,6 @@
 
 import json
 import re
-import resource
-import subprocess
-import sys
 import threading
 import time
 
@@ -12,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.loader import LoaderConfig, create_loader
-from tests.conftest import REPO_ROOT, run_tool, subprocess_env
+from tests.conftest import run_tool, run_with_file_size_limit
 from tests.test_loaders import shards_with_a_broken_jpeg
 from tools.bench_common import measure_rate
 
@@ -234,14 +231,8 @@ def test_a_json_file_that_cannot_be_written_after_the_measurement_is_named(photo
     one line names --json's file (exit 1), and no temporary file is left."""
     json_file = tmp_path / "rates.json"
 
-    def limit_file_size() -> None:  # in the child, before it runs the benchmark
-        resource.setrlimit(resource.RLIMIT_FSIZE, (300, 300))
-
     args = ["--shards", str(photo_shards), "--backends", "synthetic", "--splits", "train", "--seconds", "0.2"]
-    result = subprocess.run(
-        [sys.executable, "-m", "tools.bench_pipeline", *args, "--json", str(json_file)],
-        cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size,
-    )  # fmt: skip
+    result = run_with_file_size_limit(300, "-m", "tools.bench_pipeline", *args, "--json", str(json_file))
     assert result.returncode == 1 and "synthetic        train" in result.stdout
     assert f"pipeline: cannot write --json {json_file} (File too large)" in result.stderr
     assert "Traceback" not in result.stderr and list(tmp_path.iterdir()) == []

@@ -6,7 +6,6 @@ import io
 import json
 import os
 import re
-import resource
 import shutil
 import signal
 import subprocess
@@ -25,7 +24,7 @@ from shards.convert import PROGRESS_NAME, ProgressLog, load_progress
 from shards.inputs import read_val_labels
 from shards.manifest import read_manifest, write_manifest
 from shards.tar_writer import ShardWriter, encode_sample
-from tests.conftest import REPO_ROOT, run_tool, subprocess_env
+from tests.conftest import REPO_ROOT, run_tool, run_with_file_size_limit, subprocess_env
 from tests.test_loaders import shards_with_a_broken_jpeg
 from tools.make_shards import main as make_shards_main
 
@@ -859,13 +858,7 @@ def test_a_full_disk_is_named_leaves_no_unfinished_shard_and_the_rerun_finishes(
     base = ["--train", str(demo_imagenet / "train"), "--shard-size-mb", "0.05", "--workers", "1", "--no-progress"]
     out = tmp_path / "out"
 
-    def limit_file_size() -> None:  # in the child, before it runs make_shards
-        resource.setrlimit(resource.RLIMIT_FSIZE, (30_000, 30_000))
-
-    full = subprocess.run(
-        [sys.executable, "-m", "tools.make_shards", *base, "--out", str(out)], cwd=REPO_ROOT, env=subprocess_env(),
-        capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size,
-    )  # fmt: skip
+    full = run_with_file_size_limit(30_000, "-m", "tools.make_shards", *base, "--out", str(out))
     assert full.returncode == 3, full.stdout + full.stderr
     assert f"File too large (writing shards to {out}); run the same command again to resume" in full.stderr
     assert "Traceback" not in full.stderr

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import resource
 import shutil
 import signal
 import subprocess
@@ -21,7 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from pipeline.loader import LoaderConfig, create_loader
 from pipeline.split import EarlierSplit
-from tests.conftest import REPO_ROOT, run_tool, subprocess_env
+from tests.conftest import run_tool, run_with_file_size_limit
 from tests.training import logged_rates_follow_the_schedule, model_weights, popen, read_metrics, train_args
 from train.checkpoint import keep_copy, load_checkpoint, save_checkpoint
 from train.config import load_config
@@ -193,17 +192,14 @@ def test_a_disk_that_fills_up_partway_through_a_checkpoint_is_named(tmp_path):
     save_checkpoint(path, {"model": {"weight": torch.zeros(10)}})
     before = path.read_bytes()
     script = textwrap.dedent(f"""
-        import resource, torch
+        import torch
         from train.checkpoint import CheckpointError, save_checkpoint
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
         try:
             save_checkpoint({str(path)!r}, {{"model": {{"weight": torch.zeros(1_000_000)}}}})
         except CheckpointError as err:
             print(err)
     """)
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120
-    )
+    result = run_with_file_size_limit(1_000_000, "-c", script)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"cannot write {path} (File too large); the file there, if any, is unchanged"
     assert path.read_bytes() == before and not path.with_name("last.pt.tmp").exists()
@@ -226,14 +222,9 @@ def test_a_full_disk_under_the_tensorboard_files_is_named_in_one_line(photo_shar
     any checkpoint is written. The run stops there with exit status 2 and one line naming the
     folder: no traceback, from that thread or the main one."""
     run_dir = tmp_path / "run"
-
-    def limit_file_size() -> None:  # in the child, before it runs the trainer
-        resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
-
-    result = subprocess.run(
-        [sys.executable, *train_args(photo_shards, run_dir, "train.epochs=1", "log.histograms=true")],
-        cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size,
-    )  # fmt: skip
+    result = run_with_file_size_limit(
+        50_000, *train_args(photo_shards, run_dir, "train.epochs=1", "log.histograms=true")
+    )
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"train: log error: cannot write {run_dir / 'tensorboard'} (File too large)" in result.stderr
     assert "Traceback" not in result.stderr and "epoch 0 val:" not in result.stdout
@@ -245,15 +236,8 @@ def test_a_full_disk_at_a_profile_is_named_in_one_line(photo_shards, tmp_path):
     (RLIMIT_FSIZE, as a full disk): exit status 2, one line naming the profile, no traceback, and
     no half-written profile file."""
     run_dir = tmp_path / "run"
-
-    def limit_file_size() -> None:  # in the child, before it runs the trainer
-        resource.setrlimit(resource.RLIMIT_FSIZE, (500_000, 500_000))
-
     overrides = ["train.epochs=1", "log.profile_steps=2", "log.profile_start=1", "log.tensorboard=false"]
-    result = subprocess.run(
-        [sys.executable, *train_args(photo_shards, run_dir, *overrides)],
-        cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size,
-    )  # fmt: skip
+    result = run_with_file_size_limit(500_000, *train_args(photo_shards, run_dir, *overrides))
     assert result.returncode == 2, result.stdout + result.stderr
     stem = run_dir / "profile" / "rank0-steps-1-2"
     # torch.profiler's trace writer fails with a message of its own and raises nothing

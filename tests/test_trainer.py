@@ -319,9 +319,12 @@ def test_a_weights_file_that_is_not_a_state_dict_is_named(tmp_path):
     model = build_model("resnet18", 10)
     garbage, listed = tmp_path / "garbage.pth", tmp_path / "list.pth"
     garbage.write_bytes(b"not a pickle")
+    text = tmp_path / "hello.txt"
+    text.write_text("hello\n")  # a KeyError inside torch.load, not an UnpicklingError
     torch.save([torch.zeros(1)], listed)
-    with pytest.raises(CheckpointError, match=f"--weights: {garbage}: not a weights file torch.load can read safely"):
-        load_weights(model, garbage, "--weights")
+    for unreadable in (garbage, text):
+        with pytest.raises(CheckpointError, match=f"--weights: {unreadable}: not a weights file torch.load can read"):
+            load_weights(model, unreadable, "--weights")
     with pytest.raises(CheckpointError, match=f"--weights: {listed}: neither a state_dict nor a checkpoint"):
         load_weights(model, listed, "--weights")
 
@@ -815,10 +818,12 @@ def unusable_checkpoints(good: Path, folder: Path) -> dict[str, tuple[Path, str]
         "truncated": (folder / "truncated.pt", "unreadable checkpoint, truncated or corrupt"),
         "empty": (folder / "empty.pt", "unreadable checkpoint, truncated or corrupt"),
         "foreign": (folder / "foreign.pt", "not a checkpoint of this project"),
+        "text": (folder / "notes.txt", "not a checkpoint of this project (neither torch.save's zip format nor"),
         "other version": (folder / "version.pt", "checkpoint version 99, this code reads 1"),
     }
     files["truncated"][0].write_bytes(data[: len(data) // 2])
     files["empty"][0].write_bytes(b"")
+    files["text"][0].write_text("hello\n")  # unpickled, its "h" looks up a memo entry: a KeyError in torch.load
     # timm's checkpoints, for one, pickle an argparse Namespace: weights_only loading refuses it.
     torch.save({"args": argparse.Namespace(lr=0.1), "model": {}}, files["foreign"][0])
     torch.save({**torch.load(good, weights_only=True), "version": 99}, files["other version"][0])
@@ -834,7 +839,7 @@ def test_unusable_checkpoints_are_named_not_loaded(two_process_run, tmp_path):
 
 def test_resume_evaluate_and_predict_report_a_bad_checkpoint_in_one_line(two_process_run, photo_shards, tmp_path):
     files = unusable_checkpoints(two_process_run[0] / "last.pt", tmp_path)
-    truncated, foreign = files["truncated"][0], files["foreign"][0]
+    truncated, foreign, text = files["truncated"][0], files["foreign"][0], files["text"][0]
     without_ema = tmp_path / "without-ema.pt"
     save_checkpoint(without_ema, load_checkpoint(two_process_run[0] / "last.pt") | {"ema": {}})
     run_dir = tmp_path / "run"
@@ -842,6 +847,7 @@ def test_resume_evaluate_and_predict_report_a_bad_checkpoint_in_one_line(two_pro
         "train": run_tool(*train_args(photo_shards, run_dir)[1:], "--resume", str(truncated)),
         "evaluate": run_tool("train.evaluate", "--checkpoint", str(foreign), "--shards", str(photo_shards)),
         "predict": run_tool("tools.predict", "--checkpoint", str(truncated), "README.md"),
+        "predict text": run_tool("tools.predict", "--checkpoint", str(text), "README.md"),
         "predict --ema": run_tool("tools.predict", "--checkpoint", str(without_ema), "--ema", "README.md"),
     }
     for tool, result in runs.items():

@@ -116,12 +116,22 @@ def load_checkpoint(path: str | Path) -> dict:
             "other than tensors and plain values, or not a pickle at all)"
         ) from None
     except (RuntimeError, EOFError) as err:  # what torch.load raises for a truncated or corrupt file
-        reason = str(err).split(".")[0] or type(err).__name__
-        raise CheckpointError(f"{path}: unreadable checkpoint, truncated or corrupt ({reason})") from None
+        raise CheckpointError(f"{path}: unreadable checkpoint, truncated or corrupt ({_reason(err)})") from None
+    except Exception as err:  # unpickling bytes that are no pickle fails in many ways: b"hello" is a KeyError
+        raise CheckpointError(
+            f"{path}: not a checkpoint of this project (neither torch.save's zip format nor a pickle: "
+            f"{type(err).__name__} in torch.load)"
+        ) from None
     version = checkpoint.get("version") if isinstance(checkpoint, dict) else None
     if version != CHECKPOINT_VERSION:
         raise CheckpointError(f"{path}: checkpoint version {version!r}, this code reads {CHECKPOINT_VERSION}")
     return checkpoint
+
+
+def _reason(err: Exception) -> str:
+    """The first sentence of torch.load's own error, else the error's type (a KeyError's text is a number)."""
+    first = str(err).split(".")[0]
+    return first if isinstance(err, (RuntimeError, EOFError, pickle.UnpicklingError)) and first else type(err).__name__
 
 
 def load_weights(model: torch.nn.Module, path: str | Path, option: str = "model.init_from") -> None:
@@ -135,9 +145,10 @@ def load_weights(model: torch.nn.Module, path: str | Path, option: str = "model.
         raise CheckpointError(f"{option}: not found: {path}")
     try:
         contents = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        reason = str(err).split(".")[0] or type(err).__name__
-        raise CheckpointError(f"{option}: {path}: not a weights file torch.load can read safely ({reason})") from None
+    except Exception as err:  # as in load_checkpoint, a file that is no pickle fails in many ways
+        raise CheckpointError(
+            f"{option}: {path}: not a weights file torch.load can read safely ({_reason(err)})"
+        ) from None
     is_checkpoint = isinstance(contents, dict) and "version" in contents and "model" in contents
     state = contents["model"] if is_checkpoint else contents
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

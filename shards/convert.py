@@ -141,6 +141,13 @@ class ConvertOptions:
             )
         if self.class_index_folders and not foldered:
             raise ValueError("--class-index-folders names the class folders of a foldered --train or --val; none given")
+        out = Path(self.out).resolve()
+        for split, folder in (("train", self.train), ("val", self.val)):
+            if folder and not is_archive(folder) and out.is_relative_to(Path(folder).resolve()):
+                raise ValueError(
+                    f"--out {self.out} is inside --{split} {folder}: a rerun would read the shards written there as "
+                    "inputs; write them elsewhere"
+                )
         for split in SPLITS:
             if self.raw_pixels(split) and self.short_side_limit(split) is None:
                 raise ValueError(

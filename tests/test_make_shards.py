@@ -725,6 +725,19 @@ def test_an_output_path_that_is_a_file_is_refused_before_any_work(tmp_path, demo
     assert out.read_text() == "not a folder"
 
 
+def test_an_output_inside_an_input_folder_is_refused_before_any_work(tmp_path, demo_imagenet):
+    """--out within a foldered --train (or a --val folder) would be scanned by a rerun: its shards a
+    class of their own, or loose files among the inputs."""
+    train = tmp_path / "train"
+    shutil.copytree(demo_imagenet / "train", train)
+    before = sorted(p.relative_to(train) for p in train.rglob("*"))
+    for out, split in ((train / "shards", "--train"), (train, "--train"), (tmp_path / "val-out", "--val")):
+        inputs = ("--val", str(tmp_path)) if split == "--val" else ("--train", str(train))
+        result = run_tool("tools.make_shards", *inputs, "--out", str(out))
+        assert result.returncode == 2 and f"--out {out} is inside {split} " in result.stderr, result.stderr
+    assert sorted(p.relative_to(train) for p in train.rglob("*")) == before
+
+
 def test_train_raw_pixels_stores_each_train_image_as_its_pixels(tmp_path, demo_imagenet):
     """--train-raw-pixels: train samples hold an RGB PPM of the shrunk image (the pixels PIL decodes
     from what would otherwise be re-encoded), val stays JPEG; verify --decode accepts both, and the

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from PIL import Image
 from torchvision import datasets
 
 from pipeline.transforms import torchvision_train_transform, torchvision_val_transform
+from shards.image_check import rgb_image
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 
@@ -33,6 +35,12 @@ def list_image_folder(root: str | os.PathLike) -> tuple[list[str], list[int]]:
     return files, labels
 
 
+def load_rgb(path: str) -> Image.Image:
+    """ImageFolder's loader, but 16-bit grayscale scaled to 8 bits as DALI decodes it (not clipped)."""
+    with Image.open(path) as image:
+        return rgb_image(image)
+
+
 class ImageNetDataset(datasets.ImageFolder):
     """DI-engine's original interface: a map-style Dataset over `path/<class>/*.JPEG`.
 
@@ -41,5 +49,5 @@ class ImageNetDataset(datasets.ImageFolder):
 
     def __init__(self, path: str | os.PathLike, is_training: bool, image_size: int = 224):
         transform = torchvision_train_transform(image_size) if is_training else torchvision_val_transform(image_size)
-        super().__init__(str(path), transform=transform)
+        super().__init__(str(path), transform=transform, loader=load_rgb)
         self.is_training = is_training

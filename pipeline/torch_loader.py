@@ -25,6 +25,7 @@ from pipeline.loader import LoaderConfig, PartLoader
 from pipeline.sample_table import SampleReader, SampleTable, shard_table
 from pipeline.shard_set import ShardSet
 from pipeline.transforms import to_training_layout, torchvision_train_transform, torchvision_val_transform
+from shards.image_check import rgb_image
 
 # Set by the main process as it exits; handed to its DataLoader workers by `outlive_job_signals`
 # (explicitly, so that it is the same event whatever the start method).
@@ -97,7 +98,7 @@ class ShardSampleDataset(Dataset):
         row = int(self.rows[j])
         label = self._reader.label(row)
         try:
-            image = Image.open(io.BytesIO(self._reader.image(row))).convert("RGB")
+            image = rgb_image(Image.open(io.BytesIO(self._reader.image(row))))
         except Exception as err:  # PIL raises many types for bad data
             raise SampleDecodeError(f"{self.table.describe(row)}: cannot be decoded ({err})") from err
         if self.seeds is None:

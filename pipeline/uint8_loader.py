@@ -36,6 +36,7 @@ from pipeline.shard_set import ShardSet
 from pipeline.split import EarlierSplit, rank_part, shuffle_key
 from pipeline.torch_loader import outlive_job_signals, stop_workers_on_error
 from pipeline.transforms import PIXEL_MEAN, PIXEL_STD, random_resized_crops, val_resize_size
+from shards.image_check import rgb_image
 from shards.image_header import UnreadableHeader, encoded_image_size, ppm_pixels
 
 
@@ -222,7 +223,7 @@ class Uint8Batches(Dataset):
         if self.table.raw_pixels:
             return stored
         try:
-            return np.asarray(Image.open(io.BytesIO(stored)).convert("RGB"))
+            return np.asarray(rgb_image(Image.open(io.BytesIO(stored))))
         except Exception as err:  # PIL raises many types for bad data
             raise SampleDecodeError(f"{self.table.describe(row)}: cannot be decoded ({err})") from err
 

@@ -8,12 +8,25 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image
 
 from shards.image_header import UnreadableHeader, encoded_image_size
 
 KEEP_AS_IS_FORMATS = {"JPEG", "MPO"}  # MPO is a JPEG with extra camera frames appended
 KEEP_AS_IS_MODES = {"RGB", "L"}  # grayscale JPEGs are kept; readers expand them to 3 channels
+SIXTEEN_BIT_GRAY_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}  # how Pillow opens 16-bit grayscale PNG and TIFF
+
+
+def rgb_image(image: Image.Image) -> Image.Image:
+    """`image` as 8-bit RGB, 16-bit grayscale scaled to 8 bits as DALI's decoder scales it.
+
+    Pillow's own `convert("RGB")` clips 16-bit values at 255, which turns nearly all of such a
+    picture white; every PIL reader of this project converts through here instead.
+    """
+    if image.mode in SIXTEEN_BIT_GRAY_MODES:
+        image = Image.fromarray(((np.asarray(image).astype(np.uint32) + 128) // 257).astype(np.uint8))
+    return image.convert("RGB")
 
 
 @dataclass(frozen=True)
@@ -62,7 +75,7 @@ def check_image_bytes(
             converted = f"JPEG re-encoded: its header cannot be parsed by DALI ({err})"
 
     if image.mode not in KEEP_AS_IS_MODES or (raw_pixels and image.mode != "RGB"):
-        image = image.convert("RGB")
+        image = rgb_image(image)
     if resized:
         scale = max_short_side / min(image.size)
         size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))

@@ -306,6 +306,9 @@ def test_verify_names_each_bad_sample_of_a_shard_made_by_another_tool(tmp_path, 
             assert len(named[key]) == 1 and named[key][0].startswith(problem), result.stdout
 
 
+SIXTEEN_BIT_GRADIENT = np.linspace(0, 65535, 60 * 80).reshape(60, 80).astype(np.uint16)
+
+
 def write_bad_inputs(train: Path, real_jpeg: bytes) -> dict[str, str]:
     """One class folder of awkward files; returns file name -> expected outcome."""
     folder = train / "n01440764"
@@ -319,6 +322,7 @@ def write_bad_inputs(train: Path, real_jpeg: bytes) -> dict[str, str]:
     rgb = Image.open(io.BytesIO(real_jpeg)).convert("RGB")
     save("cmyk.JPEG", Image.new("CMYK", (64, 48), (0, 200, 30, 10)), "converted", format="JPEG")
     save("png_inside.JPEG", rgb.resize((80, 60)), "converted", format="PNG")
+    save("gray16.png", Image.fromarray(SIXTEEN_BIT_GRADIENT), "converted", format="PNG")
     save("progressive.JPEG", rgb, "kept", format="JPEG", progressive=True)
     save("gray.JPEG", rgb.convert("L"), "kept", format="JPEG")
     save("tiny.JPEG", Image.new("RGB", (1, 1), (255, 0, 0)), "kept", format="JPEG")
@@ -354,6 +358,7 @@ def test_bad_inputs_are_reencoded_or_rejected_and_listed(tmp_path, real_photos, 
     assert converted == {
         "cmyk.JPEG": "CMYK JPEG re-encoded as RGB",
         "png_inside.JPEG": "PNG content re-encoded as JPEG",
+        "gray16.png": "PNG content re-encoded as JPEG",
     }
     assert "3 rejected" in result.stdout and "truncated.JPEG" in result.stdout
 
@@ -365,6 +370,9 @@ def test_bad_inputs_are_reencoded_or_rejected_and_listed(tmp_path, real_photos, 
     assert set(stored) == {n for n, o in expected.items() if o != "rejected"}
     assert stored["cmyk.JPEG"][1].mode == "RGB" and stored["cmyk.JPEG"][1].format == "JPEG"
     assert stored["png_inside.JPEG"][1].format == "JPEG"
+    # Scaled to 8 bits as DALI decodes such a PNG, not clipped white by Pillow's convert("RGB").
+    gray16 = np.asarray(stored["gray16.png"][1].convert("L"), dtype=np.float64)
+    assert np.abs(gray16 - (SIXTEEN_BIT_GRADIENT + 128) // 257).mean() < 2
     assert stored["gray.JPEG"][1].mode == "L"
     assert stored["large.JPEG"][1].size == (4000, 3000)
     keys = [key for key, _ in stored.values()]

@@ -180,3 +180,37 @@ def test_crop_windows_are_a_function_of_the_seed():
     other = random_resized_crops(heights, widths, np.random.default_rng([1, 2, 4]))
     assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
     assert not np.array_equal(first[0], other[0])
+
+
+def test_sixteen_bit_grayscale_is_scaled_to_eight_bits_as_dali_decodes_it(tmp_path):
+    """Pillow's convert("RGB") clips 16-bit values at 255 (a gradient turns almost all white); the
+    PIL readers (ImageNetDataset, tools.predict) give DALI's decoding of the same PNG instead."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from pipeline.folder import ImageNetDataset
+    from shards.image_check import rgb_image
+    from tools.predict import ImageFiles
+
+    gradient = np.linspace(0, 65535, 48 * 64).reshape(48, 64).astype(np.uint16)
+    png16 = encoded(Image.fromarray(gradient), "PNG")
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def decode():
+        data = fn.external_source(source=lambda: [np.frombuffer(png16, dtype=np.uint8)], batch=True)
+        return fn.decoders.image(data, device="cpu", output_type=types.RGB)
+
+    pipe = decode()
+    pipe.build()
+    by_dali = np.asarray(pipe.run()[0][0])
+    ours = np.asarray(rgb_image(Image.open(io.BytesIO(png16))))
+    assert np.array_equal(ours, by_dali) and 120 < ours.mean() < 135
+    assert (np.asarray(Image.open(io.BytesIO(png16)).convert("RGB")) == 255).mean() > 0.9  # what it replaces
+
+    for name in ("sixteen", "eight"):
+        (tmp_path / "photos" / name).mkdir(parents=True)
+    (tmp_path / "photos" / "sixteen" / "a.png").write_bytes(png16)
+    Image.fromarray(by_dali).save(tmp_path / "photos" / "eight" / "a.png")
+    folder = ImageNetDataset(tmp_path / "photos", is_training=False, image_size=32)
+    assert torch.equal(folder[0][0], folder[1][0])
+    files = ImageFiles([str(p) for p in sorted((tmp_path / "photos").rglob("*.png"))], folder.transform)
+    assert torch.equal(files[0], files[1]) and torch.equal(files[0], folder[0][0])

@@ -26,6 +26,7 @@ from pipeline.dali_pipeline import imagenet_pipeline
 from pipeline.sample_table import SampleReader, shard_table
 from pipeline.shard_set import ShardSet
 from pipeline.transforms import random_resized_crops
+from shards.image_check import rgb_image
 
 PREDECODED_IMAGES = 512  # distinct images held decoded; each batch draws from them at random
 
@@ -54,7 +55,7 @@ class PredecodedLoader:
         reader = SampleReader(table)
         try:
             count = min(images, len(table))
-            decoded = [np.asarray(Image.open(io.BytesIO(reader.image(row))).convert("RGB")) for row in range(count)]
+            decoded = [np.asarray(rgb_image(Image.open(io.BytesIO(reader.image(row))))) for row in range(count)]
             self._labels = np.array([reader.label(row) for row in range(count)], np.int64)
         finally:
             reader.close()

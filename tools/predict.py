@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from pipeline.transforms import to_training_layout, torchvision_val_transform
+from shards.image_check import rgb_image
 from train.checkpoint import CheckpointError, check_same_classes, load_checkpoint, load_weights, saved_num_classes
 from train.config import ConfigError
 from train.evaluate import Ensemble, model_from_checkpoint
@@ -48,7 +49,7 @@ class ImageFiles(torch.utils.data.Dataset):
             return "not a regular file"
         try:
             with Image.open(path) as image:
-                return self.transform(image.convert("RGB"))
+                return self.transform(rgb_image(image))
         except Exception as err:  # PIL raises many types for bad files
             return f"cannot read image ({err})"
 

@@ -417,6 +417,26 @@ def test_a_resume_goes_on_at_the_same_share_of_the_epoch_and_reads_the_rest(
     assert resumed.notes == ([f"{rescaled}, the same share of it"] if steps_per_epoch != 12 else [])
 
 
+def test_a_resume_on_another_conversion_of_the_shards_says_so():
+    """The checkpoint records which conversion its run read (manifest.json's digest); resumed on
+    another, the run says so, and mid-epoch, that the rest of the epoch cannot match what was read."""
+    demo = load_config("configs/demo.yaml", ["data.batch_size=8"])
+    mid_epoch = written_at(5, world_size=2, batch_size=8, steps_per_epoch=12, shards_digest="aaaa")
+    assert resume_point(mid_epoch, demo, 2, 12, "aaaa").notes == []
+    assert resume_point(mid_epoch, demo, 2, 12, "bbbb").notes == [
+        "note: data.shards holds another conversion than the checkpoint's run read (manifest.json sha256 bbbb, "
+        "was aaaa); the rest of epoch 3 follows the new shards' order, so it may read again samples read before "
+        "the stop and miss others"
+    ]
+    epoch_end = written_at(12, world_size=2, batch_size=8, steps_per_epoch=12, shards_digest="aaaa")
+    assert resume_point(epoch_end, demo, 2, 12, "bbbb").notes == [
+        "note: data.shards holds another conversion than the checkpoint's run read (manifest.json sha256 bbbb, "
+        "was aaaa)"
+    ]
+    older = written_at(5, world_size=2, batch_size=8, steps_per_epoch=12)  # before checkpoints held the digest
+    assert resume_point(older, demo, 2, 12, "bbbb").notes == []
+
+
 def checkpoint_position(checkpoint: dict) -> dict:
     return {key: checkpoint[key] for key in ("epoch", "step_in_epoch", "global_step", "best_acc1", "best_kept")}
 

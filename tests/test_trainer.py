@@ -29,7 +29,7 @@ import train.model
 from pipeline.loader import PAD_LABEL, LoaderConfig, create_loader
 from pipeline.transforms import torchvision_val_transform
 from shards.classes import imagenet_names
-from shards.manifest import read_manifest
+from shards.manifest import manifest_digest, read_manifest
 from tests.conftest import run_tool
 from tests.test_loaders import shards_with_a_broken_jpeg
 from tests.training import logged_rates_follow_the_schedule, read_val_count, torchrun, train_args
@@ -54,7 +54,7 @@ def two_process_run(photo_shards, tmp_path_factory):
     return run_dir, result
 
 
-def test_two_process_run_logs_evaluates_and_checkpoints(two_process_run):
+def test_two_process_run_logs_evaluates_and_checkpoints(two_process_run, photo_shards):
     run_dir, result = two_process_run
     assert "training resnet18 on 2 process(es)" in result.stdout
     assert "epoch 1 val: acc1" in result.stdout and " px, each also mirrored)" in result.stdout
@@ -69,6 +69,7 @@ def test_two_process_run_logs_evaluates_and_checkpoints(two_process_run):
         assert record["train/data_time_fraction"] <= record["train/data_time_fraction_max"] <= 1.0
     checkpoint = load_checkpoint(run_dir / "last.pt")
     assert checkpoint["epoch"] == 2 and checkpoint["world_size"] == 2 and len(checkpoint["rng"]) == 2
+    assert checkpoint["shards_digest"] == manifest_digest(photo_shards)
     assert not any(key.startswith("module.") for key in checkpoint["model"])
     assert {"optimizer", "scaler", "ema", "global_step", "step_in_epoch", "best_acc1", "config"} <= set(checkpoint)
     assert (run_dir / "best.pt").is_file()
@@ -796,6 +797,22 @@ def test_resuming_a_finished_run_says_there_is_nothing_left_to_train(two_process
     expected = "nothing left to train: the checkpoint has finished 2 epoch(s), train.epochs is 2 (raise it to train on)"
     assert expected in result.stdout
     assert (run_dir / "last.pt").read_bytes() == before
+
+
+def test_a_run_resumed_on_another_conversion_of_its_shards_says_so(two_process_run, photo_shards, tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for path in photo_shards.iterdir():
+        (shards / path.name).symlink_to(path)
+    (shards / "manifest.json").unlink()
+    # The same manifest with one more byte stands for a re-conversion: its digest differs.
+    (shards / "manifest.json").write_text((photo_shards / "manifest.json").read_text() + "\n")
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_process_run[0], run_dir)
+    result = run_tool(*train_args(shards, run_dir, "train.epochs=2", "model.blurpool=true")[1:], "--resume", "auto")
+    assert result.returncode == 0, result.stdout + result.stderr
+    digests = f"manifest.json sha256 {manifest_digest(shards)}, was {manifest_digest(photo_shards)})"
+    assert f"note: data.shards holds another conversion than the checkpoint's run read ({digests}\n" in result.stdout
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(two_process_run, photo_shards, tmp_path):

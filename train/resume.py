@@ -48,7 +48,9 @@ class ResumePoint:
     notes: list[str]  # what the mapping changed, for the run log
 
 
-def resume_point(checkpoint: dict, cfg: Config, world_size: int, steps_per_epoch: int) -> ResumePoint:
+def resume_point(
+    checkpoint: dict, cfg: Config, world_size: int, steps_per_epoch: int, shards_digest: str | None = None
+) -> ResumePoint:
     """Where a run of `cfg` on `world_size` processes, with `steps_per_epoch` optimizer steps per
     epoch, goes on from `checkpoint`.
 
@@ -56,7 +58,8 @@ def resume_point(checkpoint: dict, cfg: Config, world_size: int, steps_per_epoch
     the run goes on at the same share of the epoch (rounded down), and the schedule with it. Unknown
     (epoch 0 of an older checkpoint): as now, unless its step shows the epoch was longer. Split as
     now and stopped at the same batch, the unbroken order goes on (`earlier_split` None); otherwise
-    the loaders read the samples the checkpoint's run had not reached (`PartLoader.set_epoch`)."""
+    the loaders read the samples the checkpoint's run had not reached (`PartLoader.set_epoch`).
+    `shards_digest`: this run's shards (`manifest_digest`), noted when they are another conversion."""
     position = {key: checkpoint[key] for key in ("epoch", "step_in_epoch", "global_step", "best_acc1")}
     position["best_kept"] = checkpoint.get("best_kept", [])  # checkpoints before 2026-12-07 lack it
     notes = []
@@ -76,6 +79,18 @@ def resume_point(checkpoint: dict, cfg: Config, world_size: int, steps_per_epoch
         cfg.data.aug_repeats,
     )
     epoch_done = position["step_in_epoch"] == steps_per_epoch
+    saved_digest = checkpoint.get("shards_digest")  # checkpoints before 2026-12-08 lack it
+    if saved_digest and shards_digest and saved_digest != shards_digest:
+        notes.append(
+            f"note: data.shards holds another conversion than the checkpoint's run read (manifest.json sha256 "
+            f"{shards_digest}, was {saved_digest})"
+            + (
+                f"; the rest of epoch {position['epoch']} follows the new shards' order, so it may read again "
+                "samples read before the stop and miss others"
+                if position["step_in_epoch"] and not epoch_done
+                else ""
+            )
+        )
     if earlier_split == unbroken or epoch_done or cfg.data.backend == "synthetic":
         earlier_split = None
     return ResumePoint(position, earlier_split, notes)

@@ -192,7 +192,9 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, peak_lr: float) -> torc
     return torch.optim.SGD(groups, lr=peak_lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov)
 
 
-def shared_facts(cfg: Config, classes: list, num_classes: int, train_steps: int, val_steps: int) -> dict[str, object]:
+def shared_facts(
+    cfg: Config, classes: list, num_classes: int, shards_digest: str | None, train_steps: int, val_steps: int
+) -> dict[str, object]:
     """What every rank must hold alike, compared across ranks before the first step.
 
     Each node runs its own copy of the code, reads its own config file and its own copy of the
@@ -207,8 +209,8 @@ def shared_facts(cfg: Config, classes: list, num_classes: int, train_steps: int,
         for key, value in values.items()
         if f"{section}.{key}" not in PER_NODE_SETTINGS
     }
-    if cfg.data.shards and cfg.data.backend not in ("folder", "synthetic"):
-        facts["data: manifest.json sha256"] = manifest_digest(cfg.data.shards)
+    if shards_digest is not None:
+        facts["data: manifest.json sha256"] = shards_digest
     facts["data: classes"] = (num_classes, hashlib.sha256(repr(classes).encode()).hexdigest()[:16])
     facts["data: train steps per epoch"] = train_steps
     facts["data: val steps"] = val_steps
@@ -243,6 +245,8 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
             classes = [[w, known.get(w, "")] for w in list_class_folders(Path(cfg.data.shards) / "train")]
         elif cfg.data.shards:
             classes = [[c.wnid, c.name or ""] for c in read_manifest(cfg.data.shards).classes]
+        uses_shards = cfg.data.shards and cfg.data.backend not in ("folder", "synthetic")
+        shards_digest = manifest_digest(cfg.data.shards) if uses_shards else None
         num_classes = train_loader.num_classes
 
         # model, optimizer, precision
@@ -306,7 +310,7 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
             if ema is not None and checkpoint.get("ema"):
                 ema.load_state_dict(checkpoint["ema"])
                 ema_empty = int(ema.n_averaged) == 0
-            resumed = resume_point(checkpoint, cfg, ctx.world_size, steps_per_epoch)
+            resumed = resume_point(checkpoint, cfg, ctx.world_size, steps_per_epoch, shards_digest)
             position, earlier_split = resumed.position, resumed.earlier_split
             if ctx.is_main:
                 for note in reconcile_on_resume(run_dir, position["best_kept"], checkpoint_path, checkpoint):
@@ -326,7 +330,9 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
                     "and with it the lr, is this run's"
                 )
         log.start_at(position["global_step"])
-        facts = shared_facts(cfg, classes, num_classes, train_loader.steps_per_epoch, val_loader.steps_per_epoch)
+        facts = shared_facts(
+            cfg, classes, num_classes, shards_digest, train_loader.steps_per_epoch, val_loader.steps_per_epoch
+        )
     check_ranks_agree_on_checkpoint(checkpoint_path, checkpoint, ctx)
     require_agreement(facts, ctx, "every node must run the same code, config and overrides, on the same shards")
 
@@ -362,6 +368,7 @@ def train(cfg: Config, ctx: DistContext, resume: str | None, stop: StopRequest) 
             "rng": rngs,
             "world_size": ctx.world_size,
             "steps_per_epoch": steps_per_epoch,
+            "shards_digest": shards_digest,  # which conversion was read (shards.manifest.manifest_digest)
         }
         save_checkpoint(run_dir / name, payload)
 

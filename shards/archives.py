@@ -19,7 +19,7 @@ import re
 import tarfile
 from pathlib import Path
 
-from shards.inputs import Located, ScanRejection, SourceImage, label_flat, with_keys
+from shards.inputs import Located, ScanRejection, SourceImage, label_flat, utf8_name, with_keys
 from shards.worker_pool import worker_pool
 
 _CLASS_TAR = re.compile(r"(n\d{8})\.tar")
@@ -129,7 +129,7 @@ def _open_tar(path: Path) -> tarfile.TarFile:
 
 
 def _name(member: tarfile.TarInfo) -> str:
-    return member.name.removeprefix("./")
+    return utf8_name(member.name.removeprefix("./"))  # tarfile decodes names as os.scandir does
 
 
 def _class_members(path: Path, outer: tarfile.TarFile) -> dict[str, tarfile.TarInfo]:

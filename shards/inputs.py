@@ -49,6 +49,15 @@ class ScanRejection:
     reason: str
 
 
+def utf8_name(name: str) -> str:
+    """`name` itself where it is valid UTF-8; otherwise with each byte that is not written as `\\xNN`.
+
+    Python gives such bytes of a file name as lone surrogates, which no UTF-8 text can hold (a tar
+    member's name, a JSON file, the terminal): the converter records and prints this form, and reads
+    the file by its real path."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def list_class_folders(root: str | os.PathLike) -> list[str]:
     """Sorted names of the class folders under `root` (ImageFolder's class order)."""
     root = Path(root)
@@ -56,7 +65,7 @@ def list_class_folders(root: str | os.PathLike) -> list[str]:
         raise FileNotFoundError(f"input folder not found: {root}")
     entries = list(os.scandir(root))
     _refuse_class_tars(root, [entry.name for entry in entries if not entry.is_dir()])
-    wnids = sorted(entry.name for entry in entries if entry.is_dir() and not entry.name.startswith("."))
+    wnids = sorted(utf8_name(entry.name) for entry in entries if entry.is_dir() and not entry.name.startswith("."))
     if not wnids:
         raise ValueError(f"{root}: no class folders found (expected {root}/<wnid>/*.JPEG)")
     return wnids
@@ -88,17 +97,18 @@ def scan_foldered(
         if entry.is_dir():
             if entry.name.startswith("."):
                 continue
-            wnid = entry.name if folder_wnids is None else folder_wnids.get(entry.name)
+            wnid = utf8_name(entry.name) if folder_wnids is None else folder_wnids.get(entry.name)
+            where = utf8_name(entry.path)
             if folder_wnids is not None and wnid is None:
                 raise ValueError(
-                    f"{entry.path}: folder {entry.name!r} is not a class index from 0 to {len(folder_wnids) - 1} "
+                    f"{where}: folder {entry.name!r} is not a class index from 0 to {len(folder_wnids) - 1} "
                     "(--class-index-folders)"
                 )
             if wnid not in class_index:
                 if leave_out_others:
                     continue
                 raise ValueError(
-                    f"{entry.path}: folder {entry.name!r} is not one of the {len(class_index)} known classes"
+                    f"{where}: folder {utf8_name(entry.name)!r} is not one of the {len(class_index)} known classes"
                     + (
                         " (to convert only the classes of --classes, add --only-listed-classes)"
                         if folder_wnids is None
@@ -112,7 +122,7 @@ def scan_foldered(
                 for name in sorted(filenames):
                     _locate(root, f"{folder}/{name}", wnid, found, rejected)
         else:
-            rejected.append(ScanRejection(entry.name, "file outside any class folder"))
+            rejected.append(ScanRejection(utf8_name(entry.name), "file outside any class folder"))
     _refuse_class_tars(root, [r.path for r in rejected])
     if not folders:
         flat = (
@@ -243,6 +253,7 @@ def _locate(root: Path, relpath: str, wnid: str, found: list[Located], rejected:
     nothing, a file removed while scanning) or is no regular file (a pipe would block its reader):
     listed with the other rejected files, not dropped."""
     path = os.path.join(root, relpath)
+    relpath = utf8_name(relpath)
     try:
         status = os.stat(path)
     except OSError as err:

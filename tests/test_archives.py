@@ -4,6 +4,7 @@ tars), ILSVRC2012_img_val.tar (flat) and the devkit, with nothing unpacked."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -210,3 +211,32 @@ def test_only_the_listed_classes_are_converted_from_folders_and_archives(tmp_pat
         capsys, "--train", str(train_tar), "--only-listed-classes", "--out", str(tmp_path / "b")
     )
     assert "--only-listed-classes needs --classes FILE" in no_list
+
+
+def test_file_names_that_are_not_utf8_are_converted_and_recorded_escaped(tmp_path, demo_imagenet):
+    """Names in another encoding (Latin-1 here) reach Python as lone surrogates, which no UTF-8 text
+    holds: the converter read them, then failed on the inputs' fingerprint. They are converted like
+    any file, from folders and from an archive alike, and recorded and printed with `\\xNN` escapes."""
+    train = tmp_path / "train"
+    shutil.copytree(demo_imagenet / "train", train)
+    wnid = sorted(d.name for d in train.iterdir())[0]
+    photo = sorted((train / wnid).iterdir())[0].read_bytes()
+    folder = os.fsencode(train / wnid)
+    (Path(os.fsdecode(folder + b"/caf\xe9.JPEG"))).write_bytes(photo)
+    os.mkdir(folder + b"/sub\xff")
+    Path(os.fsdecode(folder + b"/sub\xff/x.JPEG")).write_bytes(photo)
+    Path(os.fsdecode(folder + b"/empty\xe9.JPEG")).write_bytes(b"")
+    archive = pack_train_archive(train, tmp_path / "ILSVRC2012_img_train.tar")
+    outputs = {}
+    for source in (train, archive):
+        out = outputs[source] = tmp_path / f"from-{source.name}"
+        result = run_tool("tools.make_shards", "--train", str(source), "--out", str(out), "--no-progress", check=True)
+        assert f"rejected train/{wnid}/empty\\xe9.JPEG: empty file" in result.stdout
+        manifest = read_manifest(out)
+        assert [(n.path, n.reason.split(" (")[0]) for n in manifest.rejected] == [
+            (f"{wnid}/empty\\xe9.JPEG", "empty file")
+        ]
+        urls = [str(out / s.file) for s in manifest.splits["train"].shards]
+        paths = {json.loads(s["json"])["path"]: s["__key__"] for s in wds.WebDataset(urls, shardshuffle=False)}
+        assert paths[f"{wnid}/caf\\xe9.JPEG"] == "caf_xe9" and f"{wnid}/sub\\xff/x.JPEG" in paths
+    assert read_manifest(outputs[train]).splits == read_manifest(outputs[archive]).splits

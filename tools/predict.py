@@ -23,6 +23,7 @@ from PIL import Image
 
 from pipeline.transforms import to_training_layout, torchvision_val_transform
 from shards.image_check import rgb_image
+from shards.inputs import utf8_name
 from train.checkpoint import CheckpointError, check_same_classes, load_checkpoint, load_weights, saved_num_classes
 from train.config import ConfigError
 from train.evaluate import Ensemble, model_from_checkpoint
@@ -141,11 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         if readable:
             probabilities = iter(class_probabilities(model, torch.stack(readable), settings.flip, device, precision))
         for path, image in zip(images[first : first + len(batch)], batch, strict=True):
+            shown = utf8_name(path)  # a name that is not UTF-8 as the converter records it, printable anywhere
             if isinstance(image, str):
-                print(f"{path}: {image}", file=sys.stderr)
+                print(f"{shown}: {image}", file=sys.stderr)
                 status = 1
             else:
-                print_top(path, next(probabilities), classes, args.json)
+                print_top(shown, next(probabilities), classes, args.json)
     return status
 
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from shards.text_file import read_text_file
+
 IMAGENET_CLASSES_FILE = Path(__file__).with_name("imagenet_classes.tsv")
 
 
@@ -41,7 +43,7 @@ def read_class_file(path: str | os.PathLike) -> list[tuple[str, str | None]]:
     """
     entries: list[tuple[str, str | None]] = []
     seen: set[str] = set()
-    for line_no, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for line_no, line in enumerate(read_text_file(path, "--classes").splitlines(), 1):
         if not line.strip() or line.startswith("#"):
             continue
         wnid, *name = line.split(maxsplit=1)

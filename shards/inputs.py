@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from shards.devkit import is_devkit, read_devkit_labels
+from shards.text_file import read_text_file
 
 MAX_KEY_CHARS = 64  # keeps "<key>.json" well inside USTAR's 100-byte name field
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
@@ -154,7 +155,7 @@ def read_val_labels(path: str | os.PathLike) -> dict[str, str]:
     if is_devkit(path):
         return read_devkit_labels(path)
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    text = read_text_file(path, "--val-labels")
     labels: dict[str, str] = {}
     first_line = text.splitlines()[0] if text else ""
     if first_line.replace(" ", "").lower().startswith("imageid,predictionstring"):

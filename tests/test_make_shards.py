@@ -566,6 +566,26 @@ def test_a_classes_file_listing_a_class_twice_or_none_is_refused(tmp_path):
     assert_refused(read_class_file, classes, "# no classes\n\n", f"{classes}: no classes listed")
 
 
+@pytest.mark.parametrize("read, option", [(read_class_file, "--classes"), (read_val_labels, "--val-labels")])
+def test_text_files_with_a_byte_order_mark_are_read_and_other_encodings_named(tmp_path, read, option):
+    """Saved by a Windows editor, the file starts with a UTF-8 byte-order mark, which joined the first
+    wnid (`folder 'n01440764' is not one of the known classes`); in Latin-1, or a folder, or absent,
+    it stopped the converter with a message that named neither the option nor the file."""
+    text = tmp_path / "text.txt"
+    line = "n01440764 tench\n" if option == "--classes" else "a.JPEG n01440764\n"
+    text.write_bytes(b"\xef\xbb\xbf" + line.encode())
+    assert read(text) == ([("n01440764", "tench")] if option == "--classes" else {"a": "n01440764"})
+    text.write_bytes(line.encode()[:-1] + b" caf\xe9\n")
+    with pytest.raises(ValueError, match=re.escape(f"{option} {text}: not UTF-8 text (byte 0xe9 at offset ")):
+        read(text)
+    absent = tmp_path / "absent.txt"
+    with pytest.raises(ValueError, match=re.escape(f"{option} {absent}: cannot be read (No such file or directory)")):
+        read(absent)
+    if option == "--classes":  # a folder given as --val-labels is read as a devkit (tests/test_devkit.py)
+        with pytest.raises(ValueError, match=re.escape(f"{option} {tmp_path}: cannot be read (Is a directory)")):
+            read(tmp_path)
+
+
 @pytest.mark.parametrize(
     "option, message",
     [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import torch
 
 from tests.conftest import REPO_ROOT, run_tool, subprocess_env
 from tests.training import train_args
-from train.config import config_changes, load_config
+from train.config import ConfigError, config_changes, load_config
 from train.trainer import main as train_main
 
 
@@ -91,6 +92,19 @@ def test_a_broken_yaml_file_or_an_impossible_run_dir_is_a_config_error(tmp_path)
     in_the_way.write_text("")
     result = run_tool("train", "--config", "configs/demo.yaml", f"run.dir={in_the_way / 'run'}")
     assert result.returncode == 2 and f"run.dir: cannot create {in_the_way / 'run'}" in result.stderr, result.stderr
+
+
+def test_a_config_file_is_utf8_with_or_without_a_byte_order_mark(tmp_path):
+    """Saved by a Windows editor with a byte-order mark, it reads as without; in Latin-1 it is a config
+    error naming the file (it was a UnicodeDecodeError traceback, or under a Latin-1 locale misread)."""
+    demo = (REPO_ROOT / "configs" / "demo.yaml").read_bytes()
+    marked = tmp_path / "marked.yaml"
+    marked.write_bytes(b"\xef\xbb\xbf" + demo)
+    assert load_config(marked).to_dict() == load_config(REPO_ROOT / "configs" / "demo.yaml").to_dict()
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(demo + "# café\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=re.escape(f"--config {latin1}: not UTF-8 text (byte 0xe9 at offset ")):
+        load_config(latin1)
 
 
 def test_help_lists_every_config_key_and_print_config_resolves_without_training(tmp_path):

@@ -21,6 +21,7 @@ import yaml
 from pipeline.auto_augment import AUTO_AUGMENTS
 from pipeline.loader import BACKENDS, LoaderConfig
 from pipeline.transforms import DEFAULT_CROP_PCT, INTERPOLATIONS
+from shards.text_file import read_text_file
 from train.loss import LOSSES
 from train.model import FIXED_SIZE_KEYWORDS, MODEL_NAMES, RESNET_FAMILY
 from train.step import AUTOCAST_DTYPES
@@ -277,7 +278,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        data = _parse_yaml(path.read_text(), str(path)) or {}
+        try:
+            text = read_text_file(path, "--config")  # UTF-8 whatever the locale; a byte-order mark is fine
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        data = _parse_yaml(text, str(path)) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     for item in overrides:

@@ -408,10 +408,10 @@ def convert(opts: ConvertOptions) -> ConvertResult:
                         bar.update(result.inputs)
                     for c in commits:
                         c.result()
-            except OSError as err:  # a full disk: the workers are stopped, committed shards kept for a rerun
-                for tmp in out.glob("*.tmp"):  # unfinished shards would hold on to space the rerun needs
-                    tmp.unlink(missing_ok=True)
-                if err.filename is None:  # a failed write or fsync names no file
+            except (OSError, KeyboardInterrupt) as err:  # a full disk, Ctrl-C: the workers are stopped,
+                for tmp in out.glob("*.tmp"):  # committed shards kept for a rerun; unfinished ones would
+                    tmp.unlink(missing_ok=True)  # hold on to space the rerun needs
+                if isinstance(err, OSError) and err.filename is None:  # a failed write or fsync names no file
                     raise OSError(err.errno, f"{err.strerror} (writing shards to {out})") from err
                 raise
 

@@ -892,6 +892,33 @@ def test_verify_catches_a_truncated_shard_and_a_wrong_index(tmp_path, demo_image
     assert f"{second.index_file}: does not match {second.file}" in bad.stdout
 
 
+def test_ctrl_c_stops_in_one_line_and_leaves_no_unfinished_shard(tmp_path, demo_imagenet):
+    """Ctrl-C reaches the whole process group: the workers used to print a KeyboardInterrupt traceback
+    each, the main process another, and unfinished shards stayed as *.tmp files until a rerun."""
+    out = tmp_path / "out"
+    args = ["--train", str(demo_imagenet / "train"), "--shard-size-mb", "0.05", "--workers", "2", "--no-progress"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tools.make_shards", *args, "--out", str(out)],
+        cwd=REPO_ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while not (out / "train-000001.tar").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGINT)
+    stderr = process.communicate(timeout=60)[1]
+    assert not (out / "manifest.json").exists(), "interrupted before the end"
+    assert process.returncode == 130, stderr
+    expected = "make_shards: interrupted; the finished shards are kept: run the same command again to resume\n"
+    assert stderr == expected
+    assert not list(out.glob("*.tmp")) and (out / PROGRESS_NAME).exists()
+    assert "resumed" in run_tool("tools.make_shards", *args, "--out", str(out), check=True).stdout
+
+
 def test_a_full_disk_is_named_leaves_no_unfinished_shard_and_the_rerun_finishes(tmp_path, demo_imagenet):
     """Files may not grow past 30 kB (RLIMIT_FSIZE: writes then fail as on a full disk, with EFBIG):
     exit 3 naming the output folder, no temporary file holding on to space, and the same command

@@ -175,6 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:  # a full disk, a vanished input: complete shards are kept
         print(f"make_shards: error: {err}; run the same command again to resume", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        print(
+            "make_shards: interrupted; the finished shards are kept: run the same command again to resume",
+            file=sys.stderr,
+        )
+        return 130  # 128 + SIGINT, as the shell reports a process Ctrl-C ended
     print(summary(result))
     if args.strict and result.manifest.rejected:
         print(f"make_shards: --strict: {len(result.manifest.rejected)} input(s) rejected", file=sys.stderr)

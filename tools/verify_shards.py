@@ -22,7 +22,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
     args = p.parse_args(argv)
     started = time.monotonic()
-    problems = verify_directory(args.directory, decode=args.decode, workers=max(1, args.workers))
+    try:
+        problems = verify_directory(args.directory, decode=args.decode, workers=max(1, args.workers))
+    except KeyboardInterrupt:
+        print(f"verify_shards: interrupted; {args.directory} is not verified", file=sys.stderr)
+        return 130
     for line in problems:
         print(line)
     took = time.monotonic() - started

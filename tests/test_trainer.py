@@ -30,7 +30,7 @@ from pipeline.loader import PAD_LABEL, LoaderConfig, create_loader
 from pipeline.transforms import torchvision_val_transform
 from shards.classes import imagenet_names
 from shards.manifest import manifest_digest, read_manifest
-from tests.conftest import run_tool
+from tests.conftest import run_tool, run_with_file_size_limit
 from tests.test_loaders import shards_with_a_broken_jpeg
 from tests.training import logged_rates_follow_the_schedule, read_val_count, torchrun, train_args
 from tools.average_checkpoints import main as average_main
@@ -685,11 +685,16 @@ def test_evaluate_files_that_cannot_be_written_are_named_and_the_scores_still_pr
         evaluate_main([*common, "--per-class", str(tmp_path / "no-such-dir" / "classes.csv")])
     assert f"no directory {tmp_path / 'no-such-dir'} to write it in" in capsys.readouterr().err
     taken = tmp_path / "taken.csv"
-    taken.mkdir()  # a directory where the file should go: the rename fails after the evaluation
-    assert evaluate_main([*common, "--per-class", str(taken)]) == 2
-    out, err = capsys.readouterr()
-    assert json.loads(out.strip().splitlines()[-1])["samples"] == read_val_count(photo_shards)
-    assert f"evaluate: error: cannot write --per-class {taken}" in err
+    taken.mkdir()  # a folder where the file should go: refused before the evaluation, not after it
+    with pytest.raises(SystemExit):
+        evaluate_main([*common, "--per-class", str(taken)])
+    assert f"--per-class {taken}: is a folder; give a file name" in capsys.readouterr().err
+    # Files may not grow past 50 bytes, as on a disk that fills up: the write fails after the evaluation.
+    classes = tmp_path / "classes.csv"
+    full = run_with_file_size_limit(50, "-m", "train.evaluate", *common, "--per-class", str(classes))
+    assert full.returncode == 2, full.stdout + full.stderr
+    assert json.loads(full.stdout.strip().splitlines()[-1])["samples"] == read_val_count(photo_shards)
+    assert f"evaluate: error: cannot write --per-class {classes}" in full.stderr
     assert list(tmp_path.iterdir()) == [taken], "no temporary file is left behind"
     with pytest.raises(SystemExit):
         evaluate_main([*common, "--predictions", str(tmp_path / "no-such-dir" / "val.jsonl")])

@@ -226,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     for option, path in (("--per-class", args.per_class), ("--predictions", args.predictions)):
         if path is not None and not path.parent.is_dir():
             p.error(f"{option} {path}: no directory {path.parent} to write it in")
+        if path is not None and path.is_dir():  # found before the evaluation, not after it
+            p.error(f"{option} {path}: is a folder; give a file name")
     if args.per_class is not None and args.per_class.resolve() == (args.predictions or Path()).resolve():
         p.error(f"--per-class and --predictions name the same file, {args.per_class}: one would replace the other")
     if args.real_labels and args.class_subset:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import textwrap
 import types
 import typing
@@ -417,19 +418,39 @@ def _check(config: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: must be at least 1, got {value}")
+    for section, values in config.to_dict().items():  # YAML reads .nan and .inf as floats
+        for name, value in values.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{section}.{name}: must be a finite number, got {value}")
     for key in (
         "checkpoint.every_steps",
         "checkpoint.every_minutes",
         "checkpoint.keep_every_epochs",
         "checkpoint.keep_best",
         "log.profile_steps",
+        "optim.weight_decay",
+        "optim.grad_clip",
+        "schedule.warmup_epochs",
     ):
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)
         if value < 0:
             raise ConfigError(f"{key}: must be 0 (off) or more, got {value}")
-    if config.log.profile_start < 0:
-        raise ConfigError(f"log.profile_start: must be 0 or more, got {config.log.profile_start}")
+    for key in ("schedule.step_gamma", "run.signal_grace_s"):
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value <= 0:
+            raise ConfigError(f"{key}: must be more than 0, got {value}")
+    if not 0.0 <= config.optim.momentum < 1.0:
+        raise ConfigError(f"optim.momentum: must be in [0, 1), got {config.optim.momentum}")
+    for key, value in {
+        "log.profile_start": config.log.profile_start,
+        "optim.lr": config.optim.lr,  # 0 leaves the weights as they start (tests do that)
+        "optim.lr_batch": config.optim.lr_batch,
+        "schedule.warmup_lr": config.schedule.warmup_lr,
+    }.items():
+        if value < 0:
+            raise ConfigError(f"{key}: must be 0 or more, got {value}")
     if (config.data.backend == "folder") != (config.val_backend == "folder"):  # a folder tree, or shards
         raise ConfigError(
             f"data.val_backend: {config.val_backend!r} cannot read what data.backend {config.data.backend!r} reads"

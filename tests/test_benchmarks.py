@@ -1,5 +1,6 @@
 """The benchmark scripts run and report what they promise (rates are not asserted: no timed tests)."""
 
+import importlib
 import json
 import re
 import threading
@@ -208,6 +209,26 @@ def test_benchmarks_refuse_a_folder_without_a_manifest_before_any_work(tool, tmp
     result = run_tool(tool, "--shards", str(tmp_path))
     assert result.returncode == 2
     assert f"argument --shards: {tmp_path}: no manifest.json" in result.stderr
+
+
+@pytest.mark.parametrize("tool", ["tools.bench_pipeline", "tools.bench_train"])
+def test_benchmarks_refuse_sizes_and_times_that_cannot_be_measured_before_any_work(tool, photo_shards, capsys):
+    """--seconds nan measured for ever; 0 or less, or a batch of 0, measured nothing and reported
+    each backend as failed. (The tools' own entry points, in this process: ten interpreters
+    importing torch would add most of a minute to the suite.)"""
+    main = importlib.import_module(tool).main
+    for option, value, message in [
+        ("--seconds", "nan", "must be a number of seconds above 0, got nan"),
+        ("--seconds", "0", "must be a number of seconds above 0, got 0"),
+        ("--batch-size", "0", "must be at least 1, got 0"),
+        ("--image-size", "-8", "must be at least 1, got -8"),
+        ("--hw-decoder-load", "0.5,nan", "must be finite numbers, got 0.5,nan"),
+    ]:
+        with pytest.raises(SystemExit) as stopped:
+            main(["--shards", str(photo_shards), option, value])
+        out, err = capsys.readouterr()
+        assert stopped.value.code == 2 and f"argument {option}: {message}" in err, err
+        assert "device:" not in out  # nothing was measured
 
 
 @pytest.mark.parametrize("tool", ["tools.bench_pipeline", "tools.bench_train"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import platform
 import resource
@@ -113,14 +114,34 @@ def choice_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
     return parse
 
 
+def at_least_one(text: str) -> int:
+    """argparse type of a whole number of at least 1 (--batch-size, --image-size, --copies, ...)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def measuring_seconds(text: str) -> float:
+    """argparse type of a measuring time: a finite number above 0 (NaN would never end a measurement)."""
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text}")
+    return value
+
+
 def int_list(text: str) -> list[int]:
-    """argparse type for a comma list of whole numbers, e.g. --workers 16,32."""
+    """argparse type for a comma list of whole numbers, e.g. --workers 16,32 (a setting that cannot
+    be built, such as 0 DALI threads, is reported as failed and the others measured)."""
     return [int(x) for x in text.split(",")]
 
 
 def float_list(text: str) -> list[float]:
-    """argparse type for a comma list of numbers, e.g. --hw-decoder-load 0.65,1.0."""
-    return [float(x) for x in text.split(",")]
+    """argparse type for a comma list of finite numbers, e.g. --hw-decoder-load 0.65,1.0."""
+    values = [float(x) for x in text.split(",")]
+    if not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"must be finite numbers, got {text}")
+    return values
 
 
 def loader_runs(

@@ -26,10 +26,12 @@ from shards.manifest import label_digits
 from tools.bench_common import (
     HW_LOAD_HELP,
     add_json_flag,
+    at_least_one,
     finish_report,
     float_list,
     int_list,
     measure_rate,
+    measuring_seconds,
     shard_dir,
     stored_short_sides,
 )
@@ -129,9 +131,9 @@ class ReferenceLoader:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.bench_dali_reference", description=__doc__.split("\n\n")[0])
     p.add_argument("--shards", type=shard_dir, required=True, help="a shard directory (tools.make_shards)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--seconds", type=float, default=8)
+    p.add_argument("--batch-size", type=at_least_one, default=256)
+    p.add_argument("--image-size", type=at_least_one, default=224)
+    p.add_argument("--seconds", type=measuring_seconds, default=8)
     p.add_argument("--workers", type=int_list, default=[8], help="DALI threads; a comma list measures each")
     p.add_argument("--hw-decoder-load", type=float_list, default=[1.0], help=HW_LOAD_HELP)
     p.add_argument("--device", choices=["gpu", "cpu"], default="gpu" if torch.cuda.is_available() else "cpu")

@@ -23,12 +23,14 @@ from shards.manifest import read_manifest
 from tools.bench_common import (
     add_json_flag,
     add_loader_sweeps,
+    at_least_one,
     bench_shards,
     default_device,
     finish_report,
     loader_config,
     loader_runs,
     measure_rate,
+    measuring_seconds,
     shard_dir,
     stored_image_exts,
     stored_short_sides,
@@ -45,12 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", type=shard_dir, help="a shard directory (default: convert the shared sample)")
     p.add_argument("--backends", default="dali-gpu,dali-cpu,torch,synthetic")
     p.add_argument("--splits", default="train,val")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--seconds", type=float, default=20)
+    p.add_argument("--batch-size", type=at_least_one, default=256)
+    p.add_argument("--image-size", type=at_least_one, default=224)
+    p.add_argument("--seconds", type=measuring_seconds, default=20)
     p.add_argument("--dtype", default="float16")
     add_loader_sweeps(p)
-    p.add_argument("--copies", type=int, default=4, help="links per sample photograph in the bench shards")
+    p.add_argument("--copies", type=at_least_one, default=4, help="links per sample photograph in the bench shards")
     add_json_flag(p)
     args = p.parse_args(argv)
     backends = args.backends.split(",")

@@ -21,7 +21,7 @@ from pipeline.batch_stream import BatchStream
 from pipeline.folder import list_image_folder
 from pipeline.sample_table import SampleTable, file_table, shard_table
 from pipeline.shard_set import open_shard_set
-from tools.bench_common import add_json_flag, finish_report, shard_dir
+from tools.bench_common import add_json_flag, at_least_one, finish_report, measuring_seconds, shard_dir
 
 MAIN_THREAD_MODES = ("idle", "busy")
 
@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.bench_reader", description=__doc__.split("\n\n")[0])
     p.add_argument("--shards", type=shard_dir, required=True, help="a shard directory (its train split is read)")
     p.add_argument("--folder", help="also an image folder, DIR/<class>/*.JPEG")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--seconds", type=float, default=5)
+    p.add_argument("--batch-size", type=at_least_one, default=256)
+    p.add_argument("--seconds", type=measuring_seconds, default=5)
     add_json_flag(p)
     args = p.parse_args(argv)
     sources = [("shards (mapped)", shard_table(open_shard_set(args.shards, "train")))]

@@ -40,6 +40,7 @@ from tools.bench_common import (
     REFERENCE_BACKENDS,
     add_json_flag,
     add_loader_sweeps,
+    at_least_one,
     bench_shards,
     default_device,
     finish_report,
@@ -47,6 +48,7 @@ from tools.bench_common import (
     loader_config,
     loader_runs,
     measure_rate,
+    measuring_seconds,
     profile_steps,
     shard_dir,
     stored_image_exts,
@@ -95,9 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         help="always compared with synthetic; dali-reference: BASELINES.md's plain DALI pipeline"
         " (tools.bench_dali_reference); dali-predecoded: images decoded once, augmented as raw-pixel shards are",
     )
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--seconds", type=float, default=20)
+    p.add_argument("--batch-size", type=at_least_one, default=256)
+    p.add_argument("--image-size", type=at_least_one, default=224)
+    p.add_argument("--seconds", type=measuring_seconds, default=20)
     p.add_argument("--precision", choices=list(AUTOCAST_DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument(
         "--compile",
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_loader_sweeps(p)
     p.add_argument("--prefetch", type=int, default=2, help="batches the pipeline prepares ahead of the step")
-    p.add_argument("--copies", type=int, default=4, help="links per sample photograph in the bench shards")
+    p.add_argument("--copies", type=at_least_one, default=4, help="links per sample photograph in the bench shards")
     p.add_argument(
         "--model-sms",
         type=int_list,

@@ -591,6 +591,7 @@ def test_text_files_with_a_byte_order_mark_are_read_and_other_encodings_named(tm
     [
         (["--workers", "0"], "--workers must be at least 1"),
         (["--shard-size-mb", "0"], "--shard-size-mb must be positive"),
+        (["--shard-size-mb", "nan"], "--shard-size-mb must be positive (a finite number of MB), got nan"),
         (["--quality", "101"], "--quality must be between 1 and 100"),
         (["--max-short-side", "0"], "--max-short-side must be at least 1"),
     ],

@@ -29,6 +29,7 @@ error such as a full disk (complete shards are kept; rerun to resume).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -128,8 +129,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error("--workers must be at least 1")
-    if args.shard_size_mb <= 0:
-        p.error("--shard-size-mb must be positive")
+    if not math.isfinite(args.shard_size_mb) or args.shard_size_mb <= 0:  # nan, inf: one shard, NaN in the JSON
+        p.error(f"--shard-size-mb must be positive (a finite number of MB), got {args.shard_size_mb}")
     if not 1 <= args.quality <= 100:
         p.error("--quality must be between 1 and 100")
     for option in ("max_short_side", *(f"{split}_max_short_side" for split in SPLITS)):

@@ -30,7 +30,7 @@ from pipeline.sample_table import SampleTable, shard_table
 from pipeline.shard_set import ShardError, open_shard_set
 from pipeline.uint8_loader import Uint8Batches
 from shards.manifest import read_manifest
-from tools.bench_common import add_json_flag, at_least_one, finish_report, shard_dir, stored_image_exts
+from tools.bench_common import add_json_flag, finish_report, shard_dir, stored_image_exts
 
 SPLIT = "train"
 WARM_ENOUGH = 0.9  # cold/warm above this: the disk kept up, or the pages were not evicted
@@ -105,11 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     global _TABLE
     p = argparse.ArgumentParser(prog="python -m tools.bench_cold_read", description=__doc__.split("\n\n")[0])
     p.add_argument("--shards", type=shard_dir, required=True, help="a shard directory (its train split is read)")
-    p.add_argument("--workers", type=at_least_one, default=os.cpu_count(), help="worker processes (as data.workers)")
-    p.add_argument("--batch-size", type=at_least_one, default=256)
-    p.add_argument("--image-size", type=at_least_one, default=224)
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes (as data.workers)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--steps", type=int, default=0, help="batches per pass (0: a whole epoch)")
-    p.add_argument("--passes", type=at_least_one, default=2, help="cold-then-warm passes, each a new epoch's order")
+    p.add_argument("--passes", type=int, default=2, help="cold-then-warm passes, each a new epoch's order")
     add_json_flag(p)
     args = p.parse_args(argv)
     if min(args.workers, args.batch_size, args.image_size, args.passes) < 1 or args.steps < 0:

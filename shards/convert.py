@@ -21,6 +21,7 @@ from tqdm import tqdm
 from shards.archives import is_archive, list_archive_classes, scan_class_archive, scan_flat_archive
 from shards.classes import ClassInfo, build_class_list, imagenet_wnids, read_class_file
 from shards.devkit import is_devkit, read_devkit_classes
+from shards.folder_lock import FolderInUse, lock_folder
 from shards.image_check import CheckedImage, check_image_bytes
 from shards.inputs import (
     ScanRejection,
@@ -55,6 +56,7 @@ from shards.worker_pool import worker_pool
 DEFAULT_SHARD_SIZE_MB = 128  # ~1,100 train shards for ImageNet: enough to split over many ranks
 DEFAULT_QUALITY = 90
 PROGRESS_NAME = ".make_shards-progress.jsonl"
+LOCK_NAME = ".make_shards.lock"  # held by the conversion writing to the folder
 BYTES_PER_MB = 1_000_000
 SAMPLE_OVERHEAD_BYTES = 4 * TAR_BLOCK_BYTES  # three headers, label, metadata and padding, roughly
 # Planning shards of raw pixels from source sizes alone: ImageNet's JPEGs average about 110 KB for
@@ -367,6 +369,27 @@ def convert(opts: ConvertOptions) -> ConvertResult:
 
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = lock_folder(out, LOCK_NAME)  # released when this process ends
+    except FolderInUse as holder:
+        raise OutputMismatchError(
+            f"--out {out} is in use by another make_shards ({holder}): wait for it to end (a second "
+            "conversion there would remove the first's unfinished shards and write over them)"
+        ) from None
+    with lock:
+        return _convert_into(out, opts, started, classes, plans, options, tasks)
+
+
+def _convert_into(
+    out: Path,
+    opts: ConvertOptions,
+    started: float,
+    classes: list[ClassInfo],
+    plans: dict[str, tuple[list[SourceImage], list[ScanRejection]]],
+    options: dict,
+    tasks: list[ShardTask],
+) -> ConvertResult:
+    """`convert` once it holds `out`: resume or start, write the missing shards, then the manifest."""
     if opts.overwrite:
         _remove_owned_files(out)
     existing = _existing_manifest(out)

@@ -20,7 +20,8 @@ import webdataset as wds
 from PIL import Image
 
 from shards.classes import imagenet_names, read_class_file
-from shards.convert import PROGRESS_NAME, ProgressLog, load_progress
+from shards.convert import LOCK_NAME, PROGRESS_NAME, ProgressLog, load_progress
+from shards.folder_lock import lock_folder
 from shards.inputs import read_val_labels
 from shards.manifest import read_manifest, write_manifest
 from shards.tar_writer import ShardWriter, encode_sample
@@ -891,6 +892,25 @@ def test_verify_catches_a_truncated_shard_and_a_wrong_index(tmp_path, demo_image
     assert f"{first.file}: {first.bytes // 2} bytes, manifest says {first.bytes}" in bad.stdout
     assert f"{first.file}: sha256 differs" in bad.stdout
     assert f"{second.index_file}: does not match {second.file}" in bad.stdout
+
+
+def test_a_second_conversion_into_the_same_output_is_refused_while_the_first_runs(tmp_path, demo_imagenet):
+    """Two converters writing one --out (a command started twice) removed each other's unfinished
+    shards and stopped with `No such file or directory: .../train-000007.tar.tmp`, or wrote into the
+    same temporary files. The first holds a lock (here this test process), the second is refused
+    before it touches anything."""
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["--train", str(demo_imagenet / "train"), "--out", str(out), "--no-progress"]
+    with lock_folder(out, LOCK_NAME):
+        (out / "train-000000.tar.tmp").write_bytes(b"the first conversion's unfinished shard")
+        second = run_tool("tools.make_shards", *args)
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert f"--out {out} is in use by another make_shards (pid {os.getpid()} on " in second.stderr
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME, "train-000000.tar.tmp"]
+    (out / "train-000000.tar.tmp").unlink()
+    run_tool("tools.make_shards", *args, check=True)
+    assert read_manifest(out).splits["train"].samples > 0
 
 
 def test_ctrl_c_stops_in_one_line_and_leaves_no_unfinished_shard(tmp_path, demo_imagenet):

@@ -7,11 +7,8 @@ Other ranks get a `SilentLog`, so no code path on them can write by accident.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
-import os
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +19,7 @@ from typing import TextIO
 
 import torch
 
+from shards.folder_lock import FolderInUse, lock_folder
 from shards.tar_writer import write_atomically
 from train.config import Config, ConfigError, config_yaml
 
@@ -156,26 +154,13 @@ def create_run_log(run_dir: str | Path, config: Config, is_main: bool) -> Silent
 
 def _lock_run_dir(run_dir: Path) -> TextIO:
     """Hold an exclusive lock on `run_dir` while this process lives, so that a second run started
-    there (a job submitted twice) is refused instead of overwriting this one's checkpoints. The
-    kernel drops the lock when the process ends, however it ends: no stale lock to clear."""
-    path = run_dir / LOCK_NAME
-    handle = open(path, "a+")
+    there (a job submitted twice) is refused instead of overwriting this one's checkpoints."""
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "a process that has not said which"
-        handle.close()
+        return lock_folder(run_dir, LOCK_NAME)
+    except FolderInUse as holder:
         raise ConfigError(
             f"run.dir: {run_dir} is in use by another run ({holder}): wait for it to end, or give another run.dir"
         ) from None
-    except OSError as err:  # a filesystem without locks
-        print(f"note: cannot lock {path} ({err.strerror}): a second run in this run.dir would go unnoticed")
-        return handle
-    handle.truncate(0)
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    handle.flush()
-    return handle
 
 
 def _records_up_to(text: str, global_step: int) -> tuple[list[str], int]:

@@ -21,7 +21,16 @@ def list_image_folder(root: str | os.PathLike) -> tuple[list[str], list[int]]:
         raise FileNotFoundError(f"image folder not found: {root}")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
-        raise ValueError(f"{root}: no class folders (expected {root}/<wnid>/*.JPEG)")
+        flat = any(p.is_file() for p in root.iterdir())
+        raise ValueError(
+            f"{root}: no class folders (expected {root}/<wnid>/*.JPEG)"
+            + (
+                "; a flat folder such as ImageNet's val needs its labels: convert it with tools.make_shards "
+                "--val-labels (docs/shards.md) and train from the shards"
+                if flat
+                else ""
+            )
+        )
     files, labels = [], []
     for label, name in enumerate(classes):
         for dirpath, dirnames, filenames in os.walk(root / name):

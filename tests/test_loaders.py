@@ -471,6 +471,12 @@ def test_folder_backend_and_seed_dataset(tmp_path, real_photos, demo_imagenet):
     assert keys[: len(dataset)] == [Path(path).stem for path, _ in dataset.samples]  # a folder's keys: file names
     image, label = dataset[0]
     assert image.shape == (3, 64, 64) and label == 0
+    # ImageNet's val as downloaded is flat: the error says where its labels go in
+    with pytest.raises(ValueError, match=re.escape(f"{demo_imagenet / 'val'}: no class folders (expected ")) as caught:
+        create_loader(str(demo_imagenet), "val", config("folder"))
+    assert "a flat folder such as ImageNet's val needs its labels: convert it with tools.make_shards" in str(
+        caught.value
+    )
 
 
 def copy_shards(photo_shards: Path, tmp_path: Path) -> Path:

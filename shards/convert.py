@@ -370,14 +370,17 @@ def convert(opts: ConvertOptions) -> ConvertResult:
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        lock = lock_folder(out, LOCK_NAME)  # released when this process ends
+        lock = lock_folder(out, LOCK_NAME)  # released when this process ends, however it ends
     except FolderInUse as holder:
         raise OutputMismatchError(
             f"--out {out} is in use by another make_shards ({holder}): wait for it to end (a second "
             "conversion there would remove the first's unfinished shards and write over them)"
         ) from None
-    with lock:
+    try:
         return _convert_into(out, opts, started, classes, plans, options, tasks)
+    finally:  # removed while still held, so that the output is the same bytes as without it
+        (out / LOCK_NAME).unlink(missing_ok=True)
+        lock.close()
 
 
 def _convert_into(

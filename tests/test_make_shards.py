@@ -810,6 +810,27 @@ def test_manifest_of_one_limit_for_both_splits_still_reads(tmp_path, demo_imagen
     assert read_manifest(out).splits["train"].max_short_side == 64
 
 
+def signal_after_two_shards(args: list[str], out: Path, signum: int) -> tuple[int, str]:
+    """Run tools.make_shards with `args` into `out` in a process group of its own, and send `signum`
+    to the whole group (as a terminal's Ctrl-C or a scheduler's kill reaches a job) once its second
+    shard is written. Returns its exit status and stderr."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tools.make_shards", *args, "--out", str(out)],
+        cwd=REPO_ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while not (out / "train-000001.tar").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(process.pid, signum)
+    stderr = process.communicate(timeout=60)[1]
+    return process.returncode, stderr
+
+
 def test_resume_after_kill_gives_the_uninterrupted_result(tmp_path, demo_imagenet):
     reference = tmp_path / "reference"
     base = ["--train", str(demo_imagenet / "train"), "--shard-size-mb", "0.05", "--workers", "1", "--no-progress"]
@@ -817,19 +838,7 @@ def test_resume_after_kill_gives_the_uninterrupted_result(tmp_path, demo_imagene
     assert len(read_manifest(reference).splits["train"].shards) >= 4
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tools.make_shards", *base, "--out", str(killed)],
-        cwd=REPO_ROOT,
-        env=subprocess_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 60
-    while not (killed / "train-000001.tar").exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    signal_after_two_shards(base, killed, signal.SIGKILL)
     assert not (killed / "manifest.json").exists(), "killed before the end"
     log_path = killed / PROGRESS_NAME
     with open(log_path, "a") as log:
@@ -918,22 +927,9 @@ def test_ctrl_c_stops_in_one_line_and_leaves_no_unfinished_shard(tmp_path, demo_
     each, the main process another, and unfinished shards stayed as *.tmp files until a rerun."""
     out = tmp_path / "out"
     args = ["--train", str(demo_imagenet / "train"), "--shard-size-mb", "0.05", "--workers", "2", "--no-progress"]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tools.make_shards", *args, "--out", str(out)],
-        cwd=REPO_ROOT,
-        env=subprocess_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 60
-    while not (out / "train-000001.tar").exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    os.killpg(process.pid, signal.SIGINT)
-    stderr = process.communicate(timeout=60)[1]
+    returncode, stderr = signal_after_two_shards(args, out, signal.SIGINT)
     assert not (out / "manifest.json").exists(), "interrupted before the end"
-    assert process.returncode == 130, stderr
+    assert returncode == 130, stderr
     expected = "make_shards: interrupted; the finished shards are kept: run the same command again to resume\n"
     assert stderr == expected
     assert not list(out.glob("*.tmp")) and (out / PROGRESS_NAME).exists()

@@ -843,6 +843,7 @@ def unusable_checkpoints(good: Path, folder: Path) -> dict[str, tuple[Path, str]
         "empty": (folder / "empty.pt", "unreadable checkpoint, truncated or corrupt"),
         "foreign": (folder / "foreign.pt", "not a checkpoint of this project"),
         "text": (folder / "notes.txt", "not a checkpoint of this project (neither torch.save's zip format nor"),
+        "weights": (folder / "weights.pth", "a weights file (a state_dict, as tools.export_weights writes), not a"),
         "other version": (folder / "version.pt", "checkpoint version 99, this code reads 1"),
     }
     files["truncated"][0].write_bytes(data[: len(data) // 2])
@@ -851,6 +852,7 @@ def unusable_checkpoints(good: Path, folder: Path) -> dict[str, tuple[Path, str]
     # timm's checkpoints, for one, pickle an argparse Namespace: weights_only loading refuses it.
     torch.save({"args": argparse.Namespace(lr=0.1), "model": {}}, files["foreign"][0])
     torch.save({**torch.load(good, weights_only=True), "version": 99}, files["other version"][0])
+    torch.save(torch.load(good, weights_only=True)["model"], files["weights"][0])
     return files
 
 

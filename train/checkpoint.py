@@ -123,6 +123,16 @@ def load_checkpoint(path: str | Path) -> dict:
             f"{type(err).__name__} in torch.load)"
         ) from None
     version = checkpoint.get("version") if isinstance(checkpoint, dict) else None
+    if (
+        version is None
+        and isinstance(checkpoint, dict)
+        and checkpoint
+        and all(isinstance(v, torch.Tensor) for v in checkpoint.values())
+    ):
+        raise CheckpointError(
+            f"{path}: a weights file (a state_dict, as tools.export_weights writes), not a training checkpoint: "
+            "give it as --weights beside the checkpoint it came from, or as model.init_from"
+        )
     if version != CHECKPOINT_VERSION:
         raise CheckpointError(f"{path}: checkpoint version {version!r}, this code reads {CHECKPOINT_VERSION}")
     return checkpoint
